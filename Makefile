@@ -1,0 +1,45 @@
+# methodlab: two commands set everything up.
+#   make demo   train the methods on built-in data (local Ray, MLflow on SQLite, local files)
+#   make test   the test suite
+# GPU machines: make demo TORCH_VERSION=2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+SHELL := /bin/bash
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+VENV := .venv
+PY := $(VENV)/bin/python
+# The stamp records what was installed; it changes (and reinstalls) only when pyproject.toml
+# or the torch pin changes, so a second `make demo` installs nothing.
+STAMP := $(VENV)/.installed-torch$(TORCH_VERSION)-$(shell cat pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
+
+# Ray: report() every epoch without the 2 s health-check stall, no usage stats.
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast bench report clean stack-up stack-down
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/methodlab demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf .methodlab .pytest_cache .hypothesis

@@ -1,0 +1,153 @@
+"""The `methodlab` command.
+
+    methodlab train <method> [-c config.yaml] [key=value ...]
+    methodlab sweep <method> [-c sweep.yaml] [key=value ...]
+    methodlab promote <registered-model> [--metric test_acc] [--version N]
+    methodlab data prepare [name ...] | data import <image-folder> --out <path-or-s3> | data list
+    methodlab methods | models
+    methodlab demo
+
+Every user error prints one line, `error: ...`, and exits non-zero before cluster resources are
+spent; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from methodlab.errors import MethodlabError
+
+
+def _train(args) -> int:
+    from methodlab.config import load_config
+    from methodlab.registry import get_method
+    from methodlab.train.launch import train
+
+    cfg = load_config(args.method, args.config, args.overrides)
+    summary = train(cfg)
+    method = get_method(cfg.method_name)
+    print(summary.line(method.test_metric))
+    return 0
+
+
+def _sweep(args) -> int:
+    from methodlab.sweep import run_sweep
+
+    print(run_sweep(args.method, args.config, args.overrides).line())
+    return 0
+
+
+def _promote(args) -> int:
+    from methodlab.config import load_config
+    from methodlab.tracking import Tracker
+
+    cfg = load_config("supervised", None, [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    moved, message = tracker.promote(args.name, args.metric, args.mode, args.version)
+    print(message)
+    return 0 if moved else 1
+
+
+def _data(args) -> int:
+    from methodlab.config import methodlab_home
+    from methodlab.data import prepare_builtin
+    from methodlab.registry import dataset_names
+
+    root = args.root or str(methodlab_home() / "data")
+    if args.action == "list":
+        for name in dataset_names():
+            print(name)
+        return 0
+    if args.action == "prepare":
+        for name in args.names or dataset_names():
+            info = prepare_builtin(name, root, force=args.force)
+            sizes = ", ".join(f"{s}" for s in info.splits)
+            print(f"{name}: {info.uri} ({sizes}; columns {', '.join(info.columns)})")
+        return 0
+    from methodlab.data.imagefolder import import_image_folder
+
+    if len(args.names) != 1 or not args.out:
+        raise MethodlabError("usage: methodlab data import <image-folder> --out <path-or-s3-uri>")
+    info = import_image_folder(args.names[0], args.out, size=args.size)
+    print(f"imported {info.meta['num_classes']} classes into {info.uri}")
+    return 0
+
+
+def _methods(args) -> int:
+    from methodlab.registry import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        print(f"{name:18s} stages={'>'.join(m.stages):28s} metric={m.metric} ({m.mode})  dataset={m.default_dataset}")
+    return 0
+
+
+def _models(args) -> int:
+    from methodlab.registry import model_names
+
+    print("\n".join(model_names()))
+    return 0
+
+
+def _demo(args) -> int:
+    from methodlab.demo import run_demo
+
+    return run_demo(args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="methodlab", description="Train, sweep and ship vision methods on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a method (resumes a run of the same name)")
+    t.add_argument("method")
+    t.add_argument("-c", "--config", help="YAML config (e.g. jobs/configs/<method>.yaml)")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=3e-4 scaling.num_workers=2")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sweep", help="Ray Tune sweep of a method's hyperparameters")
+    s.add_argument("method")
+    s.add_argument("-c", "--config", help="sweep YAML (e.g. jobs/sweeps/<name>.yaml)")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=_sweep)
+
+    pr = sub.add_parser("promote", help="move alias 'champion' to the candidate if its metric is better")
+    pr.add_argument("name", help="registered model, e.g. methodlab-supervised")
+    pr.add_argument("--metric", default="test_acc")
+    pr.add_argument("--mode", choices=["max", "min"], default="max")
+    pr.add_argument("--version", help="default: the version with alias 'candidate'")
+    pr.add_argument("--tracking-uri", help="default: the local SQLite store")
+    pr.set_defaults(func=_promote)
+
+    d = sub.add_parser("data", help="prepare built-in datasets or import an image folder")
+    d.add_argument("action", choices=["prepare", "import", "list"])
+    d.add_argument("names", nargs="*")
+    d.add_argument("--root", help="where built-in datasets go (default .methodlab/data)")
+    d.add_argument("--out", help="import: the output dataset path or s3:// URI")
+    d.add_argument("--size", type=int, default=32, help="import: images are resized to size x size")
+    d.add_argument("--force", action="store_true", help="prepare: rebuild even if present")
+    d.set_defaults(func=_data)
+
+    sub.add_parser("methods", help="list registered methods").set_defaults(func=_methods)
+    sub.add_parser("models", help="list registered architectures").set_defaults(func=_models)
+    dm = sub.add_parser("demo", help="train every method on built-in data and print the results")
+    dm.add_argument("overrides", nargs="*")
+    dm.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MethodlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; submit the same run again to resume it", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Typed run configs, merged in layers: code defaults, then a YAML file, then `key=value` overrides.
+
+    cfg = load_config("supervised", "jobs/configs/supervised.yaml", ["train.lr=3e-4"])
+
+Sections: `method` (the method's own config class), `data`, `train`, `scaling`, `storage`,
+`tracking`. Every section forbids unknown keys; a misspelled key fails with the closest valid key,
+a bad value with its dotted path and the layer that set it. The resolved config is what runs, what
+MLflow records (as params and as `config.yaml`) and what the run name is derived from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from methodlab.errors import ConfigError
+
+# Everything methodlab writes by default lives here (datasets, runs, the MLflow SQLite file).
+HOME_ENV = "METHODLAB_HOME"
+
+
+def methodlab_home() -> Path:
+    return Path(os.environ.get(HOME_ENV, ".methodlab")).resolve()
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: str = Field("", description="built-in name (see `methodlab data list`) or a dataset "
+                         "directory / s3:// URI; empty means the method's default dataset")
+    root: str = Field("", description="where built-in datasets are prepared; default $METHODLAB_HOME/data")
+    loader: Literal["memory", "stream"] = Field(
+        "memory", description="memory: each worker holds the dataset and draws a seeded shard per "
+        "epoch (bit-exact resume); stream: Ray Data streams a split shard (datasets beyond memory)")
+    limit_rows: int | None = Field(None, gt=0, description="use only the first N training rows")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(64, gt=0, description="per worker")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    run_name: str | None = Field(None, description="default: <method>-<hash of the config>; "
+                                 "submitting the same name again resumes that run")
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
+    num_to_keep: int = Field(2, gt=0, description="checkpoints kept in storage")
+    crash_after_epoch: int | None = Field(
+        None, ge=1, description="fault injection for resilience tests: rank 1 (or 0) exits hard after "
+        "checkpointing this epoch, once")
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError("use letters, digits, '_', '.', '-' (at most 100 characters)")
+        return v
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional, so Ray Data keeps a CPU for reads")
+    gpus_per_worker: float = Field(1.0, ge=0)
+
+
+class StorageConfig(Section):
+    path: str = Field("", description="local directory or s3://bucket/prefix for checkpoints; "
+                      "default $METHODLAB_HOME/runs")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default from AWS_ENDPOINT_URL")
+    region: str | None = Field(None, description="default from AWS_DEFAULT_REGION")
+
+
+class TrackingConfig(Section):
+    uri: str = Field("", description="MLflow tracking URI; default sqlite under $METHODLAB_HOME")
+    experiment: str = "methodlab"
+    registered_model: str = Field("", description="default methodlab-<method>")
+    register_model: bool = Field(True, description="register the final model as a version")
+
+
+class RunConfig(Section):
+    """The resolved config of one run. `method` is replaced by the method's own class."""
+
+    method_name: str
+    method: Section = Field(default_factory=Section)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    # Keys that do not change what is trained, so they do not change the derived run name.
+    _NOT_HASHED = {"storage", "tracking"}
+    _NOT_HASHED_TRAIN = {"run_name", "max_failures", "crash_after_epoch", "num_to_keep"}
+
+    def fingerprint(self) -> str:
+        d = self.model_dump(mode="json", exclude=self._NOT_HASHED)
+        for k in self._NOT_HASHED_TRAIN:
+            d["train"].pop(k, None)
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def run_name(self) -> str:
+        return self.train.run_name or f"{self.method_name}-{self.fingerprint()}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layering
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 3e-4). Values are parsed as YAML scalars or lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"override {text!r} is not key=value with a dotted key, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-3" as a string; numbers written that way are meant as floats.
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        value = float(value)
+    return key.split("."), value
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def set_path(tree: dict, path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path[:i + 1])} is a value, not a section; "
+                              f"drop '.{'.'.join(path[i + 1:])}'")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file with -c")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must be a mapping of sections (method:, train:, ...)")
+    return data
+
+
+def run_config_class(method_config: type[BaseModel]) -> type[RunConfig]:
+    return create_model(f"RunConfig_{method_config.__name__}", __base__=RunConfig,
+                        method=(method_config, Field(default_factory=method_config)))
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict, cls: type[BaseModel], origins: dict[str, str]) -> str:
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    origin = origins.get(dotted)
+    where = f" (set {origin})" if origin else ""
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(cls, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else \
+            f"valid keys here: {', '.join(valid)}"
+        return f"unknown config key {dotted}{where}; {hint}"
+    got = err.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{dotted}: {err['msg']}{got_s}{where}"
+
+
+def resolve(method_name: str, layers: list[tuple[str, dict]]) -> RunConfig:
+    """Merge `(origin, dict)` layers in order and validate. Raises ConfigError with one line."""
+    from methodlab.registry import get_method
+
+    method = get_method(method_name)
+    cls = run_config_class(method.Config)
+    merged: dict = {}
+    origins: dict[str, str] = {}
+    for origin, layer in layers:
+        merged = deep_merge(merged, layer)
+        for dotted in _flatten_keys(layer):
+            origins[dotted] = origin
+    merged["method_name"] = method_name
+    try:
+        cfg = cls.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_describe(e.errors()[0], cls, origins)) from None
+    return _fill_defaults(cfg)
+
+
+def _flatten_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out += _flatten_keys(v, key + ".") if isinstance(v, dict) else [key]
+    return out
+
+
+def _fill_defaults(cfg: RunConfig) -> RunConfig:
+    """Turn empty defaults into absolute paths, so Ray workers (other cwd) see the same places."""
+    home = methodlab_home()
+    if not cfg.data.root:
+        cfg.data.root = str(home / "data")
+    if not cfg.storage.path:
+        cfg.storage.path = str(home / "runs")
+    elif "://" not in cfg.storage.path:
+        cfg.storage.path = str(Path(cfg.storage.path).resolve())
+    if not cfg.tracking.uri:
+        cfg.tracking.uri = f"sqlite:///{home / 'mlflow.db'}"
+    if not cfg.tracking.registered_model:
+        cfg.tracking.registered_model = f"methodlab-{cfg.method_name}"
+    return cfg
+
+
+def load_config(method_name: str, yaml_path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults (platform, then the method's), then the YAML file, then `key=value` overrides."""
+    from methodlab.registry import get_method
+
+    method = get_method(method_name)
+    layers: list[tuple[str, dict]] = [(f"by {method_name}'s defaults", method.defaults)]
+    if yaml_path:
+        data = read_yaml(yaml_path)
+        data.pop("method_name", None)
+        layers.append((f"in {yaml_path}", data))
+    override_tree: dict = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        set_path(override_tree, path, value, f"override {text!r}")
+        layers.append((f"by override {text!r}", _tree(path, value)))
+    return resolve(method_name, layers)
+
+
+def _tree(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Rebuild a resolved config (e.g. in a Ray worker, or from a checkpoint)."""
+    d = dict(d)
+    return resolve(d.pop("method_name"), [("as resolved", d)])

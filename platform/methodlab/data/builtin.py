@@ -1,0 +1,47 @@
+"""Built-in datasets, made from data that installed packages ship (no downloads at run time).
+
+`digits`: scikit-learn's 1,797 handwritten digits, 8x8 grey images in 10 classes, as
+`image` float32 (1, 8, 8) in [0, 1] and `label` int64, with a fixed stratified 60/20/20
+train/val/test split (seed 0). Other modules register further datasets built from it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from methodlab.registry import register_dataset
+
+SPLIT_SEED = 0
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = (d.images / 16.0).astype(np.float32)[:, None]   # (N, 1, 8, 8) in [0, 1]
+    return images, d.target.astype(np.int64)
+
+
+def stratified_split(labels: np.ndarray, fractions=(0.6, 0.2, 0.2), seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+    """Row indices per split, stratified by label, fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list] = {"train": [], "val": [], "test": []}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_train = int(round(fractions[0] * len(idx)))
+        n_val = int(round(fractions[1] * len(idx)))
+        parts["train"].append(idx[:n_train])
+        parts["val"].append(idx[n_train:n_train + n_val])
+        parts["test"].append(idx[n_train + n_val:])
+    return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
+
+
+@register_dataset("digits")
+def digits() -> dict:
+    images, labels = load_digits()
+    splits = stratified_split(labels)
+    return {
+        "splits": {s: {"image": images[i], "label": labels[i]} for s, i in splits.items()},
+        "meta": {"num_classes": 10, "classes": [str(c) for c in range(10)],
+                 "source": "sklearn.datasets.load_digits", "split": "stratified 60/20/20, seed 0"},
+    }

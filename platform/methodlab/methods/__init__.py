@@ -1,0 +1,3 @@
+"""Every method module, imported so that its `@register_method` runs. One method per module."""
+
+from methodlab.methods import supervised  # noqa: F401

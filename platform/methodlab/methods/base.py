@@ -1,0 +1,162 @@
+"""The method interface. A method is a thin class; the shared loop (`methodlab.train.loop`) owns
+epochs, device placement, DDP, checkpoints, resume, metrics and MLflow.
+
+A method declares:
+  Config            its pydantic config class (the `method:` section)
+  defaults          platform defaults it changes, e.g. {"train": {"epochs": 20}}
+  stages            what it trains, in order, e.g. ("teacher", "student")
+  metric, mode      the validation metric that selects models and drives Tune
+  default_dataset   the built-in dataset it runs on when `data.dataset` is empty
+  search_space      its default Tune space, dotted config keys -> distributions
+
+and implements `build_models`, `train_step` and `evaluate` (plus `build_optimizers`, `export`,
+`stage_epochs` when the defaults do not fit). `train_step` owns the backward passes and optimizer
+steps, because GAN-style and multi-optimizer methods need that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from methodlab.config import RunConfig, Section
+from methodlab.data.dataset import DatasetInfo
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepContext:
+    """What the loop tells a method about where it is."""
+
+    stage: str
+    epoch: int                  # within the stage, 0-based
+    step: int                   # optimizer steps so far in the whole run
+    device: torch.device
+    rank: int
+    world_size: int
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SplitData:
+    """A whole split held as tensors on the worker (`data.loader=memory`)."""
+
+    tensors: Batch
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def batches(self, batch_size: int, device: torch.device | None = None) -> Iterator[Batch]:
+        for start in range(0, len(self), batch_size):
+            yield {k: v[start:start + batch_size].to(device, non_blocking=True) if device else
+                   v[start:start + batch_size] for k, v in self.tensors.items()}
+
+
+@dataclass
+class DataBundle:
+    info: DatasetInfo
+    splits: dict[str, SplitData]
+    tables: dict[str, Batch]
+
+
+def make_optimizer(params, train_cfg, lr: float | None = None, weight_decay: float | None = None):
+    """The optimizer named by `train.optimizer`, over `params`."""
+    params = [p for p in params if p.requires_grad]
+    lr = train_cfg.lr if lr is None else lr
+    wd = train_cfg.weight_decay if weight_decay is None else weight_decay
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    cls = torch.optim.AdamW if train_cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=wd)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """requires_grad off and eval mode: a frozen module (teacher, backbone) stays bit-identical."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+@torch.no_grad()
+def classify_accuracy(model: nn.Module, split: SplitData, device, batch_size: int = 512,
+                      key: str = "image") -> float:
+    model.eval()
+    correct = 0
+    for b in split.batches(batch_size, device):
+        correct += (model(b[key]).argmax(-1) == b["label"]).sum().item()
+    return correct / max(len(split), 1)
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[Section]] = Section
+    defaults: ClassVar[dict] = {}
+    stages: ClassVar[tuple[str, ...]] = ("train",)
+    metric: ClassVar[str] = "val_acc"
+    mode: ClassVar[str] = "max"
+    test_metric: ClassVar[str] = "test_acc"
+    default_dataset: ClassVar[str] = "digits"
+    search_space: ClassVar[dict[str, dict]] = {}
+    # DDP: set True where some trainable parameters get no gradient in some steps.
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, cfg: RunConfig, data: DataBundle):
+        self.cfg = cfg
+        self.mcfg = cfg.method
+        self.data = data
+
+    # -- what the method must provide ----------------------------------------------------------
+
+    @abstractmethod
+    def build_models(self, stage: str, previous: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """The models of `stage`; `previous` holds the models of the stage before (unwrapped)."""
+
+    @abstractmethod
+    def train_step(self, stage: str, models: dict[str, nn.Module], optimizers: dict, batch: Batch,
+                   ctx: StepContext) -> dict[str, torch.Tensor]:
+        """One step on `batch`: forward, backward, optimizer step(s). Returns detached losses."""
+
+    @abstractmethod
+    def evaluate(self, stage: str, models: dict[str, nn.Module], split: str, device) -> dict[str, float]:
+        """Metrics on `split` ("val" or "test"), keys prefixed with the split name."""
+
+    # -- defaults that most methods keep --------------------------------------------------------
+
+    def stage_epochs(self, stage: str) -> int:
+        return self.cfg.train.epochs
+
+    def build_optimizers(self, stage: str, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+        params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+        return {"opt": make_optimizer(params, self.cfg.train)}
+
+    def build_schedulers(self, stage: str, optimizers: dict, steps_per_epoch: int) -> dict:
+        return {}
+
+    def on_epoch_start(self, stage: str, models: dict[str, nn.Module], ctx: StepContext) -> dict[str, Any]:
+        """Called on every rank before each epoch; returns params to record (e.g. a mined subset)."""
+        return {}
+
+    @abstractmethod
+    def export(self, models: dict[str, nn.Module]) -> tuple[nn.Module, dict]:
+        """The model to register and its spec ({"arch", "kwargs"}), from the final stage's models."""
+
+    def example_input(self) -> Any:
+        """A small input for the exported model's signature (numpy)."""
+        return self.data.splits["train"].tensors["image"][:2].numpy()
+
+    def state_dict(self) -> dict:
+        """The method's own state that must survive a resume (running windows, mined sets)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,17 @@
+"""Model architectures, registered by name so that a saved model is rebuilt from its spec.
+
+A spec is `{"arch": <registered name>, "kwargs": {...}}`. Weights travel as a plain state dict
+beside the spec and are always loaded with `torch.load(..., weights_only=True)`: no pickled code
+is ever executed when a backbone is loaded (see `methodlab.models.hub`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from methodlab.models import cnn  # noqa: F401  (registers architectures)
+from methodlab.registry import get_model_builder
+
+
+def build_model(spec: dict[str, Any]):
+    return get_model_builder(spec["arch"])(**spec.get("kwargs", {}))

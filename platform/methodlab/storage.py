@@ -1,0 +1,119 @@
+"""The only module that talks to S3 (boto3 and pyarrow.fs). Local paths and s3:// URIs look the same
+to the rest of the platform: `filesystem(uri)` gives a pyarrow filesystem and a path inside it.
+
+S3 settings come from the config (`storage.endpoint_url`, `storage.region`) or the standard AWS
+variables (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); the
+credentials themselves are only ever read from the environment or the instance role, never
+from config files, so they cannot reach MLflow params or logs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from methodlab.errors import ServiceError
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_config(cls, storage_cfg=None) -> "S3Settings":
+        endpoint = getattr(storage_cfg, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") \
+            or os.environ.get("AWS_ENDPOINT_URL")
+        region = getattr(storage_cfg, "region", None) or os.environ.get("AWS_DEFAULT_REGION") \
+            or os.environ.get("AWS_REGION") or "us-east-1"
+        return cls(endpoint, region)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for a local path or an s3:// URI."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    s = settings or S3Settings.from_config()
+    kwargs: dict = {"region": s.region}
+    if s.endpoint_url:
+        parsed = urlparse(s.endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    bucket, key = split_s3(uri)
+    # Retries with backoff for transient endpoint loss (pyarrow's AWS standard retry strategy).
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
+def s3_client(settings: S3Settings | None = None):
+    import boto3
+    from botocore.config import Config
+
+    s = settings or S3Settings.from_config()
+    return boto3.client("s3", endpoint_url=s.endpoint_url, region_name=s.region,
+                        config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                                      connect_timeout=3, read_timeout=10))
+
+
+def check_reachable(uri: str, settings: S3Settings | None = None) -> None:
+    """Preflight: the bucket exists and answers. Raises ServiceError with one line otherwise."""
+    if not is_s3(uri):
+        return
+    import botocore.exceptions as bexc
+
+    s = settings or S3Settings.from_config()
+    bucket, _ = split_s3(uri)
+    where = s.endpoint_url or "AWS S3"
+    try:
+        s3_client(s).head_bucket(Bucket=bucket)
+    except bexc.EndpointConnectionError:
+        raise ServiceError(f"S3 endpoint {where} is unreachable for {uri}; start it or fix "
+                           "storage.endpoint_url / AWS_ENDPOINT_URL") from None
+    except bexc.NoCredentialsError:
+        raise ServiceError(f"no S3 credentials for {uri}; set AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY or use an instance role") from None
+    except bexc.ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise ServiceError(f"S3 bucket {bucket!r} does not exist at {where}; create it "
+                               f"(aws s3 mb s3://{bucket}) or fix storage.path") from None
+        if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+            raise ServiceError(f"S3 refused the credentials for bucket {bucket!r} at {where} ({code}); "
+                               "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+        raise ServiceError(f"S3 error for {uri} at {where}: {code or e}") from None
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if not is_s3(uri):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

@@ -1,0 +1,244 @@
+"""MLflow, and only here: runs, params, metrics, artifacts, the model registry.
+
+Every call goes through an explicit `MlflowClient(tracking_uri)`, never MLflow's global "active
+run", so the driver and the rank-0 worker can write to the same run from different processes. Any
+MLflow URI works: the default SQLite file under `.methodlab/`, or a tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from methodlab.errors import ConfigError, ServiceError
+
+RUN_NAME_TAG = "methodlab.run_name"
+METHOD_TAG = "methodlab.method"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_VALUE = 6000     # MLflow's limit on a param value
+MAX_PARAM_KEY = 250
+SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private_key)", re.I)
+URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
+REDACTED = "***"
+
+
+# ----------------------------------------------------------------------------------------------
+# Params: flattened, redacted, truncated
+
+
+def redact_value(value: str) -> str:
+    """Strip passwords out of URIs such as postgresql://user:pw@host/db."""
+    return URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+
+
+def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"}, with secrets redacted and MLflow's limits kept."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, dotted + "."))
+            continue
+        text = REDACTED if SECRET_KEY.search(str(key)) and value not in (None, "") else \
+            redact_value(json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+        if len(text) > MAX_PARAM_VALUE:
+            text = text[:MAX_PARAM_VALUE - 3] + "..."
+        out[dotted[:MAX_PARAM_KEY]] = text
+    return out
+
+
+def git_commit() -> str:
+    if os.environ.get("METHODLAB_GIT_COMMIT"):
+        return os.environ["METHODLAB_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reachability
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Preflight for a tracking server; a SQLite or file store only needs its directory."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise ServiceError(f"MLflow server {uri} answered /health with {r.status}; check it")
+        except (urllib.error.URLError, OSError, TimeoutError):
+            raise ServiceError(f"MLflow tracking server {uri} is unreachable; start it "
+                               "(make stack-up) or fix tracking.uri") from None
+    elif uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    elif "://" in uri and not uri.startswith(("file://", "databricks")):
+        raise ConfigError(f"tracking.uri {uri!r} is not a supported MLflow URI; use http(s)://, "
+                          "sqlite:/// or file://")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    status: str
+    metrics: dict[str, float]
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = self._experiment(experiment)
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        artifact_location = None
+        if self.uri.startswith("sqlite:///"):
+            # Next to the database, not wherever the process happens to run.
+            artifact_location = (Path(self.uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:   # created concurrently by another process
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def find_run(self, run_name: str) -> RunRecord | None:
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            return None
+        r = runs[0]
+        return RunRecord(r.info.run_id, r.info.status, dict(r.data.metrics))
+
+    def start_run(self, run_name: str, params: dict[str, str], tags: dict[str, str],
+                  config_yaml: str, parent_run_id: str | None = None) -> str:
+        all_tags = {RUN_NAME_TAG: run_name, "git_commit": git_commit(), **tags}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={k: str(v) for k, v in all_tags.items()})
+        run_id = run.info.run_id
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):     # MLflow accepts at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i:i + 100])
+        self.client.log_text(run_id, config_yaml, "config.yaml")
+        return run_id
+
+    def resume_run(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
+    def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, path, artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    # -- models -----------------------------------------------------------------------------
+
+    def log_model(self, run_id: str, model, spec: dict, input_example, registered_name: str | None,
+                  tags: dict[str, Any]) -> str | None:
+        """Log `model` (torch.export "pt2" format, plus its spec and state dict as extra files so the
+        platform can rebuild it with weights_only loads) and register a version with alias
+        `candidate`. Returns the version, or None when `registered_name` is None."""
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_file, weights_file = f"{tmp}/model_spec.json", f"{tmp}/weights.pt"
+            Path(spec_file).write_text(json.dumps(spec))
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(
+                    model.eval().cpu(), name="model", input_example=input_example,
+                    serialization_format="pt2", extra_files=[spec_file, weights_file],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        if registered_name is None:
+            return None
+        version = mlflow.register_model(info.model_uri, registered_name).version
+        for k, v in tags.items():
+            self.client.set_model_version_tag(registered_name, version, k, str(v))
+        self.client.set_registered_model_alias(registered_name, "candidate", version)
+        return str(version)
+
+    def download_model_files(self, model_uri: str, dst: str) -> tuple[dict, str]:
+        """(spec, path of weights.pt) of a model logged by `log_model`, e.g. models:/name@alias."""
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
+        except MlflowException as e:
+            raise ConfigError(f"model {model_uri} not found in {self.uri} ({str(e).splitlines()[0][:120]}); "
+                              "check the name, version or alias") from None
+        hits = {p.name: p for p in Path(local).rglob("*") if p.name in ("model_spec.json", "weights.pt")}
+        if len(hits) != 2:
+            raise ConfigError(f"model {model_uri} was not logged by methodlab (no model_spec.json/weights.pt)")
+        return json.loads(hits["model_spec.json"].read_text()), str(hits["weights.pt"])
+
+    def promote(self, name: str, metric: str, mode: str, version: str | None = None) -> tuple[bool, str]:
+        """Move alias `champion` to `version` (default: the `candidate`) if its metric beats the
+        current champion's. Returns (moved, explanation)."""
+        try:
+            cand = self.client.get_model_version(name, version) if version else \
+                self.client.get_model_version_by_alias(name, "candidate")
+        except MlflowException:
+            raise ConfigError(f"registered model {name!r} has no {'version ' + version if version else 'candidate'}; "
+                              "train a run first or pass --version") from None
+        cand_value = self._version_metric(cand, metric)
+        try:
+            champ = self.client.get_model_version_by_alias(name, "champion")
+        except MlflowException:
+            champ = None
+        if champ is not None:
+            champ_value = self._version_metric(champ, metric)
+            better = cand_value > champ_value if mode == "max" else cand_value < champ_value
+            if not better:
+                return False, (f"{name} v{cand.version} {metric}={cand_value:.4f} does not beat champion "
+                               f"v{champ.version} ({champ_value:.4f}); champion unchanged")
+        self.client.set_registered_model_alias(name, "champion", cand.version)
+        was = f" (was v{champ.version})" if champ is not None else ""
+        return True, f"{name} v{cand.version} is now champion{was}: {metric}={cand_value:.4f}"
+
+    def _version_metric(self, mv, metric: str) -> float:
+        value = self.client.get_run(mv.run_id).data.metrics.get(metric) if mv.run_id else None
+        if value is None:
+            raise ConfigError(f"model version {mv.name} v{mv.version} has no metric {metric!r}")
+        return float(value)

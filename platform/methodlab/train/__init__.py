@@ -1,0 +1,1 @@
+"""Training: the driver (`launch`) and the shared worker loop (`loop`)."""

@@ -1,0 +1,204 @@
+"""The driver side of a run: preflight, the MLflow run, the Ray Train job, the summary.
+
+Order matters: everything a user can get wrong (config, dataset, storage, tracking server,
+cluster capacity) is checked before the TorchTrainer is created, so a bad input costs no cluster
+resources and leaves no run behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from methodlab import storage
+from methodlab.config import RunConfig
+from methodlab.data import DatasetInfo, resolve_dataset
+from methodlab.errors import ConfigError, DataError, ServiceError, TrainingError
+from methodlab.registry import get_method
+
+# Ray's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), and each
+# report() waits for that poll; per-epoch reports on small data would be dominated by it.
+RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@dataclass
+class RunSummary:
+    run_name: str
+    run_id: str
+    status: str
+    metrics: dict[str, float]
+    registered_model: str | None
+    version: str | None
+    resumed: bool = False
+    already_finished: bool = False
+
+    def line(self, metric: str) -> str:
+        value = self.metrics.get(metric)
+        shown = f"{metric}={value:.4f}" if value is not None else f"{metric}=n/a"
+        model = f" · registered {self.registered_model} v{self.version} (alias candidate)" if self.version else ""
+        again = " (already finished; nothing to do)" if self.already_finished else ""
+        return f"{self.run_name}: {shown}{model} · MLflow run {self.run_id}{again}"
+
+
+def dataset_for(cfg: RunConfig) -> DatasetInfo:
+    method = get_method(cfg.method_name)
+    return resolve_dataset(cfg.data.dataset or method.default_dataset, cfg.data.root)
+
+
+def preflight(cfg: RunConfig) -> DatasetInfo:
+    """Everything checkable without the cluster. Raises a one-line MethodlabError."""
+    from methodlab import tracking
+
+    storage.check_reachable(cfg.storage.path, storage.S3Settings.from_config(cfg.storage))
+    tracking.check_reachable(cfg.tracking.uri)
+    info = dataset_for(cfg)
+    for split in ("train", "val", "test"):
+        if split not in info.splits:
+            raise DataError(f"dataset {info.uri} has no {split!r} split (has {', '.join(info.splits)})")
+    method = get_method(cfg.method_name)
+    required = getattr(method, "required_columns", ("image", "label"))
+    missing = [c for c in required if c not in info.columns]
+    if missing:
+        raise DataError(f"dataset {info.uri} lacks column(s) {', '.join(missing)} that method "
+                        f"{cfg.method_name} needs; pick a dataset with them (data.dataset)")
+    return info
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS if set (a cluster or `ray job submit`), else start a local Ray."""
+    import ray
+
+    for k, v in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        # The dashboard process also hosts the state API that Ray Train's placement-group cleaner
+        # needs; without it a stopped trial leaks its CPUs. It listens on 127.0.0.1 only.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def check_capacity(cfg: RunConfig, with_data: bool = True) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (1 if with_data else 0)
+    if need_cpu > total.get("CPU", 0) + 1e-9:
+        raise ConfigError(
+            f"scaling.num_workers={cfg.scaling.num_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker}"
+            f" (+1 CPU for Ray Data reads) needs {need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g};"
+            " lower one of them or add nodes")
+    if cfg.scaling.use_gpu:
+        need_gpu = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
+        if need_gpu > total.get("GPU", 0):
+            raise ConfigError(f"scaling.use_gpu=true needs {need_gpu:g} GPUs but the cluster has "
+                              f"{total.get('GPU', 0):g}; set scaling.use_gpu=false or add GPU nodes")
+
+
+def _storage_kwargs(cfg: RunConfig) -> dict:
+    if storage.is_s3(cfg.storage.path):
+        fs, path = storage.filesystem(cfg.storage.path, storage.S3Settings.from_config(cfg.storage))
+        return {"storage_path": path, "storage_filesystem": fs}
+    os.makedirs(cfg.storage.path, exist_ok=True)
+    return {"storage_path": cfg.storage.path}
+
+
+def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None):
+    """The TorchTrainer for one run (also used by each Tune trial)."""
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from methodlab.train.loop import train_worker
+
+    splits = ["train", "val", "test"]
+    # memory (default): every worker reads every split whole from Parquet and draws its own seeded
+    # shard, so resumes are bit-exact. stream: Ray Data reads the train split and splits it
+    # between workers, for datasets larger than a worker's memory.
+    datasets, data_config = None, None
+    if cfg.data.loader == "stream":
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        fs = storage.filesystem(info.uri)[0] if storage.is_s3(info.uri) else None
+        datasets = {"train": ray.data.read_parquet(info.split_uri("train"), filesystem=fs)}
+        data_config = DataConfig(datasets_to_split=["train"],
+                                 execution_options=ExecutionOptions(preserve_order=True))
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
+                           "dataset_uri": info.uri, "splits": splits},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=cfg.run_name,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+            **_storage_kwargs(cfg)),
+        datasets=datasets,
+        **({"dataset_config": data_config} if data_config else {}),
+    )
+
+
+def worker_error_line(exc: BaseException) -> str:
+    """The worker's own exception line out of Ray's wrapped error text."""
+    text = str(exc)
+    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", text, flags=re.M)
+    for name, msg in reversed(found):
+        if name not in ("WorkerGroupError", "TrainingFailedError", "RayTaskError", "ControllerError"):
+            return f"{name}: {msg.strip()}"
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+
+
+def train(cfg: RunConfig, parent_run_id: str | None = None) -> RunSummary:
+    """Run `cfg` to completion (or resume it) and return its summary."""
+    from methodlab.tracking import Tracker, flatten_params
+
+    info = preflight(cfg)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    name = cfg.run_name
+    existing = tracker.find_run(name)
+    if existing is not None and existing.status == "FINISHED":
+        return _summary(tracker, cfg, existing.run_id, resumed=False, already=True)
+
+    ensure_ray()
+    check_capacity(cfg, with_data=cfg.data.loader == "stream")
+    if existing is not None:
+        run_id = existing.run_id
+        tracker.resume_run(run_id)
+    else:
+        method = get_method(cfg.method_name)
+        run_id = tracker.start_run(name, flatten_params(cfg.model_dump(mode="json")),
+                                   {"methodlab.method": cfg.method_name, "methodlab.metric": method.metric,
+                                    "methodlab.dataset": info.name},
+                                   cfg.to_yaml(), parent_run_id=parent_run_id)
+    try:
+        result = build_trainer(cfg, info, run_id).fit()
+        if getattr(result, "error", None) is not None:
+            raise result.error
+    except KeyboardInterrupt:
+        tracker.end_run(run_id, "KILLED")
+        raise
+    except Exception as exc:   # noqa: BLE001 — every failure marks the run FAILED, then one line
+        tracker.end_run(run_id, "FAILED")
+        raise TrainingError(f"run {name} failed: {worker_error_line(exc)} "
+                            f"(MLflow run {run_id}; the last checkpoint is kept under {cfg.storage.path}/{name})") from None
+    tracker.end_run(run_id, "FINISHED")
+    return _summary(tracker, cfg, run_id, resumed=existing is not None, already=False)
+
+
+def _summary(tracker, cfg: RunConfig, run_id: str, resumed: bool, already: bool) -> RunSummary:
+    run = tracker.client.get_run(run_id)
+    version = run.data.tags.get("methodlab.registered_version")
+    return RunSummary(cfg.run_name, run_id, run.info.status, dict(run.data.metrics),
+                      cfg.tracking.registered_model if version not in (None, "none") else None,
+                      version if version not in (None, "none") else None, resumed, already)
+
+
+__all__ = ["train", "preflight", "ensure_ray", "build_trainer", "RunSummary", "ServiceError"]
