@@ -107,6 +107,8 @@ class Method(ABC):
     test_metric: ClassVar[str] = "test_acc"
     default_dataset: ClassVar[str] = "digits"
     search_space: ClassVar[dict[str, dict]] = {}
+    # Overrides that make a run take seconds (tests, `make demo --quick`); also smoke-tested.
+    smoke_overrides: ClassVar[list[str]] = ["train.epochs=1"]
     # DDP: set True where some trainable parameters get no gradient in some steps.
     find_unused_parameters: ClassVar[bool] = False
 

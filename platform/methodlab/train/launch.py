@@ -19,7 +19,9 @@ from methodlab.registry import get_method
 
 # Ray's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), and each
 # report() waits for that poll; per-epoch reports on small data would be dominated by it.
-RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_USAGE_STATS_ENABLED": "0",
+                    # Without the patch a worker print() shows once, not twice.
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 @dataclass
@@ -176,7 +178,8 @@ def train(cfg: RunConfig, parent_run_id: str | None = None) -> RunSummary:
         method = get_method(cfg.method_name)
         run_id = tracker.start_run(name, flatten_params(cfg.model_dump(mode="json")),
                                    {"methodlab.method": cfg.method_name, "methodlab.metric": method.metric,
-                                    "methodlab.dataset": info.name},
+                                    "methodlab.dataset": info.name,
+                                    "methodlab.checkpoint_root": f"{cfg.storage.path.rstrip('/')}/{name}"},
                                    cfg.to_yaml(), parent_run_id=parent_run_id)
     try:
         result = build_trainer(cfg, info, run_id).fit()

@@ -56,6 +56,7 @@ class LoopState:
     method: dict = field(default_factory=dict)
     rng: list = field(default_factory=list)       # one entry per rank
     metrics: dict = field(default_factory=dict)   # the last epoch's metrics
+    exported: dict = field(default_factory=dict)  # {"spec", "state_dict"}: the model as `export` gives it
     mlflow_run_id: str = ""
 
     def save(self, directory: str) -> None:
@@ -280,6 +281,9 @@ def train_worker(loop_config: dict) -> None:
             if rank == 0:
                 state.models = {k: m.state_dict() for k, m in unwrapped.items()}
                 state.models_stage = stage_index
+                if last_stage:
+                    model, spec = method.export(unwrapped)
+                    state.exported = {"spec": spec, "state_dict": model.state_dict()}
                 state.optimizers = {k: o.state_dict() for k, o in optimizers.items()}
                 state.schedulers = {k: s.state_dict() for k, s in schedulers.items()}
                 state.rng = rngs

@@ -1,0 +1,95 @@
+"""Load a pretrained model from wherever the platform keeps one, always with weights_only loads.
+
+    load_pretrained("models:/methodlab-supervised@candidate")     # the MLflow registry
+    load_pretrained("runs:/<mlflow-run-id>")                      # a run's latest checkpoint
+    load_pretrained(".methodlab/runs/<run>/checkpoint_...")       # a checkpoint directory (or s3://)
+    load_pretrained("backbone.pt")                                # a file from `save_pretrained`
+
+Every form resolves to a spec (`{"arch", "kwargs"}`, rebuilt from the model registry) and a plain
+state dict, so no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from methodlab import storage
+from methodlab.errors import ConfigError
+from methodlab.models import build_model
+
+STATE_FILE = "state.pt"
+
+
+def save_pretrained(model: nn.Module, spec: dict, path: str) -> None:
+    torch.save({"spec": spec, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+
+
+def _from_payload(payload: dict, source: str) -> tuple[nn.Module, dict]:
+    if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:
+        raise ConfigError(f"{source} holds no methodlab model (expected a spec and a state dict)")
+    model = build_model(payload["spec"])
+    model.load_state_dict(payload["state_dict"])
+    return model, payload["spec"]
+
+
+def _load_file(path: str, source: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"model file {source} does not exist") from None
+    except Exception as e:  # noqa: BLE001 — an unpicklable or foreign file: refuse, one line
+        raise ConfigError(f"{source} is not a weights-only methodlab model file "
+                          f"({type(e).__name__}); refusing to load it") from None
+
+
+def _from_checkpoint(uri: str) -> tuple[nn.Module, dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = uri
+        if storage.is_s3(uri):
+            storage.download_dir(uri, tmp)
+            local = tmp
+        state = _load_file(os.path.join(local, STATE_FILE), f"{uri}/{STATE_FILE}")
+    if not state.get("exported"):
+        raise ConfigError(f"checkpoint {uri} is from before the final stage; use a later checkpoint")
+    return _from_payload(state["exported"], uri)
+
+
+def latest_checkpoint(root: str) -> str:
+    """The newest checkpoint_* directory of a run's storage directory."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(root)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    ckpts = sorted(i.path for i in infos if i.type == pafs.FileType.Directory
+                   and os.path.basename(i.path).startswith("checkpoint_"))
+    if not ckpts:
+        raise ConfigError(f"run storage {root} has no checkpoint yet")
+    newest = os.path.basename(ckpts[-1])
+    return f"{root.rstrip('/')}/{newest}"
+
+
+def load_pretrained(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict]:
+    """(model, spec) for a models:/ URI, a runs:/ URI, a checkpoint directory or a model file."""
+    if uri.startswith(("models:/", "runs:/")):
+        from methodlab.config import load_config
+        from methodlab.tracking import Tracker
+
+        cfg_uri = tracking_uri or load_config("supervised").tracking.uri
+        tracker = Tracker(cfg_uri, "methodlab")
+        if uri.startswith("runs:/"):
+            run_id = uri[len("runs:/"):].strip("/")
+            try:
+                root = tracker.client.get_run(run_id).data.tags["methodlab.checkpoint_root"]
+            except Exception:  # noqa: BLE001 — unknown run id or a run methodlab did not start
+                raise ConfigError(f"{uri}: no methodlab run with that id in {cfg_uri}") from None
+            return _from_checkpoint(latest_checkpoint(root))
+        with tempfile.TemporaryDirectory() as tmp:
+            spec, weights = tracker.download_model_files(uri, tmp)
+            return _from_payload({"spec": spec, "state_dict": _load_file(weights, uri)}, uri)
+    if storage.is_s3(uri) or os.path.isdir(uri):
+        return _from_checkpoint(uri)
+    return _from_payload(_load_file(uri, uri), uri)

@@ -1,0 +1,49 @@
+"""Shared fixtures: one Ray cluster for the whole session, an isolated METHODLAB_HOME (datasets,
+checkpoints, the MLflow SQLite store), and tiny configs per method."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import pytest
+
+# Before ray is imported anywhere: no token file under the real HOME, no 2 s report stall.
+_SESSION_HOME = tempfile.mkdtemp(prefix="methodlab-test-")
+os.environ.setdefault("METHODLAB_HOME", os.path.join(_SESSION_HOME, "home"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TMPDIR", os.path.join(_SESSION_HOME, "ray"))
+# A worker group that cannot be scheduled fails in seconds instead of retrying forever.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray (2 CPUs, dashboard on 127.0.0.1 for the placement-group cleaner) per session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A fresh METHODLAB_HOME for one test (its own MLflow store, runs and datasets)."""
+    monkeypatch.setenv("METHODLAB_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def tiny(method_name: str, *extra: str) -> list[str]:
+    """Overrides that make any registered method train in seconds."""
+    from methodlab.registry import get_method
+
+    return [*get_method(method_name).smoke_overrides, *extra]

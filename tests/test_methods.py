@@ -1,0 +1,75 @@
+"""Registry-driven tests: every registered method is checked here, so a new method is tested the
+moment it registers. Method-specific properties live in tests/test_<method>.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from methodlab.config import load_config
+from methodlab.registry import get_method, method_names
+from tests.conftest import tiny
+
+METHODS = method_names()
+
+
+def _sample(spec: dict):
+    kind, arg = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        return arg[0]
+    low, high = arg[:2]
+    return math.sqrt(low * high) if kind == "loguniform" else (low + high) / 2
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_declares_the_interface(name):
+    method = get_method(name)
+    assert method.stages and len(set(method.stages)) == len(method.stages)
+    assert method.mode in ("max", "min")
+    assert method.metric.startswith("val_") and method.test_metric.startswith("test_")
+    cfg = load_config(name)
+    assert cfg.method_name == name
+    assert method.search_space, f"{name} has no default Tune search space"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_search_space_keys_are_config_keys(name):
+    for key, spec in get_method(name).search_space.items():
+        value = _sample(spec)
+        cfg = load_config(name, None, [f"{key}={value}"])
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == pytest.approx(value) if isinstance(value, float) else node == value
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_smoke_overrides_resolve(name):
+    cfg = load_config(name, None, tiny(name))
+    assert cfg.run_name.startswith(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS)
+def test_two_worker_run_trains_registers_and_reloads(ray_cluster, home, name):
+    from methodlab.models.hub import load_pretrained
+    from methodlab.train.launch import train
+
+    method = get_method(name)
+    cfg = load_config(name, None, tiny(name, "scaling.num_workers=2"))
+    summary = train(cfg)
+    assert summary.status == "FINISHED"
+    assert summary.version == "1"
+    assert method.metric in summary.metrics and method.test_metric in summary.metrics
+    assert all(math.isfinite(v) for v in summary.metrics.values())
+
+    model, spec = load_pretrained(f"models:/{cfg.tracking.registered_model}@candidate", cfg.tracking.uri)
+    from methodlab.data import resolve_dataset, read_split
+    info = resolve_dataset(cfg.data.dataset or method.default_dataset, cfg.data.root)
+    example = {k: torch.from_numpy(v[:3]) for k, v in read_split(info, "test").items()}
+    inputs = example[getattr(method, "export_input", "image")]
+    with torch.no_grad():
+        out = model.eval()(inputs)
+    assert out.shape[0] == 3 and torch.isfinite(out).all()
