@@ -167,8 +167,23 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
-    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
-        self.client.log_figure(run_id, figure, artifact_file)
+    def log_object(self, run_id: str, obj, artifact_file: str) -> None:
+        """A matplotlib Figure, text, or a dict (as JSON) as an artifact file."""
+        if isinstance(obj, str):
+            self.client.log_text(run_id, obj, artifact_file)
+        elif isinstance(obj, dict):
+            self.client.log_dict(run_id, obj, artifact_file)
+        else:
+            self.client.log_figure(run_id, obj, artifact_file)
+            import matplotlib.pyplot as plt
+            plt.close(obj)
+
+    def log_params_once(self, run_id: str, params: dict[str, Any]) -> None:
+        """Params are immutable in MLflow: log those the run does not have yet (resume-safe)."""
+        have = self.client.get_run(run_id).data.params
+        new = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in params.items() if k not in have]
+        if new:
+            self.client.log_batch(run_id, params=new)
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
         return dict(self.client.get_run(run_id).data.metrics)

@@ -107,6 +107,12 @@ class Method(ABC):
     test_metric: ClassVar[str] = "test_acc"
     default_dataset: ClassVar[str] = "digits"
     search_space: ClassVar[dict[str, dict]] = {}
+    required_columns: ClassVar[tuple[str, ...]] = ("image", "label")
+    export_input: ClassVar[str] = "image"       # the column the exported model takes
+    # `make demo`: this method's overrides, and runs (method, overrides) it needs first, e.g. a
+    # backbone registered by another method.
+    demo_overrides: ClassVar[list[str]] = []
+    demo_prerequisites: ClassVar[list[tuple[str, list[str]]]] = []
     # Overrides that make a run take seconds (tests, `make demo --quick`); also smoke-tested.
     smoke_overrides: ClassVar[list[str]] = ["train.epochs=1"]
     # DDP: set True where some trainable parameters get no gradient in some steps.
@@ -149,12 +155,16 @@ class Method(ABC):
         return {}
 
     @abstractmethod
+    def epoch_artifacts(self, stage: str, epoch: int) -> dict[str, Any]:
+        """Rank 0, after each epoch: {"file.png": matplotlib Figure, "file.csv": str} to log."""
+        return {}
+
     def export(self, models: dict[str, nn.Module]) -> tuple[nn.Module, dict]:
         """The model to register and its spec ({"arch", "kwargs"}), from the final stage's models."""
 
     def example_input(self) -> Any:
         """A small input for the exported model's signature (numpy)."""
-        return self.data.splits["train"].tensors["image"][:2].numpy()
+        return self.data.splits["val"].tensors[self.export_input][:2].numpy()
 
     def state_dict(self) -> dict:
         """The method's own state that must survive a resume (running windows, mined sets)."""

@@ -239,7 +239,7 @@ def train_worker(loop_config: dict) -> None:
                               world_size=world, autocast=autocast, extra={"schedulers": schedulers})
             epoch_params = method.on_epoch_start(stage, models, ctx)
             if rank == 0 and epoch_params:
-                tracker.set_tags(run_id, {f"{stage}.{k}": v for k, v in epoch_params.items()})
+                tracker.log_params_once(run_id, {f"{stage}.{k}": v for k, v in epoch_params.items()})
             for m in models.values():
                 if trainable(unwrap(m)):
                     m.train()
@@ -292,6 +292,8 @@ def train_worker(loop_config: dict) -> None:
             _report(report, state if rank == 0 else None, cfg)
             if rank == 0:
                 _ensure_logged(tracker, run_id, state)
+                for file, obj in method.epoch_artifacts(stage, epoch).items():
+                    tracker.log_object(run_id, obj, file)
                 shown = " ".join(f"{k}={v:.4g}" for k, v in state.metrics.items() if k != "epoch_seconds")
                 print(f"[{cfg.run_name}] {stage} epoch {epoch + 1}/{epochs} {shown} "
                       f"({metrics['epoch_seconds']:.1f}s)", flush=True)

@@ -1,0 +1,76 @@
+"""Shared by every benchmark: figures are ratios against a baseline measured in the same process.
+
+    figures = [Figure("overhead_1worker", ratio=1.03, baseline="plain torch loop", detail={...})]
+    write_results("overhead", figures)
+
+Each script writes bench/results/<name>.json and prints one line per figure.
+"""
+
+from __future__ import annotations
+
+import json
+import platform as _stdlib_platform  # the stdlib module (methodlab's source root is not a package)
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Figure:
+    name: str
+    ratio: float | None            # measured / baseline (or the figure itself when it is a score)
+    baseline: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    goal: str = ""
+
+    def line(self) -> str:
+        ratio = f"{self.ratio:.3f}x" if self.ratio is not None else "n/a"
+        goal = f"  (goal {self.goal})" if self.goal else ""
+        extra = " ".join(f"{k}={_fmt(v)}" for k, v in self.detail.items())
+        return f"{self.name:40s} {ratio:>9s} vs {self.baseline}{goal}  {extra}"
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({_stdlib_platform.processor() or _stdlib_platform.machine()}, {__import__('os').cpu_count()} cores)"
+
+
+def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f}" if values else "n/a"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def write_results(name: str, figures: list[Figure], extra: dict[str, Any] | None = None) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "device": device_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "figures": [asdict(f) for f in figures], **(extra or {})}
+    out.write_text(json.dumps(payload, indent=1))
+    for f in figures:
+        print(f.line(), flush=True)
+    print(f"wrote {out}")
+    return out
