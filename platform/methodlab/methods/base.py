@@ -154,11 +154,11 @@ class Method(ABC):
         """Called on every rank before each epoch; returns params to record (e.g. a mined subset)."""
         return {}
 
-    @abstractmethod
     def epoch_artifacts(self, stage: str, epoch: int) -> dict[str, Any]:
         """Rank 0, after each epoch: {"file.png": matplotlib Figure, "file.csv": str} to log."""
         return {}
 
+    @abstractmethod
     def export(self, models: dict[str, nn.Module]) -> tuple[nn.Module, dict]:
         """The model to register and its spec ({"arch", "kwargs"}), from the final stage's models."""
 
