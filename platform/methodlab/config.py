@@ -11,6 +11,7 @@ MLflow records (as params and as `config.yaml`) and what the run name is derived
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -171,6 +172,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+@functools.cache
 def run_config_class(method_config: type[BaseModel]) -> type[RunConfig]:
     return create_model(f"RunConfig_{method_config.__name__}", __base__=RunConfig,
                         method=(method_config, Field(default_factory=method_config)))
@@ -189,7 +191,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 def _describe(err: dict, cls: type[BaseModel], origins: dict[str, str]) -> str:
     loc = tuple(err["loc"])
     dotted = ".".join(str(p) for p in loc)
-    origin = origins.get(dotted)
+    origin = origins.get(dotted) or next((o for k, o in origins.items() if k.startswith(dotted + ".")), None)
     where = f" (set {origin})" if origin else ""
     if err["type"] == "extra_forbidden":
         valid = _fields_at(cls, loc[:-1])

@@ -31,7 +31,7 @@ METHOD_TAG = "methodlab.method"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_VALUE = 6000     # MLflow's limit on a param value
 MAX_PARAM_KEY = 250
-SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private_key)", re.I)
+SECRET_KEY = re.compile(r"(secret|passw(or)?d|token|credential|access[_-]?key|api[_-]?key|private[_-]?key)", re.I)
 URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
 REDACTED = "***"
 

@@ -195,6 +195,7 @@ def train_worker(loop_config: dict) -> None:
             set_rng_state(state.rng[rank])
         if rank == 0:
             _ensure_logged(tracker, run_id, state)
+            tracker.set_tags(run_id, {"methodlab.resumed_at_epoch": state.history_step})
             print(f"[{cfg.run_name}] resumed at stage {method.stages[state.stage_index]}, "
                   f"epoch {state.epoch + 1}, step {state.step}", flush=True)
     attempt_start_history = state.history_step
@@ -252,6 +253,7 @@ def train_worker(loop_config: dict) -> None:
             for batch in epoch_batches(cfg, data, epoch_seed(cfg.train.seed, stage_index, epoch), rank, world, device):
                 if crash_now:   # fault injection: die hard mid-epoch, once
                     _crash_marker(run_id, state.history_step).touch()
+                    time.sleep(1.0)   # let the controller register the last epoch's checkpoint
                     os._exit(1)
                 ctx.step = state.step
                 losses = method.train_step(stage, models, optimizers, batch, ctx)

@@ -1,0 +1,114 @@
+"""Config layering and validation: defaults < YAML < key=value overrides; one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from hypothesis import given, settings, strategies as st
+
+from methodlab.config import deep_merge, load_config, parse_override
+from methodlab.errors import ConfigError
+
+FLOATS = st.floats(min_value=1e-6, max_value=10, allow_nan=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(yaml_lr=FLOATS, cli_lr=st.one_of(st.none(), FLOATS), epochs=st.integers(1, 50))
+def test_layers_apply_in_order(tmp_path_factory, yaml_lr, cli_lr, epochs):
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": yaml_lr, "epochs": epochs}}))
+    overrides = [f"train.lr={cli_lr!r}"] if cli_lr is not None else []
+    cfg = load_config("supervised", str(path), overrides)
+    assert cfg.train.lr == pytest.approx(cli_lr if cli_lr is not None else yaml_lr)
+    assert cfg.train.epochs == epochs
+    # Untouched keys keep the method's defaults, then the platform's.
+    assert cfg.train.batch_size == load_config("supervised").train.batch_size
+
+
+def test_method_defaults_override_platform_defaults():
+    from methodlab.config import TrainConfig
+
+    assert load_config("supervised").train.lr == 2e-3 != TrainConfig().lr
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st.dictionaries(st.sampled_from("abc"), st.integers() | st.dictionaries(st.sampled_from("xy"), st.integers())),
+       b=st.dictionaries(st.sampled_from("abc"), st.integers() | st.dictionaries(st.sampled_from("xy"), st.integers())))
+def test_deep_merge_right_wins_and_keeps_left_only_keys(a, b):
+    merged = deep_merge(a, b)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            assert merged[k] == {**a[k], **v}
+        else:
+            assert merged[k] == v
+    for k in a.keys() - b.keys():
+        assert merged[k] == a[k]
+
+
+@settings(max_examples=50, deadline=None)
+@given(value=st.one_of(st.integers(-10**6, 10**6), st.booleans(), FLOATS,
+                       st.text("abcdefghij_", min_size=1, max_size=8)))
+def test_override_values_parse_as_yaml_scalars(value):
+    path, parsed = parse_override(f"section.key={value}")
+    assert path == ["section", "key"]
+    assert parsed == value or (isinstance(value, float) and parsed == pytest.approx(value))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lrr=0.1", "unknown config key train.lrr (set by override 'train.lrr=0.1'); did you mean train.lr?"),
+    ("trian.lr=0.1", "unknown config key trian (set by override 'trian.lr=0.1'); did you mean train?"),
+    ("method.arhc=cnn", "unknown config key method.arhc (set by override 'method.arhc=cnn'); did you mean method.arch?"),
+    ("train.lr=-1", "train.lr: Input should be greater than 0 (got -1)"),
+    ("train.epochs=0", "train.epochs: Input should be greater than 0 (got 0)"),
+    ("train.epochs=many", "train.epochs: Input should be a valid integer"),
+    ("scaling.num_workers=-2", "scaling.num_workers: Input should be greater than 0"),
+    ("train.optimizer=adamw2", "train.optimizer: Input should be 'adam', 'adamw' or 'sgd'"),
+    ("train.run_name=a/b", "train.run_name: Value error, use letters, digits"),
+    ("lr", "override 'lr' is not key=value"),
+])
+def test_bad_overrides_fail_with_one_line_naming_the_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("supervised", None, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML at line"):
+        load_config("supervised", str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config("supervised", str(listy))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("supervised", str(tmp_path / "missing.yaml"))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  batchsize: 8\n")
+    with pytest.raises(ConfigError, match=r"train.batchsize \(set in .*typo.yaml\); did you mean train.batch_size"):
+        load_config("supervised", str(typo))
+
+
+def test_unknown_method_suggests_closest():
+    with pytest.raises(ConfigError, match="did you mean 'supervised'"):
+        load_config("supervize")
+
+
+def test_run_name_is_deterministic_and_ignores_where_results_go():
+    a = load_config("supervised", None, ["train.lr=0.01"])
+    b = load_config("supervised", None, ["train.lr=0.01", "tracking.experiment=other", "train.max_failures=3"])
+    c = load_config("supervised", None, ["train.lr=0.02"])
+    assert a.run_name == b.run_name != c.run_name
+    assert load_config("supervised", None, ["train.run_name=mine"]).run_name == "mine"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from methodlab.config import from_dict
+
+    cfg = load_config("supervised", None, ["train.lr=0.01", "method.arch_kwargs={width: 8}"])
+    again = from_dict(cfg.model_dump(mode="json"))
+    assert again == cfg
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(cfg.to_yaml())
+    assert load_config("supervised", str(saved)) == cfg

@@ -1,0 +1,143 @@
+"""The Parquet dataset layout: round trips, the schema check, built-in and imported datasets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from methodlab.data import open_dataset, prepare_builtin, read_split, read_table, write_dataset
+from methodlab.data.builtin import stratified_split
+from methodlab.errors import DataError
+
+SHAPES = st.lists(st.integers(1, 4), min_size=0, max_size=3)
+DTYPES = st.sampled_from([np.float32, np.float64, np.int64, np.uint8])
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=SHAPES, dtype=DTYPES, n=st.integers(1, 20), data=st.data())
+def test_write_read_round_trip_is_exact(tmp_path_factory, shape, dtype, n, data):
+    x = data.draw(hnp.arrays(dtype, (n, *shape), elements=hnp.from_dtype(np.dtype(dtype), allow_nan=False)))
+    y = np.arange(n, dtype=np.int64)
+    root = str(tmp_path_factory.mktemp("ds") / "d")
+    info = write_dataset(root, "t", {s: {"x": x, "label": y} for s in ("train", "val", "test")},
+                         {"num_classes": n}, tables={"attrs": {"a": x}})
+    assert info.columns["x"].shape == list(shape) and info.columns["x"].dtype == np.dtype(dtype).name
+    back = read_split(info, "train")
+    np.testing.assert_array_equal(back["x"], x)
+    assert back["x"].dtype == x.dtype and back["x"].shape == x.shape
+    np.testing.assert_array_equal(read_table(info, "attrs")["a"], x)
+
+
+def _small(tmp_path):
+    x = np.zeros((6, 1, 4, 4), np.float32)
+    y = np.arange(6, dtype=np.int64)
+    return write_dataset(str(tmp_path / "d"), "small", {s: {"image": x, "label": y} for s in ("train", "val", "test")},
+                         {"num_classes": 6})
+
+
+def _rewrite(tmp_path, table: pa.Table):
+    pq.write_table(table, tmp_path / "d" / "train" / "part-00000.parquet")
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    _small(tmp_path)
+    _rewrite(tmp_path, pa.table({"label": np.arange(6)}))
+    with pytest.raises(DataError, match=r"train/part-00000.parquet: missing column 'image'"):
+        open_dataset(str(tmp_path / "d"))
+
+
+def test_wrong_dtype_names_file_and_column(tmp_path):
+    from methodlab.data.dataset import to_arrow
+
+    _small(tmp_path)
+    _rewrite(tmp_path, pa.table({"image": to_arrow(np.zeros((6, 1, 4, 4), np.float64)), "label": np.arange(6)}))
+    with pytest.raises(DataError, match=r"column 'image' has dtype float64, expected float32"):
+        open_dataset(str(tmp_path / "d"))
+
+
+def test_wrong_shape_names_file_and_column(tmp_path):
+    from methodlab.data.dataset import to_arrow
+
+    _small(tmp_path)
+    _rewrite(tmp_path, pa.table({"image": to_arrow(np.zeros((6, 1, 5, 4), np.float32)), "label": np.arange(6)}))
+    with pytest.raises(DataError, match=r"column 'image' has shape \[1, 5, 4\], expected \[1, 4, 4\]"):
+        open_dataset(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_parquet_is_a_one_line_error(tmp_path, damage):
+    _small(tmp_path)
+    part = tmp_path / "d" / "val" / "part-00000.parquet"
+    raw = part.read_bytes()
+    part.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"not parquet at all" * 10, "empty": b""}[damage])
+    with pytest.raises(DataError, match=r"val/part-00000.parquet is not a readable Parquet file") as e:
+        open_dataset(str(tmp_path / "d"))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_dataset_manifest_and_split(tmp_path):
+    with pytest.raises(DataError, match="does not exist; run `methodlab data prepare`"):
+        open_dataset(str(tmp_path / "nowhere"))
+    _small(tmp_path)
+    (tmp_path / "d" / "dataset.json").unlink()
+    with pytest.raises(DataError, match="has no dataset.json"):
+        open_dataset(str(tmp_path / "d"))
+    _small(tmp_path)
+    manifest = json.loads((tmp_path / "d" / "dataset.json").read_text())
+    manifest["splits"].append("extra")
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="split 'extra' has no Parquet files"):
+        open_dataset(str(tmp_path / "d"))
+
+
+def test_failed_write_leaves_no_half_written_dataset(tmp_path):
+    with pytest.raises(DataError):
+        write_dataset(str(tmp_path / "d"), "bad", {"train": {"image": np.zeros((3, 2)), "label": np.zeros(4)}}, {})
+    assert not (tmp_path / "d").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@settings(max_examples=30, deadline=None)
+@given(labels=st.lists(st.integers(0, 4), min_size=5, max_size=200))
+def test_stratified_split_partitions_every_row_once(labels):
+    labels = np.asarray(labels)
+    parts = stratified_split(labels)
+    allrows = np.concatenate(list(parts.values()))
+    assert sorted(allrows.tolist()) == list(range(len(labels)))
+    assert stratified_split(labels)["train"].tolist() == parts["train"].tolist()   # fixed
+
+
+def test_builtin_digits_is_fixed_and_idempotent(tmp_path):
+    info = prepare_builtin("digits", str(tmp_path))
+    mtime = (tmp_path / "digits" / "dataset.json").stat().st_mtime_ns
+    again = prepare_builtin("digits", str(tmp_path))
+    assert (tmp_path / "digits" / "dataset.json").stat().st_mtime_ns == mtime
+    sizes = {s: len(read_split(info, s)["label"]) for s in info.splits}
+    assert sizes == {"train": 1078, "val": 359, "test": 360} and again.columns == info.columns
+    x = read_split(info, "train")["image"]
+    assert x.shape[1:] == (1, 8, 8) and 0 <= x.min() and x.max() <= 1
+
+
+def test_import_image_folder(tmp_path):
+    from PIL import Image
+
+    from methodlab.data.imagefolder import import_image_folder
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    info = import_image_folder(str(tmp_path / "imgs"), str(tmp_path / "out"), size=8)
+    assert info.meta["classes"] == ["cat", "dog"] and info.columns["image"].shape == [3, 8, 8]
+    total = sum(len(read_split(info, s)["label"]) for s in info.splits)
+    assert total == 10
+    (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"nope")
+    with pytest.raises(DataError, match="broken.png is not a readable image"):
+        import_image_folder(str(tmp_path / "imgs"), str(tmp_path / "out2"))

@@ -1,0 +1,78 @@
+"""Params flattening and redaction, the registry's promote rule (against a real SQLite store)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from methodlab.tracking import MAX_PARAM_KEY, MAX_PARAM_VALUE, REDACTED, Tracker, flatten_params
+
+KEYS = st.text("abcdefgh_", min_size=1, max_size=6)
+LEAVES = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.text(max_size=50))
+TREES = st.recursive(st.dictionaries(KEYS, LEAVES, max_size=4),
+                     lambda inner: st.dictionaries(KEYS, inner, min_size=1, max_size=3), max_leaves=12)
+
+
+def _leaves(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@settings(max_examples=80, deadline=None)
+@given(tree=TREES)
+def test_flatten_keeps_every_leaf_under_its_dotted_key(tree):
+    flat = flatten_params(tree)
+    leaves = dict(_leaves(tree))
+    assert set(flat) == set(leaves)
+    for key, value in leaves.items():
+        assert flat[key] == (str(value) if not isinstance(value, dict) else "{}")
+
+
+@settings(max_examples=50, deadline=None)
+@given(secret=st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=8, max_size=40),
+       key=st.sampled_from(["aws_secret_access_key", "password", "api_token", "AccessKey", "db_credentials"]))
+def test_secrets_never_reach_params(secret, key):
+    flat = flatten_params({"storage": {key: secret, "path": f"postgresql://user:{secret}@db:5432/x"}})
+    joined = " ".join(f"{k}={v}" for k, v in flat.items())
+    assert secret not in joined
+    assert flat[f"storage.{key}"] == REDACTED
+    assert flat["storage.path"] == f"postgresql://user:{REDACTED}@db:5432/x"
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(0, 3 * MAX_PARAM_VALUE), klen=st.integers(1, 400))
+def test_params_respect_mlflow_limits(n, klen):
+    flat = flatten_params({"k" * klen: "v" * n})
+    (key, value), = flat.items()
+    assert len(key) <= MAX_PARAM_KEY and len(value) <= MAX_PARAM_VALUE
+    assert value == "v" * n or (n > MAX_PARAM_VALUE and value.endswith("..."))
+
+
+def _register(tracker, name, acc):
+    run_id = tracker.start_run(f"r{acc}", {}, {}, "x: 1\n")
+    tracker.log_metrics(run_id, {"test_acc": acc}, 0)
+    model = torch.nn.Linear(3, 2)
+    spec = {"arch": "linear-test", "kwargs": {}}
+    version = tracker.log_model(run_id, model, spec, torch.zeros(2, 3).numpy(), name, {"test_acc": acc})
+    tracker.end_run(run_id, "FINISHED")
+    return version
+
+
+def test_promote_moves_champion_only_when_better(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "promote-test")
+    v1 = _register(tracker, "m", 0.8)
+    moved, msg = tracker.promote("m", "test_acc", "max")
+    assert moved and f"v{v1} is now champion" in msg
+    _register(tracker, "m", 0.7)                       # worse candidate
+    moved, msg = tracker.promote("m", "test_acc", "max")
+    assert not moved and "does not beat champion" in msg
+    assert str(tracker.client.get_model_version_by_alias("m", "champion").version) == v1
+    v3 = _register(tracker, "m", 0.9)
+    moved, _ = tracker.promote("m", "test_acc", "max")
+    assert moved and str(tracker.client.get_model_version_by_alias("m", "champion").version) == v3
+    version = tracker.client.get_model_version("m", v3)
+    assert version.tags["test_acc"] == "0.9"

@@ -1,0 +1,68 @@
+"""Integration: the shared loop on a real local Ray cluster with a real MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from methodlab.config import load_config
+from methodlab.errors import TrainingError
+from methodlab.tracking import Tracker
+
+BASE = ["train.epochs=3", "train.batch_size=64", "scaling.num_workers=2"]
+
+
+def _weights(cfg, run_id):
+    from methodlab.models.hub import load_pretrained
+
+    model, _ = load_pretrained(f"runs:/{run_id}", cfg.tracking.uri)
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_in_the_same_mlflow_run_with_identical_weights(ray_cluster, home):
+    from methodlab.train.launch import train
+
+    straight_cfg = load_config("supervised", None, [*BASE, "train.run_name=straight"])
+    straight = train(straight_cfg)
+
+    crash_cfg = load_config("supervised", None, [*BASE, "train.run_name=interrupted", "train.crash_after_epoch=1"])
+    with pytest.raises(TrainingError, match="run interrupted failed"):
+        train(crash_cfg)
+    tracker = Tracker(crash_cfg.tracking.uri, crash_cfg.tracking.experiment)
+    failed = tracker.find_run("interrupted")
+    assert failed.status == "FAILED"
+
+    resumed = train(load_config("supervised", None, [*BASE, "train.run_name=interrupted"]))
+    assert resumed.run_id == failed.run_id and resumed.resumed and resumed.status == "FINISHED"
+    run = tracker.client.get_run(resumed.run_id)
+    assert run.data.tags["methodlab.resumed_at_epoch"] == "1"
+    for key in ("epoch", "val_acc", "train_loss"):
+        steps = [m.step for m in tracker.client.get_metric_history(resumed.run_id, key)]
+        assert sorted(steps) == [0, 1, 2], f"{key} logged at steps {steps}"
+    a, b = _weights(straight_cfg, straight.run_id), _weights(crash_cfg, resumed.run_id)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert resumed.metrics["test_acc"] == straight.metrics["test_acc"]
+
+    # The same run submitted once more is already finished: nothing runs, nothing is registered.
+    again = train(load_config("supervised", None, [*BASE, "train.run_name=interrupted"]))
+    assert again.already_finished and again.version == resumed.version
+
+
+def test_bad_config_is_one_line_non_zero_and_leaves_no_run(home):
+    for args, fragment in [(["train.lr=-1"], "train.lr: Input should be greater than 0"),
+                           (["data.dataset=/no/such/dataset"], "dataset /no/such/dataset does not exist")]:
+        proc = subprocess.run([sys.executable, "-m", "methodlab.cli", "train", "supervised", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+    assert not (home / "runs").exists()
+    if (home / "mlflow.db").exists():
+        tracker = Tracker(f"sqlite:///{home}/mlflow.db", "methodlab")
+        assert tracker.client.search_runs([tracker.experiment_id]) == []
