@@ -1,3 +1,4 @@
 """Every method module, imported so that its `@register_method` runs. One method per module."""
 
 from methodlab.methods import supervised  # noqa: F401
+from methodlab.methods import toast  # noqa: F401
