@@ -17,6 +17,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TMPDIR", os.path.join(_SESSION_HOME, "ray"))
+# Fake credentials for the moto S3 server of the tests (never real ones); Ray workers inherit them.
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_k, _v)
 # A worker group that cannot be scheduled fails in seconds instead of retrying forever.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 
@@ -47,3 +51,27 @@ def tiny(method_name: str, *extra: str) -> list[str]:
     from methodlab.registry import get_method
 
     return [*get_method(method_name).smoke_overrides, *extra]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def bucket(s3_server):
+    """A fresh bucket on the test S3 server; yields (endpoint, bucket name)."""
+    import uuid
+
+    from methodlab import storage
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    storage.s3_client(storage.S3Settings(s3_server, "us-east-1")).create_bucket(Bucket=name)
+    return s3_server, name

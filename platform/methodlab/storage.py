@@ -32,6 +32,21 @@ class S3Settings:
         return cls(endpoint, region)
 
 
+_DEFAULT: S3Settings | None = None
+
+
+def configure(storage_cfg) -> S3Settings:
+    """Make the run's `storage` section the default for every S3 access in this process (the
+    driver, and each Ray worker before it reads data or checkpoints)."""
+    global _DEFAULT
+    _DEFAULT = S3Settings.from_config(storage_cfg)
+    return _DEFAULT
+
+
+def _settings(settings: S3Settings | None) -> S3Settings:
+    return settings or _DEFAULT or S3Settings.from_config()
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -45,7 +60,7 @@ def filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileS
     """A pyarrow filesystem and the path inside it, for a local path or an s3:// URI."""
     if not is_s3(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
-    s = settings or S3Settings.from_config()
+    s = _settings(settings)
     kwargs: dict = {"region": s.region}
     if s.endpoint_url:
         parsed = urlparse(s.endpoint_url)
@@ -61,7 +76,7 @@ def s3_client(settings: S3Settings | None = None):
     import boto3
     from botocore.config import Config
 
-    s = settings or S3Settings.from_config()
+    s = _settings(settings)
     return boto3.client("s3", endpoint_url=s.endpoint_url, region_name=s.region,
                         config=Config(retries={"max_attempts": 3, "mode": "standard"},
                                       connect_timeout=3, read_timeout=10))
@@ -73,7 +88,7 @@ def check_reachable(uri: str, settings: S3Settings | None = None) -> None:
         return
     import botocore.exceptions as bexc
 
-    s = settings or S3Settings.from_config()
+    s = _settings(settings)
     bucket, _ = split_s3(uri)
     where = s.endpoint_url or "AWS S3"
     try:

@@ -52,7 +52,8 @@ def preflight(cfg: RunConfig) -> DatasetInfo:
     """Everything checkable without the cluster. Raises a one-line MethodlabError."""
     from methodlab import tracking
 
-    storage.check_reachable(cfg.storage.path, storage.S3Settings.from_config(cfg.storage))
+    settings = storage.configure(cfg.storage)
+    storage.check_reachable(cfg.storage.path, settings)
     tracking.check_reachable(cfg.tracking.uri)
     info = dataset_for(cfg)
     for split in ("train", "val", "test"):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import ray.train  # [ray]
 import ray.train.torch  # [ray]
 
+from methodlab import storage
 from methodlab.config import RunConfig, from_dict
 from methodlab.data.dataset import DatasetInfo, open_dataset, read_split, read_table
 from methodlab.methods.base import Batch, DataBundle, Method, SplitData, StepContext, trainable
@@ -171,6 +172,7 @@ def train_worker(loop_config: dict) -> None:
     """Entry point of every Ray Train worker: `TorchTrainer(train_worker, train_loop_config=...)`."""
     cfg = from_dict(loop_config["config"])
     run_id = loop_config["mlflow_run_id"]
+    storage.configure(cfg.storage)
     info = open_dataset(loop_config["dataset_uri"])
     context = ray.train.get_context()  # [ray]
     rank, world = context.get_world_rank(), context.get_world_size()  # [ray]
