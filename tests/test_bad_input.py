@@ -1,0 +1,183 @@
+"""Bad input never gives a traceback: one `error:` line naming the field, file or service, a
+non-zero exit, no MLflow run and no checkpoint directory, and no Ray resources used."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from methodlab.cli import main
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dataset(tmp_path, damage: str) -> str:
+    from methodlab.data import write_dataset
+    from methodlab.data.dataset import to_arrow
+
+    x = np.zeros((6, 1, 8, 8), np.float32)
+    y = np.arange(6, dtype=np.int64)
+    root = tmp_path / "ds"
+    write_dataset(str(root), "bad", {s: {"image": x, "label": y} for s in ("train", "val", "test")}, {"num_classes": 10})
+    part = root / "train" / "part-00000.parquet"
+    if damage == "truncated":
+        part.write_bytes(part.read_bytes()[:100])
+    elif damage == "garbage":
+        part.write_bytes(b"PAR1 this is not parquet")
+    elif damage == "missing_column":
+        pq.write_table(pa.table({"label": y}), part)
+    elif damage == "dtype":
+        pq.write_table(pa.table({"image": to_arrow(x.astype(np.float64)), "label": y}), part)
+    elif damage == "shape":
+        pq.write_table(pa.table({"image": to_arrow(np.zeros((6, 3, 8, 8), np.float32)), "label": y}), part)
+    elif damage == "no_manifest":
+        (root / "dataset.json").unlink()
+    elif damage == "bad_manifest":
+        (root / "dataset.json").write_text("{not json")
+    elif damage == "manifest_field":
+        m = json.loads((root / "dataset.json").read_text())
+        del m["columns"]
+        (root / "dataset.json").write_text(json.dumps(m))
+    elif damage == "no_val":
+        m = json.loads((root / "dataset.json").read_text())
+        m["splits"] = ["train", "test"]
+        (root / "dataset.json").write_text(json.dumps(m))
+    return str(root)
+
+
+CASES = [
+    # (id, argv after "train supervised", fragment of the one-line message)
+    ("unknown key", ["train.lrr=0.1"], "unknown config key train.lrr"),
+    ("misspelled section", ["scailng.num_workers=2"], "did you mean scaling?"),
+    ("wrong type int", ["train.epochs=many"], "train.epochs: Input should be a valid integer"),
+    ("wrong type bool", ["scaling.use_gpu=maybe"], "scaling.use_gpu: Input should be a valid boolean"),
+    ("negative lr", ["train.lr=-0.1"], "train.lr: Input should be greater than 0"),
+    ("zero epochs", ["train.epochs=0"], "train.epochs: Input should be greater than 0"),
+    ("zero batch size", ["train.batch_size=0"], "train.batch_size: Input should be greater than 0"),
+    ("negative workers", ["scaling.num_workers=-1"], "scaling.num_workers: Input should be greater than 0"),
+    ("zero cpus", ["scaling.cpus_per_worker=0"], "scaling.cpus_per_worker: Input should be greater than 0"),
+    ("bad choice", ["train.optimizer=lion"], "train.optimizer: Input should be 'adam', 'adamw' or 'sgd'"),
+    ("bad precision", ["train.precision=fp8"], "train.precision: Input should be 'auto', 'fp32' or 'bf16'"),
+    ("bad run name", ["train.run_name=../escape"], "train.run_name: Value error"),
+    ("method field range", ["method.label_smoothing=1.5"], "method.label_smoothing: Input should be less than 1"),
+    ("zero limit rows", ["data.limit_rows=0"], "data.limit_rows: Input should be greater than 0"),
+    ("not key=value", ["lr0.1"], "override 'lr0.1' is not key=value"),
+    ("value under a value", ["train.lr.x=1"], "train.lr"),
+    ("missing dataset", ["data.dataset=/no/such/data"], "dataset /no/such/data does not exist"),
+    ("unsupported tracking uri", ["tracking.uri=ftp://host/x"], "tracking.uri 'ftp://host/x' is not a supported MLflow URI"),
+]
+DATA_CASES = [
+    ("truncated", "train/part-00000.parquet is not a readable Parquet file"),
+    ("garbage", "train/part-00000.parquet is not a readable Parquet file"),
+    ("missing_column", "missing column 'image'"),
+    ("dtype", "column 'image' has dtype float64, expected float32"),
+    ("shape", "column 'image' has shape [3, 8, 8], expected [1, 8, 8]"),
+    ("no_manifest", "has no dataset.json"),
+    ("bad_manifest", "dataset.json is not valid JSON"),
+    ("manifest_field", "dataset.json lacks field 'columns'"),
+    ("no_val", "has no 'val' split"),
+]
+
+
+def _run(capsys, argv) -> tuple[int, list[str]]:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def _assert_refused(code, err, fragment, home):
+    import ray
+
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert fragment in err[0], err[0]
+    assert not ray.is_initialized(), "Ray was started for an input that preflight can refuse"
+    assert not (home / "runs").exists()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_config(case, home, capsys):
+    _, argv, fragment = case
+    _assert_refused(*_run(capsys, ["train", "supervised", *argv]), fragment, home)
+
+
+@pytest.mark.parametrize("damage,fragment", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_dataset(damage, fragment, home, tmp_path, capsys):
+    root = _dataset(tmp_path, damage)
+    _assert_refused(*_run(capsys, ["train", "supervised", f"data.dataset={root}"]), fragment, home)
+
+
+def test_config_file_problems(home, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("train: {lr: [\n")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    for argv, fragment in [(["-c", str(tmp_path / "nope.yaml")], "nope.yaml does not exist"),
+                           (["-c", str(tmp_path / "bad.yaml")], "bad.yaml is not valid YAML"),
+                           (["-c", str(tmp_path / "list.yaml")], "must be a mapping of sections")]:
+        _assert_refused(*_run(capsys, ["train", "supervised", *argv]), fragment, home)
+
+
+def test_unknown_method(home, capsys):
+    _assert_refused(*_run(capsys, ["train", "supervize"]), "unknown method 'supervize'; did you mean 'supervised'?", home)
+
+
+def test_unreachable_services(home, capsys, bucket):
+    endpoint, _ = bucket
+    port = _closed_port()
+    for argv, fragment in [
+        ([f"tracking.uri=http://127.0.0.1:{port}"], f"MLflow tracking server http://127.0.0.1:{port} is unreachable"),
+        ([f"storage.path=s3://bkt/runs", f"storage.endpoint_url=http://127.0.0.1:{port}"],
+         f"S3 endpoint http://127.0.0.1:{port} is unreachable"),
+        ([f"storage.path=s3://missing-bucket/runs", f"storage.endpoint_url={endpoint}"],
+         "S3 bucket 'missing-bucket' does not exist"),
+    ]:
+        _assert_refused(*_run(capsys, ["train", "supervised", *argv]), fragment, home)
+
+
+def test_model_uri_that_does_not_exist(home):
+    from methodlab.errors import ConfigError
+    from methodlab.models.hub import load_pretrained
+
+    with pytest.raises(ConfigError, match="model models:/nope@champion not found"):
+        load_pretrained("models:/nope@champion", f"sqlite:///{home}/mlflow.db")
+    with pytest.raises(ConfigError, match="model file /no/file.pt does not exist"):
+        load_pretrained("/no/file.pt")
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_has(ray_cluster, home, capsys):
+    code, err = _run(capsys, ["train", "supervised", "scaling.num_workers=8"])
+    assert code != 0 and len(err) == 1
+    assert "scaling.num_workers=8 x scaling.cpus_per_worker=0.5" in err[0] and "the cluster has 2" in err[0]
+    assert not (home / "runs").exists()
+
+
+KEYS = ["train.epochs", "train.lr", "train.batch_size", "train.optimizer", "scaling.num_workers",
+        "scaling.use_gpu", "data.limit_rows", "method.arch", "method.label_smoothing", "nonsense.key", "train"]
+VALUES = st.one_of(st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                   st.text("abcxyz/:{}[]", max_size=6), st.none())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=4))
+def test_random_configs_give_validation_errors_never_tracebacks(pairs, home, capsys):
+    """Any config either validates or is refused with one `error:` line (checked up to preflight)."""
+    from methodlab.config import load_config
+    from methodlab.errors import MethodlabError
+
+    overrides = [f"{k}={v}" for k, v in pairs]
+    try:
+        cfg = load_config("supervised", None, overrides)
+    except MethodlabError as e:
+        assert "\n" not in str(e) and str(e)
+        return
+    assert cfg.train.epochs > 0 and 0 < cfg.train.lr < float("inf")
