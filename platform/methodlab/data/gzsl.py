@@ -1,0 +1,398 @@
+"""Generalized zero-shot learning (GZSL) data in the platform layout: xlsa17 import, digits-GZSL,
+synthetic GZSL.
+
+Layout shared by all three (what `methodlab.methods.d3gzsl` reads):
+
+    columns   features  float32 (d,)   one pre-extracted feature vector per image
+              label     int64          original class id in [0, C)
+              unseen    int64          1 where the row's class is unseen *for that split's
+                                       evaluation*: val -> validation-unseen classes,
+                                       test -> test-unseen classes; 0 everywhere in train
+    splits    train     trainval rows of seen classes, minus the held-out ones
+              val       held-out trainval rows (a fixed per-class fraction): seen rows plus the
+                        rows of the validation-unseen classes
+              test      test-seen rows (unseen=0) and test-unseen rows (unseen=1)
+    table     class_attributes: class_id int64, attributes float32 (A,)   one row per class
+    meta      num_classes, classes, seen_classes (all trainval classes),
+              unseen_classes (test-unseen), val_unseen_classes (a subset of seen_classes),
+              feature_dim, attribute_dim, attribute_names, source, split
+
+The validation-unseen classes are trainval classes. A method that selects models on `val` treats
+them as unseen (drops their training rows) so that val U measures zero-shot transfer without ever
+touching the test split; a final run may train on all trainval classes instead. That choice is the
+method's (`d3gzsl`: `method.protocol`), so one dataset serves both.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from methodlab.data.builtin import load_digits, stratified_split
+from methodlab.data.dataset import DatasetInfo, write_dataset
+from methodlab.errors import DataError
+from methodlab.registry import register_dataset
+
+SPLIT_SEED = 0
+LOC_FIELDS = ("trainval_loc", "train_loc", "val_loc", "test_seen_loc", "test_unseen_loc")
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembling the layout (shared by all three sources)
+
+
+def heldout_rows(labels: np.ndarray, fraction: float, seed: int = SPLIT_SEED) -> np.ndarray:
+    """A boolean mask holding out `fraction` of each class's rows (at least one when a class has
+    two or more rows), fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(fraction * len(idx)))
+        if len(idx) > 1:
+            k = min(max(k, 1), len(idx) - 1)
+        mask[idx[:k]] = True
+    return mask
+
+
+def gzsl_layout(features: np.ndarray, labels: np.ndarray, attributes: np.ndarray,
+                trainval: np.ndarray, test_seen: np.ndarray, test_unseen: np.ndarray,
+                val_unseen_classes: np.ndarray, val_fraction: float, meta: dict,
+                class_names: list[str] | None = None) -> dict:
+    """The builder dict (`splits`, `meta`, `tables`) from row indices of the three xlsa17 parts.
+
+    `trainval`, `test_seen`, `test_unseen` are 0-based row indices into `features` (N, d) and
+    `labels` (N,); `attributes` is (C, A). Raises DataError where the parts are inconsistent.
+    """
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    labels = labels.astype(np.int64)
+    num_classes = len(attributes)
+    seen = np.unique(labels[trainval])
+    unseen = np.unique(labels[test_unseen])
+    val_unseen = np.unique(val_unseen_classes).astype(np.int64)
+    check_disjoint(seen, unseen, np.unique(labels[test_seen]), val_unseen)
+    held = heldout_rows(labels[trainval], val_fraction)
+    train_rows, val_rows = trainval[~held], trainval[held]
+    test_rows = np.concatenate([test_seen, test_unseen])
+
+    def part(rows: np.ndarray, unseen_classes: np.ndarray) -> dict[str, np.ndarray]:
+        y = labels[rows]
+        return {"features": features[rows], "label": y,
+                "unseen": np.isin(y, unseen_classes).astype(np.int64)}
+
+    names = class_names or [str(c) for c in range(num_classes)]
+    return {
+        "splits": {"train": part(train_rows, np.array([], dtype=np.int64)),
+                   "val": part(val_rows, val_unseen),
+                   "test": part(test_rows, unseen)},
+        "tables": {"class_attributes": {"class_id": np.arange(num_classes, dtype=np.int64),
+                                        "attributes": np.ascontiguousarray(attributes, dtype=np.float32)}},
+        "meta": {"num_classes": num_classes, "classes": names,
+                 "seen_classes": seen.tolist(), "unseen_classes": unseen.tolist(),
+                 "val_unseen_classes": val_unseen.tolist(),
+                 "feature_dim": int(features.shape[1]), "attribute_dim": int(attributes.shape[1]),
+                 "split": f"train/val: trainval with {val_fraction:g} of each class held out "
+                          f"(seed {SPLIT_SEED}); test: test-seen + test-unseen", **meta},
+    }
+
+
+def check_disjoint(seen: np.ndarray, unseen: np.ndarray, test_seen: np.ndarray, val_unseen: np.ndarray,
+                   where: str = "") -> None:
+    """The class-role rules of GZSL splits; DataError names the offending classes."""
+    prefix = f"{where}: " if where else ""
+    both = np.intersect1d(seen, unseen)
+    if len(both):
+        raise DataError(f"{prefix}classes {both[:10].tolist()} are both seen (trainval) and "
+                        "unseen (test_unseen); seen and unseen classes must be disjoint")
+    extra = np.setdiff1d(test_seen, seen)
+    if len(extra):
+        raise DataError(f"{prefix}test-seen classes {extra[:10].tolist()} have no trainval rows; "
+                        "every test-seen class must be a trainval class")
+    outside = np.setdiff1d(val_unseen, seen)
+    if len(outside):
+        raise DataError(f"{prefix}validation-unseen classes {outside[:10].tolist()} are not trainval "
+                        "classes; val_loc must be a part of trainval")
+    if len(val_unseen) >= len(seen):
+        raise DataError(f"{prefix}all {len(seen)} trainval classes are validation-unseen; "
+                        "the validation protocol would have no seen class to train on")
+
+
+# ----------------------------------------------------------------------------------------------
+# xlsa17 (Xian et al., "Zero-Shot Learning — A Comprehensive Evaluation of the Good, the Bad and
+# the Ugly", TPAMI 2018): res101.mat + att_splits.mat
+
+
+def _field(mat: dict, name: str, path: str) -> np.ndarray:
+    if name not in mat:
+        raise DataError(f"{path} lacks field {name!r} (has {', '.join(k for k in mat if not k.startswith('__'))})")
+    return np.asarray(mat[name])
+
+
+def _locs(mat: dict, name: str, path: str, n: int) -> np.ndarray:
+    """1-based MATLAB row indices -> 0-based, checked against the N feature rows."""
+    raw = _field(mat, name, path).ravel()
+    if raw.size == 0:
+        raise DataError(f"{path}: field {name!r} is empty")
+    if not np.all(np.equal(np.mod(raw, 1), 0)):
+        raise DataError(f"{path}: field {name!r} holds non-integer row indices")
+    locs = raw.astype(np.int64) - 1
+    if locs.min() < 0:
+        raise DataError(f"{path}: field {name!r} contains 0; xlsa17 locs are 1-based (1..{n})")
+    if locs.max() >= n:
+        raise DataError(f"{path}: field {name!r} points at row {locs.max() + 1} but res101.mat has "
+                        f"{n} feature rows")
+    if len(np.unique(locs)) != len(locs):
+        raise DataError(f"{path}: field {name!r} repeats row indices")
+    return locs
+
+
+def _names(mat: dict) -> list[str] | None:
+    if "allclasses_names" not in mat:
+        return None
+    return [str(np.asarray(v).ravel()[0]) if np.asarray(v).size else "" for v in np.asarray(mat["allclasses_names"]).ravel()]
+
+
+def load_xlsa17(mat_dir: str, val_fraction: float = 0.1) -> dict:
+    """Read `res101.mat` and `att_splits.mat` (scipy) into the builder dict of `gzsl_layout`.
+
+    res101.mat: features (d, N), labels (N, 1) 1-based.  att_splits.mat: att (A, C), the five
+    `*_loc` fields (1-based rows), optional allclasses_names. Raises DataError naming the file and
+    field for missing fields, wrong sizes, out-of-range or 0-based indices, overlapping rows and
+    classes that break the seen/unseen rules.
+    """
+    from scipy.io import loadmat
+
+    res_path, att_path = os.path.join(mat_dir, "res101.mat"), os.path.join(mat_dir, "att_splits.mat")
+    mats = {}
+    for path in (res_path, att_path):
+        if not os.path.isfile(path):
+            raise DataError(f"{path} does not exist; xlsa17 needs res101.mat and att_splits.mat in {mat_dir}")
+        try:
+            mats[path] = loadmat(path)
+        except (ValueError, OSError, TypeError) as e:
+            raise DataError(f"{path} is not a readable MATLAB file ({str(e).splitlines()[0][:80]})") from None
+    res, att_mat = mats[res_path], mats[att_path]
+
+    feats = _field(res, "features", res_path)
+    labels_raw = _field(res, "labels", res_path).ravel()
+    if feats.ndim != 2:
+        raise DataError(f"{res_path}: field 'features' must be 2-D (d x N), got shape {feats.shape}")
+    n = len(labels_raw)
+    if feats.shape[1] != n:
+        raise DataError(f"{res_path}: 'features' is {feats.shape[0]} x {feats.shape[1]} but 'labels' has "
+                        f"{n} entries; features must be d x N with one column per label")
+    if n == 0 or labels_raw.min() < 1:
+        raise DataError(f"{res_path}: field 'labels' must be 1-based class ids (found {labels_raw.min() if n else 'none'})")
+    labels = labels_raw.astype(np.int64) - 1
+
+    att = _field(att_mat, "att", att_path).astype(np.float32)
+    if att.ndim != 2:
+        raise DataError(f"{att_path}: field 'att' must be 2-D (A x C), got shape {att.shape}")
+    attributes = att.T                                   # (C, A)
+    if labels.max() >= len(attributes):
+        raise DataError(f"{res_path}: label {labels.max() + 1} exceeds the {len(attributes)} classes "
+                        f"(columns of 'att' in {att_path})")
+    locs = {k: _locs(att_mat, k, att_path, n) for k in LOC_FIELDS}
+    for a, b in (("trainval_loc", "test_seen_loc"), ("trainval_loc", "test_unseen_loc"),
+                 ("test_seen_loc", "test_unseen_loc"), ("train_loc", "val_loc")):
+        common = np.intersect1d(locs[a], locs[b])
+        if len(common):
+            raise DataError(f"{att_path}: fields {a!r} and {b!r} share {len(common)} rows "
+                            f"(e.g. row {common[0] + 1}); the splits must not overlap")
+    train_classes, val_classes = np.unique(labels[locs["train_loc"]]), np.unique(labels[locs["val_loc"]])
+    both = np.intersect1d(train_classes, val_classes)
+    if len(both):
+        raise DataError(f"{att_path}: classes {both[:10].tolist()} appear in both 'train_loc' and "
+                        "'val_loc'; the validation classes must be disjoint from the train classes")
+    names = _names(att_mat)
+    if names is not None and len(names) != len(attributes):
+        raise DataError(f"{att_path}: 'allclasses_names' has {len(names)} names for {len(attributes)} classes")
+    try:
+        return gzsl_layout(feats.T, labels, attributes, locs["trainval_loc"], locs["test_seen_loc"],
+                           locs["test_unseen_loc"], val_classes, val_fraction,
+                           {"source": f"xlsa17 {os.path.abspath(mat_dir)}"}, names)
+    except DataError as e:
+        raise DataError(f"{att_path}: {e}") from None
+
+
+def import_xlsa17(mat_dir: str, out_uri: str, val_fraction: float = 0.1) -> DatasetInfo:
+    """`res101.mat` + `att_splits.mat` in `mat_dir` -> the Parquet layout at `out_uri` (a path or
+    s3:// URI). The CLI hook: `methodlab data import-xlsa17 <mat_dir> --out <uri>`."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    built = load_xlsa17(mat_dir, val_fraction)
+    name = os.path.basename(os.path.normpath(mat_dir)) or "xlsa17"
+    return write_dataset(out_uri, name, built["splits"], built["meta"], built["tables"])
+
+
+# ----------------------------------------------------------------------------------------------
+# digits-GZSL
+
+
+DIGIT_ATTRIBUTES = (
+    "closed_loops", "vertical_stroke", "top_bar", "middle_bar", "bottom_bar", "diagonal",
+    "curved_top", "curved_bottom", "left_right_symmetric", "top_bottom_symmetric",
+    "open_left", "open_right",
+)
+# rows: digits 0..9, columns: DIGIT_ATTRIBUTES (see the table in `digits_gzsl`'s docstring)
+DIGIT_ATTRIBUTE_TABLE = np.array([
+    # lp  vs   tb   mb   bb   dg   ct   cb   lr   tb   ol   or
+    [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0],   # 0
+    [0.0, 1.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0],   # 1
+    [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0],   # 2
+    [0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0],   # 3
+    [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],   # 4
+    [0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0],   # 5
+    [0.5, 0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0],   # 6
+    [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0],   # 7
+    [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0],   # 8
+    [0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0],   # 9
+], dtype=np.float32)
+DIGITS_UNSEEN = (3, 7, 9)          # test-unseen: never seen by the encoder or the generator's data
+DIGITS_VAL_UNSEEN = (2, 6)         # validation-unseen: seen classes a selection run treats as unseen
+ENCODER_DIM = 64
+
+
+def encode_seen_digits(images: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray,
+                       seed: int = SPLIT_SEED, epochs: int = 40) -> np.ndarray:
+    """Features (N, ENCODER_DIM) of every image from an MLP trained on `fit_rows` only.
+
+    The encoder plays ResNet-101's role in xlsa17: a fixed feature extractor trained without the
+    unseen classes. It is trained deterministically on the CPU: fixed seed, forked RNG (the
+    caller's random state is untouched) and one thread (the same float summation order on any
+    machine; several threads on a loaded 2-core box were also ~10x slower). A few seconds.
+    """
+    import torch
+
+    x = torch.from_numpy(images.reshape(len(images), -1))
+    classes, y = np.unique(labels[fit_rows], return_inverse=True)
+    y = torch.from_numpy(y.astype(np.int64))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            return _fit_encoder(x, y, len(classes), torch.from_numpy(fit_rows), seed, epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_encoder(x, y, num_classes: int, fit_rows, seed: int, epochs: int) -> np.ndarray:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(x.shape[1], 128), nn.ReLU(), nn.Linear(128, ENCODER_DIM), nn.ReLU())
+    head = nn.Linear(ENCODER_DIM, num_classes)
+    opt = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=3e-3, weight_decay=1e-4)
+    xf = x[fit_rows]
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for rows in torch.randperm(len(xf), generator=g).split(64):
+            loss = nn.functional.cross_entropy(head(encoder(xf[rows])), y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return encoder(x).numpy()
+
+
+@register_dataset("digits-gzsl")
+def digits_gzsl() -> dict:
+    """scikit-learn's 8x8 digits as a GZSL benchmark: 7 seen digits, 3 unseen (3, 7, 9).
+
+    Per-digit attributes, hand-defined from how the digits are drawn (0 = absent, 0.5 = partly
+    or sometimes, 1 = present; closed_loops is the number of loops / 2):
+
+        digit | loops vert top_bar mid_bar bot_bar diag curv_top curv_bot lr_sym tb_sym open_l open_r
+          0   |  .5    0     0       0       0      0     1        1        1      1      0      0
+          1   |  0     1     0       0       0     .5     0        0        1      0      0      0
+          2   |  0     0     0       0       1      1     1        0        0      0      1      0
+          3   |  0     0     0      .5       0      0     1        1        0      1      1      0
+          4   |  0     1     0       1       0      1     0        0        0      0      0      0
+          5   |  0    .5     1       0       0      0     0        1        0      0      1      1
+          6   |  .5    0     0       0       0     .5     1        1        0      0      0      1
+          7   |  0     0     1       0       0      1     0        0        0      0      1      0
+          8   |  1     0     0       0       0      0     1        1        1      1      0      0
+          9   |  .5    1     0       0       0      0     1        0        0      0      1      0
+
+    Splits: the 7 seen digits are split 60/20/20 per class (seed 0) into train, val (held out)
+    and test-seen; every image of an unseen digit is test-unseen. Digits 2 and 6 are the
+    validation-unseen classes. Features: the 64-d ReLU layer of an MLP trained on the *train*
+    rows of the seen digits only (`encode_seen_digits`), so no unseen digit, no validation row
+    and no test row shapes the feature space.
+    """
+    images, labels = load_digits()
+    seen_mask = ~np.isin(labels, DIGITS_UNSEEN)
+    seen_rows = np.flatnonzero(seen_mask)
+    parts = stratified_split(labels[seen_rows])
+    train, val, test_seen = (seen_rows[parts[k]] for k in ("train", "val", "test"))
+    features = encode_seen_digits(images, labels, train)
+    unseen = np.array(DIGITS_UNSEEN, dtype=np.int64)
+    val_unseen = np.array(DIGITS_VAL_UNSEEN, dtype=np.int64)
+    check_disjoint(np.unique(labels[train]), unseen, np.unique(labels[test_seen]), val_unseen, "digits-gzsl")
+
+    def part(rows, unseen_classes):
+        y = labels[rows]
+        return {"features": features[rows].astype(np.float32), "label": y,
+                "unseen": np.isin(y, unseen_classes).astype(np.int64)}
+
+    test = np.concatenate([test_seen, np.flatnonzero(~seen_mask)])
+    return {
+        "splits": {"train": part(train, np.array([], dtype=np.int64)), "val": part(val, val_unseen),
+                   "test": part(test, unseen)},
+        "tables": {"class_attributes": {"class_id": np.arange(10, dtype=np.int64),
+                                        "attributes": DIGIT_ATTRIBUTE_TABLE.copy()}},
+        "meta": {"num_classes": 10, "classes": [str(c) for c in range(10)],
+                 "seen_classes": sorted(set(range(10)) - set(DIGITS_UNSEEN)),
+                 "unseen_classes": list(DIGITS_UNSEEN), "val_unseen_classes": list(DIGITS_VAL_UNSEEN),
+                 "feature_dim": ENCODER_DIM, "attribute_dim": len(DIGIT_ATTRIBUTES),
+                 "attribute_names": list(DIGIT_ATTRIBUTES),
+                 "source": "sklearn.datasets.load_digits; features from an MLP trained on seen train rows",
+                 "split": "seen digits stratified 60/20/20 (seed 0) -> train/val/test-seen; "
+                          "unseen digits -> test-unseen"},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic GZSL: attributes -> class-conditional Gaussian features
+
+
+def synthetic_gzsl(n_seen: int = 20, n_unseen: int = 10, n_val_unseen: int | None = None,
+                   feature_dim: int = 64, attribute_dim: int = 16, train_per_class: int = 40,
+                   test_per_class: int = 10, noise: float = 0.5, seed: int = 0) -> dict:
+    """Class attributes a_c ~ U(0,1)^A, L2-normalised as in xlsa17; features
+    x = relu(W a_c * sqrt(A) + noise * eps), W ~ N(0, 1/A)^(d x A), eps ~ N(0, I). The relu makes
+    the features non-negative like pooled CNN features. Seen classes get train_per_class trainval
+    rows (10% held out for val) and test_per_class test-seen rows; unseen classes get
+    test_per_class test-unseen rows. Scale: CUB is feature_dim=2048, attribute_dim=312,
+    n_seen=150, n_unseen=50.
+    """
+    rng = np.random.default_rng(seed)
+    num_classes = n_seen + n_unseen
+    att = rng.uniform(size=(num_classes, attribute_dim)).astype(np.float32)
+    att /= np.linalg.norm(att, axis=1, keepdims=True)
+    w = rng.normal(scale=attribute_dim ** -0.5, size=(feature_dim, attribute_dim)).astype(np.float32)
+    means = att @ w.T * np.sqrt(attribute_dim)                       # (C, d)
+    perm = rng.permutation(num_classes)
+    seen, unseen = np.sort(perm[:n_seen]), np.sort(perm[n_seen:])
+    counts = np.where(np.isin(np.arange(num_classes), seen), train_per_class + test_per_class, test_per_class)
+    labels = np.repeat(np.arange(num_classes), counts).astype(np.int64)
+    feats = np.maximum(means[labels] + noise * rng.standard_normal((len(labels), feature_dim)), 0)
+    rows = np.arange(len(labels))
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])[labels]     # first row of each row's class
+    is_trainval = np.isin(labels, seen) & (rows - first < train_per_class)
+    trainval = rows[is_trainval]
+    test_seen = rows[~is_trainval & np.isin(labels, seen)]
+    test_unseen = rows[np.isin(labels, unseen)]
+    k = max(1, n_seen // 5) if n_val_unseen is None else n_val_unseen
+    val_unseen = np.sort(rng.choice(seen, size=k, replace=False))
+    return gzsl_layout(feats.astype(np.float32), labels, att, trainval, test_seen, test_unseen, val_unseen,
+                       0.1, {"source": f"synthetic (seed {seed}, noise {noise})",
+                             "attribute_names": [f"a{i}" for i in range(attribute_dim)]})
+
+
+@register_dataset("synthetic-gzsl")
+def synthetic_gzsl_builtin() -> dict:
+    """The small default of `synthetic_gzsl` (20 seen / 10 unseen classes, 64-d, 16 attributes)."""
+    return synthetic_gzsl()

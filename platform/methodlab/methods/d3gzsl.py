@@ -1,0 +1,613 @@
+"""D3GZSL: generative GZSL with in-distribution dual-space distillation (ID2SD) and
+out-of-distribution batch distillation (O2DBD).
+
+Wang, Hong, Huangfu, Huang, "Data Distribution Distilled Generative Model for Generalized Zero-Shot
+Recognition", AAAI 2024, arXiv:2402.11424; official code github.com/PJBQ/D3GZSL (`gzsl/`, on the
+f-CLSWGAN backbone of Xian et al., CVPR 2018, arXiv:1712.00981). The paper's equations were not
+available; every formula here follows the official code (the project spec, part A).
+
+Pieces:
+  generator G(z, a) and critic D(x, a)         f-CLSWGAN's WGAN-GP (Gulrajani et al., arXiv:1704.00028)
+  teacher E_o + C_o                             trained on seen classes (stage "teacher"), then frozen
+  student E_s + fc1 (|C|-way) + fc2 (2-d)       the GZSL classifier; fc2 is the low-dimensional OOD head
+  learnable sigmoid sigma(w (s + b))            turns the teacher's max log-prob into [ID, OOD] confidence
+Losses (pure functions below): L_cls, ID2SD = label-space KL + embedding-space batch BCE, O2DBD.
+
+Step order (one `train_step` = one generator iteration of the official code): the loop's batch is
+split into `n_critic` critic minibatches (train.batch_size = n_critic x 256 reproduces the code's
+256); each critic step updates D *and* the student and the sigmoid with L_D + L_aux; then one
+generator step on the last minibatch updates G, the student and the sigmoid with L_G + L_aux. One
+loop epoch (a pass over the data) is therefore 1/n_critic of an official epoch, which is
+ceil(N/256) generator iterations; `lr_every` is counted in official epochs.
+
+`loss_variant` (default `faithful`, the official code):
+  faithful  L_kl is KL(softmax(p~) || softmax(q)) of already-softmaxed vectors (double softmax);
+            L_be and L_od apply BCE-with-logits to similarities already in [0, 1], (cos + 1) / 2;
+            L_od softmaxes the teacher confidence h~ again.
+  clean     L_kl = T^2 KL(softmax(v~/T) || softmax(v^_S/T)) on logits; pair terms use logits
+            kappa * cos; L_od compares softmax(h^) with h~ directly.
+
+Protocols (`protocol`, default `validation`): GZSL code usually selects the best epoch on the
+test set. Here `val_H` is the selection metric and the test split is never used for it.
+  validation  the validation-unseen classes (xlsa17 val_loc classes) are treated as unseen: their
+              training rows are dropped, G synthesises them, and val U measures them. Use it for
+              sweeps.
+  final       all trainval classes are seen (the literature's setting, comparable test numbers);
+              val U then covers classes trained on real features and is only a sanity signal.
+
+Evaluation: per-class mean accuracy with an argmax over all classes; S on rows of classes the
+model saw, U on rows of unseen classes, H = 2SU / (S + U). `eval_protocol` picks what the
+headline S/U/H use: `end_to_end` (the student itself, the code's CUB default) or `fresh` (a new
+linear classifier on frozen student embeddings of real seen + `syn_num` synthetic unseen features
+per class, trained for `fresh_epochs`; its last epoch is kept, never a test-selected one). On
+the test split the other protocol is reported too, as test_{e2e,fresh}_{S,U,H}.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from methodlab.config import Section
+from methodlab.data import gzsl as _gzsl  # noqa: F401  (registers digits-gzsl, synthetic-gzsl)
+from methodlab.errors import ConfigError, DataError
+from methodlab.methods.base import Method, SplitData, StepContext, freeze
+from methodlab.models.gzsl import GZSLClassifier
+from methodlab.registry import register_method
+
+Variant = Literal["faithful", "clean"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels and metrics
+
+
+def label_mapping(seen: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
+    """`map_label_all` of the official code: (C,) long tensor sending seen class seen[i] (sorted)
+    to i and unseen class unseen[j] (sorted) to |S| + j. A bijection onto [0, |S| + |U|)."""
+    seen, unseen = seen.sort().values, unseen.sort().values
+    mapping = torch.full((len(seen) + len(unseen),), -1, dtype=torch.long)
+    mapping[seen] = torch.arange(len(seen))
+    mapping[unseen] = torch.arange(len(seen), len(seen) + len(unseen))
+    return mapping
+
+
+def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes present in `labels` (B,) of the fraction of their rows with
+    pred == label (Xian et al., TPAMI 2018). 0 for an empty set."""
+    classes = labels.unique()
+    if len(classes) == 0:
+        return 0.0
+    correct = (pred == labels).float()
+    return float(torch.stack([correct[labels == c].mean() for c in classes]).mean())
+
+
+def harmonic_mean(s: float, u: float) -> float:
+    """H = 2SU / (S + U), 0 when S + U = 0 (the GZSL summary, Xian et al., TPAMI 2018)."""
+    return 0.0 if s + u <= 0 else 2 * s * u / (s + u)
+
+
+def gzsl_scores(logits: torch.Tensor, labels: torch.Tensor, unseen_mask: torch.Tensor) -> dict[str, float]:
+    """S, U, H from logits (B, C) over all classes; `unseen_mask` (B,) marks rows of unseen classes."""
+    pred = logits.argmax(1)
+    s = per_class_accuracy(pred[~unseen_mask], labels[~unseen_mask])
+    u = per_class_accuracy(pred[unseen_mask], labels[unseen_mask])
+    return {"S": s, "U": u, "H": harmonic_mean(s, u)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (D3GZSL, AAAI 2024, arXiv:2402.11424, as in gzsl/util.py::calc_ood_loss)
+
+
+def critic_terms(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, att: torch.Tensor,
+                 alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """WGAN-GP critic pieces (Gulrajani et al., NeurIPS 2017, arXiv:1704.00028): D(real) (B,),
+    D(fake) (B,) and the gradient penalty E[(||grad_x^ D(x^, a)||_2 - 1)^2] >= 0 at
+    x^ = alpha real + (1 - alpha) fake, alpha (B, 1). One critic call on the concatenation: a
+    DDP-wrapped critic then runs one forward per backward."""
+    fake = fake.detach()
+    x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    b = len(real)
+    scores = critic(torch.cat([real, fake, x_hat]), att.repeat(3, 1)).reshape(-1)
+    (grad,) = torch.autograd.grad(scores[2 * b:].sum(), x_hat, create_graph=True)
+    gp = ((grad.norm(2, dim=1) - 1) ** 2).mean()
+    return scores[:b], scores[b:2 * b], gp
+
+
+def same_class(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, m) float targets 1[a_i == b_j]."""
+    return (a[:, None] == b[None, :]).float()
+
+
+def pair_cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """All-pairs cosine (n, m) by one matrix product of row-normalised (n, d), (m, d); the official
+    `batch_embed_distillation` builds B^2 x d repeats instead (~0.5 GB at B=256, d=2048)."""
+    return F.normalize(u, dim=1) @ F.normalize(v, dim=1).T
+
+
+def pair_bce(u: torch.Tensor, v: torch.Tensor, target: torch.Tensor, variant: Variant, kappa: float) -> torch.Tensor:
+    """Mean over all (i, j) of BCE-with-logits(l_ij, target_ij). faithful: l = (cos + 1) / 2 in
+    [0, 1], so every term lies in [softplus(-1), softplus(1)] = [0.3133, 1.3133] and never reaches 0;
+    clean: l = kappa cos, terms in [softplus(-kappa), softplus(kappa)]."""
+    cos = pair_cosine(u, v)
+    logits = (cos + 1) / 2 if variant == "faithful" else kappa * cos
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+
+
+def kl_distillation(teacher_logits: torch.Tensor, student_seen_logits: torch.Tensor, variant: Variant,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """ID2SD label space, L_kl (batchmean). teacher_logits (B, |S|); student_seen_logits (B, |S|),
+    the student's seen-class columns in the teacher's (sorted seen) order. faithful:
+    KL(softmax(p~) || softmax(q)) with p~ = softmax(teacher), q = softmax(student) (double softmax,
+    `KLDivLoss(log_softmax(q), softmax(p~))`); clean: T^2 KL(softmax(v~/T) || softmax(v^/T))."""
+    if variant == "faithful":
+        p, q = teacher_logits.softmax(1), student_seen_logits.softmax(1)
+        return F.kl_div(q.log_softmax(1), p.softmax(1), reduction="batchmean")
+    t = temperature
+    return F.kl_div((student_seen_logits / t).log_softmax(1), (teacher_logits / t).softmax(1),
+                    reduction="batchmean") * t * t
+
+
+def embedding_distillation(teacher_emb: torch.Tensor, student_emb: torch.Tensor, labels: torch.Tensor,
+                           variant: Variant, kappa: float) -> torch.Tensor:
+    """ID2SD embedding space, L_be: (1/B^2) sum_ij BCE(sim(z~_i, z^_j), 1[y_i = y_j]) on real seen
+    rows; teacher_emb, student_emb (B, e), labels (B,). The diagonal is included."""
+    return pair_bce(teacher_emb, student_emb, same_class(labels, labels), variant, kappa)
+
+
+def teacher_confidence(teacher_logits: torch.Tensor, sigmoid: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """s~ = max_c log softmax(v~)_c in [-log|S|, 0] (the code's `energy_score`, a max log-prob,
+    not an energy) and h~ = [sigma(w(s~ + b)), 1 - sigma(w(s~ + b))] (B, 2)."""
+    score = teacher_logits.log_softmax(1).max(1).values
+    p = sigmoid(score)
+    return score, torch.stack([p, 1 - p], 1)
+
+
+def ood_distillation(student_ood: torch.Tensor, teacher_conf: torch.Tensor, labels: torch.Tensor,
+                     variant: Variant, kappa: float) -> torch.Tensor:
+    """O2DBD, L_od: (1/|X|^2) sum_ij BCE(sim(softmax(h^_i), h~'_j), 1[y_i = y_j]) over synthetic
+    unseen + real seen rows. student_ood (B, 2) are fc2 outputs h^; teacher_conf (B, 2) is h~
+    (faithful: softmaxed again, h~' = softmax(h~); clean: h~' = h~). The target is class identity,
+    as in the code, not ID/OOD identity."""
+    t = teacher_conf.softmax(1) if variant == "faithful" else teacher_conf
+    return pair_bce(student_ood.softmax(1), t, same_class(labels, labels), variant, kappa)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks (gzsl/model.py; CUB sizes by default)
+
+
+def weights_init(module: nn.Module) -> None:
+    """The code's `weights_init`: Linear weights N(0, 0.02), biases 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class Generator(nn.Module):
+    """G(z, a) = ReLU(W2 LeakyReLU_0.2(W1 [z; a])): (B, nz), (B, A) -> (B, d), non-negative."""
+
+    def __init__(self, noise_dim: int, att_dim: int, hidden: int, feature_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(noise_dim + att_dim, hidden), nn.LeakyReLU(0.2),
+                                 nn.Linear(hidden, feature_dim), nn.ReLU())
+        self.noise_dim = noise_dim
+        self.apply(weights_init)
+
+    def forward(self, z: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, att], 1))
+
+
+class Critic(nn.Module):
+    """D(x, a) = W2 LeakyReLU_0.2(W1 [x; a]): (B, d), (B, A) -> (B, 1)."""
+
+    def __init__(self, feature_dim: int, att_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(feature_dim + att_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+        self.apply(weights_init)
+
+    def forward(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, att], 1))
+
+
+class Teacher(nn.Module):
+    """E_o (Linear + ReLU) and C_o (Linear to |S|): x -> (z~ (B, e), seen logits v~ (B, |S|))."""
+
+    def __init__(self, feature_dim: int, embed_dim: int, num_seen: int):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(feature_dim, embed_dim), nn.ReLU())
+        self.head = nn.Linear(embed_dim, num_seen)
+        self.apply(weights_init)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.embed(x)
+        return z, self.head(z)
+
+
+class Student(nn.Module):
+    """E_s + F_MLP: x -> (z^ (B, e), v^ (B, C) logits over all classes in class-id order,
+    h^ = fc2(log_softmax(v^)) (B, 2), the low-dimensional OOD representation). E_s gets the code's
+    N(0, 0.02) init, fc1/fc2 keep PyTorch's default (the code never re-inits F_MLP)."""
+
+    def __init__(self, feature_dim: int, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.net = GZSLClassifier(feature_dim, num_classes, embed_dim)   # embed = E_s, fc = fc1
+        self.net.embed.apply(weights_init)
+        self.ood = nn.Linear(num_classes, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.net.embed(x)
+        logits = self.net.fc(z)
+        return z, logits, self.ood(logits.log_softmax(1))
+
+
+class LearnSigmoid(nn.Module):
+    """sigma(w (s + b)) with learnable scalars w (init `weight`) and b (init `offset`)."""
+
+    def __init__(self, weight: float = 1.0, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(float(weight)))
+        self.offset = nn.Parameter(torch.tensor(float(offset)))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.weight * (s + self.offset))
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+
+class D3GZSLConfig(Section):
+    protocol: Literal["validation", "final"] = Field(
+        "validation", description="validation: validation-unseen classes are held out as unseen "
+        "(selection, sweeps); final: all trainval classes are seen (literature-comparable test)")
+    loss_variant: Variant = Field("faithful", description="faithful: the official code (double "
+                                  "softmax, BCE-with-logits on [0,1] similarities); clean: the corrected form")
+    lambda_cls: float = Field(1e-4, ge=0, description="L_cls weight (oodclass_loss_para)")
+    lambda_id: float = Field(1e-4, ge=0, description="ID2SD weight on L_kl + L_be (kl_loss_para); "
+                             "0 with lambda_od=0 is plain f-CLSWGAN")
+    lambda_od: float = Field(1e-4, ge=0, description="O2DBD weight (bi_loss_para)")
+    lambda_gp: float = Field(10.0, ge=0, description="WGAN-GP penalty weight (lambda1)")
+    n_critic: int = Field(5, gt=0, description="critic steps per generator step (critic_iter)")
+    syn_per_class: int = Field(5, gt=0, description="synthetic features per unseen class in each "
+                               "L_aux batch (ood_train_syn_num)")
+    noise_dim: int | None = Field(None, gt=0, description="nz; default the attribute dimension")
+    gen_hidden: int = Field(4096, gt=0)
+    critic_hidden: int = Field(4096, gt=0)
+    embed_dim: int = Field(2048, gt=0, description="teacher and student embedding size (embedSize)")
+    teacher_epochs: int = Field(30, gt=0, description="o_epoch")
+    teacher_batch_size: int = Field(128, gt=0, description="teacher minibatch (gan_batch_size)")
+    teacher_loss_weight: float = Field(1e-3, gt=0, description="oodtrain_loss_para")
+    sigmoid_weight: float = Field(1.0, description="LearnSigmoid w init")
+    sigmoid_offset: float = Field(0.0, description="LearnSigmoid b init")
+    lr_every: int = Field(20, gt=0, description="official epochs between lr changes")
+    gan_lr_factor: float = Field(1.09, gt=0, description="G and D lr multiplier (the code *raises* it)")
+    student_lr_factor: float = Field(0.98, gt=0)
+    sigmoid_lr_factor: float = Field(0.99, gt=0)
+    kd_temperature: float = Field(1.0, gt=0, description="clean variant: KL temperature T")
+    bce_scale: float = Field(10.0, gt=0, description="clean variant: pair logits kappa * cos")
+    eval_protocol: Literal["end_to_end", "fresh"] = Field(
+        "end_to_end", description="end_to_end: the student (dependent_test); fresh: a new linear "
+        "classifier on real seen + synthetic unseen features")
+    syn_num: int = Field(300, gt=0, description="synthetic features per unseen class for `fresh`")
+    fresh_epochs: int = Field(20, gt=0)
+    fresh_lr: float = Field(1e-4, gt=0)
+    fresh_batch_size: int = Field(256, gt=0)
+
+
+@register_method("d3gzsl")
+class D3GZSL(Method):
+    Config = D3GZSLConfig
+    stages = ("teacher", "gan")
+    metric, mode, test_metric = "val_H", "max", "test_H"
+    default_dataset = "digits-gzsl"
+    required_columns = ("features", "label")
+    export_input = "features"
+    # 1280 = n_critic x the code's 256: one loop batch is one generator iteration.
+    defaults = {"train": {"epochs": 200, "batch_size": 1280, "lr": 1e-4},
+                "method": {"gen_hidden": 512, "critic_hidden": 512, "embed_dim": 256, "syn_num": 100}}
+    search_space = {
+        "method.lambda_id": {"loguniform": [1e-5, 1e-1]},
+        "method.lambda_od": {"loguniform": [1e-5, 1e-1]},
+        "method.lambda_cls": {"loguniform": [1e-5, 1e-2]},
+        "method.syn_per_class": {"choice": [5, 10, 20, 50]},
+    }
+    smoke_overrides = ["train.epochs=2", "train.batch_size=160", "method.teacher_epochs=1",
+                       "method.gen_hidden=32", "method.critic_hidden=32", "method.embed_dim=32",
+                       "method.syn_num=10", "method.fresh_epochs=2", "method.n_critic=2"]
+    demo_overrides = ["train.epochs=60", "method.teacher_epochs=10"]
+
+    def __init__(self, cfg, data):
+        super().__init__(cfg, data)
+        if "train" not in data.splits:
+            raise ConfigError("d3gzsl needs the whole train split in memory (scaling, the validation "
+                              "protocol, the fresh classifier): set data.loader=memory")
+        if "class_attributes" not in data.tables:
+            raise DataError(f"dataset {data.info.uri} has no class_attributes table; d3gzsl needs "
+                            "one attribute vector per class (see methodlab.data.gzsl)")
+        meta, c = data.info.meta, data.info.num_classes
+        self.attributes = torch.zeros(c, data.tables["class_attributes"]["attributes"].shape[1])
+        self.attributes[data.tables["class_attributes"]["class_id"]] = data.tables["class_attributes"]["attributes"].float()
+        val_unseen = torch.tensor(meta.get("val_unseen_classes", []), dtype=torch.long)
+        trainval = torch.tensor(meta["seen_classes"], dtype=torch.long)
+        self.val_unseen = val_unseen
+        if self.mcfg.protocol == "validation":
+            trainval = trainval[~torch.isin(trainval, val_unseen)]
+        self.seen = trainval.sort().values
+        self.unseen = torch.tensor(sorted(set(range(c)) - set(self.seen.tolist())), dtype=torch.long)
+        if len(self.seen) == 0 or len(self.unseen) == 0:
+            raise DataError(f"dataset {data.info.uri}: protocol {self.mcfg.protocol} leaves "
+                            f"{len(self.seen)} seen and {len(self.unseen)} unseen classes; need both")
+        self.mapping = label_mapping(self.seen, self.unseen)
+        # The shared loop iterates `data.splits["train"]` of this same bundle, so dropping the
+        # validation-unseen rows here removes them from training; the min-max scaling is fit on
+        # exactly the rows trained on (DATA_LOADER's MinMaxScaler on trainval; the code's extra
+        # division by the max of the scaled features is a division by 1).
+        train = data.splits["train"].tensors
+        keep = torch.isin(train["label"], self.seen)
+        data.splits["train"] = SplitData({k: v[keep] for k, v in train.items()})
+        feats = data.splits["train"].tensors["features"].float()
+        lo, hi = feats.min(0).values, feats.max(0).values
+        span = hi - lo
+        self.shift, self.scale = lo, torch.where(span > 0, 1 / span.clamp_min(1e-12), torch.ones_like(span))
+        self._raw_example = data.splits["val"].tensors["features"][:2].clone()
+        for split in data.splits.values():
+            split.tensors["features"] = (split.tensors["features"].float() - self.shift) * self.scale
+        self._generator_steps = 0      # invalidates the cached fresh classifier
+        self._fresh_head: tuple[int, nn.Linear] | None = None
+
+    # -- sizes --------------------------------------------------------------------------------
+
+    @property
+    def feature_dim(self) -> int:
+        return self.data.info.columns["features"].shape[0]
+
+    @property
+    def att_dim(self) -> int:
+        return self.attributes.shape[1]
+
+    def stage_epochs(self, stage):
+        return self.mcfg.teacher_epochs if stage == "teacher" else self.cfg.train.epochs
+
+    # -- models and optimizers ------------------------------------------------------------------
+
+    def build_models(self, stage, previous):
+        m = self.mcfg
+        teacher = previous["teacher"] if "teacher" in previous else \
+            Teacher(self.feature_dim, m.embed_dim, len(self.seen))
+        if stage == "teacher":
+            return {"teacher": teacher}
+        return {"teacher": freeze(teacher),
+                "generator": Generator(m.noise_dim or self.att_dim, self.att_dim, m.gen_hidden, self.feature_dim),
+                "critic": Critic(self.feature_dim, self.att_dim, m.critic_hidden),
+                "student": Student(self.feature_dim, m.embed_dim, self.data.info.num_classes),
+                "sigmoid": LearnSigmoid(m.sigmoid_weight, m.sigmoid_offset)}
+
+    def build_optimizers(self, stage, models):
+        # Adam(lr, betas (0.5, 0.999)) for every network, as in gzsl/main.py.
+        names = ["teacher"] if stage == "teacher" else ["generator", "critic", "student", "sigmoid"]
+        return {n: torch.optim.Adam(models[n].parameters(), lr=self.cfg.train.lr, betas=(0.5, 0.999))
+                for n in names}
+
+    def build_schedulers(self, stage, optimizers, steps_per_epoch):
+        if stage == "teacher":
+            return {}
+        # Stepped once per generator iteration; an official epoch is n_critic loop epochs.
+        every = self.mcfg.lr_every * steps_per_epoch * self.mcfg.n_critic
+        factors = {"generator": self.mcfg.gan_lr_factor, "critic": self.mcfg.gan_lr_factor,
+                   "student": self.mcfg.student_lr_factor, "sigmoid": self.mcfg.sigmoid_lr_factor}
+        return {n: torch.optim.lr_scheduler.StepLR(optimizers[n], every, gamma=f) for n, f in factors.items()}
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train_step(self, stage, models, optimizers, batch, ctx: StepContext):
+        if stage == "teacher":
+            return self._teacher_step(models["teacher"], optimizers["teacher"], batch)
+        return self._gan_step(models, optimizers, batch, ctx)
+
+    def _teacher_step(self, teacher, opt, batch):
+        """L_pre = w NLL(C_o(E_o(x)), mapped seen label) on minibatches of teacher_batch_size."""
+        total = torch.zeros(())
+        chunks = batch["features"].split(self.mcfg.teacher_batch_size)
+        for x, y in zip(chunks, batch["label"].split(self.mcfg.teacher_batch_size)):
+            _, logits = teacher(x)
+            loss = self.mcfg.teacher_loss_weight * F.cross_entropy(logits, self.mapping.to(y.device)[y])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total = total + loss.detach().cpu()
+        return {"teacher_loss": total / len(chunks)}
+
+    def generate(self, generator: nn.Module, classes: torch.Tensor) -> torch.Tensor:
+        """G(z, a_c) for each entry of `classes` (n,), z ~ N(0, I): (n, d). One call, so a
+        DDP-wrapped generator sees one forward per backward."""
+        att = self.attributes.to(classes.device)[classes]
+        z = torch.randn(len(classes), _unwrap(generator).noise_dim, device=classes.device)
+        return generator(z, att)
+
+    def aux_losses(self, models: dict, x_syn: torch.Tensor, y_syn: torch.Tensor,
+                   x_real: torch.Tensor, y_real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L_cls, L_kl, L_be, L_od and their weighted sum `aux` on X = [synthetic unseen; real seen]
+        (calc_ood_loss). The teacher is frozen but differentiable w.r.t. its input, so in the
+        generator step L_od reaches G through the teacher's score as in the code."""
+        m = self.mcfg
+        x, y = torch.cat([x_syn, x_real]), torch.cat([y_syn, y_real])
+        z_s, logits, h_s = models["student"](x)
+        z_t, t_logits = models["teacher"](x)
+        n = len(x_syn)
+        seen = self.seen.to(x.device)
+        cls = F.cross_entropy(logits, y)
+        kl = kl_distillation(t_logits[n:], logits[n:, seen], m.loss_variant, m.kd_temperature)
+        be = embedding_distillation(z_t[n:], z_s[n:], y_real, m.loss_variant, m.bce_scale)
+        _, h_t = teacher_confidence(t_logits, models["sigmoid"])
+        od = ood_distillation(h_s, h_t, y, m.loss_variant, m.bce_scale)
+        # Every term is always computed (also at weight 0) so each trainable parameter takes part
+        # in every backward, which DDP without find_unused_parameters requires.
+        aux = m.lambda_cls * cls + m.lambda_id * (kl + be) + m.lambda_od * od
+        return {"cls": cls, "kl": kl, "be": be, "od": od, "aux": aux}
+
+    def _syn_classes(self, device) -> torch.Tensor:
+        return self.unseen.to(device).repeat_interleave(self.mcfg.syn_per_class)
+
+    def critic_step(self, models, optimizers, x, y) -> dict[str, torch.Tensor]:
+        """One critic iteration: L_D + lambda_gp GP + L_aux; steps D, the student and the sigmoid.
+        G is frozen: its samples carry no graph."""
+        m = self.mcfg
+        y_syn = self._syn_classes(x.device)
+        with torch.no_grad():
+            out = self.generate(_unwrap(models["generator"]), torch.cat([y, y_syn]))
+        fake, x_syn = out[:len(y)], out[len(y):]
+        alpha = torch.rand(len(x), 1, device=x.device)
+        d_real, d_fake, gp = critic_terms(models["critic"], x, fake, self.attributes.to(x.device)[y], alpha)
+        loss_d = d_fake.mean() - d_real.mean() + m.lambda_gp * gp
+        aux = self.aux_losses(models, x_syn, y_syn, x, y)
+        names = ("critic", "student", "sigmoid")
+        for n in names:
+            optimizers[n].zero_grad(set_to_none=True)
+        (loss_d + aux["aux"]).backward()
+        for n in names:
+            optimizers[n].step()
+        return {"loss_d": loss_d.detach(), "gp": gp.detach(), "wasserstein": (d_real.mean() - d_fake.mean()).detach()}
+
+    def generator_step(self, models, optimizers, x, y) -> dict[str, torch.Tensor]:
+        """L_G + L_aux with fresh samples that keep G's graph; steps G, the student and the sigmoid.
+        The critic is frozen and called unwrapped (no DDP reduction expected from it)."""
+        critic = _unwrap(models["critic"])
+        critic.requires_grad_(False)
+        try:
+            y_syn = self._syn_classes(x.device)
+            out = self.generate(models["generator"], torch.cat([y, y_syn]))
+            fake, x_syn = out[:len(y)], out[len(y):]
+            loss_g = -critic(fake, self.attributes.to(x.device)[y]).mean()
+            aux = self.aux_losses(models, x_syn, y_syn, x, y)
+            names = ("generator", "student", "sigmoid")
+            for n in names:
+                optimizers[n].zero_grad(set_to_none=True)
+            (loss_g + aux["aux"]).backward()
+            for n in names:
+                optimizers[n].step()
+        finally:
+            critic.requires_grad_(True)
+        return {"loss_g": loss_g.detach(), **{k: v.detach() for k, v in aux.items()}}
+
+    def _gan_step(self, models, optimizers, batch, ctx):
+        x, y = batch["features"], batch["label"]
+        rows = torch.arange(len(x), device=x.device).tensor_split(min(self.mcfg.n_critic, len(x)))
+        critic_logs = [self.critic_step(models, optimizers, x[r], y[r]) for r in rows]
+        logs = self.generator_step(models, optimizers, x[rows[-1]], y[rows[-1]])
+        self._generator_steps += 1
+        for s in ctx.extra.get("schedulers", {}).values():
+            s.step()
+        logs.update({k: torch.stack([c[k] for c in critic_logs]).mean() for k in critic_logs[0]})
+        return logs
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def _eval_unseen(self, split: str, device) -> torch.Tensor:
+        """Classes whose rows count towards U on `split`: val -> the validation-unseen classes
+        (unseen to the model only under protocol=validation), test -> the classes the model
+        never saw real features of."""
+        return (self.val_unseen if split == "val" else self.unseen).to(device)
+
+    @torch.no_grad()
+    def _logits(self, net: nn.Module, features: torch.Tensor, device) -> torch.Tensor:
+        return torch.cat([net(b.to(device)) for b in features.split(4096)])
+
+    def fresh_classifier(self, models: dict, device, seed: int) -> nn.Linear:
+        """The alternative protocol (dependent_test=False): a new Linear(e, C) on frozen student
+        embeddings of the real training rows plus `syn_num` G samples per unseen class; Adam
+        (fresh_lr, betas (0.5, 0.999)), `fresh_epochs` epochs, the last one kept."""
+        m = self.mcfg
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        student, generator = models["student"], models["generator"]
+        train = self.data.splits["train"].tensors
+        with torch.no_grad():
+            y_syn = self.unseen.repeat_interleave(m.syn_num)
+            z = torch.randn(len(y_syn), generator.noise_dim, generator=g)
+            x_syn = generator(z.to(device), self.attributes[y_syn].to(device))
+            x_all = torch.cat([train["features"].to(device), x_syn])
+            emb = self._logits(student.net.embed, x_all, device)
+        y_all = torch.cat([train["label"], y_syn]).to(device)
+        head = nn.Linear(emb.shape[1], self.data.info.num_classes).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head.reset_parameters()
+        opt = torch.optim.Adam(head.parameters(), lr=m.fresh_lr, betas=(0.5, 0.999))
+        for _ in range(m.fresh_epochs):
+            for rows in torch.randperm(len(y_all), generator=g).split(m.fresh_batch_size):
+                rows = rows.to(device)
+                loss = F.cross_entropy(head(emb[rows]), y_all[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return head.eval()
+
+    def classifier(self, models: dict, kind: str, device) -> nn.Module:
+        """The scaled-feature -> logits classifier of an evaluation protocol. The fresh head is
+        trained once per state of the networks (generator-step count) and reused by the val and
+        test evaluations and the export of the same epoch."""
+        net = models["student"].net
+        if kind == "end_to_end":
+            return net
+        if self._fresh_head is None or self._fresh_head[0] != self._generator_steps:
+            self._fresh_head = (self._generator_steps, self.fresh_classifier(models, device, self.cfg.train.seed))
+        return nn.Sequential(net.embed, self._fresh_head[1])
+
+    def evaluate(self, stage, models, split, device):
+        data = self.data.splits[split].tensors
+        labels = data["label"].to(device)
+        unseen_rows = torch.isin(labels, self._eval_unseen(split, device))
+        if stage == "teacher":
+            # The teacher alone predicts seen classes only: its U (and H) are 0 by construction;
+            # reported so that val_H exists in every epoch's metrics.
+            t_logits = self._logits(lambda b: models["teacher"](b)[1], data["features"], device)
+            logits = torch.full((len(labels), self.data.info.num_classes), -torch.inf, device=device)
+            logits[:, self.seen.to(device)] = t_logits
+            scores = gzsl_scores(logits, labels, unseen_rows)
+            seen_rows = torch.isin(labels, self.seen.to(device))
+            acc = float((logits.argmax(1)[seen_rows] == labels[seen_rows]).float().mean()) if seen_rows.any() else 0.0
+            return {f"{split}_teacher_acc": acc, **{f"{split}_{k}": v for k, v in scores.items()}}
+        kinds = [self.mcfg.eval_protocol]
+        if split == "test":
+            kinds.append("fresh" if kinds[0] == "end_to_end" else "end_to_end")
+        out: dict[str, float] = {}
+        for i, kind in enumerate(kinds):
+            net = self.classifier(models, kind, device)
+            scores = gzsl_scores(self._logits(net, data["features"], device), labels, unseen_rows)
+            prefix = f"{split}_" if i == 0 else f"{split}_{'e2e' if kind == 'end_to_end' else 'fresh'}_"
+            out.update({prefix + k: v for k, v in scores.items()})
+        return out
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def spec(self) -> dict:
+        return {"arch": "gzsl-classifier",
+                "kwargs": {"feature_dim": self.feature_dim, "num_classes": self.data.info.num_classes,
+                           "embed_dim": self.mcfg.embed_dim}}
+
+    def export(self, models):
+        """Raw features -> logits over all classes (class-id order): the training-time scaling,
+        the student's embedding and the headline protocol's classifier."""
+        model = GZSLClassifier(**self.spec()["kwargs"])
+        student = _unwrap(models["student"]).net
+        model.embed.load_state_dict(student.embed.state_dict())
+        head = student.fc
+        if self.mcfg.eval_protocol == "fresh":
+            head = self.classifier({k: _unwrap(v) for k, v in models.items()}, "fresh",
+                                   next(student.parameters()).device)[1]
+        model.fc.load_state_dict(head.state_dict())
+        model.shift.copy_(self.shift)
+        model.scale.copy_(self.scale)
+        return model.cpu().eval(), self.spec()
+
+    def example_input(self):
+        return self._raw_example.numpy()
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
