@@ -3,3 +3,4 @@
 from methodlab.methods import supervised  # noqa: F401
 from methodlab.methods import toast  # noqa: F401
 from methodlab.methods import d3gzsl  # noqa: F401
+from methodlab.methods import canonicalization  # noqa: F401

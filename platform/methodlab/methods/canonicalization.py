@@ -1,0 +1,301 @@
+"""Learned canonicalization: exact rotation invariance for any pretrained model.
+
+Panigrahi & Mondal, "Improved Canonicalization for Model Agnostic Equivariance", CVPR 2024
+EquiVision workshop, arXiv 2405.14089 (official code: arnab39/equiadapt 0.1.2), building on
+Kaba et al., ICML 2023, arXiv 2211.06489, and Mondal et al., NeurIPS 2023, arXiv 2310.01647.
+
+A small NON-equivariant CNN φ scores every group copy g·x by cos(φ(g·x), r); the top-scoring copy
+(straight-through argmax) is fed to a pretrained predictor p. The output p(x_c) is invariant by
+construction (see `methodlab.models.canonicalizer`). The loss is
+
+    task_weight·CE(p(x_c), y) + prior_weight·CE(scores, identity) + contrast_weight·L_contrast
+    + artifact_weight·L_artifact
+
+The official `model.py` adds the contrast term twice (effective weight 2x); here it is added once.
+The predictor comes from `methodlab.models.hub.load_pretrained` (models:/, runs:/, a checkpoint
+directory or a file); `predictor=scratch` builds a random-init CNN and exists for tests and smoke
+runs on a fresh MLflow store only.
+
+`mode` selects the method or one of the baselines it is measured against:
+  canonicalize   the improved method (default)
+  equivariant    Kaba et al.'s canonicalizer: an equivariant C_n group-conv network + prior
+  plain          the predictor alone (fine-tuned on upright data if `finetune_predictor`)
+  augment        the predictor fine-tuned with random group-element augmentation
+  group_average  the mean of the predictor's logits over all |G| copies
+
+Evaluation rotates every test image by every group element: per-element accuracy, their mean
+(`group_acc`) and the invariance error (fraction of images whose prediction changes).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from methodlab.config import Section
+from methodlab.errors import ConfigError
+from methodlab.methods.base import Method, StepContext, make_optimizer
+from methodlab.models import build_model
+from methodlab.models.canonicalizer import act, element_names, group_copies, group_elements, rotate_interpolated
+from methodlab.registry import register_method
+
+# ----------------------------------------------------------------------------------------------
+# Losses and metrics (pure functions)
+
+
+def prior_loss(scores: torch.Tensor) -> torch.Tensor:
+    """Canonicalization prior of Mondal et al. (NeurIPS 2023, arXiv 2310.01647): CE of the
+    (B, G) group scores against index 0, the identity, so that upright training images stay
+    upright, which is what a predictor trained on upright data needs. With cosine scores in
+    [-1, 1] it is bounded below by log(1 + (|G|-1)e^-2)."""
+    return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
+
+
+def group_contrast_loss(vectors: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    """Group contrast loss of Panigrahi & Mondal (arXiv 2405.14089; equiadapt
+    `get_optimization_specific_loss`): for vectors (B, G, D) of the copies of each image,
+    mean over all B·G² entries of |V_b V_bᵀ| with the diagonal zeroed. It pushes the copies of one
+    image apart so that a unique copy can win the argmax. `normalized=False` (the official code)
+    uses raw dot products, which φ can also lower by shrinking ‖v‖; `normalized=True` uses cosines.
+    >= 0, and invariant to the order of the group elements."""
+    v = F.normalize(vectors, dim=-1) if normalized else vectors
+    gram = v @ v.transpose(1, 2)                                          # (B, G, G)
+    off = 1.0 - torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+    return (gram.abs() * off).mean()
+
+
+def artifact_consistency_loss(phi: nn.Module, images: torch.Tensor, angles: torch.Tensor,
+                              pad_ratio: float) -> torch.Tensor:
+    """Artifact term of equiadapt (Panigrahi & Mondal 2024): MSE(φ(R_θ⁻¹ R_θ x), φ(x)) for images
+    (N, C, H, W) and per-image angles (N,) in degrees, so that φ ignores the interpolation and
+    cropping artifacts of non-90-degree rotations (C8). Zero for exact rotations."""
+    round_trip = rotate_interpolated(rotate_interpolated(images, angles, pad_ratio), -angles, pad_ratio)
+    return F.mse_loss(phi(round_trip), phi(images))
+
+
+def group_accuracy_metrics(preds: torch.Tensor, labels: torch.Tensor, names: list[str],
+                           prefix: str) -> dict[str, float]:
+    """preds (N, G): the predicted class of image n under group element g; labels (N,).
+    Per-element accuracy `{prefix}_acc_{name}`, their mean `{prefix}_group_acc` (equiadapt
+    `GroupInference`: test/group_acc), the identity accuracy `{prefix}_acc` and the invariance
+    error `{prefix}_invariance_error`: the fraction of images whose prediction is not the same
+    under every element."""
+    per = (preds == labels[:, None]).float().mean(dim=0)                   # (G,)
+    out = {f"{prefix}_acc_{n}": float(a) for n, a in zip(names, per)}
+    out[f"{prefix}_acc"] = float(per[0])
+    out[f"{prefix}_group_acc"] = float(per.mean())
+    out[f"{prefix}_invariance_error"] = float((preds != preds[:, :1]).any(dim=1).float().mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+class CanonicalizationConfig(Section):
+    predictor: str = Field(
+        "models:/methodlab-supervised@candidate",
+        description="pretrained predictor: models:/name@alias, runs:/<id>, a checkpoint directory, a "
+        "model file; 'scratch' = a random-init CNN (for tests and smoke runs only)")
+    finetune_predictor: bool = Field(
+        False, description="train the predictor at train.lr (the official code fine-tunes; default frozen)")
+    mode: Literal["canonicalize", "equivariant", "plain", "augment", "group_average"] = Field(
+        "canonicalize", description="the method, or a baseline (see the module docstring)")
+    num_rotations: int = Field(4, ge=1, le=360, description="C_n: 4 is exact (rot90), others use kornia")
+    reflections: bool = Field(False, description="D_n: add horizontal reflections (not for mode=equivariant)")
+    pad_ratio: float = Field(0.5, ge=0, le=2, description="edge padding before a non-90-degree rotation, x size")
+    # The canonicalizer network φ (equiadapt ConvNetwork: kernel 7, 16 channels, 3 layers, 128-d)
+    channels: int = Field(16, gt=0)
+    num_layers: int = Field(3, gt=0)
+    kernel_size: int = Field(3, gt=0)
+    out_vector_size: int = Field(64, gt=0, description="dimension of φ's vectors and of the reference vector")
+    dropout: float = Field(0.5, ge=0, lt=1)
+    learn_ref_vec: bool = Field(False, description="learn the reference vector r (frozen randn by default)")
+    beta: float = Field(1.0, gt=0, description="softmax temperature of the straight-through gradient")
+    task_weight: float = Field(1.0, ge=0)
+    prior_weight: float = Field(100.0, ge=0, description="CE of the scores to the identity (Mondal et al.)")
+    contrast_weight: float = Field(
+        0.1, ge=0, description="group contrast loss, added once (the official code adds it twice and "
+        "defaults it to 0)")
+    contrast_vectors: Literal["raw", "normalized"] = Field(
+        "raw", description="raw: dot products as in the official code; normalized: cosines")
+    artifact_weight: float = Field(0.0, ge=0, description="artifact-consistency term (useful for C8)")
+    canonicalizer_lr: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.mode == "augment" and not self.finetune_predictor:
+            raise ValueError("mode=augment fine-tunes the predictor; set method.finetune_predictor=true")
+        if self.mode == "equivariant" and self.reflections:
+            raise ValueError("mode=equivariant is a C_n group-conv network; set method.reflections=false")
+        if self.kernel_size % 2 == 0:
+            raise ValueError("kernel_size must be odd (same padding keeps rot90 exact)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+
+class CanonicalizationObjective(nn.Module):
+    """The exported model plus its training loss; this is the module the loop trains (and DDP
+    wraps), so every term runs inside one forward. A frozen predictor stays in eval mode."""
+
+    def __init__(self, model: nn.Module, cfg: CanonicalizationConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.predictor = getattr(model, "predictor", model)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.cfg.finetune_predictor:
+            self.predictor.eval()
+        return self
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        if c.mode == "augment":    # one random group element per image
+            copies = group_copies(image, c.num_rotations, c.reflections, c.pad_ratio)
+            g = torch.randint(copies.shape[1], (image.shape[0],), device=image.device)
+            image = copies[torch.arange(image.shape[0], device=image.device), g]
+        if c.mode not in ("canonicalize", "equivariant"):
+            task = F.cross_entropy(self.model(image).float(), label)
+            return {"loss": task, "task": task}
+        out = self.model.canonicalize(image)
+        task = F.cross_entropy(self.predictor(out["image"]).float(), label)
+        prior = prior_loss(out["scores"].float())
+        losses = {"task": task, "prior": prior,
+                  "identity_rate": (out["scores"].argmax(-1) == 0).float().mean()}
+        total = c.task_weight * task + c.prior_weight * prior
+        if c.mode == "canonicalize":
+            losses["contrast"] = group_contrast_loss(out["vectors"].float(), c.contrast_vectors == "normalized")
+            total = total + c.contrast_weight * losses["contrast"]
+            if c.artifact_weight > 0:
+                flat = out["copies"].flatten(0, 1)
+                angles = 360.0 / c.num_rotations * torch.randint(c.num_rotations, (flat.shape[0],),
+                                                                 device=flat.device)
+                losses["artifact"] = artifact_consistency_loss(self.model.phi, flat, angles, c.pad_ratio)
+                total = total + c.artifact_weight * losses["artifact"]
+        losses["loss"] = total
+        return losses
+
+
+@register_method("canonicalization")
+class Canonicalization(Method):
+    Config = CanonicalizationConfig
+    defaults = {"train": {"epochs": 10, "batch_size": 64, "lr": 1e-3}}
+    metric = "val_group_acc"
+    test_metric = "test_group_acc"
+    search_space = {
+        "method.prior_weight": {"loguniform": [1.0, 1000.0]},
+        "method.contrast_weight": {"loguniform": [1e-3, 1.0]},
+        "method.canonicalizer_lr": {"loguniform": [1e-4, 1e-2]},
+        "method.num_rotations": {"choice": [4, 8]},
+    }
+    demo_prerequisites = [("supervised", [])]
+    smoke_overrides = ["train.epochs=1", "method.predictor=scratch", "method.channels=4",
+                       "method.out_vector_size=8", "data.limit_rows=256"]
+
+    def _image_shape(self) -> tuple[int, int]:
+        c, h, w = self.data.info.columns["image"].shape
+        if h != w:
+            raise ConfigError(f"data: canonicalization needs square images (rot90), got {h}x{w}")
+        return c, h
+
+    def _load_predictor(self) -> tuple[nn.Module, dict]:
+        if self.mcfg.predictor == "scratch":
+            spec = {"arch": "cnn", "kwargs": {"in_channels": self._image_shape()[0],
+                                              "num_classes": self.data.info.num_classes}}
+            return build_model(spec), spec
+        from methodlab.models.hub import load_pretrained
+
+        return load_pretrained(self.mcfg.predictor, self.cfg.tracking.uri)
+
+    def _check_predictor(self, predictor: nn.Module) -> None:
+        example = self.data.splits["val"].tensors["image"][:2]
+        try:
+            with torch.no_grad():
+                classes = predictor.eval()(example).shape[-1]
+        except RuntimeError as e:
+            raise ConfigError(f"method.predictor {self.mcfg.predictor!r} does not accept this dataset's "
+                              f"images {tuple(example.shape[1:])}: {str(e).splitlines()[0][:120]}") from None
+        if classes != self.data.info.num_classes:
+            raise ConfigError(f"method.predictor {self.mcfg.predictor!r} predicts {classes} classes, "
+                              f"the dataset has {self.data.info.num_classes}")
+
+    def spec(self, predictor_spec: dict) -> dict:
+        """The exported model's spec: the bare predictor, or a wrapper around it."""
+        m = self.mcfg
+        if m.mode in ("plain", "augment"):
+            return predictor_spec
+        group = {"num_rotations": m.num_rotations, "reflections": m.reflections, "pad_ratio": m.pad_ratio}
+        if m.mode == "group_average":
+            return {"arch": "group_averaged", "kwargs": {"predictor": predictor_spec, **group}}
+        channels, size = self._image_shape()
+        return {"arch": "canonicalized", "kwargs": {
+            "predictor": predictor_spec, "in_channels": channels, "image_size": size,
+            "canonicalizer": "cnn" if m.mode == "canonicalize" else "group_conv", **group,
+            "beta": m.beta, "learn_ref_vec": m.learn_ref_vec, "channels": m.channels,
+            "num_layers": m.num_layers, "kernel_size": m.kernel_size, "out_dim": m.out_vector_size,
+            "dropout": m.dropout}}
+
+    def build_models(self, stage, previous):
+        # One seed for every rank: the reference vector, φ and a scratch predictor start identical.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed)
+            predictor, predictor_spec = self._load_predictor()
+            self._spec = self.spec(predictor_spec)
+            model = predictor if self._spec is predictor_spec else build_model(self._spec)
+        self._check_predictor(predictor)
+        if model is not predictor:
+            model.predictor.load_state_dict(predictor.state_dict())
+        getattr(model, "predictor", model).requires_grad_(self.mcfg.finetune_predictor)
+        return {"model": CanonicalizationObjective(model, self.mcfg)}
+
+    def build_optimizers(self, stage, models):
+        objective = getattr(models["model"], "module", models["model"])    # DDP-unwrapped
+        predictor = [p for p in objective.predictor.parameters() if p.requires_grad]
+        seen = {id(p) for p in predictor}
+        canonicalizer = [p for p in objective.parameters() if p.requires_grad and id(p) not in seen]
+        if canonicalizer:
+            opt = make_optimizer(canonicalizer, self.cfg.train, lr=self.mcfg.canonicalizer_lr)
+            if predictor:
+                opt.add_param_group({"params": predictor, "lr": self.cfg.train.lr})
+            return {"opt": opt}
+        # A frozen plain / group-average baseline trains nothing: the run only evaluates.
+        return {"opt": make_optimizer(predictor, self.cfg.train)} if predictor else {}
+
+    def train_step(self, stage, models, optimizers, batch, ctx: StepContext):
+        opt = optimizers.get("opt")
+        with ctx.autocast(), torch.set_grad_enabled(opt is not None):
+            losses = models["model"](batch["image"], batch["label"])
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def evaluate(self, stage, models, split, device):
+        m = self.mcfg
+        model = models["model"].model.eval()
+        elements = group_elements(m.num_rotations, m.reflections)
+        preds, labels, identity = [], [], []
+        for b in self.data.splits[split].batches(512, device):
+            x = b["image"]
+            preds.append(torch.stack([model(act(x, a, f, m.pad_ratio)).argmax(-1) for a, f in elements], dim=1))
+            labels.append(b["label"])
+            if hasattr(model, "canonicalize"):
+                identity.append(model.canonicalize(x)["weights"].argmax(-1) == 0)
+        metrics = group_accuracy_metrics(torch.cat(preds), torch.cat(labels),
+                                         element_names(m.num_rotations, m.reflections), split)
+        if identity:    # how often upright images are left upright (the prior's target)
+            metrics[f"{split}_identity_rate"] = float(torch.cat(identity).float().mean())
+        return metrics
+
+    def export(self, models):
+        return models["model"].model, self._spec

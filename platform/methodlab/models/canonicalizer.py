@@ -1,0 +1,317 @@
+"""Learned canonicalization: group actions, canonicalizer networks and the wrapped models.
+
+Papers:
+  Kaba, Mondal, Zhang, Bengio, Ravanbakhsh, "Equivariance with Learned Canonicalization
+    Functions", ICML 2023, arXiv 2211.06489 (an equivariant network picks the group element).
+  Mondal, Panigrahi, Kaba, Rajeswar, Ravanbakhsh, "Equivariant Adaptation of Large Pretrained
+    Models", NeurIPS 2023, arXiv 2310.01647 (the canonicalization prior).
+  Panigrahi & Mondal, "Improved Canonicalization for Model Agnostic Equivariance", CVPR 2024
+    EquiVision workshop, arXiv 2405.14089 (a NON-equivariant network scores every group copy).
+Official code: arnab39/equiadapt 0.1.2 (`OptimizedGroupEquivariantImageCanonicalization`).
+
+The group acts on images (B, C, H, W). Element (angle, flip) maps x to R_angle(F^flip x): flip
+(horizontal) FIRST, then rotate counter-clockwise. The scored copies and the canonical image are
+the SAME tensor (the canonical image is the selected copy), so the scoring order and the applied
+order cannot disagree — unlike the official code, which scores hflip∘R but applies R∘hflip.
+
+Because the canonical image is chosen from the set {g·x : g in G}, and that set only gets permuted
+when x is transformed by a group element, the canonicalized model is invariant by construction
+for exact actions (C4 / D4 via `torch.rot90`, `torch.flip`), with ANY scoring network, in eval mode.
+Angles that are not multiples of 90 degrees use kornia with edge padding and a centre crop, which
+makes C8 invariance approximate (interpolation).
+
+Registered archs (rebuilt from their spec by `build_model`, callable as images -> logits):
+  "canonicalized"   canonicalizer ("cnn": cosine scoring, or "group_conv": Kaba et al.) + predictor
+  "group_averaged"  mean of the predictor's logits over all |G| copies (a baseline)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import kornia
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methodlab.registry import register_model
+
+
+# ----------------------------------------------------------------------------------------------
+# Group actions
+
+
+def group_elements(num_rotations: int, reflections: bool) -> list[tuple[float, bool]]:
+    """The elements (angle in degrees, flip) of C_n or D_n; index 0 is the identity.
+    Order: the n rotations, then (with reflections) the n reflected rotations."""
+    angles = [360.0 * k / num_rotations for k in range(num_rotations)]
+    return [(a, False) for a in angles] + ([(a, True) for a in angles] if reflections else [])
+
+
+def inverse_indices(num_rotations: int, reflections: bool) -> list[int]:
+    """inv[i] is the index of g_i^{-1}: R_k^{-1} = R_{-k}; every R_k∘F is its own inverse."""
+    inv = [(-k) % num_rotations for k in range(num_rotations)]
+    return inv + ([num_rotations + k for k in range(num_rotations)] if reflections else [])
+
+
+def element_names(num_rotations: int, reflections: bool) -> list[str]:
+    """Metric-friendly names: r0, r90, ..., r45f (f: reflected)."""
+    return [f"r{a:g}".replace(".", "_") + ("f" if f else "") for a, f in group_elements(num_rotations, reflections)]
+
+
+def _center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top:top + h, left:left + w]
+
+
+def rotate_interpolated(x: torch.Tensor, angles: torch.Tensor, pad_ratio: float) -> torch.Tensor:
+    """Rotate each image of x (B, C, H, W) counter-clockwise by angles (B,) degrees with kornia:
+    edge-pad by ceil(pad_ratio * max(H, W)) so the corners come from the border instead of zeros,
+    rotate about the centre, crop back to (H, W). As in equiadapt's `group_augment`."""
+    h, w = x.shape[-2:]
+    pad = math.ceil(pad_ratio * max(h, w))
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate") if pad else x
+    rotated = kornia.geometry.transform.rotate(padded, angles.to(x.dtype))
+    return _center_crop(rotated, h, w)
+
+
+def rotate(x: torch.Tensor, angle: float, pad_ratio: float) -> torch.Tensor:
+    """Rotate x (B, C, H, W) counter-clockwise by `angle` degrees: exactly (`rot90`) when the angle
+    is a multiple of 90 and the image square, else interpolated (`rotate_interpolated`)."""
+    quarter = angle / 90.0
+    if quarter == round(quarter) and (int(round(quarter)) % 2 == 0 or x.shape[-1] == x.shape[-2]):
+        return torch.rot90(x, int(round(quarter)) % 4, dims=(-2, -1))
+    return rotate_interpolated(x, torch.full((x.shape[0],), angle, device=x.device), pad_ratio)
+
+
+def act(x: torch.Tensor, angle: float, flip: bool, pad_ratio: float) -> torch.Tensor:
+    """g·x for g = (angle, flip): R_angle(F^flip x), the one order used everywhere."""
+    return rotate(torch.flip(x, dims=(-1,)) if flip else x, angle, pad_ratio)
+
+
+def group_copies(x: torch.Tensor, num_rotations: int, reflections: bool, pad_ratio: float) -> torch.Tensor:
+    """All copies g·x of x (B, C, H, W), as (B, |G|, C, H, W) in `group_elements` order."""
+    return torch.stack([act(x, a, f, pad_ratio) for a, f in group_elements(num_rotations, reflections)], dim=1)
+
+
+def content_key(images: torch.Tensor) -> torch.Tensor:
+    """A tie-breaking key that depends only on each image's content: (..., C, H, W) -> (...), the
+    inner product with a fixed, asymmetric pseudo-random pattern. Distinct images get distinct keys
+    almost surely, and a copy's key does not depend on where it sits in the batch or group."""
+    n = images.shape[-3] * images.shape[-2] * images.shape[-1]
+    idx = torch.arange(n, device=images.device, dtype=images.dtype)
+    pattern = torch.frac(torch.sin(idx * 12.9898 + 78.233) * 43758.5453)
+    return (images.flatten(-3) * pattern).sum(-1)
+
+
+def straight_through_onehot(scores: torch.Tensor, beta: float = 1.0,
+                            tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, G) scores -> (B, G) weights: exactly one-hot(argmax) in the forward pass, with the
+    gradient of softmax(beta * scores) (Kaba et al. 2023). The soft part is added as
+    `(soft - soft.detach())`, which is exactly 0, so the forward value is bit-exactly one-hot
+    (`hard + soft - soft.detach()` would round to 1 ± eps).
+
+    `tiebreak` (B, G): among exactly tied top scores, the largest key wins. An argmax by position
+    would make a tie (a degenerate φ, e.g. dead ReLUs) pick different images for x and g·x; a
+    content key (`content_key` of the candidates) keeps the choice a function of the set of copies."""
+    key = scores
+    if tiebreak is not None:
+        top = scores == scores.max(dim=-1, keepdim=True).values
+        key = tiebreak.masked_fill(~top, float("-inf"))
+    hard = F.one_hot(key.argmax(dim=-1), scores.shape[-1]).to(scores.dtype)
+    soft = torch.softmax(beta * scores, dim=-1)
+    return hard + (soft - soft.detach())
+
+
+def select(weights: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+    """Σ_g w_g · copy_g: (B, G) one-hot weights, (B, G, C, H, W) copies -> (B, C, H, W). With an
+    exactly one-hot w this is the selected copy, bit for bit."""
+    return torch.einsum("bg,bgchw->bchw", weights, copies)
+
+
+# ----------------------------------------------------------------------------------------------
+# Canonicalizer networks
+
+
+class ConvVectorNet(nn.Module):
+    """The non-equivariant φ of Panigrahi & Mondal (equiadapt `ConvNetwork`): conv-BN-GELU blocks,
+    flatten (keeps the spatial layout, so φ can tell orientations apart), BN1d, dropout, ReLU,
+    linear -> (B, out_dim). Convs use stride 2 while the map is >= 16 pixels, stride 1 below (the
+    official k7/s2 stack assumes 96-pixel inputs; digits are 8x8)."""
+
+    def __init__(self, in_channels: int, image_size: int, channels: int = 16, num_layers: int = 3,
+                 kernel_size: int = 3, out_dim: int = 64, dropout: float = 0.5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        size, c_in = image_size, in_channels
+        for _ in range(num_layers):
+            stride = 2 if size >= 16 else 1
+            layers += [nn.Conv2d(c_in, channels, kernel_size, stride=stride, padding=kernel_size // 2),
+                       nn.BatchNorm2d(channels), nn.GELU()]
+            size = (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
+            c_in = channels
+        flat = channels * size * size
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.BatchNorm1d(flat), nn.Dropout(dropout),
+                                 nn.ReLU(), nn.Linear(flat, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def rotate_filters(w: torch.Tensor, angle: float) -> torch.Tensor:
+    """Spatially rotate filters (..., k, k): exact for multiples of 90 degrees, else kornia with
+    zero padding (a filter is zero outside its support)."""
+    quarter = angle / 90.0
+    if quarter == round(quarter):
+        return torch.rot90(w, int(round(quarter)) % 4, dims=(-2, -1))
+    flat = w.reshape(-1, 1, *w.shape[-2:])
+    angles = torch.full((flat.shape[0],), angle, device=w.device, dtype=w.dtype)
+    return kornia.geometry.transform.rotate(flat, angles).reshape(w.shape)
+
+
+class GroupConv(nn.Module):
+    """A C_n group convolution on the regular representation (Cohen & Welling, ICML 2016).
+
+    lifting (in_group=False): input (B, Cin, H, W);   filter for output rotation r: R_r W
+    group (in_group=True):    input (B, Cin, n, H, W); filter for r: R_r W, cyclically shifted by
+                              r along the input's group axis
+    output (B, Cout, n, H, W). Rotating the input by R_j rotates every map by R_j and shifts the
+    group axis by +j (exact for 90-degree multiples; interpolated filters otherwise).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_rotations: int, kernel_size: int, in_group: bool):
+        super().__init__()
+        self.n, self.in_group = num_rotations, in_group
+        shape = (out_channels, in_channels) + ((num_rotations,) if in_group else ()) + (kernel_size, kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.padding = kernel_size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        filters = []
+        for r in range(self.n):
+            w = rotate_filters(self.weight, 360.0 * r / self.n)
+            if self.in_group:
+                w = torch.roll(w, shifts=r, dims=2)
+            filters.append(w)
+        w = torch.stack(filters, dim=1)                                  # (Cout, n, Cin, [n,] k, k)
+        cout = w.shape[0]
+        w = w.reshape(cout * self.n, -1, *w.shape[-2:])                   # (Cout*n, Cin[*n], k, k)
+        if self.in_group:
+            x = x.flatten(1, 2)                                           # (B, Cin*n, H, W)
+        out = F.conv2d(x, w, bias=self.bias.repeat_interleave(self.n), padding=self.padding)
+        return out.reshape(x.shape[0], cout, self.n, *out.shape[-2:])
+
+
+class GroupConvScoreNet(nn.Module):
+    """The equivariant canonicalizer of Kaba et al. 2023: C_n group convs with batch norm shared
+    over the group axis ("InnerBatchNorm") and ReLU, spatial mean, then one linear map over
+    channels shared by every rotation -> (B, n) logits with a(R_j x) = roll(a(x), j)."""
+
+    def __init__(self, in_channels: int, num_rotations: int, channels: int = 16, num_layers: int = 3,
+                 kernel_size: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for i in range(num_layers):
+            blocks += [GroupConv(in_channels if i == 0 else channels, channels, num_rotations, kernel_size,
+                                 in_group=i > 0),
+                       nn.BatchNorm3d(channels), nn.ReLU()]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.blocks(x).mean(dim=(-2, -1))                        # (B, C, n)
+        return self.head(feats.transpose(1, 2)).squeeze(-1)              # (B, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrapped models (the exported archs)
+
+
+class _GroupMixin:
+    def _copies(self, x: torch.Tensor) -> torch.Tensor:
+        return group_copies(x, self.num_rotations, self.reflections, self.pad_ratio)
+
+
+@register_model("canonicalized")
+class CanonicalizedModel(_GroupMixin, nn.Module):
+    """predictor(canonicalize(x)): images (B, C, H, W) -> logits, invariant to the group.
+
+    canonicalizer="cnn" (Panigrahi & Mondal 2024): φ scores every copy g·x by the cosine between
+      φ(g·x) and a reference vector r (a frozen buffer unless `learn_ref_vec`); the canonical image
+      is the top-scoring copy, chosen by a straight-through argmax.
+    canonicalizer="group_conv" (Kaba et al. 2023): an equivariant C_n network gives a(x) with
+      a(R_j x) = roll(a(x), j); k* = argmax a and the canonical image is g_{k*}^{-1}·x.
+    """
+
+    def __init__(self, predictor: dict[str, Any], in_channels: int, image_size: int,
+                 canonicalizer: str = "cnn", num_rotations: int = 4, reflections: bool = False,
+                 pad_ratio: float = 0.5, beta: float = 1.0, learn_ref_vec: bool = False,
+                 channels: int = 16, num_layers: int = 3, kernel_size: int = 3, out_dim: int = 64,
+                 dropout: float = 0.5):
+        super().__init__()
+        from methodlab.models import build_model
+
+        if canonicalizer not in ("cnn", "group_conv"):
+            raise ValueError(f"canonicalizer must be 'cnn' or 'group_conv', not {canonicalizer!r}")
+        if canonicalizer == "group_conv" and reflections:
+            raise ValueError("the group_conv canonicalizer supports rotations only (C_n)")
+        self.kind, self.num_rotations, self.reflections = canonicalizer, num_rotations, reflections
+        self.pad_ratio, self.beta = pad_ratio, beta
+        self.predictor = build_model(predictor)
+        if canonicalizer == "cnn":
+            self.phi = ConvVectorNet(in_channels, image_size, channels, num_layers, kernel_size, out_dim, dropout)
+            ref = torch.randn(out_dim)
+            if learn_ref_vec:
+                self.ref = nn.Parameter(ref)
+            else:
+                self.register_buffer("ref", ref)
+        else:
+            self.phi = GroupConvScoreNet(in_channels, num_rotations, channels, num_layers, kernel_size)
+            self.register_buffer("inverse", torch.tensor(inverse_indices(num_rotations, False)), persistent=False)
+
+    def score(self, copies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cnn: (vectors (B, G, D), scores (B, G)) for copies (B, G, C, H, W)."""
+        b, g = copies.shape[:2]
+        vectors = self.phi(copies.flatten(0, 1)).reshape(b, g, -1)
+        return vectors, F.cosine_similarity(vectors, self.ref.expand_as(vectors), dim=-1)
+
+    def canonicalize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"image": canonical (B, C, H, W), "scores": (B, G) logits over elements, "weights":
+        (B, G) one-hot over them (index 0: x is left as it is), "copies" (B, G, C, H, W) in
+        `group_elements` order, and for cnn "vectors" (B, G, D)}."""
+        copies = self._copies(x)
+        out = {"copies": copies}
+        if self.kind == "cnn":
+            out["vectors"], out["scores"] = self.score(copies)
+            candidates = copies                        # score k belongs to copy g_k·x
+        else:
+            out["scores"] = self.phi(x)
+            candidates = copies[:, self.inverse]       # score k selects g_k^{-1}·x
+        weights = straight_through_onehot(out["scores"], self.beta, content_key(candidates))
+        out["weights"] = weights
+        out["image"] = select(weights, candidates)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.canonicalize(x)["image"])
+
+
+@register_model("group_averaged")
+class GroupAveragedModel(_GroupMixin, nn.Module):
+    """mean_g predictor(g·x): exactly invariant (for exact actions), |G| predictor passes."""
+
+    def __init__(self, predictor: dict[str, Any], num_rotations: int = 4, reflections: bool = False,
+                 pad_ratio: float = 0.5):
+        super().__init__()
+        from methodlab.models import build_model
+
+        self.num_rotations, self.reflections, self.pad_ratio = num_rotations, reflections, pad_ratio
+        self.predictor = build_model(predictor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        copies = self._copies(x)
+        logits = self.predictor(copies.flatten(0, 1))
+        return logits.reshape(*copies.shape[:2], -1).mean(dim=1)
