@@ -66,3 +66,42 @@ def test_bad_config_is_one_line_non_zero_and_leaves_no_run(home):
     if (home / "mlflow.db").exists():
         tracker = Tracker(f"sqlite:///{home}/mlflow.db", "methodlab")
         assert tracker.client.search_runs([tracker.experiment_id]) == []
+
+
+@pytest.mark.slow
+def test_worker_crash_is_survived_with_max_failures(ray_cluster, home):
+    """A worker killed mid-epoch: the run restarts its workers from the last checkpoint and ends
+    exactly where an uninterrupted run ends, in one MLflow run with no duplicated steps."""
+    from methodlab.train.launch import train
+
+    straight = train(load_config("supervised", None, [*BASE, "train.run_name=straight2"]))
+    cfg = load_config("supervised", None, [*BASE, "train.run_name=crashy", "train.crash_after_epoch=2",
+                                           "train.max_failures=1"])
+    survived = train(cfg)
+    assert survived.status == "FINISHED" and not survived.resumed
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    assert tracker.client.get_run(survived.run_id).data.tags["methodlab.resumed_at_epoch"] == "2"
+    steps = [m.step for m in tracker.client.get_metric_history(survived.run_id, "epoch")]
+    assert sorted(steps) == [0, 1, 2]
+    a, b = _weights(cfg, straight.run_id), _weights(cfg, survived.run_id)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_fails_the_run_keeps_the_checkpoint_registers_nothing(ray_cluster, home):
+    from methodlab.train.launch import train
+
+    cfg = load_config("supervised", None, ["train.epochs=4", "train.nan_after_epoch=2",
+                                           "scaling.num_workers=2", "train.run_name=diverges"])
+    with pytest.raises(TrainingError, match=r"non-finite loss loss=nan at step 18 \(stage train, epoch 3\)"):
+        train(cfg)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    run = tracker.find_run("diverges")
+    assert run.status == "FAILED"
+    assert "methodlab.registered_version" not in tracker.client.get_run(run.run_id).data.tags
+    assert tracker.client.search_registered_models(f"name='{cfg.tracking.registered_model}'") == []
+    from methodlab.models.hub import latest_checkpoint, load_pretrained
+
+    kept = latest_checkpoint(f"{cfg.storage.path}/diverges")
+    from methodlab.train.loop import LoopState
+    assert LoopState.load(kept).history_step == 2          # the last good epoch's checkpoint

@@ -61,6 +61,8 @@ class TrainConfig(Section):
     crash_after_epoch: int | None = Field(
         None, ge=1, description="fault injection for resilience tests: rank 1 (or 0) exits hard after "
         "checkpointing this epoch, once")
+    nan_after_epoch: int | None = Field(
+        None, ge=1, description="fault injection for tests: every loss is NaN after this many epochs")
 
     @field_validator("run_name")
     @classmethod
@@ -104,7 +106,7 @@ class RunConfig(Section):
 
     # Keys that do not change what is trained, so they do not change the derived run name.
     _NOT_HASHED = {"storage", "tracking"}
-    _NOT_HASHED_TRAIN = {"run_name", "max_failures", "crash_after_epoch", "num_to_keep"}
+    _NOT_HASHED_TRAIN = {"run_name", "max_failures", "crash_after_epoch", "nan_after_epoch", "num_to_keep"}
 
     def fingerprint(self) -> str:
         d = self.model_dump(mode="json", exclude=self._NOT_HASHED)

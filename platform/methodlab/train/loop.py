@@ -259,6 +259,8 @@ def train_worker(loop_config: dict) -> None:
                     os._exit(1)
                 ctx.step = state.step
                 losses = method.train_step(stage, models, optimizers, batch, ctx)
+                if cfg.train.nan_after_epoch is not None and state.history_step >= cfg.train.nan_after_epoch:
+                    losses = {k: v * float("nan") for k, v in losses.items()}   # fault injection
                 check_finite(losses, state.step, stage, epoch)
                 for k, v in losses.items():
                     sums[k] += float(v)
