@@ -1,0 +1,431 @@
+"""MMANet: incomplete multimodal learning with margin-aware distillation (MAD) and
+modality-aware regularization (MAR).
+
+Wei, Luo, Luo, "MMANet: Margin-aware Distillation and Modality-aware Regularization for
+Incomplete Multimodal Learning", CVPR 2023, arXiv 2304.08028. Reproduced from the official
+classification code (`shicaiwei123/MMANet-CVPR2023`, `classification/`), with the two places
+where it departs from the paper behind options:
+
+* `mad_weighting`: the classification code (`classification/loss/kd/mad.py`) multiplies the
+  teacher-entropy weights along the **column** axis of the (B, B) error matrix (a (B, B) matrix
+  broadcast against (B,)); the segmentation code weights **rows**, which reads as the paper's
+  "each sample weighted by its margin". Default `column`, the classification code.
+* `mar_variant`: `paper` (default) applies the regularization network's cross-entropy to the
+  samples whose modality combination is weak, (1/B) sum_i 1[c_i in W] CE_i, as the paper and the
+  segmentation code do. `code` reproduces the classification code, where a (B,) loss times a
+  (B, 1, 1, 1) indicator broadcasts to (B, 1, 1, B): the regularization head is trained on every
+  sample with weight n_W (the number of weak samples in the batch).
+
+Stages: `teacher` trains the network on complete data; `student` trains the deployment network
+from scratch with per-sample feature-level modality dropout against the frozen teacher. After
+the task-only epochs a mining window on the validation split picks the weakest modality
+combination; MAD and MAR are active from epoch `begin_epoch` (0-based, i.e. after `begin_epoch`
+task-only epochs). Evaluation runs the deployment network once per combination with that
+combination's mask fixed for the whole split.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from methodlab.config import Section
+from methodlab.data import multimodal  # noqa: F401  (registers digits-multimodal, synthetic-multimodal)
+from methodlab.errors import DataError
+from methodlab.methods.base import Method, StepContext, freeze
+from methodlab.models import build_model
+from methodlab.models import mmanet as _arch  # noqa: F401  (registers the "mmanet" architecture)
+from methodlab.registry import register_method
+
+# ----------------------------------------------------------------------------------------------
+# Modality combinations
+
+
+def all_masks(num_modalities: int) -> torch.Tensor:
+    """Every non-empty modality combination as a 0/1 mask, (2^M - 1, M) float: singletons first,
+    then pairs, ..., the complete set last (the order of the official code for M = 3)."""
+    rows = [[1.0 if m in combo else 0.0 for m in range(num_modalities)]
+            for k in range(1, num_modalities + 1)
+            for combo in itertools.combinations(range(num_modalities), k)]
+    return torch.tensor(rows)
+
+
+def combination_name(mask: torch.Tensor, modalities: Sequence[str]) -> str:
+    """`image-edges` for mask [1, 1, 0] (a '-' keeps it a valid MLflow metric name)."""
+    return "-".join(name for name, on in zip(modalities, mask.tolist()) if on)
+
+
+def sample_masks(batch_size: int, masks: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature-level modality dropout (`classification/lib/model_arch.py::modality_drop`): each
+    sample draws one of the C = 2^M - 1 combinations uniformly. Returns (combination index (B,)
+    int64, mask (B, M) with the dtype and device of `masks`)."""
+    index = torch.randint(len(masks), (batch_size,), generator=generator, device=masks.device)
+    return index, masks[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# MAD
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16 features under autocast are upcast (Gram matrices of them lose too much); float64 is kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def entropy_weights(teacher_logits: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """MAD's per-sample weights w_i = H_i / sum_j H_j from teacher logits (B, K) -> (B,).
+
+    H_i = -sum_k p_ik log p_ik with p = softmax(z). The official code takes torch.log(p), which is
+    -inf (and 0 * -inf = NaN) once a teacher probability underflows to 0; log_softmax stays finite
+    for any finite logits, so H (and its gradient) is finite. `eps` added to every H_i keeps the
+    weights defined (uniform) when every sample is saturated (all H_i = 0). Low margin -> high
+    entropy -> high weight: samples near the teacher's decision boundary count more.
+    """
+    z = _at_least_fp32(teacher_logits)
+    entropy = -(z.softmax(dim=-1) * z.log_softmax(dim=-1)).sum(dim=-1) + eps
+    return entropy / entropy.sum()
+
+
+def mad_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, teacher_logits: torch.Tensor,
+             weighting: Literal["column", "row"] = "column") -> torch.Tensor:
+    """Margin-aware distillation (`classification/loss/kd/mad.py::MAD`): similarity-preserving
+    KD (Tung & Mori, ICCV 2019) on the batch Gram matrices, weighted by teacher entropy.
+
+    student_feats (B, D_s), teacher_feats (B, D_t), teacher_logits (B, K) -> scalar.
+    G = F F^T (B, B), each row divided by max(||row||_2, 1e-12); E_ij = (G~s_ij - G~t_ij)^2;
+    `column`: sum_ij E_ij w_j (classification code, the default); `row`: sum_ij w_i E_ij
+    (segmentation code). A sum, not a mean, as in the code. The teacher gets no gradient.
+    """
+    f_s = _at_least_fp32(student_feats).flatten(1)
+    f_t = _at_least_fp32(teacher_feats.detach()).flatten(1)
+    g_s = F.normalize(f_s @ f_s.T, p=2, dim=1, eps=1e-12)
+    g_t = F.normalize(f_t @ f_t.T, p=2, dim=1, eps=1e-12)
+    error = (g_s - g_t).pow(2)                                              # (B, B)
+    w = entropy_weights(teacher_logits.detach())
+    weighted = error * (w[None, :] if weighting == "column" else w[:, None])
+    return weighted.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# MAR
+
+
+def mar_loss(aux_logits: torch.Tensor, labels: torch.Tensor, weak: torch.Tensor,
+             variant: Literal["paper", "code"] = "paper") -> torch.Tensor:
+    """Modality-aware regularization (paper Eq. 14; `train_knowledge_distill_patch_feature_auxi_weak`).
+
+    aux_logits (B, K) from the regularization network, labels (B,), weak (B,) 0/1: the sample's
+    modality combination is in the mined weak set W.
+    `paper`: (1/B) sum_i weak_i CE_i — the regularization network learns from weak samples only.
+    `code`: n_W * mean_i CE_i, the value of the classification code's broadcast
+    sum((B,) * (B, 1, 1, 1)) / B — every sample, scaled by the number of weak ones.
+    Both are 0 when no sample in the batch is weak.
+    """
+    ce = F.cross_entropy(aux_logits.float(), labels, reduction="none")    # (B,)
+    weak = weak.to(ce.dtype)
+    if variant == "paper":
+        return (ce * weak).sum() / len(ce)
+    return weak.sum() * ce.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Mining the weak combination
+
+
+def label_histogram(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Normalised histogram of predicted labels (N,) -> (K,) on the simplex."""
+    counts = torch.bincount(preds, minlength=num_classes).double()
+    return counts / counts.sum().clamp_min(1)
+
+
+def histogram_distance(hist: torch.Tensor, hist_full: torch.Tensor) -> float:
+    """The classification code's mining distance: KL(softmax(P_c) || softmax(P_full)), written
+    there as `F.kl_div(log_softmax(P_full), softmax(P_c))` — a softmax of histograms that are
+    already distributions ("double softmax"), kept for fidelity. >= 0, and 0 iff P_c = P_full."""
+    return float(F.kl_div(hist_full.log_softmax(-1), hist.softmax(-1), reduction="sum").clamp_min(0))
+
+
+def mine_weak_set(distances: torch.Tensor, masks: torch.Tensor) -> tuple[int, list[int]]:
+    """The weak combination w* and the weak set W (paper Eq. 9-13).
+
+    distances (C,): accumulated distance of each combination's predictions from the complete
+    set's; masks (C, M). Candidates are the combinations that miss exactly one modality (the
+    three two-modality masks of the official M = 3 code, the singletons for M = 2), so w* is
+    never the complete set. W = w* and every non-empty sub-combination of it.
+    Returns (index of w*, sorted indices of W).
+    """
+    sizes = masks.sum(dim=1)
+    candidates = torch.nonzero(sizes == masks.shape[1] - 1).flatten()
+    best = int(candidates[torch.argmax(distances[candidates])])
+    inside = ((masks <= masks[best]).all(dim=1)).nonzero().flatten()
+    return best, sorted(int(i) for i in inside)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def acer(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Average classification error rate of face anti-spoofing (ISO/IEC 30107-3), label 1 = real
+    (bona fide), 0 = attack: (APCER + BPCER) / 2 with APCER the attack-as-real rate and BPCER the
+    real-as-attack rate. A class absent from `labels` contributes 0. In [0, 1]; 0.5 for a
+    constant predictor when both classes occur."""
+    attack, real = labels == 0, labels == 1
+    apcer = (preds[attack] != 0).double().mean().item() if attack.any() else 0.0
+    bpcer = (preds[real] != 1).double().mean().item() if real.any() else 0.0
+    return (apcer + bpcer) / 2
+
+
+def combination_chart(names: Sequence[str], series: dict[str, Sequence[float]], title: str):
+    """A grouped bar chart of accuracy per modality combination (a matplotlib Figure)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 0.9 * len(names) + 2), 4.0))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, values, width=width, label=f"{label} (mean {sum(values) / len(values):.3f})")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+
+class MMANetConfig(Section):
+    teacher_epochs: int = Field(10, gt=0, description="epochs of the teacher stage (complete data)")
+    width: int = Field(32, gt=0, description="stem channels")
+    feat_dim: int = Field(64, gt=0, description="features per modality after its stem")
+    hidden: int = Field(128, gt=0, description="trunk width; MAD distils the trunk output")
+    lambda_mad: float = Field(30.0, ge=0, description="MAD weight (official classification: 30)")
+    lambda_mar: float = Field(0.5, ge=0, description="MAR weight (official classification: 0.5)")
+    begin_epoch: int = Field(5, ge=1, description="task-only student epochs; MAD and MAR from then on")
+    mining_epochs: int = Field(3, ge=1, description="mining after each of the last N task-only epochs")
+    mad_weighting: Literal["column", "row"] = Field(
+        "column", description="column: classification code (default); row: segmentation code")
+    mar_variant: Literal["paper", "code"] = Field(
+        "paper", description="paper: CE on weak samples only; code: classification code's broadcast")
+    mining_distance: Literal["histogram_kl", "accuracy_gap"] = Field(
+        "histogram_kl", description="histogram_kl: classification code; accuracy_gap: (acc_full - "
+        "acc_c)^2, the segmentation code's metric gap")
+
+    @model_validator(mode="after")
+    def _window_fits(self):
+        if self.mining_epochs > self.begin_epoch:
+            raise ValueError(f"mining_epochs ({self.mining_epochs}) must be <= begin_epoch "
+                             f"({self.begin_epoch}): mining uses the task-only epochs")
+        return self
+
+
+def _bare(model):
+    """The module inside a DDP wrapper: evaluation and mining must not run DDP's collectives."""
+    return getattr(model, "module", model)
+
+
+def _from_rank0(compute, ctx: StepContext):
+    """`compute()` on rank 0, the same value on every rank (BatchNorm buffers differ slightly
+    between ranks, so a per-rank evaluation could pick different weak sets)."""
+    value = compute() if ctx.rank == 0 else None
+    if ctx.world_size > 1 and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+@register_method("mmanet")
+class MMANet(Method):
+    Config = MMANetConfig
+    defaults = {"train": {"epochs": 20, "batch_size": 64, "lr": 2e-3}}
+    stages = ("teacher", "student")
+    metric = "val_mean_acc"
+    test_metric = "test_mean_acc"
+    default_dataset = "digits-multimodal"
+    # The modality columns differ per dataset (`meta["modalities"]`); they are checked when the
+    # method is built. `packed` is what an exported model takes.
+    required_columns = ("label", multimodal.PACKED)
+    export_input = multimodal.PACKED
+    search_space = {
+        "method.lambda_mad": {"loguniform": [1.0, 100.0]},
+        "method.lambda_mar": {"loguniform": [0.05, 2.0]},
+        "method.begin_epoch": {"choice": [3, 5, 8]},
+    }
+    smoke_overrides = ["method.teacher_epochs=1", "train.epochs=2", "method.begin_epoch=1",
+                       "method.mining_epochs=1", "method.width=8", "method.feat_dim=16", "method.hidden=32"]
+
+    def __init__(self, cfg, data):
+        super().__init__(cfg, data)
+        info = data.info
+        self.modalities = list(info.meta.get("modalities", []))
+        missing = [m for m in self.modalities if m not in info.columns]
+        if len(self.modalities) < 2 or missing:
+            raise DataError(f"dataset {info.uri} is not a multimodal dataset with >= 2 modalities "
+                            f"(meta.modalities={self.modalities}, missing columns {missing}); "
+                            "write it with methodlab.data.multimodal.multimodal_splits")
+        self.masks = all_masks(len(self.modalities))
+        self.names = [combination_name(m, self.modalities) for m in self.masks]
+        self.num_classes = info.num_classes
+        # Mining state, kept across resumes.
+        self.distances = [0.0] * len(self.masks)
+        self.mined_upto = -1
+        self.weak: list[int] | None = None
+        self.accuracy: dict[str, list[float]] = {}     # split -> accuracy per combination
+
+    # -- networks -------------------------------------------------------------------------------
+
+    def spec(self, regularizer: bool = False) -> dict:
+        c = self.mcfg
+        kwargs = {"modality_shapes": [self.data.info.columns[m].shape for m in self.modalities],
+                  "num_classes": self.num_classes, "width": c.width, "feat_dim": c.feat_dim, "hidden": c.hidden}
+        return {"arch": "mmanet", "kwargs": {**kwargs, "regularizer": True} if regularizer else kwargs}
+
+    def stage_epochs(self, stage):
+        return self.mcfg.teacher_epochs if stage == "teacher" else self.cfg.train.epochs
+
+    def build_models(self, stage, previous):
+        if stage == "teacher":
+            return {"teacher": build_model(self.spec())}
+        return {"teacher": freeze(previous["teacher"]), "student": build_model(self.spec(regularizer=True))}
+
+    def pack(self, batch) -> torch.Tensor:
+        """The modality columns of a batch as the network's (B, sum of sizes) input."""
+        return torch.cat([batch[m].flatten(1).float() for m in self.modalities], dim=1)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def active(self, epoch: int) -> bool:
+        return epoch >= self.mcfg.begin_epoch
+
+    def train_step(self, stage, models, optimizers, batch, ctx: StepContext):
+        x, y = self.pack(batch), batch["label"]
+        complete = torch.ones(len(y), len(self.modalities), device=x.device)
+        out: dict[str, torch.Tensor] = {}
+        with ctx.autocast():
+            if stage == "teacher":
+                loss = F.cross_entropy(models["teacher"](x, complete).float(), y)
+            else:
+                masks = self.masks.to(x.device)
+                combo, mask = sample_masks(len(y), masks)
+                logits, feats, aux = models["student"](x, mask, with_aux=True)
+                task = F.cross_entropy(logits.float(), y)
+                weak_ids = torch.tensor(self.weak or [], dtype=torch.long, device=x.device)
+                mar = mar_loss(aux, y, torch.isin(combo, weak_ids), self.mcfg.mar_variant)
+                on = self.active(ctx.epoch) and self.weak is not None
+                # MAR always enters the graph (weight 0 while off) so that every DDP rank
+                # produces gradients for the regularization network in every step.
+                loss = task + (self.mcfg.lambda_mar if on else 0.0) * mar
+                out = {"loss_task": task.detach(), "loss_mar": mar.detach()}
+                if self.active(ctx.epoch) and self.mcfg.lambda_mad > 0:
+                    with torch.no_grad():
+                        t_logits, t_feats, _ = models["teacher"](x, complete, with_aux=True)
+                    mad = mad_loss(feats, t_feats, t_logits, self.mcfg.mad_weighting)
+                    loss = loss + self.mcfg.lambda_mad * mad
+                    out["loss_mad"] = mad.detach()
+        opt = optimizers["opt"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach(), **out}
+
+    # -- mining ---------------------------------------------------------------------------------
+
+    def on_epoch_start(self, stage, models, ctx: StepContext) -> dict[str, Any]:
+        c = self.mcfg
+        first = c.begin_epoch - c.mining_epochs + 1
+        if stage == "student" and self.weak is None and first <= ctx.epoch <= c.begin_epoch \
+                and ctx.epoch > self.mined_upto:
+            student = _bare(models["student"])
+            step = _from_rank0(lambda: self.mining_distances(student, ctx.device), ctx)
+            self.distances = [d + s for d, s in zip(self.distances, step)]
+            self.mined_upto = ctx.epoch
+            if ctx.epoch == c.begin_epoch:
+                _, self.weak = mine_weak_set(torch.tensor(self.distances), self.masks)
+        if stage != "student" or self.weak is None:
+            return {}
+        weakest = max(self.weak, key=lambda i: self.masks[i].sum().item())   # w*: the largest in W
+        return {"weakest_combination": self.names[weakest],
+                "weak_set": ",".join(self.names[i] for i in self.weak),
+                "mining_distances": ",".join(f"{self.names[i]}={d:.4g}" for i, d in enumerate(self.distances))}
+
+    def mining_distances(self, student, device) -> list[float]:
+        """One mining pass: each combination's distance from the complete set on the val split."""
+        preds = [self.predict(student, "val", mask, device) for mask in self.masks]
+        full = preds[-1]
+        if self.mcfg.mining_distance == "histogram_kl":
+            hist_full = label_histogram(full, self.num_classes)
+            return [histogram_distance(label_histogram(p, self.num_classes), hist_full) for p in preds]
+        labels = self.data.splits["val"].tensors["label"]
+        acc = [(p == labels).double().mean().item() for p in preds]
+        return [(acc[-1] - a) ** 2 for a in acc]
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, net, split: str, mask: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
+        """Predicted labels (N,) of `split` with one fixed modality mask (M,) for every row."""
+        net.eval()
+        out = []
+        for b in self.data.splits[split].batches(batch_size, device):
+            x = self.pack(b)
+            out.append(net(x, mask.to(x.device).expand(len(x), -1)).argmax(-1).cpu())
+        return torch.cat(out)
+
+    def evaluate(self, stage, models, split, device):
+        labels = self.data.splits[split].tensors["label"]
+        if stage == "teacher":
+            preds = self.predict(models["teacher"], split, self.masks[-1], device)
+            return {f"{split}_teacher_acc": (preds == labels).double().mean().item()}
+        metrics: dict[str, float] = {}
+        accuracy, acers = [], []
+        for name, mask in zip(self.names, self.masks):
+            preds = self.predict(models["student"], split, mask, device)
+            accuracy.append((preds == labels).double().mean().item())
+            metrics[f"{split}_acc_{name}"] = accuracy[-1]
+            if self.num_classes == 2:
+                acers.append(acer(preds, labels))
+                metrics[f"{split}_acer_{name}"] = acers[-1]
+        metrics[f"{split}_mean_acc"] = sum(accuracy) / len(accuracy)
+        if acers:
+            metrics[f"{split}_mean_acer"] = sum(acers) / len(acers)
+        self.accuracy[split] = accuracy
+        return metrics
+
+    def epoch_artifacts(self, stage, epoch):
+        if stage != "student" or epoch != self.stage_epochs(stage) - 1:
+            return {}
+        series = {split: self.accuracy[split] for split in ("val", "test") if split in self.accuracy}
+        return {"accuracy_per_combination.png": combination_chart(
+            self.names, series, f"MMANet deployment network, {self.data.info.name}")}
+
+    # -- export and state -----------------------------------------------------------------------
+
+    def export(self, models):
+        """The deployment network alone (stems, trunk, head); the regularization network is a
+        training-time device and is dropped, as in the official code."""
+        spec = self.spec()
+        model = build_model(spec)
+        model.load_state_dict({k: v for k, v in _bare(models["student"]).state_dict().items()
+                               if not k.startswith("regularizer.")})
+        return model, spec
+
+    def state_dict(self):
+        return {"distances": list(self.distances), "mined_upto": self.mined_upto, "weak": self.weak}
+
+    def load_state_dict(self, state):
+        if state:
+            self.distances = list(state["distances"])
+            self.mined_upto = int(state["mined_upto"])
+            self.weak = None if state["weak"] is None else list(state["weak"])
