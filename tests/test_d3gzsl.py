@@ -107,13 +107,13 @@ def test_per_class_accuracy_matches_numpy_and_ignores_class_size(seed, classes, 
 
 
 def test_gzsl_scores_predict_over_all_classes():
-    labels = torch.tensor([0, 0, 1, 2, 2])
-    unseen = labels == 2
-    logits = torch.zeros(5, 3)
+    labels = torch.tensor([0, 0, 1, 2, 2, 3])
+    logits = torch.zeros(6, 4)
     logits[[0, 2], [0, 1]] = 1          # seen rows right on 2 of 3 rows (class 0: 1/2, class 1: 1/1)
-    logits[[1, 3, 4], [2, 2, 0]] = 1    # row 1 (seen) predicts an unseen class; unseen class 2: 1/2
-    scores = gzsl_scores(logits, labels, unseen)
-    assert scores == pytest.approx({"S": 0.75, "U": 0.5, "H": 0.6})
+    logits[[1, 3, 4, 5], [2, 2, 0, 3]] = 1  # row 1 (seen) predicts unseen; unseen: 2 -> 1/2, 3 -> 1/1
+    logits[4, 3] = 0.5                  # row 4: among unseen classes only, 3 beats 2 -> ZSL wrong
+    scores = gzsl_scores(logits, labels, torch.tensor([2, 3]))
+    assert scores == pytest.approx({"S": 0.75, "U": 0.75, "H": 0.75, "ZSL": 0.75})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,6 +462,7 @@ def test_gan_step_logs_and_export_matches_student(method_setup):
     metrics = method.evaluate("gan", models, "test", torch.device("cpu"))
     for prefix in ("test_", "test_fresh_"):
         s, u, h = (metrics[prefix + k] for k in "SUH")
+        assert 0 <= metrics[prefix + "ZSL"] <= 1
         assert 0 <= min(s, u) and max(s, u) <= 1
         assert min(s, u) - 1e-12 <= h <= max(s, u) + 1e-12
     exported, spec = method.export(models)
