@@ -5,3 +5,4 @@ from methodlab.methods import toast  # noqa: F401
 from methodlab.methods import d3gzsl  # noqa: F401
 from methodlab.methods import canonicalization  # noqa: F401
 from methodlab.methods import mmanet  # noqa: F401
+from methodlab.methods import bad_batches  # noqa: F401

@@ -12,6 +12,7 @@ from typing import Any
 from methodlab.models import cnn  # noqa: F401  (registers architectures)
 from methodlab.models import canonicalizer  # noqa: F401  (canonicalized, group_averaged)
 from methodlab.models import gzsl  # noqa: F401  (gzsl-classifier)
+from methodlab.models import resnet  # noqa: F401  (resnet)
 from methodlab.models import vit  # noqa: F401  (vit, toast_vit)
 from methodlab.registry import get_model_builder
 

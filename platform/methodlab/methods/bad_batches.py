@@ -1,0 +1,425 @@
+"""Bad Batches: SimCLR with batch curation by the Fréchet ResNet Distance (FRD).
+
+Göksu & Pugeault, "The Bad Batches: Enhancing Self-Supervised Learning in Image Classification
+Through Representative Batch Curation", IJCNN 2024, arXiv 2403.19579 (no official code), on top of
+SimCLR (Chen, Kornblith, Norouzi & Hinton, ICML 2020, arXiv 2002.05709).
+
+Every batch yields two augmented views (kornia, on the worker's device). Before the optimizer
+step the batch is scored with the FRD (`methodlab.metrics.frechet`, exact, no d x d sqrtm) and a
+batch whose score is over the threshold is discarded: no backward, no optimizer or scheduler step,
+and its BatchNorm statistics are rolled back, so a skipped batch leaves the model untouched.
+
+Options (the paper's text could not be read; see the spec, section 1):
+  comparison  views_vs_originals (default; the method's description: "representative of the
+              original images"): both views (2n) against the un-augmented batch (n).
+              view_vs_view: view 1 against view 2 (the secondary summary's B1 vs B2).
+  extractor   online (default): the encoder being trained, features after the projection head
+              (`frd_features=projection`, the summary's z) or before it (`backbone`).
+              frozen: a fixed reference network loaded with `methodlab.models.hub.load_pretrained`
+              from `extractor_uri` (models:/..., runs:/..., a checkpoint or a file); its `embed`.
+  curation    quantile (default): drop a batch whose FRD is in the top `frd_quantile` of the last
+              `frd_window` scores; threshold: drop FRD > `frd_threshold`; off: plain SimCLR, no
+              scoring at all. The first `warmup_epochs` only score (and fill the window).
+
+Under DDP the features of all ranks are all-gathered, so every rank scores the same global batch
+and takes the same decision; the NT-Xent negatives stay per rank. The scheduler counts accepted
+batches only. Each batch's FRD and every rank's decision are logged per epoch as a CSV, with an
+FRD histogram (PNG). Evaluation: a linear probe and k-NN on the frozen encoder's features of the
+labelled train split. The registered model is the encoder with the linear probe as its head (a
+registered `resnet`), so it classifies images and other methods load it as a backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import deque
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from methodlab.config import Section
+from methodlab.errors import ConfigError
+from methodlab.methods.base import Method, StepContext
+from methodlab.metrics.frechet import frechet_distance
+from methodlab.models import build_model
+from methodlab.registry import register_method
+
+# ----------------------------------------------------------------------------------------------
+# Losses and rules (pure functions)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent, the normalized temperature-scaled cross-entropy of SimCLR (Chen et al., ICML 2020,
+    arXiv 2002.05709, eq. 1), averaged over all 2N anchors.
+
+    z1, z2: (N, D) projections of the two views; row i of z1 and row i of z2 are the positive
+    pair, the other 2N-2 rows are negatives. Returns a scalar in
+    [log(1 + (2N-2) e^{-2/t}), log(1 + (2N-2) e^{2/t})].
+    """
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)                       # (2N, D)
+    sim = (z @ z.mT) / temperature                                            # (2N, 2N)
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, positives)
+
+
+def quantile_threshold(window: Sequence[float], q: float) -> float:
+    """The FRD above which a score is in the top `q` of `window` (linear interpolation between
+    order statistics); +inf for an empty window, so the first batches are always kept."""
+    if len(window) == 0:
+        return math.inf
+    return float(torch.quantile(torch.tensor(list(window), dtype=torch.float64), 1.0 - q))
+
+
+def keep_batch(frd: float, threshold: float) -> bool:
+    """The curation rule: keep a batch whose FRD is at most the threshold. Monotone: a batch kept
+    at threshold t is kept at every t' > t; threshold=+inf keeps every batch."""
+    return frd <= threshold
+
+
+@torch.no_grad()
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int,
+                 weight_decay: float) -> nn.Linear:
+    """A multinomial logistic regression on frozen features (the standard SSL linear evaluation,
+    Chen et al. 2020, sec. 4), full-batch L-BFGS on standardised features. The standardisation is
+    folded into the returned layer, so it takes raw features (B, D) -> logits (B, num_classes)."""
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    x = (features - mean) / std
+    layer = nn.Linear(x.shape[1], num_classes).to(x.device)
+    opt = torch.optim.LBFGS(layer.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(x), labels) + weight_decay * layer.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    folded = nn.Linear(x.shape[1], num_classes).to(x.device)
+    folded.weight.copy_(layer.weight / std)
+    folded.bias.copy_(layer.bias - folded.weight @ mean)
+    return folded
+
+
+@torch.no_grad()
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor,
+                num_classes: int, k: int, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted k-NN on cosine similarity (Wu et al., "Unsupervised Feature Learning via
+    Non-Parametric Instance Discrimination", CVPR 2018, arXiv 1805.01978): each of the k nearest
+    train features votes for its label with weight exp(sim / temperature). (M, D) -> (M,) labels."""
+    bank = F.normalize(train_features, dim=1)
+    k = min(k, bank.shape[0])
+    out = []
+    for part in F.normalize(features, dim=1).split(chunk):
+        sim, idx = (part @ bank.mT).topk(k, dim=1)                           # (m, k)
+        votes = torch.zeros(part.shape[0], num_classes, device=part.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        out.append(votes.argmax(1))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+class BadBatchesConfig(Section):
+    arch: str = Field("resnet", description="encoder: a registered architecture with `embed` and a "
+                      "linear `head` (resnet, cnn)")
+    arch_kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 16, "blocks": [1, 1, 1]})
+    proj_hidden: int = Field(128, gt=0, description="projection head: Linear-ReLU-Linear")
+    proj_dim: int = Field(64, gt=0)
+    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="cosine over epochs x batches per epoch; it steps on accepted batches only")
+    # FRD scoring
+    curation: Literal["quantile", "threshold", "off"] = Field(
+        "quantile", description="quantile: drop the top frd_quantile of a running window; threshold: "
+        "drop FRD > frd_threshold; off: plain SimCLR (no scoring)")
+    frd_quantile: float = Field(0.1, gt=0, lt=1)
+    frd_window: int = Field(100, ge=1, description="batches in the running window of scores")
+    frd_threshold: float = Field(1.0, gt=0)
+    warmup_epochs: int = Field(1, ge=0, description="epochs that score but never drop a batch")
+    comparison: Literal["views_vs_originals", "view_vs_view"] = "views_vs_originals"
+    extractor: Literal["online", "frozen"] = Field(
+        "online", description="online: the encoder being trained; frozen: the model at extractor_uri")
+    extractor_uri: str = Field("", description="frozen extractor: models:/name@alias, runs:/<id>, a "
+                               "checkpoint directory or a model file")
+    frd_features: Literal["projection", "backbone"] = Field(
+        "projection", description="online extractor: features after (z) or before (h) the projection head")
+    # augmentations (kornia)
+    crop_scale_min: float = Field(0.5, gt=0, le=1, description="random resized crop: area in [min, 1]")
+    flip_p: float = Field(0.5, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0, lt=1, description="factor in [1-b, 1+b], p=0.8")
+    contrast: float = Field(0.4, ge=0, lt=1, description="factor in [1-c, 1+c], p=0.8")
+    noise_std: float = Field(0.05, ge=0, description="Gaussian noise, p=0.5")
+    rotation_degrees: float = Field(15.0, ge=0, le=180)
+    # evaluation
+    probe_steps: int = Field(100, gt=0, description="L-BFGS iterations of the linear probe")
+    probe_weight_decay: float = Field(1e-4, ge=0)
+    knn_k: int = Field(20, gt=0)
+
+    @model_validator(mode="after")
+    def _extractor_source(self):
+        if self.extractor == "frozen" and not self.extractor_uri:
+            raise ValueError("extractor=frozen needs extractor_uri (a models:/, runs:/, checkpoint or file)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class SimCLRNet(nn.Module):
+    """Encoder f (a registered arch; its classification head is frozen and unused while training)
+    and projection head g. forward: images (B, C, H, W) -> (h (B, E), z (B, proj_dim))."""
+
+    def __init__(self, backbone: nn.Module, hidden: int, out: int):
+        super().__init__()
+        self.backbone = backbone
+        backbone.head.requires_grad_(False)     # replaced by the linear probe at export
+        self.projector = nn.Sequential(nn.Linear(backbone.embed_dim, hidden), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden, out))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone.embed(x)
+        return h, self.projector(h)
+
+
+def build_augment(cfg: BadBatchesConfig, size: tuple[int, int]) -> nn.Module:
+    """The SimCLR augmentation family T for tensors (B, C, H, W) in [0, 1], all from kornia."""
+    import kornia.augmentation as K
+
+    return nn.Sequential(
+        K.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0)),
+        K.RandomHorizontalFlip(p=cfg.flip_p),
+        K.RandomBrightness((1 - cfg.brightness, 1 + cfg.brightness), p=0.8),
+        K.RandomContrast((1 - cfg.contrast, 1 + cfg.contrast), p=0.8),
+        K.RandomRotation(cfg.rotation_degrees),
+        K.RandomGaussianNoise(std=cfg.noise_std, p=0.5),
+    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)      # DDP keeps the module under .module
+
+
+def _gather(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Rows of every rank, in rank order (identical on every rank); `t` itself without DDP."""
+    if world_size == 1 or not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+
+@register_method("bad_batches")
+class BadBatches(Method):
+    Config = BadBatchesConfig
+    defaults = {"train": {"epochs": 30, "batch_size": 64, "lr": 2e-3}}
+    metric = "val_linear_acc"
+    test_metric = "test_linear_acc"
+    search_space = {
+        "method.frd_quantile": {"choice": [0.05, 0.1, 0.2, 0.3]},
+        "train.batch_size": {"choice": [32, 64, 128]},
+        "method.temperature": {"loguniform": [0.1, 1.0]},
+        "method.warmup_epochs": {"choice": [0, 1, 2, 4]},
+    }
+    smoke_overrides = ["train.epochs=2", "train.batch_size=32", "data.limit_rows=256",
+                       "method.arch_kwargs={width: 8, blocks: [1, 1]}", "method.warmup_epochs=1",
+                       "method.frd_quantile=0.3", "method.probe_steps=20"]
+    demo_overrides = ["train.epochs=12"]
+
+    def __init__(self, cfg, data):
+        super().__init__(cfg, data)
+        self.window: deque[float] = deque(maxlen=self.mcfg.frd_window)
+        self.accepted = 0                        # optimizer steps taken (accepted batches)
+        self.probe: dict[str, torch.Tensor] = {}  # the linear probe head, fitted at evaluation
+        self.probe_at = -1                       # `accepted` when the probe was fitted
+        self.records: list[list[float]] = []     # this epoch: per batch [step, threshold, frd, kept] x rank
+        self._augment: nn.Module | None = None
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def spec(self) -> dict:
+        image_shape = self.data.info.columns["image"].shape
+        return {"arch": self.mcfg.arch, "kwargs": {"in_channels": image_shape[0],
+                                                    "num_classes": self.data.info.num_classes,
+                                                    **self.mcfg.arch_kwargs}}
+
+    def build_models(self, stage, previous):
+        backbone = build_model(self.spec())
+        if not (hasattr(backbone, "embed") and isinstance(getattr(backbone, "head", None), nn.Linear)):
+            raise ConfigError(f"method.arch {self.mcfg.arch!r} has no `embed` and linear `head`; use resnet or cnn")
+        models = {"net": SimCLRNet(backbone, self.mcfg.proj_hidden, self.mcfg.proj_dim)}
+        if self.mcfg.extractor == "frozen":
+            models["extractor"] = self._load_extractor()
+        return models
+
+    def _load_extractor(self) -> nn.Module:
+        from methodlab.models.hub import load_pretrained
+
+        model, spec = load_pretrained(self.mcfg.extractor_uri, self.cfg.tracking.uri)
+        if not hasattr(model, "embed"):
+            raise ConfigError(f"method.extractor_uri {self.mcfg.extractor_uri!r} is a {spec['arch']!r} "
+                              "model without `embed`; FRD needs a feature extractor")
+        return model.requires_grad_(False).eval()
+
+    def build_schedulers(self, stage, optimizers, steps_per_epoch):
+        if self.mcfg.lr_schedule == "constant":
+            return {}
+        total = steps_per_epoch * self.stage_epochs(stage)
+        return {"lr": torch.optim.lr_scheduler.CosineAnnealingLR(optimizers["opt"], T_max=total)}
+
+    # -- training -------------------------------------------------------------------------------
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        if self._augment is None:
+            self._augment = build_augment(self.mcfg, tuple(images.shape[-2:])).to(images.device)
+        return self._augment(images)
+
+    def on_epoch_start(self, stage, models, ctx):
+        self.records = []
+        return {}
+
+    @torch.no_grad()
+    def frd_features(self, models: dict, images: torch.Tensor, views: tuple[torch.Tensor, torch.Tensor],
+                     out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two feature sets the FRD compares. `out` holds the training forward's (h, z) of
+        both views (2n rows), reused when the online extractor scores the views."""
+        m = self.mcfg
+        if m.extractor == "frozen":
+            extract = models["extractor"].embed
+            views_feats = extract(torch.cat(views))
+        else:
+            net = _unwrap(models["net"])
+            pick = 1 if m.frd_features == "projection" else 0
+            views_feats = out[pick].detach()
+
+            def extract(x: torch.Tensor) -> torch.Tensor:
+                # The originals are seen in train mode (batch statistics, like the views), on
+                # copies of the BatchNorm buffers: scoring never changes the model.
+                buffers = {k: v.clone() for k, v in net.named_buffers()}
+                return torch.func.functional_call(net, buffers, (x,), strict=False)[pick]
+        if m.comparison == "view_vs_view":
+            n = views[0].shape[0]
+            return views_feats[:n], views_feats[n:]
+        return views_feats, extract(images)
+
+    def threshold(self, epoch: int) -> float:
+        m = self.mcfg
+        if m.curation == "off" or epoch < m.warmup_epochs:
+            return math.inf
+        return m.frd_threshold if m.curation == "threshold" else quantile_threshold(self.window, m.frd_quantile)
+
+    def train_step(self, stage, models, optimizers, batch, ctx: StepContext):
+        m, opt = self.mcfg, optimizers["opt"]
+        images = batch["image"].float()
+        views = (self.augment(images), self.augment(images))
+        net = _unwrap(models["net"])
+        # Restored if the batch is dropped, so that a skipped batch changes nothing (BN included).
+        saved = {k: v.clone() for k, v in net.named_buffers()} if m.curation != "off" else {}
+        with ctx.autocast():
+            h, z = models["net"](torch.cat(views))
+            n = images.shape[0]
+            loss = nt_xent(z[:n], z[n:], m.temperature)
+
+        out: dict[str, torch.Tensor] = {"loss": loss.detach()}
+        keep = True
+        if m.curation != "off":
+            a, b = self.frd_features(models, images, views, (h.float(), z.float()))
+            frd = float(frechet_distance(_gather(a.float(), ctx.world_size), _gather(b.float(), ctx.world_size)))
+            threshold = self.threshold(ctx.epoch)
+            keep = keep_batch(frd, threshold)
+            self.window.append(frd)
+            mine = torch.tensor([frd, float(keep)], dtype=torch.float64, device=images.device)
+            everyone = _gather(mine[None], ctx.world_size).cpu()                 # (world, 2)
+            self.records.append([float(ctx.step), threshold, *everyone.flatten().tolist()])
+            out.update(frd=torch.tensor(frd), kept=torch.tensor(float(keep)))
+        if keep:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for s in ctx.extra.get("schedulers", {}).values():
+                s.step()
+            self.accepted += 1
+        else:
+            for k, v in net.named_buffers():
+                v.copy_(saved[k])
+        return out
+
+    # -- evaluation and export ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _features(self, backbone: nn.Module, split: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone.eval()
+        data = self.data.splits[split]
+        feats, labels = [], []
+        for b in data.batches(512, device):
+            feats.append(backbone.embed(b["image"].float()).float())
+            labels.append(b["label"])
+        return torch.cat(feats), torch.cat(labels)
+
+    def evaluate(self, stage, models, split, device):
+        backbone = models["net"].backbone
+        train_x, train_y = self._features(backbone, "train", device)
+        k = self.data.info.num_classes
+        if self.probe_at != self.accepted or not self.probe:
+            head = linear_probe(train_x, train_y, k, self.mcfg.probe_steps, self.mcfg.probe_weight_decay)
+            self.probe = {n: v.detach().cpu() for n, v in head.state_dict().items()}
+            self.probe_at = self.accepted
+        x, y = self._features(backbone, split, device)
+        logits = F.linear(x, self.probe["weight"].to(x.device), self.probe["bias"].to(x.device))
+        knn = knn_predict(train_x, train_y, x, k, self.mcfg.knn_k)
+        return {f"{split}_linear_acc": (logits.argmax(1) == y).float().mean().item(),
+                f"{split}_knn_acc": (knn == y).float().mean().item()}
+
+    def export(self, models):
+        model = copy.deepcopy(models["net"].backbone).cpu()
+        if self.probe:
+            model.head.load_state_dict(self.probe)
+        return model, self.spec()
+
+    def epoch_artifacts(self, stage, epoch):
+        if not self.records:
+            return {}
+        world = (len(self.records[0]) - 2) // 2
+        header = ["step", "threshold", *[f"{c}_rank{r}" for r in range(world) for c in ("frd", "kept")]]
+        rows = [",".join(header)] + [",".join(f"{v:.10g}" for v in rec) for rec in self.records]
+        tag = f"bad_batches/epoch_{epoch + 1:03d}"
+        return {f"{tag}_frd.csv": "\n".join(rows) + "\n", f"{tag}_frd_hist.png": self._histogram(epoch)}
+
+    def _histogram(self, epoch: int):
+        from matplotlib.figure import Figure
+
+        frd = [r[2] for r in self.records]
+        kept = [r[3] for r in self.records]
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.add_subplot()
+        ax.hist([f for f, k in zip(frd, kept) if k], bins=30, alpha=0.8, label="kept")
+        ax.hist([f for f, k in zip(frd, kept) if not k], bins=30, alpha=0.8, label="dropped")
+        ax.set(xlabel="FRD per batch", ylabel="batches",
+               title=f"epoch {epoch + 1}: kept {sum(kept):.0f}/{len(kept)}")
+        ax.legend()
+        fig.tight_layout()
+        return fig
+
+    def state_dict(self):
+        return {"window": list(self.window), "accepted": self.accepted, "probe": self.probe,
+                "probe_at": self.probe_at}
+
+    def load_state_dict(self, state):
+        self.window = deque(state.get("window", []), maxlen=self.mcfg.frd_window)
+        self.accepted = state.get("accepted", 0)
+        self.probe = state.get("probe", {})
+        self.probe_at = state.get("probe_at", -1)

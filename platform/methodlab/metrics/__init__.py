@@ -1,0 +1,1 @@
+"""Metrics shared by methods and benchmarks (pure functions on tensors)."""
