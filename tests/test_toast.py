@@ -274,7 +274,8 @@ def test_two_worker_toast_run_loads_a_registered_backbone(ray_cluster, home):
     from methodlab.tracking import Tracker
     from methodlab.train.launch import train
 
-    cfg = load_config("toast", None, ["scaling.num_workers=2", "method.pretune_epochs=1", "train.epochs=2",
+    cfg = load_config("toast", None, ["scaling.num_workers=2", "method.pretune_epochs=1", "train.epochs=1",
+                                      "train.batch_size=64",
                                       "method.backbone=models:/test-vit-source@candidate"])
     spec = {"arch": "vit", "kwargs": {**TINY, "num_classes": 5}}
     torch.manual_seed(0)

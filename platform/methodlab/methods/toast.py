@@ -53,8 +53,10 @@ from methodlab.registry import register_method
 Mode = Literal["toast", "toast-lite", "linear", "finetune"]
 TOAST_MODES = ("toast", "toast-lite")
 DEFAULT_BACKBONE = "models:/methodlab-vit-source@candidate"
-# The demo's source backbone: a small ViT for 8x8 digits (16 patch tokens + CLS).
-SOURCE_VIT = {"img_size": 8, "patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4}
+# The demo's source backbone: a small ViT for 8x8 digits (16 patch tokens + CLS); `scratch`
+# backbones take the same sizes and the dataset's image size.
+SCRATCH_VIT = {"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4}
+SOURCE_VIT = {"img_size": 8, **SCRATCH_VIT}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +131,7 @@ class ToastConfig(Section):
     backbone: str = Field(DEFAULT_BACKBONE, description="a ViT to transfer: models:/name@alias, runs:/<id>, "
                           "a checkpoint directory, a model file; `scratch` = random init from "
                           "scratch_kwargs (tests and benchmarks only)")
-    scratch_kwargs: dict[str, Any] = Field(default_factory=lambda: dict(SOURCE_VIT),
+    scratch_kwargs: dict[str, Any] = Field(default_factory=lambda: dict(SCRATCH_VIT),
                                            description="ViT kwargs for backbone=scratch; image size and "
                                            "channels default to the dataset's")
     mode: Mode = Field("toast", description="toast | toast-lite | linear (probe) | finetune (full)")

@@ -10,6 +10,10 @@ Sizes are kwargs, from a tiny model for 8x8 digits to ViT-B/16:
 
     ViT(img_size=8, patch_size=2, in_channels=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
     ViT()   # ViT-B/16: 224x224, patch 16, embed 768, depth 12, heads 12, MLP ratio 4
+
+`toast_vit` (TopDownViT, below) wraps a ViT with TOAST's top-down path; its spec is
+`{"arch": "toast_vit", "kwargs": {"vit": {<ViT kwargs>}, "num_classes": K, "lora_rank": r,
+"value_bias": "free"}}`, so a transferred model rebuilds with `build_model` like any other.
 """
 
 from __future__ import annotations
