@@ -1,0 +1,647 @@
+"""Ray Tune sweeps of any registered method: each trial is a full Ray Train run, and the whole
+sweep is one MLflow parent run with a child run per trial.
+
+    methodlab sweep supervised -c jobs/sweeps/supervised.yaml search.num_samples=8 train.epochs=10
+
+A sweep file (jobs/sweeps/<name>.yaml) has four parts, all optional:
+
+    method_name: supervised        # the method it is written for (checked against the command)
+    name: supervised-lr            # Tune storage under storage.path/<name>; resubmitting resumes
+    base:                          # the run config of every trial (method:, data:, train:, scaling:, ...)
+      train: {epochs: 10}
+      scaling: {num_workers: 2, cpus_per_worker: 0.49}   # the resources of one trial
+    space:                         # dotted config keys -> distributions, over the method's default
+      train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      train.weight_decay: null     # null drops a key of the default space
+    search:
+      algorithm: random            # random | grid | optuna (TPE)
+      num_samples: 8
+      max_concurrent_trials: 2     # default: as many as the cluster fits
+      scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
+
+`key=value` overrides go to the sweep where the key starts with `name`, `space.` or `search.`
+(`space.train.lr={choice: [1e-3, 1e-2]}`), and to `base` otherwise (`train.epochs=3`).
+
+Why it is built this way:
+- The space is validated before Ray starts: every key must be a config key, every bound and
+  every option must be a valid value of that key, so a typo costs no cluster time.
+- A trial is the pattern Ray 2.x recommends for Train inside Tune: a Tune function (0.01 CPU, so
+  it does not take a worker's CPU) that builds the run's TorchTrainer with a TuneReportCallback
+  and fits it. The trial's Ray Train run and its MLflow child run are named after the sweep and
+  the Tune trial id, so a restored trial continues both instead of starting over.
+- ASHA stops a trial by killing its actor, so nothing in the trial can record that. The driver
+  does it afterwards: a trial whose child run is still RUNNING after Tune terminated it was
+  stopped early; it is tagged `methodlab.stopped_early=true` and ended KILLED.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from methodlab import storage
+from methodlab.config import (RunConfig, Section, deep_merge, parse_override, read_yaml, resolve,
+                              run_config_class, set_path)
+from methodlab.errors import ConfigError, TrainingError
+from methodlab.registry import get_method
+
+DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
+STOPPED_TAG = "methodlab.stopped_early"
+SWEEP_TAG = "methodlab.sweep"
+TRIAL_CPU = 0.01          # the Tune function only waits on its TorchTrainer; 0 is rejected by Tune
+SWEEP_KEYS = ("name", "space", "search", "method_name", "base")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep file
+
+
+class SchedulerConfig(Section):
+    type: Literal["asha", "fifo"] = Field("asha", description="asha: stop weak trials at rungs; fifo: run all")
+    grace_period: int = Field(1, gt=0, description="epochs every trial runs before ASHA may stop it")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps 1/reduction_factor at each rung")
+    max_t: int | None = Field(None, gt=0, description="epochs after which ASHA stops any trial; "
+                              "default: a bound on what a trial runs, so trials run to their end")
+
+
+class SearchConfig(Section):
+    algorithm: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random: sample the space; grid: every `choice` becomes a grid (ranges "
+        "are refused); optuna: TPE through Tune's OptunaSearch")
+    num_samples: int = Field(8, gt=0, description="trials (with grids: repeats of the whole grid)")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="default: as many as the cluster fits")
+    seed: int = Field(0, ge=0, description="seed of the sampler, so a sweep can be repeated")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+
+class SweepSpec(Section):
+    method_name: str | None = None
+    name: str | None = Field(None, description="default: <method>-sweep-<hash of the sweep>")
+    base: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Any] = Field(default_factory=dict)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}", v):
+            raise ValueError("use letters, digits, '_', '.', '-' (at most 80 characters)")
+        return v
+
+
+def _spec_error(e: ValidationError, origin: str) -> ConfigError:
+    err = e.errors()[0]
+    dotted = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return ConfigError(f"unknown sweep key {dotted} ({origin}); the sweep keys are "
+                           f"{', '.join(SWEEP_KEYS)}, and run config sections go under base:")
+    return ConfigError(f"sweep {dotted}: {err['msg']} (got {err.get('input')!r}, {origin})")
+
+
+def load_spec(method_name: str, yaml_path: str | None, overrides: list[str] = ()) -> tuple[SweepSpec, list[tuple[str, dict]]]:
+    """The sweep spec and the `base` config layers (file, then overrides), validated."""
+    data = read_yaml(yaml_path) if yaml_path else {}
+    origin = f"in {yaml_path}" if yaml_path else "by default"
+    base_layers: list[tuple[str, dict]] = [(f"in {yaml_path} (base:)", data.get("base") or {})]
+    sweep_over: dict = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] == "space" and len(path) > 1:
+            sweep_over.setdefault("space", {})[".".join(path[1:])] = value
+        elif path[0] in ("name", "search", "method_name"):
+            set_path(sweep_over, path, value, f"override {text!r}")
+        else:
+            tree: dict = {}
+            set_path(tree, path[1:] if path[0] == "base" else path, value, f"override {text!r}")
+            base_layers.append((f"by override {text!r}", tree))
+    merged = deep_merge(data, sweep_over)
+    try:
+        spec = SweepSpec.model_validate(merged)
+    except ValidationError as e:
+        raise _spec_error(e, origin) from None
+    if spec.method_name and spec.method_name != method_name:
+        raise ConfigError(f"sweep file {yaml_path} is for method {spec.method_name!r}, not {method_name!r}; "
+                          f"run `methodlab sweep {spec.method_name} -c {yaml_path}`")
+    return spec, base_layers
+
+
+# ----------------------------------------------------------------------------------------------
+# Search spaces: validated before any trial starts
+
+
+def _config_keys(cls: type[BaseModel], cfg: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of a run config: the leaves of its sections (and of dict-valued fields)."""
+    out = []
+    for name, f in cls.model_fields.items():
+        ann = f.annotation
+        dotted = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _config_keys(ann, cfg.get(name) or {}, dotted + ".")
+        else:
+            out.append(dotted)
+            if isinstance(cfg.get(name), dict):
+                out += [f"{dotted}.{k}" for k in cfg[name]]
+    return out
+
+
+def _check_key(key: str, cls: type[BaseModel], base: dict, valid: list[str]) -> None:
+    if key in valid:
+        return
+    # Below a dict-valued field (method.arch_kwargs.width) any key is allowed: the method checks it.
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if prefix in valid and _is_dict_field(cls, parts[:i]):
+            return
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "keys are dotted config keys such as train.lr"
+    raise ConfigError(f"space key {key}: unknown config key; {hint}")
+
+
+def _is_dict_field(cls: type[BaseModel], parts: list[str]) -> bool:
+    model: Any = cls
+    for part in parts[:-1]:
+        model = model.model_fields[part].annotation
+    ann = model.model_fields[parts[-1]].annotation
+    return getattr(ann, "__origin__", ann) is dict
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; in a space it is meant as a number."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        return float(value)
+    return value
+
+
+def _dist(key: str, spec: Any) -> tuple[str, Any]:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"space key {key}: a distribution is one of "
+                          f"{', '.join('{' + d + ': ...}' for d in DISTRIBUTIONS)}, got {spec!r}")
+    (kind, args), = spec.items()
+    if isinstance(args, list):
+        args = [_number(a) for a in args]
+    if kind not in DISTRIBUTIONS:
+        close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(DISTRIBUTIONS)}"
+        raise ConfigError(f"space key {key}: unknown distribution {kind!r}; {hint}")
+    if kind in ("uniform", "loguniform"):
+        ok = (isinstance(args, list) and len(args) == 2
+              and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args))
+        if not ok:
+            raise ConfigError(f"space key {key}: {kind} takes [low, high] as two finite numbers, got {args!r}")
+        lo, hi = args
+        if lo > hi:
+            raise ConfigError(f"space key {key}: {kind} low {lo} > high {hi}; swap them")
+        if kind == "loguniform" and lo <= 0:
+            raise ConfigError(f"space key {key}: loguniform needs low > 0, got {lo}")
+    elif not isinstance(args, list) or not args:
+        raise ConfigError(f"space key {key}: {kind} takes a non-empty list of values, got {args!r}")
+    return kind, args
+
+
+def _tree(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def validate_space(method_name: str, space: dict[str, dict], base_layers: list[tuple[str, dict]],
+                   algorithm: str) -> dict[str, tuple[str, list]]:
+    """{key: (distribution, args)}; raises a one-line ConfigError that names the key. Every bound
+    and option is also checked as a config value, so e.g. `train.lr: {uniform: [0, 1]}` fails here
+    (lr must be > 0) rather than in the trial that happens to draw 0."""
+    if not space:
+        raise ConfigError(f"method {method_name} has no default search space; give one under space:")
+    method = get_method(method_name)
+    cls = run_config_class(method.Config)
+    base = resolve(method_name, base_layers).model_dump(mode="json")
+    valid = _config_keys(cls, base)
+    out: dict[str, tuple[str, list]] = {}
+    for key, spec in space.items():
+        _check_key(key, cls, base, valid)
+        kind, args = _dist(key, spec)
+        if algorithm == "grid" and kind in ("uniform", "loguniform"):
+            raise ConfigError(f"space key {key}: search.algorithm=grid needs finite values, not a {kind} "
+                              "range; use {choice: [...]} or search.algorithm=random")
+        if algorithm == "optuna" and kind == "grid":
+            raise ConfigError(f"space key {key}: search.algorithm=optuna cannot sample a grid; "
+                              "use {choice: [...]}")
+        for value in args:
+            try:
+                resolve(method_name, [*base_layers, (f"by space key {key}", _tree(key, value))])
+            except ConfigError as e:
+                raise ConfigError(f"space key {key}: value {value!r} is not valid there ({e})") from None
+        out[key] = (kind, list(args))
+    return out
+
+
+def tune_space(space: dict[str, tuple[str, list]], algorithm: str) -> dict:
+    from ray import tune
+
+    def domain(kind: str, args: list):
+        if kind == "grid" or (kind == "choice" and algorithm == "grid"):
+            return tune.grid_search(args)
+        if kind == "choice":
+            return tune.choice(args)
+        return (tune.loguniform if kind == "loguniform" else tune.uniform)(*args)
+    return {key: domain(kind, args) for key, (kind, args) in space.items()}
+
+
+def merged_space(method_name: str, spec: SweepSpec) -> dict[str, dict]:
+    """The method's default space with the file's keys over it; a null value drops a key."""
+    space = {**get_method(method_name).search_space, **spec.space}
+    return {k: v for k, v in space.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# One trial: a Tune function that runs one Ray Train run
+
+
+def trial_config(ctx: dict, params: dict[str, Any], run_name: str) -> RunConfig:
+    layers = [*ctx["base_layers"], *((f"by trial param {k}", _tree(k, v)) for k, v in params.items()),
+              ("for this trial", {"train": {"run_name": run_name}, "tracking": {"register_model": False}})]
+    return resolve(ctx["method_name"], layers)
+
+
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    return f"{sweep_name}-{trial_id}"
+
+
+def run_trial(params: dict, ctx: dict) -> None:
+    """The Tune function of one trial (runs in a Tune actor, on 0.01 CPU)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from methodlab.tracking import Tracker, flatten_params
+    from methodlab.train.launch import build_trainer, dataset_for, worker_error_line
+
+    name = trial_run_name(ctx["sweep_name"], tune.get_context().get_trial_id())
+    cfg = trial_config(ctx, params, name)
+    storage.configure(cfg.storage)
+    info = dataset_for(cfg)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    existing = tracker.find_run(name)
+    if existing is not None and existing.status == "FINISHED":
+        # Finished before the sweep driver died: tell Tune its result instead of training again.
+        tune.report(existing.metrics)
+        return
+    if existing is not None:
+        run_id = existing.run_id
+        tracker.resume_run(run_id)
+    else:
+        method = get_method(cfg.method_name)
+        run_id = tracker.start_run(
+            name, flatten_params(cfg.model_dump(mode="json")),
+            {"methodlab.method": cfg.method_name, "methodlab.metric": method.metric,
+             "methodlab.dataset": info.name, "methodlab.sweep_name": ctx["sweep_name"],
+             "methodlab.checkpoint_root": f"{cfg.storage.path.rstrip('/')}/{name}",
+             **{f"methodlab.trial.{k}": v for k, v in params.items()}},
+            cfg.to_yaml(), parent_run_id=ctx["parent_run_id"])
+    try:
+        result = build_trainer(cfg, info, run_id, callbacks=[TuneReportCallback()]).fit()
+        if getattr(result, "error", None) is not None:
+            raise result.error
+    except Exception as exc:   # noqa: BLE001 — the child run is FAILED, Tune records the error
+        tracker.end_run(run_id, "FAILED")
+        raise TrainingError(f"trial {name} failed: {worker_error_line(exc)}") from None
+    tracker.set_tags(run_id, {STOPPED_TAG: "false"})
+    tracker.end_run(run_id, "FINISHED")
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    run_name: str
+    run_id: str | None
+    params: dict[str, Any]
+    metric: float | None
+    epochs: int
+    status: str                # FINISHED | KILLED (stopped early) | FAILED
+    error: str = ""
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.status == "KILLED"
+
+
+@dataclass
+class SweepSummary:
+    name: str
+    method: str
+    metric: str
+    mode: str
+    parent_run_id: str
+    trials: list[Trial] = field(default_factory=list)
+    best: Trial | None = None
+    registered_model: str | None = None
+    version: str | None = None
+    restored: bool = False
+    already_finished: bool = False
+
+    @property
+    def trial_epochs(self) -> int:
+        return sum(t.epochs for t in self.trials)
+
+    def line(self) -> str:
+        if self.already_finished:
+            return f"sweep {self.name}: already finished (MLflow run {self.parent_run_id}); nothing to do"
+        stopped = sum(t.stopped_early for t in self.trials)
+        failed = sum(t.status == "FAILED" for t in self.trials)
+        head = (f"sweep {self.name}{' (resumed)' if self.restored else ''}: {len(self.trials)} trials "
+                f"({stopped} stopped early, {failed} failed, {self.trial_epochs} trial-epochs)")
+        if self.best is None:
+            return f"{head} · no trial reported {self.metric} · MLflow run {self.parent_run_id}"
+        best = ", ".join(f"{k}={_short(v)}" for k, v in self.best.params.items())
+        model = (f" · registered {self.registered_model} v{self.version} (alias candidate)"
+                 if self.version else "")
+        return (f"{head} · best {self.metric}={self.best.metric:.4f} ({self.best.run_name}: {best})"
+                f"{model} · MLflow run {self.parent_run_id}")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def default_sweep_name(method_name: str, spec: SweepSpec, base: RunConfig) -> str:
+    d = spec.model_dump(mode="json", exclude={"name", "base"})
+    d["base"] = base.fingerprint()
+    return f"{method_name}-sweep-{hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
+    """Concurrent trials that fit: Ray Train worker groups that cannot be placed would wait on
+    each other, so more than fit is refused before the sweep starts."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_CPU + \
+        (1 if cfg.data.loader == "stream" else 0)
+    fit = max(1, int((cpus + 1e-9) // per_trial))
+    asked = spec.search.max_concurrent_trials
+    if asked is not None and asked > fit:
+        raise ConfigError(f"search.max_concurrent_trials={asked} needs {asked * per_trial:g} CPUs "
+                          f"({per_trial:g} per trial: scaling.num_workers x scaling.cpus_per_worker) but the "
+                          f"cluster has {cpus:g}; lower it or the per-trial scaling")
+    return asked or fit
+
+
+def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[str] = ()) -> SweepSummary:
+    """Run (or resume) a sweep of `method_name` and return its summary."""
+    from methodlab.tracking import Tracker, flatten_params
+    from methodlab.train.launch import check_capacity, ensure_ray, preflight
+
+    method = get_method(method_name)
+    spec, base_layers = load_spec(method_name, yaml_path, list(overrides))
+    base_layers = [(f"by {method_name}'s defaults", method.defaults), *base_layers]
+    base = resolve(method_name, base_layers)
+    space = validate_space(method_name, merged_space(method_name, spec), base_layers, spec.search.algorithm)
+    name = spec.name or default_sweep_name(method_name, spec, base)
+    # Resolved paths (storage, tracking), so the trials write where the driver reads.
+    base_layers = [("as resolved for the sweep", base.model_dump(mode="json", exclude={"method_name"}))]
+
+    info = preflight(base)
+    tracker = Tracker(base.tracking.uri, base.tracking.experiment)
+    existing = tracker.find_run(name)
+    if existing is not None and existing.status == "FINISHED":
+        return SweepSummary(name, method_name, method.metric, method.mode, existing.run_id, already_finished=True)
+
+    for k, v in {"RAY_AIR_NEW_OUTPUT": "0",                  # Tune's CLIReporter, not the new output
+                 "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # early stages may not report the metric
+                 "TUNE_GLOBAL_CHECKPOINT_S": "2"}.items():    # the experiment state a resume starts from
+        os.environ.setdefault(k, v)
+    ensure_ray()
+    check_capacity(base, with_data=base.data.loader == "stream")
+    concurrent = _concurrency(spec, base)
+
+    sched = spec.search.scheduler
+    if existing is not None:
+        parent = existing.run_id
+        tracker.resume_run(parent)
+    else:
+        params = {**{f"space.{k}": json.dumps({kind: args}) for k, (kind, args) in space.items()},
+                  **flatten_params(spec.search.model_dump(mode="json"), "search."),
+                  "search.max_concurrent_trials": str(concurrent),
+                  **{f"base.{k}": v for k, v in flatten_params(base.model_dump(mode="json")).items()
+                     if k.split(".")[0] in ("train", "scaling", "data")}}
+        parent = tracker.start_run(name, params, {SWEEP_TAG: "true", "methodlab.method": method_name,
+                                                  "methodlab.metric": method.metric, "methodlab.mode": method.mode,
+                                                  "methodlab.scheduler": sched.type},
+                                   _spec_yaml(spec, space, base, concurrent))
+    ctx = {"method_name": method_name, "base_layers": base_layers, "sweep_name": name, "parent_run_id": parent}
+    try:
+        results, restored = _fit(name, base, spec, space, ctx, concurrent, method)
+    except Exception as exc:   # noqa: BLE001 — Tune itself failed: the parent is FAILED, one line
+        tracker.end_run(parent, "FAILED")
+        raise TrainingError(f"sweep {name} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__} "
+                            f"(MLflow run {parent})") from None
+    if results.num_terminated + results.num_errors < len(results):
+        raise TrainingError(f"sweep {name} was interrupted before all trials ended; submit it again "
+                            f"with the same name to resume (MLflow run {parent})")
+
+    summary = SweepSummary(name, method_name, method.metric, method.mode, parent, restored=restored)
+    summary.trials = _collect(results, tracker, name, space, method.metric)
+    ranked = sorted((t for t in summary.trials if t.metric is not None and t.run_id),
+                    key=lambda t: t.metric, reverse=method.mode == "max")
+    summary.best, summary.version = _register_best(ranked, base, info, method, tracker, name)
+    summary.registered_model = base.tracking.registered_model if summary.version else None
+    _finish_children(summary.trials, tracker)
+    _log_summary(summary, space, tracker)
+    tracker.end_run(parent, "FINISHED")
+    return summary
+
+
+def _spec_yaml(spec: SweepSpec, space: dict, base: RunConfig, concurrent: int) -> str:
+    import yaml
+
+    d = spec.model_dump(mode="json", exclude={"base", "space"})
+    d["search"]["max_concurrent_trials"] = concurrent
+    d["space"] = {k: {kind: args} for k, (kind, args) in space.items()}
+    d["base"] = base.model_dump(mode="json", exclude={"method_name"})
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def epoch_bound(cfg: RunConfig) -> int:
+    """An upper bound on the epochs (the `epoch` a trial reports counts all stages) a run of `cfg`
+    takes: train.epochs plus every integer `method.*_epochs` (a teacher or pretune stage). It may
+    overestimate, which only adds ASHA rungs that no trial reaches; it must not underestimate,
+    or ASHA would cut every trial short of its last epoch."""
+    extra = sum(v for k, v in cfg.method.model_dump().items()
+                if k.endswith("_epochs") and isinstance(v, int) and not isinstance(v, bool))
+    return cfg.train.epochs + extra
+
+
+def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, concurrent: int, method):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from methodlab.train.launch import _storage_kwargs
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_CPU})
+    param_space = tune_space(space, spec.search.algorithm)
+    root = _storage_kwargs(base)
+    path = f"{root['storage_path'].rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=root.get("storage_filesystem")):
+        print(f"sweep {name}: restoring from {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space, storage_filesystem=root.get("storage_filesystem"))
+        return tuner.fit(), True
+
+    s = spec.search
+    if s.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        search_alg = OptunaSearch(seed=s.seed)
+    else:
+        # A generator ignores TuneConfig's max_concurrent_trials; it takes the limit itself.
+        search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent)
+    sched = s.scheduler
+    scheduler = (ASHAScheduler(time_attr="epoch", grace_period=sched.grace_period,
+                               reduction_factor=sched.reduction_factor,
+                               # ASHA stops a trial *at* max_t, before its run could finish.
+                               max_t=max(sched.max_t or epoch_bound(base) + 1, sched.grace_period))
+                 if sched.type == "asha" else FIFOScheduler())
+    reporter = tune.CLIReporter(metric_columns=[method.metric, "epoch"], parameter_columns=list(space),
+                                max_report_frequency=10, sort_by_metric=True)
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=method.metric, mode=method.mode, search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=s.num_samples,
+                                    max_concurrent_trials=concurrent if s.algorithm == "optuna" else None,
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(name=name, progress_reporter=reporter, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0), **root))
+    return tuner.fit(), False
+
+
+def _collect(results, tracker, name: str, space: dict, metric: str) -> list[Trial]:
+    out = []
+    for r in results:
+        trial_id = os.path.basename(r.path.rstrip("/"))
+        run_name = trial_run_name(name, trial_id)
+        rec = tracker.find_run(run_name)
+        last = r.metrics or {}
+        value = last.get(metric)
+        if value is None and rec is not None:
+            value = rec.metrics.get(metric)
+        epochs = int(last.get("epoch") or (rec.metrics.get("epoch", 0) if rec else 0))
+        if r.error is not None:
+            status = "FAILED"
+        elif rec is not None and rec.status == "FINISHED":
+            status = "FINISHED"
+        else:
+            status = "KILLED"     # Tune terminated it without an error before it finished: ASHA
+        params = {k: r.config.get(k) for k in space}
+        out.append(Trial(trial_id, run_name, rec.run_id if rec else None, params,
+                         float(value) if value is not None else None, epochs, status,
+                         str(r.error).strip().splitlines()[-1] if r.error is not None and str(r.error).strip() else ""))
+    return sorted(out, key=lambda t: t.trial_id)
+
+
+def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, name: str):
+    """Register the best trial whose checkpoint holds the exported model (a multi-stage trial
+    stopped before its last stage has none) from its last checkpoint, with alias `candidate`."""
+    from methodlab.data.dataset import read_split
+    from methodlab.models import hub
+    from methodlab.tracking import git_commit
+
+    if not ranked:
+        return None, None
+    example = read_split(info, "val", limit_rows=2)[method.export_input]
+    for t in ranked:
+        root = tracker.client.get_run(t.run_id).data.tags.get("methodlab.checkpoint_root")
+        try:
+            model, spec = hub.load_pretrained(hub.latest_checkpoint(root))
+        except ConfigError:
+            continue
+        version = tracker.log_model(t.run_id, model, spec, example, base.tracking.registered_model,
+                                    {method.metric: t.metric, "sweep": name, "run_name": t.run_name,
+                                     "git_commit": git_commit(), **{f"param.{k}": v for k, v in t.params.items()}})
+        tracker.set_tags(t.run_id, {"methodlab.registered_version": version, "methodlab.model_spec": json.dumps(spec)})
+        return t, version
+    return ranked[0], None
+
+
+def _finish_children(trials: list[Trial], tracker) -> None:
+    """Every child run ends in the state Tune left its trial in (log_model re-opens a run, so this
+    comes after registration)."""
+    for t in trials:
+        if t.run_id is None:
+            continue
+        tracker.set_tags(t.run_id, {STOPPED_TAG: str(t.stopped_early).lower(), "methodlab.trial_epochs": t.epochs})
+        tracker.end_run(t.run_id, t.status)
+
+
+def trials_csv(trials: list[Trial], space: dict, metric: str) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial_id", "run_name", "mlflow_run_id", "status", "stopped_early", "epochs", metric, *space])
+    for t in trials:
+        w.writerow([t.trial_id, t.run_name, t.run_id or "", t.status, str(t.stopped_early).lower(), t.epochs,
+                    "" if t.metric is None else f"{t.metric:.6g}", *(t.params.get(k) for k in space)])
+    return buf.getvalue()
+
+
+def metric_plot(trials: list[Trial], space: dict, metric: str):
+    """One panel per hyperparameter: the metric of every trial against its value."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(space)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        kind, args = space[key]
+        for stopped, marker, label in ((False, "o", "ran to the end"), (True, "x", "stopped early")):
+            pts = [(t.params.get(key), t.metric) for t in trials if t.metric is not None and t.stopped_early == stopped]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            if kind in ("choice", "grid"):
+                labels = [str(a) for a in args]
+                xs = [labels.index(str(x)) for x in xs]
+                ax.set_xticks(range(len(labels)), labels)
+            ax.scatter(xs, ys, marker=marker, label=label)
+        if kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _log_summary(s: SweepSummary, space: dict, tracker) -> None:
+    tracker.log_text(s.parent_run_id, trials_csv(s.trials, space, s.metric), "trials.csv")
+    if any(t.metric is not None for t in s.trials):
+        tracker.log_object(s.parent_run_id, metric_plot(s.trials, space, s.metric), "metric_vs_params.png")
+    summary = {"sweep": s.name, "metric": s.metric, "mode": s.mode, "trials": len(s.trials),
+               "stopped_early": sum(t.stopped_early for t in s.trials),
+               "failed": sum(t.status == "FAILED" for t in s.trials), "trial_epochs": s.trial_epochs,
+               "best": None if s.best is None else {"run_name": s.best.run_name, "run_id": s.best.run_id,
+                                                    s.metric: s.best.metric, "config": s.best.params},
+               "registered_model": s.registered_model, "version": s.version}
+    tracker.log_object(s.parent_run_id, summary, "summary.json")
+    metrics = {"trials": len(s.trials), "trials_stopped_early": summary["stopped_early"],
+               "trial_epochs": s.trial_epochs}
+    if s.best is not None:
+        metrics[f"best_{s.metric}"] = s.best.metric
+    tracker.log_metrics(s.parent_run_id, metrics, step=0)
+    if s.best is not None:
+        tracker.set_tags(s.parent_run_id, {"methodlab.best_run_id": s.best.run_id,
+                                           "methodlab.best_config": json.dumps(s.best.params),
+                                           "methodlab.registered_version": s.version or "none"})
