@@ -75,3 +75,51 @@ def bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:10]}"
     storage.s3_client(storage.S3Settings(s3_server, "us-east-1")).create_bucket(Bucket=name)
     return s3_server, name
+
+
+class MlflowServer:
+    """A real MLflow tracking server (SQLite backend, one worker) on 127.0.0.1 that a test can stop
+    and start again on the same port."""
+
+    def __init__(self, root):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.root, self.proc = root, None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        import subprocess
+        import time
+        import urllib.request
+
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--backend-store-uri",
+             f"sqlite:///{self.root}/mlflow.db", "--artifacts-destination", f"{self.root}/artifacts",
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not become healthy in 90 s")
+
+    def stop(self):
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    yield server
+    server.stop()

@@ -4,6 +4,7 @@
     methodlab sweep <method> [-c sweep.yaml] [key=value ...]
     methodlab promote <registered-model> [--metric test_acc] [--version N]
     methodlab data prepare [name ...] | data import <image-folder> --out <path-or-s3> | data list
+    methodlab sync                      replay metrics kept while the MLflow server was down
     methodlab methods | models
     methodlab demo
 
@@ -74,6 +75,15 @@ def _data(args) -> int:
     return 0
 
 
+def _sync(args) -> int:
+    from methodlab.config import methodlab_home
+    from methodlab.tracking import sync_spool
+
+    lines = sync_spool(args.spool or methodlab_home() / "spool")
+    print("\n".join(lines) if lines else "nothing to sync")
+    return 0 if all("synced" in line for line in lines) else 1
+
+
 def _methods(args) -> int:
     from methodlab.registry import get_method, method_names
 
@@ -128,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=32, help="import: images are resized to size x size")
     d.add_argument("--force", action="store_true", help="prepare: rebuild even if present")
     d.set_defaults(func=_data)
+
+    sy = sub.add_parser("sync", help="replay metrics kept locally while the tracking server was down")
+    sy.add_argument("--spool", help="default: $METHODLAB_HOME/spool")
+    sy.set_defaults(func=_sync)
 
     sub.add_parser("methods", help="list registered methods").set_defaults(func=_methods)
     sub.add_parser("models", help="list registered architectures").set_defaults(func=_models)

@@ -7,6 +7,7 @@ MLflow URI works: the default SQLite file under `.methodlab/`, or a tracking ser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -103,10 +104,11 @@ class RunRecord:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str):
+    def __init__(self, uri: str, experiment: str | None):
+        """`experiment=None` only addresses existing runs (e.g. `methodlab sync`)."""
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._experiment(experiment)
+        self.experiment_id = self._experiment(experiment) if experiment else None
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -257,3 +259,73 @@ class Tracker:
         if value is None:
             raise ConfigError(f"model version {mv.name} v{mv.version} has no metric {metric!r}")
         return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics that survive a tracking server going away
+
+
+@contextlib.contextmanager
+def fail_fast():
+    """MLflow's HTTP client retries a dead server for minutes by default; training must not wait
+    for it, so spooled writes try once with a short timeout."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class MetricSpool:
+    """Every epoch's metrics are appended to a local JSONL file first, then written to MLflow.
+    Lines MLflow could not take stay in the file and are retried at the next epoch, at the end of
+    the run, or by `methodlab sync`; a step already in MLflow is never written twice."""
+
+    def __init__(self, tracker: Tracker, run_id: str, spool_dir: str | os.PathLike):
+        self.tracker, self.run_id = tracker, run_id
+        self.path = Path(spool_dir) / f"{run_id}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> bool:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"uri": self.tracker.uri, "run_id": self.run_id, "step": step,
+                                "metrics": metrics}) + "\n")
+        return self.flush()
+
+    def flush(self) -> bool:
+        """True when everything spooled is in MLflow (and the spool file is gone)."""
+        return flush_spool_file(self.tracker, self.path)
+
+
+def flush_spool_file(tracker: Tracker, path: Path) -> bool:
+    if not path.exists():
+        return True
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        with fail_fast():
+            done = tracker.logged_steps(lines[0]["run_id"], "epoch") if lines else set()
+            for line in lines:
+                if line["step"] not in done:
+                    tracker.log_metrics(line["run_id"], line["metrics"], line["step"])
+                    done.add(line["step"])
+    except (MlflowException, OSError) as e:
+        print(f"[methodlab] MLflow at {tracker.uri} unreachable ({type(e).__name__}); "
+              f"{len(lines)} epoch(s) of metrics kept in {path} and retried later", flush=True)
+        return False
+    path.unlink()
+    return True
+
+
+def sync_spool(spool_dir: str | os.PathLike) -> list[str]:
+    """`methodlab sync`: replay every spooled file into its tracking server; returns what was done."""
+    done = []
+    for path in sorted(Path(spool_dir).glob("*.jsonl")):
+        first = json.loads(path.read_text().splitlines()[0])
+        ok = flush_spool_file(Tracker(first["uri"], None), path)
+        done.append(f"{path.name}: {'synced to ' + first['uri'] if ok else 'still unreachable: ' + first['uri']}")
+    return done

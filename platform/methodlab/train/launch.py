@@ -187,14 +187,25 @@ def train(cfg: RunConfig, parent_run_id: str | None = None) -> RunSummary:
         if getattr(result, "error", None) is not None:
             raise result.error
     except KeyboardInterrupt:
-        tracker.end_run(run_id, "KILLED")
+        _end_quietly(tracker, run_id, "KILLED")
         raise
     except Exception as exc:   # noqa: BLE001 — every failure marks the run FAILED, then one line
-        tracker.end_run(run_id, "FAILED")
+        _end_quietly(tracker, run_id, "FAILED")
         raise TrainingError(f"run {name} failed: {worker_error_line(exc)} "
                             f"(MLflow run {run_id}; the last checkpoint is kept under {cfg.storage.path}/{name})") from None
     tracker.end_run(run_id, "FINISHED")
     return _summary(tracker, cfg, run_id, resumed=existing is not None, already=False)
+
+
+def _end_quietly(tracker, run_id: str, status: str) -> None:
+    """Mark the run; if the tracking server is down too, the error about the run still comes first."""
+    from methodlab.tracking import fail_fast
+
+    try:
+        with fail_fast():
+            tracker.end_run(run_id, status)
+    except Exception:  # noqa: BLE001 — best effort: the run's own failure is what the user needs
+        print(f"[methodlab] could not mark MLflow run {run_id} {status}: tracking server unreachable", flush=True)
 
 
 def _summary(tracker, cfg: RunConfig, run_id: str, resumed: bool, already: bool) -> RunSummary:

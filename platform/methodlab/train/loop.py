@@ -181,10 +181,12 @@ def train_worker(loop_config: dict) -> None:
 
     data = load_bundle(cfg, info, loop_config["splits"])
     method: Method = get_method(cfg.method_name)(cfg, data)
-    tracker = None
+    tracker = spool = None
     if rank == 0:
-        from methodlab.tracking import Tracker
+        from methodlab.config import methodlab_home
+        from methodlab.tracking import MetricSpool, Tracker
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        spool = MetricSpool(tracker, run_id, methodlab_home() / "spool")
 
     state = LoopState(mlflow_run_id=run_id)
     checkpoint = ray.train.get_checkpoint()  # [ray]
@@ -196,8 +198,8 @@ def train_worker(loop_config: dict) -> None:
         if len(state.rng) == world:
             set_rng_state(state.rng[rank])
         if rank == 0:
-            _ensure_logged(tracker, run_id, state)
-            tracker.set_tags(run_id, {"methodlab.resumed_at_epoch": state.history_step})
+            _ensure_logged(spool, state)
+            _best_effort(tracker.set_tags, run_id, {"methodlab.resumed_at_epoch": state.history_step})
             print(f"[{cfg.run_name}] resumed at stage {method.stages[state.stage_index]}, "
                   f"epoch {state.epoch + 1}, step {state.step}", flush=True)
     attempt_start_history = state.history_step
@@ -242,7 +244,7 @@ def train_worker(loop_config: dict) -> None:
                               world_size=world, autocast=autocast, extra={"schedulers": schedulers})
             epoch_params = method.on_epoch_start(stage, models, ctx)
             if rank == 0 and epoch_params:
-                tracker.log_params_once(run_id, {f"{stage}.{k}": v for k, v in epoch_params.items()})
+                _best_effort(tracker.log_params_once, run_id, {f"{stage}.{k}": v for k, v in epoch_params.items()})
             for m in models.values():
                 if trainable(unwrap(m)):
                     m.train()
@@ -297,9 +299,9 @@ def train_worker(loop_config: dict) -> None:
             report = {**state.metrics, "stage": stage, "epoch": state.history_step} if rank == 0 else {}
             _report(report, state if rank == 0 else None, cfg)
             if rank == 0:
-                _ensure_logged(tracker, run_id, state)
+                _ensure_logged(spool, state)
                 for file, obj in method.epoch_artifacts(stage, epoch).items():
-                    tracker.log_object(run_id, obj, file)
+                    _best_effort(tracker.log_object, run_id, obj, file)
                 shown = " ".join(f"{k}={v:.4g}" for k, v in state.metrics.items() if k != "epoch_seconds")
                 print(f"[{cfg.run_name}] {stage} epoch {epoch + 1}/{epochs} {shown} "
                       f"({metrics['epoch_seconds']:.1f}s)", flush=True)
@@ -307,6 +309,10 @@ def train_worker(loop_config: dict) -> None:
             break
 
     if rank == 0:
+        if not spool.flush():
+            raise ConnectionError(f"MLflow at {cfg.tracking.uri} is still unreachable at the end of the run; "
+                                  f"metrics are kept in {spool.path}: run `methodlab sync` when it is back, "
+                                  "then submit the same run again to register the model")
         _register(cfg, method, {k: unwrap(m) for k, m in models.items()}, tracker, run_id, state)
 
 
@@ -330,15 +336,25 @@ def _report(metrics: dict, state: LoopState | None, cfg: RunConfig) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # [ray]
 
 
-def _ensure_logged(tracker, run_id: str, state: LoopState) -> None:
-    """Log the epoch's metrics unless this step is already in MLflow (a resumed run never
-    duplicates a step, even when it re-runs an epoch whose checkpoint was lost)."""
-    if not state.metrics:
-        return
-    step = state.history_step - 1
-    if step in tracker.logged_steps(run_id, "epoch"):
-        return
-    tracker.log_metrics(run_id, {**state.metrics, "epoch": float(step + 1), "step": float(state.step)}, step)
+def _best_effort(fn, *args) -> None:
+    """Tags, params and artifacts while the tracking server may be away: warn, keep training.
+    (Metrics are never dropped: they go through the spool.)"""
+    from methodlab.tracking import fail_fast
+
+    try:
+        with fail_fast():
+            fn(*args)
+    except Exception as e:  # noqa: BLE001 — MLflow raises several unrelated types when unreachable
+        print(f"[methodlab] MLflow write {fn.__name__} skipped: {type(e).__name__}", flush=True)
+
+
+def _ensure_logged(spool, state: LoopState) -> None:
+    """Spool the epoch's metrics and write them to MLflow unless that step is already there (a
+    resumed run never duplicates a step, even when it re-runs an epoch whose checkpoint was
+    lost). A tracking server that is down delays the write; training goes on."""
+    if state.metrics:
+        spool.log({**state.metrics, "epoch": float(state.history_step), "step": float(state.step)},
+                  state.history_step - 1)
 
 
 def _register(cfg: RunConfig, method: Method, models: dict, tracker, run_id: str, state: LoopState) -> None:

@@ -1,0 +1,48 @@
+"""The tracking server goes away mid-run: metrics are spooled locally and written when it is back
+(or by `methodlab sync`), never dropped and never duplicated. Uses a real MLflow server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from methodlab.cli import main
+from methodlab.tracking import MetricSpool, Tracker
+
+
+@pytest.mark.slow
+def test_metrics_survive_a_server_outage_and_sync_replays_them(mlflow_server, tmp_path, capsys):
+    tracker = Tracker(mlflow_server.uri, "outage")
+    run_id = tracker.start_run("outage-run", {"a": "1"}, {}, "a: 1\n")
+    spool = MetricSpool(tracker, run_id, tmp_path / "spool")
+    assert spool.log({"epoch": 1.0, "loss": 0.5}, 0)
+
+    mlflow_server.stop()
+    t0 = time.time()
+    assert not spool.log({"epoch": 2.0, "loss": 0.4}, 1)       # training goes on
+    assert not spool.log({"epoch": 3.0, "loss": 0.3}, 2)
+    assert time.time() - t0 < 30, "a dead tracking server must not stall training"
+    assert spool.path.exists() and len(spool.path.read_text().splitlines()) == 2   # the unsent epochs
+
+    mlflow_server.start()
+    assert main(["sync", "--spool", str(tmp_path / "spool")]) == 0
+    assert "synced to" in capsys.readouterr().out
+    history = Tracker(mlflow_server.uri, None).client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.4), (2, 0.3)]
+    assert not spool.path.exists()
+    assert main(["sync", "--spool", str(tmp_path / "spool")]) == 0     # nothing left: a no-op
+
+
+@pytest.mark.slow
+def test_spool_flush_when_server_returns_writes_each_step_once(mlflow_server, tmp_path):
+    tracker = Tracker(mlflow_server.uri, "returns")
+    run_id = tracker.start_run("r", {}, {}, "x: 1\n")
+    spool = MetricSpool(tracker, run_id, tmp_path)
+    mlflow_server.stop()
+    for step in range(3):
+        spool.log({"epoch": float(step + 1), "acc": step / 10}, step)
+    mlflow_server.start()
+    assert spool.log({"epoch": 4.0, "acc": 0.3}, 3)     # the next epoch's write flushes the backlog
+    steps = [m.step for m in Tracker(mlflow_server.uri, None).client.get_metric_history(run_id, "acc")]
+    assert sorted(steps) == [0, 1, 2, 3]
