@@ -35,11 +35,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from methodlab.config import Section
-from methodlab.data import multimodal  # noqa: F401  (registers digits-multimodal, synthetic-multimodal)
+from methodlab.data import multimodal  # also registers digits-multimodal, synthetic-multimodal
 from methodlab.errors import DataError
 from methodlab.methods.base import Method, StepContext, freeze
 from methodlab.models import build_model
-from methodlab.models import mmanet as _arch  # noqa: F401  (registers the "mmanet" architecture)
 from methodlab.registry import register_method
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from methodlab.models import canonicalizer  # noqa: F401  (canonicalized, group_
 from methodlab.models import gzsl  # noqa: F401  (gzsl-classifier)
 from methodlab.models import resnet  # noqa: F401  (resnet)
 from methodlab.models import vit  # noqa: F401  (vit, toast_vit)
+from methodlab.models import mmanet  # noqa: F401  (mmanet)
 from methodlab.registry import get_model_builder
 
 
