@@ -583,7 +583,8 @@ def _finish_children(trials: list[Trial], tracker) -> None:
         if t.run_id is None:
             continue
         tracker.set_tags(t.run_id, {STOPPED_TAG: str(t.stopped_early).lower(), "methodlab.trial_epochs": t.epochs})
-        tracker.end_run(t.run_id, t.status)
+        if tracker.client.get_run(t.run_id).info.status != t.status:   # keep a finished run's end time
+            tracker.end_run(t.run_id, t.status)
 
 
 def trials_csv(trials: list[Trial], space: dict, metric: str) -> str:

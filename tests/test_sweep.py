@@ -1,0 +1,332 @@
+"""Sweeps: space validation (fast, no Ray), every sweep file against its method, and on a local
+Ray cluster an ASHA sweep tracked as one MLflow parent with a child per trial, and a sweep whose
+driver is killed resuming instead of starting over."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from methodlab.errors import ConfigError
+from methodlab.registry import get_method, method_names
+from methodlab.sweep import (SweepSpec, Trial, epoch_bound, load_spec, merged_space, metric_plot, run_sweep,
+                             trial_config, trials_csv, tune_space, validate_space)
+from tests.conftest import ROOT, tiny
+
+SWEEPS = sorted((Path(ROOT) / "jobs" / "sweeps").glob("*.yaml"))
+
+
+def _validate(method: str, yaml_path: str | None = None, overrides: list[str] = ()):
+    spec, layers = load_spec(method, yaml_path, list(overrides))
+    layers = [("defaults", get_method(method).defaults), *layers]
+    return spec, validate_space(method, merged_space(method, spec), layers, spec.search.algorithm)
+
+
+@pytest.fixture()
+def no_ray(monkeypatch):
+    """Fail the test if the sweep gets as far as starting or joining Ray."""
+    import methodlab.train.launch as launch
+
+    def refuse(*a, **k):
+        raise AssertionError("the sweep reached Ray; an invalid space must fail before that")
+    monkeypatch.setattr(launch, "ensure_ray", refuse)
+
+
+# ----------------------------------------------------------------------------------------------
+# Invalid spaces fail first, with one line naming the key
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("space.train.lrr={loguniform: [1.0e-4, 1.0e-2]}", "space key train.lrr: unknown config key; did you mean train.lr?"),
+    ("space.method.label_smothing={uniform: [0.0, 0.2]}", "did you mean method.label_smoothing?"),
+    ("space.train.lr={loguniform: [1.0e-2, 1.0e-4]}", "space key train.lr: loguniform low 0.01 > high 0.0001"),
+    ("space.train.lr={uniform: [0.5, 0.1]}", "space key train.lr: uniform low 0.5 > high 0.1"),
+    ("space.train.lr={logunifrom: [1.0e-4, 1.0e-2]}", "space key train.lr: unknown distribution 'logunifrom'; did you mean loguniform?"),
+    ("space.train.lr={loguniform: [0, 1]}", "space key train.lr: loguniform needs low > 0"),
+    ("space.train.lr={uniform: [0, 1]}", "space key train.lr: value 0 is not valid"),
+    ("space.train.batch_size={choice: [32, 0]}", "space key train.batch_size: value 0 is not valid"),
+    ("space.train.optimizer={choice: [adam, lion]}", "space key train.optimizer: value 'lion' is not valid"),
+    ("space.train.lr={choice: []}", "space key train.lr: choice takes a non-empty list"),
+    ("space.train.lr=0.1", "space key train.lr: a distribution is one of"),
+    ("space.train.lr={uniform: [1, 2, 3]}", "space key train.lr: uniform takes [low, high]"),
+])
+def test_invalid_space_fails_before_any_trial(override, needle, home, no_ray):
+    with pytest.raises(ConfigError) as e:
+        run_sweep("supervised", None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not (home / "runs").exists() and not (home / "mlflow.db").exists()   # no run, no storage
+
+
+def test_algorithm_and_distribution_mismatch(home, no_ray):
+    with pytest.raises(ConfigError, match="space key train.lr: search.algorithm=grid needs finite values"):
+        run_sweep("supervised", None, ["search.algorithm=grid"])
+    with pytest.raises(ConfigError, match="space key train.batch_size: search.algorithm=optuna cannot sample a grid"):
+        run_sweep("supervised", None, ["search.algorithm=optuna", "space.train.batch_size={grid: [32, 64]}"])
+
+
+def test_sweep_file_errors(tmp_path, home, no_ray):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("method_name: supervised\nserch: {num_samples: 2}\n")
+    with pytest.raises(ConfigError, match="unknown sweep key serch"):
+        run_sweep("supervised", str(bad), [])
+    bad.write_text("method_name: toast\n")
+    with pytest.raises(ConfigError, match="is for method 'toast', not 'supervised'"):
+        run_sweep("supervised", str(bad), [])
+    with pytest.raises(ConfigError, match="search.num_samples"):
+        run_sweep("supervised", None, ["search.num_samples=0"])
+    with pytest.raises(ConfigError, match="unknown config key train.epoch"):
+        run_sweep("supervised", None, ["train.epoch=3"])
+
+
+def test_cli_prints_one_line_and_exits_nonzero(home):
+    out = subprocess.run([sys.executable, "-m", "methodlab.cli", "sweep", "supervised",
+                          "space.train.lrr={uniform: [0.1, 0.2]}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: space key train.lrr: unknown config key; did you mean train.lr?"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lo=st.floats(1e-6, 1.0), hi=st.floats(1e-6, 1.0), kind=st.sampled_from(["uniform", "loguniform"]))
+def test_range_bounds_property(lo, hi, kind):
+    """Any range with low <= high over a valid key is accepted as given; low > high never is."""
+    override = f"space.train.lr={{{kind}: [{lo!r}, {hi!r}]}}"
+    if lo <= hi:
+        _, space = _validate("supervised", None, [override])
+        assert space["train.lr"] == (kind, [lo, hi])
+    else:
+        with pytest.raises(ConfigError, match=f"space key train.lr: {kind} low .* > high"):
+            _validate("supervised", None, [override])
+
+
+# ----------------------------------------------------------------------------------------------
+# Spaces, overrides, trial configs
+
+
+def test_overrides_go_to_the_sweep_or_to_every_trial():
+    spec, layers = load_spec("supervised", None, ["name=abc", "search.num_samples=3", "train.epochs=2",
+                                                  "space.train.weight_decay=null",
+                                                  "space.method.arch_kwargs.width={choice: [8, 16]}"])
+    assert spec.name == "abc" and spec.search.num_samples == 3
+    assert {"train": {"epochs": 2}} in [layer for _, layer in layers]
+    space = merged_space("supervised", spec)
+    assert "train.weight_decay" not in space                      # null drops a default key
+    assert space["method.arch_kwargs.width"] == {"choice": [8, 16]}   # below a dict field: allowed
+    assert space["train.lr"] == get_method("supervised").search_space["train.lr"]
+
+
+def test_tune_space_and_trial_config():
+    from ray.tune.search.sample import Categorical, Float
+
+    _, space = _validate("supervised", None, ["space.train.batch_size={grid: [32, 64]}"])
+    ts = tune_space(space, "random")
+    assert isinstance(ts["train.lr"], Float) and ts["train.batch_size"] == {"grid_search": [32, 64]}
+    assert isinstance(tune_space(space, "optuna")["train.lr"], Float)
+    _, choices = _validate("supervised", None, ["search.algorithm=grid", "space.train.lr={choice: [0.1, 0.01]}",
+                                                "space.train.weight_decay=null"])
+    assert tune_space(choices, "grid")["train.lr"] == {"grid_search": [0.1, 0.01]}
+    assert not isinstance(tune_space(choices, "random")["train.lr"], dict)
+    assert isinstance(tune_space(choices, "random")["train.lr"], Categorical)
+
+    ctx = {"method_name": "supervised", "base_layers": [("base", {"train": {"epochs": 3}})]}
+    cfg = trial_config(ctx, {"train.lr": 0.01, "method.arch_kwargs.width": 8}, "sw-abc_00001")
+    assert (cfg.train.lr, cfg.train.epochs, cfg.method.arch_kwargs, cfg.train.run_name) == \
+        (0.01, 3, {"width": 8}, "sw-abc_00001")
+    assert cfg.tracking.register_model is False      # trials never register; the sweep does, once
+
+
+def test_epoch_bound_never_underestimates():
+    from methodlab.config import load_config
+
+    for name in method_names():
+        cfg = load_config(name)
+        stages = get_method(name).stages
+        # Each stage runs train.epochs or a `method.<stage>_epochs` field; the bound covers both.
+        assert epoch_bound(cfg) >= cfg.train.epochs
+        for stage in stages:
+            field = f"{stage}_epochs"
+            if hasattr(cfg.method, field):
+                assert epoch_bound(cfg) >= cfg.train.epochs + getattr(cfg.method, field)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_default_space_validates(method):
+    """Registry-driven: a method that lands later is checked the moment it registers."""
+    assert get_method(method).search_space, f"{method} declares no default search space"
+    _, space = _validate(method)
+    assert set(space) == set(get_method(method).search_space)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_sweep_files_validate_against_their_method(path):
+    data = yaml.safe_load(path.read_text())
+    method = data.get("method_name")
+    assert method, f"{path.name} names no method_name"
+    if method not in method_names():
+        pytest.skip(f"method {method!r} is not registered yet")
+    spec, space = _validate(method, str(path))
+    assert spec.name and space
+
+
+def test_sweep_files_cover_every_method():
+    have = {yaml.safe_load(p.read_text())["method_name"] for p in SWEEPS}
+    missing = set(method_names()) - have
+    assert not missing, f"no jobs/sweeps/*.yaml for {sorted(missing)}"
+    assert {"bad_batches_frd.yaml", "d3gzsl_distill.yaml", "mmanet_distill.yaml"} <= {p.name for p in SWEEPS}
+
+
+def test_summary_table_and_plot():
+    space = {"train.lr": ("loguniform", [1e-4, 1e-2]), "train.batch_size": ("choice", [32, 64])}
+    trials = [Trial("a_00000", "s-a_00000", "r0", {"train.lr": 1e-3, "train.batch_size": 32}, 0.9, 3, "FINISHED"),
+              Trial("a_00001", "s-a_00001", "r1", {"train.lr": 1e-2, "train.batch_size": 64}, 0.2, 1, "KILLED"),
+              Trial("a_00002", "s-a_00002", None, {"train.lr": 5e-3, "train.batch_size": 64}, None, 0, "FAILED")]
+    rows = list(csv.DictReader(io.StringIO(trials_csv(trials, space, "val_acc"))))
+    assert [r["stopped_early"] for r in rows] == ["false", "true", "false"]
+    assert [r["val_acc"] for r in rows] == ["0.9", "0.2", ""]
+    assert rows[1]["train.lr"] == "0.01" and rows[0]["status"] == "FINISHED"
+    fig = metric_plot(trials, space, "val_acc")
+    assert [ax.get_xlabel() for ax in fig.axes] == ["train.lr", "train.batch_size"]
+    assert fig.axes[0].get_xscale() == "log"
+
+
+def test_spec_defaults():
+    s = SweepSpec()
+    assert (s.search.algorithm, s.search.scheduler.type, s.search.num_samples) == ("random", "asha", 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# On a local Ray cluster
+
+
+def _runs(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(exps, max_results=1000)
+
+
+@pytest.mark.slow
+def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
+    # One clearly good lr and three hopeless ones: ASHA (keeps the top 1/4 at epoch 1) must stop
+    # the hopeless trials that reach the rung after the good one.
+    overrides = tiny("supervised", "train.epochs=3", "train.batch_size=32", "data.limit_rows=600",
+                     "scaling.num_workers=1", "scaling.cpus_per_worker=0.49",
+                     "name=asha4", "search.num_samples=1", "search.max_concurrent_trials=2",
+                     "space.train.lr={grid: [0.01, 1.0e-7, 1.0e-7, 1.0e-7]}",
+                     "space.train.batch_size=null", "space.train.weight_decay=null",
+                     "search.scheduler.grace_period=1", "search.scheduler.reduction_factor=4")
+    t0 = time.perf_counter()
+    summary = run_sweep("supervised", None, overrides)
+    print(summary.line(), f"({time.perf_counter() - t0:.0f}s)")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client, runs = _runs(uri)
+    parents = [r for r in runs if r.data.tags.get("methodlab.sweep") == "true"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and len(runs) == 5
+    assert {r.info.run_name for r in children} == {t.run_name for t in summary.trials}
+
+    # Stopped trials: tagged, KILLED, fewer epochs; the others FINISHED with every epoch logged once.
+    stopped = [r for r in children if r.data.tags.get("methodlab.stopped_early") == "true"]
+    assert stopped, "ASHA stopped no trial"
+    for r in children:
+        epochs = [m.step for m in client.get_metric_history(r.info.run_id, "epoch")]
+        assert epochs == sorted(set(epochs)), "an epoch was logged twice"
+        assert r.data.params["train.lr"] in ("0.01", "1e-07")
+        if r in stopped:
+            assert r.info.status == "KILLED" and len(epochs) < 3
+        else:
+            assert r.data.tags["methodlab.stopped_early"] == "false"
+            assert r.info.status == "FINISHED" and len(epochs) == 3
+
+    # The parent's summary: space, scheduler, the trials table and the plot.
+    assert json.loads(parent.data.params["space.train.lr"]) == {"grid": [0.01, 1e-7, 1e-7, 1e-7]}
+    assert parent.data.tags["methodlab.scheduler"] == "asha"
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "metric_vs_params.png", "summary.json", "config.yaml"} <= files
+    local = client.download_artifacts(parent.info.run_id, "trials.csv", str(home))
+    table = list(csv.DictReader(io.StringIO(Path(local).read_text())))
+    assert len(table) == 4 and sum(r["stopped_early"] == "true" for r in table) == len(stopped)
+
+    # The best trial is the good lr, registered with alias candidate from its own checkpoint.
+    assert summary.best.params["train.lr"] == 0.01 and summary.version is not None
+    mv = client.get_model_version_by_alias("methodlab-supervised", "candidate")
+    assert mv.run_id == summary.best.run_id == parent.data.tags["methodlab.best_run_id"]
+    from methodlab.models.hub import load_pretrained
+    model, spec = load_pretrained("models:/methodlab-supervised@candidate", uri)
+    assert spec["arch"] == "cnn"
+    deadline = time.time() + 60     # stopped trials' placement groups are removed by Ray's cleaner
+    while ray_cluster.available_resources().get("CPU", 0) < 1.99 and time.time() < deadline:
+        time.sleep(1)
+    assert ray_cluster.available_resources().get("CPU", 0) == pytest.approx(2.0, abs=0.01)   # nothing leaked
+
+
+@pytest.mark.slow
+def test_killed_sweep_driver_resumes(ray_cluster, home):
+    """A driver killed mid-sweep, submitted again: the finished trial is not run again, the
+    unfinished one continues from its Ray Train checkpoint in the same MLflow child run."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "METHODLAB_HOME": str(home), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    args = [sys.executable, "-m", "methodlab.cli", "sweep", "supervised",
+            *tiny("supervised", "train.epochs=4", "train.batch_size=32", "data.limit_rows=600",
+                  "scaling.num_workers=1", "scaling.cpus_per_worker=0.49", "name=resume2",
+                  "search.num_samples=2", "search.max_concurrent_trials=1", "search.scheduler.type=fifo",
+                  "space.train.batch_size=null", "space.train.weight_decay=null")]
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    log = open(home.parent / "driver1.log", "w")
+    first = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished = second = None
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and first.poll() is None:
+            time.sleep(2)
+            if not (home / "mlflow.db").exists():
+                continue
+            client, runs = _runs(uri)
+            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            finished = next((r for r in children if r.info.status == "FINISHED"), None)
+            second = next((r for r in children if r.info.status == "RUNNING"), None)
+            if finished and second and len(client.get_metric_history(second.info.run_id, "epoch")) >= 2:
+                time.sleep(1.5)     # the Tune experiment state is saved every second
+                break
+        assert first.poll() is None, f"the first driver ended early: {Path(home.parent / 'driver1.log').read_text()[-3000:]}"
+        assert finished is not None and second is not None, "timed out waiting for the first trial"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    _, before = _runs(uri)
+    done_before = next(r for r in before if r.info.run_id == finished.info.run_id)
+    ckpts_before = sorted(Path(done_before.data.tags["methodlab.checkpoint_root"]).glob("checkpoint_*"))
+
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "restoring from" in out.stdout and "(resumed)" in out.stdout
+
+    client, after = _runs(uri)
+    children = [r for r in after if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert len([r for r in after if r.data.tags.get("methodlab.sweep") == "true"]) == 1
+    done_after = next(r for r in children if r.info.run_id == finished.info.run_id)
+    # The finished trial was not trained again: same end time, same checkpoints, no resume.
+    assert done_after.info.end_time == done_before.info.end_time
+    assert sorted(Path(done_after.data.tags["methodlab.checkpoint_root"]).glob("checkpoint_*")) == ckpts_before
+    assert "methodlab.resumed_at_epoch" not in done_after.data.tags
+    # The interrupted one continued from its checkpoint, in the same child run, no epoch twice.
+    cont = next(r for r in children if r.info.run_id == second.info.run_id)
+    assert int(cont.data.tags["methodlab.resumed_at_epoch"]) >= 1
+    assert [m.step for m in client.get_metric_history(cont.info.run_id, "epoch")] == [0, 1, 2, 3]
