@@ -18,7 +18,7 @@ Options (the paper's text could not be read; see the spec, section 1):
               frozen: a fixed reference network loaded with `methodlab.models.hub.load_pretrained`
               from `extractor_uri` (models:/..., runs:/..., a checkpoint or a file); its `embed`.
   curation    quantile (default): drop a batch whose FRD is in the top `frd_quantile` of the last
-              `frd_window` scores; threshold: drop FRD > `frd_threshold`; off: plain SimCLR, no
+              `frd_window` scores; threshold: drop FRD > `frd_threshold`; none: plain SimCLR, no
               scoring at all. The first `warmup_epochs` only score (and fill the window).
 
 Under DDP the features of all ranks are all-gathered, so every rank scores the same global batch
@@ -139,9 +139,9 @@ class BadBatchesConfig(Section):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="cosine over epochs x batches per epoch; it steps on accepted batches only")
     # FRD scoring
-    curation: Literal["quantile", "threshold", "off"] = Field(
+    curation: Literal["quantile", "threshold", "none"] = Field(
         "quantile", description="quantile: drop the top frd_quantile of a running window; threshold: "
-        "drop FRD > frd_threshold; off: plain SimCLR (no scoring)")
+        "drop FRD > frd_threshold; none: plain SimCLR (no scoring)")
     frd_quantile: float = Field(0.1, gt=0, lt=1)
     frd_window: int = Field(100, ge=1, description="batches in the running window of scores")
     frd_threshold: float = Field(1.0, gt=0)
@@ -318,7 +318,7 @@ class BadBatches(Method):
 
     def threshold(self, epoch: int) -> float:
         m = self.mcfg
-        if m.curation == "off" or epoch < m.warmup_epochs:
+        if m.curation == "none" or epoch < m.warmup_epochs:
             return math.inf
         return m.frd_threshold if m.curation == "threshold" else quantile_threshold(self.window, m.frd_quantile)
 
@@ -328,7 +328,7 @@ class BadBatches(Method):
         views = (self.augment(images), self.augment(images))
         net = _unwrap(models["net"])
         # Restored if the batch is dropped, so that a skipped batch changes nothing (BN included).
-        saved = {k: v.clone() for k, v in net.named_buffers()} if m.curation != "off" else {}
+        saved = {k: v.clone() for k, v in net.named_buffers()} if m.curation != "none" else {}
         with ctx.autocast():
             h, z = models["net"](torch.cat(views))
             n = images.shape[0]
@@ -336,7 +336,7 @@ class BadBatches(Method):
 
         out: dict[str, torch.Tensor] = {"loss": loss.detach()}
         keep = True
-        if m.curation != "off":
+        if m.curation != "none":
             a, b = self.frd_features(models, images, views, (h.float(), z.float()))
             frd = float(frechet_distance(_gather(a.float(), ctx.world_size), _gather(b.float(), ctx.world_size)))
             threshold = self.threshold(ctx.epoch)

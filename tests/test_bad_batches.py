@@ -1,0 +1,358 @@
+"""Bad Batches: the exact Fréchet distance, NT-Xent, the curation rule, and the method's guarantees
+(infinite threshold = plain SimCLR bit for bit; a dropped batch changes nothing; ranks agree)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from methodlab.config import load_config
+from methodlab.errors import ConfigError
+from methodlab.methods.bad_batches import (BadBatches, keep_batch, knn_predict, linear_probe, nt_xent,
+                                           quantile_threshold)
+from methodlab.methods.base import DataBundle, StepContext
+from methodlab.metrics.frechet import feature_stats, frechet_distance
+from tests.conftest import tiny
+
+# -- an independent reference: pytorch-fid's formula with scipy's sqrtm --------------------------
+
+
+def fd_reference(x: np.ndarray, y: np.ndarray) -> float:
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+
+
+def _features(seed: int, n: int, d: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) / math.sqrt(d)          # correlated, non-diagonal covariance
+    return torch.from_numpy(rng.normal(size=(n, d)) @ mix * scale + shift)
+
+
+def _scale(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(x.var(0).sum() + y.var(0).sum() + (x.mean(0) - y.mean(0)).square().sum()) + 1e-12
+
+
+shapes = st.tuples(st.integers(2, 40), st.integers(2, 40), st.integers(1, 24))   # n1, n2, d
+seeds = st.integers(0, 2**31 - 1)
+FD = settings(max_examples=60, deadline=None)
+# Round-off bound relative to the scale of the inputs: square roots of eigenvalues that are 0 up to
+# round-off (~1e-16) contribute ~1e-8 on the eigen routes (see methodlab.metrics.frechet).
+EPS = 1e-7
+
+
+@FD
+@given(shapes, seeds, st.floats(0.1, 3.0), st.floats(-2.0, 2.0))
+def test_fd_is_nonnegative_and_symmetric(shape, seed, scale, shift):
+    n1, n2, d = shape
+    x, y = _features(seed, n1, d), _features(seed + 1, n2, d, scale, shift)
+    fxy, fyx = float(frechet_distance(x, y)), float(frechet_distance(y, x))
+    assert fxy >= -EPS * _scale(x, y)
+    assert fxy == pytest.approx(fyx, abs=EPS * _scale(x, y))
+
+
+@FD
+@given(st.integers(2, 40), st.integers(1, 24), seeds)
+def test_fd_of_a_set_with_itself_is_zero(n, d, seed):
+    x = _features(seed, n, d)
+    assert abs(float(frechet_distance(x, x))) <= EPS * _scale(x, x)
+    assert abs(float(frechet_distance(x, feature_stats(x)))) <= EPS * _scale(x, x)
+
+
+@FD
+@given(shapes, seeds, st.floats(-5.0, 5.0), st.floats(0.1, 10.0))
+def test_fd_translation_rotation_and_scaling(shape, seed, shift, a):
+    n1, n2, d = shape
+    x, y = _features(seed, n1, d), _features(seed + 1, n2, d, 1.5, 0.3)
+    base = float(frechet_distance(x, y))
+    tol = EPS * _scale(x, y)
+    c = torch.from_numpy(np.random.default_rng(seed + 2).normal(size=d) * shift)
+    q, _ = torch.linalg.qr(torch.from_numpy(np.random.default_rng(seed + 3).normal(size=(d, d))))
+    assert float(frechet_distance(x + c, y + c)) == pytest.approx(base, abs=tol * (1 + shift ** 2))
+    assert float(frechet_distance(x @ q, y @ q)) == pytest.approx(base, abs=tol)
+    assert float(frechet_distance(a * x, a * y)) == pytest.approx(a * a * base, abs=a * a * tol)
+    # FD(X + c, X) = ||c||^2: only the means differ
+    assert float(frechet_distance(x + c, x)) == pytest.approx(float(c.square().sum()), abs=tol * (1 + shift ** 2))
+
+
+def _diagonal_sample(seed: int, n: int, d: int, mu: np.ndarray, sigma: np.ndarray) -> torch.Tensor:
+    """n rows whose sample mean is exactly mu and sample covariance exactly diag(sigma^2); at most
+    n-1 of the sigma can be non-zero (the rank of a centred n-row sample)."""
+    rng = np.random.default_rng(seed)
+    k = int((sigma > 0).sum())
+    raw = rng.normal(size=(n, k))
+    q, _ = np.linalg.qr(raw - raw.mean(0))                  # centred orthonormal columns
+    z = np.zeros((n, d))
+    z[:, sigma > 0] = q * math.sqrt(n - 1) * sigma[sigma > 0]
+    return torch.from_numpy(z + mu)
+
+
+@FD
+@given(st.integers(1, 12), st.integers(0, 20), seeds)
+def test_fd_closed_form_for_diagonal_covariances(d, extra_rows, seed):
+    """FD = ||mu1 - mu2||^2 + sum_i (sigma1_i - sigma2_i)^2, on both routes: n > d (eigh) and
+    n <= d (nuclear norm), and with precomputed statistics."""
+    rng = np.random.default_rng(seed)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    n = d + 1 + extra_rows if extra_rows % 2 else max(2, min(d, extra_rows + 2))
+    k = min(d, n - 1)
+    s1, s2 = np.zeros(d), np.zeros(d)
+    s1[:k], s2[:k] = rng.uniform(0.1, 3, size=k), rng.uniform(0.1, 3, size=k)
+    expected = ((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum()
+    x, y = _diagonal_sample(seed, n, d, mu1, s1), _diagonal_sample(seed + 1, n, d, mu2, s2)
+    stats2 = (torch.from_numpy(mu2), torch.from_numpy(np.diag(s2 ** 2)))
+    assert float(frechet_distance(x, y)) == pytest.approx(expected, rel=EPS, abs=EPS)
+    assert float(frechet_distance(x, stats2)) == pytest.approx(expected, rel=EPS, abs=EPS)
+    assert float(frechet_distance(feature_stats(x), stats2)) == pytest.approx(expected, rel=EPS, abs=EPS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, seeds, st.floats(0.2, 3.0))
+def test_fd_agrees_with_scipy_sqrtm_including_n_below_d(shape, seed, scale):
+    n1, n2, d = shape
+    x, y = _features(seed, n1, d), _features(seed + 1, n2, d, scale, 0.5)
+    ref = fd_reference(x.numpy(), y.numpy())
+    for value in (frechet_distance(x, y), frechet_distance(x, feature_stats(y)),
+                  frechet_distance(feature_stats(x), feature_stats(y))):
+        assert float(value) == pytest.approx(ref, rel=1e-4, abs=1e-7 * _scale(x, y))
+
+
+def test_fd_routes_nuclear_and_eigh_on_wide_features():
+    """n <= d (the nuclear-norm route) on the shapes the benchmark uses, against scipy."""
+    x, y = _features(0, 64, 128), _features(1, 48, 128, 2.0, 0.1)
+    assert float(frechet_distance(x, y)) == pytest.approx(fd_reference(x.numpy(), y.numpy()), rel=1e-4)
+    assert float(frechet_distance(x.float(), y.float())) == pytest.approx(float(frechet_distance(x, y)), rel=1e-4)
+    assert frechet_distance(x.float().requires_grad_(), y.float()).requires_grad is False
+
+
+# -- NT-Xent ------------------------------------------------------------------------------------
+
+
+def nt_xent_reference(z1: np.ndarray, z2: np.ndarray, t: float) -> float:
+    """Eq. 1 of Chen et al. 2020, one anchor at a time, in float64."""
+    z = np.concatenate([z1, z2]).astype(np.float64)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    n, total = len(z1), 0.0
+    for i in range(2 * n):
+        pos = (i + n) % (2 * n)
+        logits = np.array([z[i] @ z[k] / t for k in range(2 * n) if k != i])
+        total += -(z[i] @ z[pos] / t) + np.log(np.exp(logits).sum())
+    return total / (2 * n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 16), st.integers(1, 12), st.floats(0.05, 2.0), seeds)
+def test_nt_xent_bounds_permutation_and_reference(n, d, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    loss = float(nt_xent(z1, z2, t))
+    lo, hi = math.log1p((2 * n - 2) * math.exp(-2 / t)), math.log1p((2 * n - 2) * math.exp(2 / t))
+    assert lo - 1e-4 <= loss <= hi * (1 + 1e-5)
+    perm = torch.randperm(n, generator=g)
+    assert float(nt_xent(z1[perm], z2[perm], t)) == pytest.approx(loss, rel=1e-5)
+    assert float(nt_xent(z2, z1, t)) == pytest.approx(loss, rel=1e-5)
+    assert float(nt_xent(3.0 * z1, z2, t)) == pytest.approx(loss, rel=1e-5)     # cosine similarity
+    assert loss == pytest.approx(nt_xent_reference(z1.numpy(), z2.numpy(), t), rel=1e-4)
+
+
+def test_nt_xent_prefers_aligned_views():
+    z = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    assert float(nt_xent(z, z, 0.5)) < float(nt_xent(z, torch.roll(z, 1, 0), 0.5))
+
+
+# -- the curation rule ----------------------------------------------------------------------------
+
+frds = st.floats(0, 1e6, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frds, frds, st.floats(0, 1e6))
+def test_threshold_rule_is_monotone(frd, t, delta):
+    if keep_batch(frd, t):
+        assert keep_batch(frd, t + delta)
+    assert keep_batch(frd, math.inf)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(frds, min_size=1, max_size=50), frds, st.floats(0.01, 0.99), st.floats(0.01, 0.99))
+def test_quantile_rule_is_monotone_in_q(window, frd, q1, q2):
+    lo, hi = sorted((q1, q2))
+    # dropping a larger top fraction keeps fewer batches: kept at q=hi implies kept at q=lo
+    if keep_batch(frd, quantile_threshold(window, hi)):
+        assert keep_batch(frd, quantile_threshold(window, lo))
+    assert keep_batch(frd, quantile_threshold([], hi))          # an empty window keeps everything
+    assert keep_batch(min(window), quantile_threshold(window, hi))      # the minimum is never dropped
+    assert quantile_threshold(window, hi) == pytest.approx(float(np.quantile(window, 1 - hi)), rel=1e-9, abs=1e-9)
+
+
+# -- the method, in process ---------------------------------------------------------------------
+
+TINY = ["method.arch_kwargs={width: 4, blocks: [1]}", "method.proj_hidden=16", "method.proj_dim=8",
+        "train.batch_size=16", "method.warmup_epochs=0"]
+
+
+@functools.cache
+def _bundle():
+    from methodlab.data import resolve_dataset
+    from methodlab.train.loop import load_bundle
+
+    cfg = load_config("bad_batches", None, ["data.limit_rows=96"])
+    return load_bundle(cfg, resolve_dataset("digits", cfg.data.root), ["train", "val", "test"])
+
+
+def _run(*overrides: str, steps: int = 3, seed: int = 0, check=None):
+    """Train `steps` batches in process (no Ray); returns the method, its models and the outputs."""
+    from methodlab.train.loop import epoch_batches
+
+    cfg = load_config("bad_batches", None, [*TINY, *overrides])
+    torch.manual_seed(seed)
+    method = BadBatches(cfg, DataBundle(_bundle().info, _bundle().splits, {}))
+    models = method.build_models("train", {})
+    opts = method.build_optimizers("train", models)
+    scheds = method.build_schedulers("train", opts, steps)
+    ctx = StepContext(stage="train", epoch=0, step=0, device=torch.device("cpu"), rank=0, world_size=1,
+                      extra={"schedulers": scheds})
+    method.on_epoch_start("train", models, ctx)
+    outs = []
+    batches = epoch_batches(cfg, method.data, seed, 0, 1, torch.device("cpu"))
+    for step, batch in zip(range(steps), batches):
+        ctx.step = step
+        before = copy.deepcopy(models["net"].state_dict())
+        out = method.train_step("train", models, opts, batch, ctx)
+        outs.append(out)
+        if check:
+            check(before, models["net"].state_dict(), out, opts, scheds)
+    return method, models, outs
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_infinite_threshold_is_plain_simclr_bit_for_bit():
+    _, plain, _ = _run("method.curation=none")
+    for comparison in ("views_vs_originals", "view_vs_view"):
+        method, curated, outs = _run("method.curation=threshold", f"method.frd_threshold={1.7e308}",
+                                     f"method.comparison={comparison}")
+        assert all(float(o["kept"]) == 1.0 for o in outs) and method.accepted == len(outs)
+        assert _same(plain["net"].state_dict(), curated["net"].state_dict())
+
+
+def test_a_dropped_batch_changes_nothing_and_a_kept_one_steps():
+    seen = {"kept": 0, "dropped": 0}
+
+    def check(before, after, out, opts, scheds):
+        if float(out["kept"]) == 0.0:
+            seen["dropped"] += 1
+            assert _same(before, after)          # parameters and BatchNorm buffers
+        else:
+            seen["kept"] += 1
+            assert not _same(before, after)
+
+    # q=0.5: after the first batch about half of the batches are over the running median
+    method, _, outs = _run("method.curation=quantile", "method.frd_quantile=0.5", steps=6, check=check)
+    assert seen["kept"] >= 1 and seen["dropped"] >= 1
+    assert method.accepted == seen["kept"]
+    assert all(isinstance(float(o["frd"]), float) and not o["frd"].requires_grad for o in outs)
+
+    # every batch dropped: no optimizer step, no scheduler step, no optimizer state
+    def unchanged(before, after, out, opts, scheds):
+        assert _same(before, after) and not opts["opt"].state and scheds["lr"].last_epoch == 0
+
+    method, models, outs = _run("method.curation=threshold", "method.frd_threshold=1e-12", steps=3,
+                                check=unchanged)
+    assert method.accepted == 0 and all(float(o["kept"]) == 0.0 for o in outs)
+
+
+def test_warmup_scores_but_never_drops_and_state_survives_resume():
+    method, _, outs = _run("method.curation=threshold", "method.frd_threshold=1e-12",
+                           "method.warmup_epochs=1", steps=3)
+    assert all(float(o["kept"]) == 1.0 for o in outs) and len(method.window) == 3
+    assert method.threshold(0) == math.inf and method.threshold(1) == pytest.approx(1e-12)
+    method, _, _ = _run("method.frd_quantile=0.2", steps=5)
+    fresh = BadBatches(method.cfg, method.data)
+    fresh.load_state_dict(method.state_dict())
+    assert list(fresh.window) == list(method.window) and fresh.accepted == method.accepted
+    assert fresh.threshold(3) == method.threshold(3) < math.inf
+
+
+def test_frozen_extractor_scores_with_a_loaded_model(tmp_path):
+    from methodlab.models import build_model
+    from methodlab.models.hub import save_pretrained
+
+    spec = {"arch": "resnet", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 4, "blocks": [1]}}
+    save_pretrained(build_model(spec), spec, str(tmp_path / "ref.pt"))
+    method, models, outs = _run("method.extractor=frozen", f"method.extractor_uri={tmp_path / 'ref.pt'}",
+                                "method.curation=threshold", "method.frd_threshold=1e6", steps=2)
+    assert not any(p.requires_grad for p in models["extractor"].parameters())
+    assert all(float(o["frd"]) > 0 for o in outs)
+    with pytest.raises(ConfigError, match="extractor_uri"):
+        load_config("bad_batches", None, ["method.extractor=frozen"])
+
+
+def test_probe_knn_and_export():
+    method, models, _ = _run(steps=2)
+    metrics = method.evaluate("train", models, "val", torch.device("cpu"))
+    assert set(metrics) == {"val_linear_acc", "val_knn_acc"} and all(0 <= v <= 1 for v in metrics.values())
+    model, spec = method.export(models)
+    from methodlab.models import build_model
+    rebuilt = build_model(spec)
+    rebuilt.load_state_dict(model.state_dict())
+    x = method.data.splits["val"].tensors["image"][:5]
+    logits = rebuilt.eval()(x)
+    assert logits.shape == (5, 10)
+    # the exported head is the linear probe: same predictions as the evaluation's
+    feats = rebuilt.embed(x)
+    assert torch.allclose(logits, torch.nn.functional.linear(feats, method.probe["weight"], method.probe["bias"]),
+                          atol=1e-5)
+    art = method.epoch_artifacts("train", 0)
+    assert set(art) == {"bad_batches/epoch_001_frd.csv", "bad_batches/epoch_001_frd_hist.png"}
+    assert art["bad_batches/epoch_001_frd.csv"].splitlines()[0] == "step,threshold,frd_rank0,kept_rank0"
+
+
+def test_linear_probe_and_knn_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 5, generator=g) * 5
+    y = torch.arange(90) % 3
+    x = centres[y] + torch.randn(90, 5, generator=g) * 0.3 + 100.0      # offset: checks the folding
+    head = linear_probe(x, y, 3, steps=50, weight_decay=1e-4)
+    assert (head(x).argmax(1) == y).float().mean() == 1.0
+    assert (knn_predict(x, y, x, 3, k=5) == y).all()
+
+
+# -- on a Ray cluster -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_ranks_take_the_same_decisions(ray_cluster, home, tmp_path):
+    """Every rank records its own FRD and decision per batch; rank 0 logs them all as a CSV."""
+    import csv
+
+    from methodlab.tracking import Tracker
+    from methodlab.train.launch import train
+
+    cfg = load_config("bad_batches", None, tiny("bad_batches", "scaling.num_workers=2",
+                                                "method.warmup_epochs=0", "method.frd_quantile=0.5"))
+    summary = train(cfg)
+    assert summary.status == "FINISHED"
+    client = Tracker(cfg.tracking.uri, cfg.tracking.experiment).client
+    rows = []
+    for epoch in range(1, cfg.train.epochs + 1):
+        path = client.download_artifacts(summary.run_id, f"bad_batches/epoch_{epoch:03d}_frd.csv", str(tmp_path))
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+        names = {a.path for a in client.list_artifacts(summary.run_id, "bad_batches")}
+        assert f"bad_batches/epoch_{epoch:03d}_frd_hist.png" in names
+    assert rows and all(r["kept_rank0"] == r["kept_rank1"] and r["frd_rank0"] == r["frd_rank1"] for r in rows)
+    kept = [float(r["kept_rank0"]) for r in rows]
+    assert 0 < sum(kept) < len(kept)              # the run really dropped some batches
+    assert summary.metrics["train_kept"] == pytest.approx(sum(kept[len(kept) // 2:]) / (len(kept) // 2))
