@@ -18,7 +18,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TMPDIR", os.path.join(_SESSION_HOME, "ray"))
 # Fake credentials for the moto S3 server of the tests (never real ones); Ray workers inherit them.
-for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+# The secret is distinctive so tests/test_security.py can scan logs and MLflow for it.
+FAKE_SECRET = "fakeSecret-9QxZ7-methodlab"
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
                "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)
 # A worker group that cannot be scheduled fails in seconds instead of retrying forever.
