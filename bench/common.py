@@ -65,6 +65,8 @@ def mean_std(values: list[float]) -> str:
 
 
 def write_results(name: str, figures: list[Figure], extra: dict[str, Any] | None = None) -> Path:
+    """bench/results/<name>.json, one printed line per figure, and a run in the MLflow experiment
+    `methodlab-bench` (figures as metrics, the JSON as an artifact) that `methodlab report` reads."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "device": device_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -73,4 +75,20 @@ def write_results(name: str, figures: list[Figure], extra: dict[str, Any] | None
     for f in figures:
         print(f.line(), flush=True)
     print(f"wrote {out}")
+    _log_to_mlflow(name, payload)
     return out
+
+
+def _log_to_mlflow(name: str, payload: dict) -> None:
+    from methodlab.report import bench_tracking_uri
+    from methodlab.tracking import Tracker
+
+    tracker = Tracker(bench_tracking_uri(), "methodlab-bench")
+    run_id = tracker.start_run(f"bench-{name}", {"benchmark": name, "device": payload["device"]},
+                               {"methodlab.benchmark": name}, json.dumps(payload, indent=1))
+    metrics = {f["name"]: f["ratio"] for f in payload["figures"] if f["ratio"] is not None}
+    if metrics:
+        tracker.log_metrics(run_id, metrics, 0)
+    tracker.log_object(run_id, payload, "results.json")
+    tracker.end_run(run_id, "FINISHED")
+    print(f"logged to MLflow {tracker.uri} (experiment methodlab-bench, run {run_id})")

@@ -5,6 +5,7 @@
     methodlab promote <registered-model> [--metric test_acc] [--version N]
     methodlab data prepare [name ...] | data import <image-folder> --out <path-or-s3> | data list
     methodlab sync                      replay metrics kept while the MLflow server was down
+    methodlab report                    HTML report of methods vs baselines, from MLflow
     methodlab methods | models
     methodlab demo
 
@@ -84,6 +85,15 @@ def _sync(args) -> int:
     return 0 if all("synced" in line for line in lines) else 1
 
 
+def _report(args) -> int:
+    from methodlab.config import load_config
+    from methodlab.report import write_report
+
+    uri = args.tracking_uri or load_config("supervised").tracking.uri
+    print(f"report: {write_report(uri, args.out)}")
+    return 0
+
+
 def _methods(args) -> int:
     from methodlab.registry import get_method, method_names
 
@@ -142,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     sy = sub.add_parser("sync", help="replay metrics kept locally while the tracking server was down")
     sy.add_argument("--spool", help="default: $METHODLAB_HOME/spool")
     sy.set_defaults(func=_sync)
+
+    rp = sub.add_parser("report", help="HTML report of every method against its baselines, from MLflow")
+    rp.add_argument("--tracking-uri", help="default: the local SQLite store")
+    rp.add_argument("--out", help="default: $METHODLAB_HOME/report/report.html")
+    rp.set_defaults(func=_report)
 
     sub.add_parser("methods", help="list registered methods").set_defaults(func=_methods)
     sub.add_parser("models", help="list registered architectures").set_defaults(func=_models)

@@ -44,6 +44,9 @@ def run_demo(extra_overrides: list[str] = ()) -> int:
     for name, model, metric, value, version, _ in rows:
         shown = f"{value:.4f}" if value is not None else "n/a"
         print(f"{name:18s} {metric:22s} {shown:>8s}  {model} v{version}")
+    from methodlab.report import write_report
+
+    print(f"\nreport: {write_report(cfg.tracking.uri)}")
     db = methodlab_home() / "mlflow.db"
     print(f"\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000"
           "\n           then open http://127.0.0.1:5000 (experiment 'methodlab', models under 'Models')")
