@@ -140,6 +140,12 @@ class Method(ABC):
 
     # -- defaults that most methods keep --------------------------------------------------------
 
+    @classmethod
+    def required_columns_for(cls, info: DatasetInfo) -> tuple[str, ...]:
+        """Columns the driver checks before launching; override when they depend on the dataset
+        (e.g. one column per modality listed in its metadata)."""
+        return cls.required_columns
+
     def stage_epochs(self, stage: str) -> int:
         return self.cfg.train.epochs
 

@@ -60,7 +60,7 @@ def preflight(cfg: RunConfig) -> DatasetInfo:
         if split not in info.splits:
             raise DataError(f"dataset {info.uri} has no {split!r} split (has {', '.join(info.splits)})")
     method = get_method(cfg.method_name)
-    required = getattr(method, "required_columns", ("image", "label"))
+    required = method.required_columns_for(info)
     missing = [c for c in required if c not in info.columns]
     if missing:
         raise DataError(f"dataset {info.uri} lacks column(s) {', '.join(missing)} that method "

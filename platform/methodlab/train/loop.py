@@ -132,7 +132,10 @@ def epoch_batches(cfg: RunConfig, data: DataBundle, seed: int, rank: int, world:
     train = data.splits["train"].tensors
     idx = shard_indices(len(data.splits["train"]), rank, world, seed)
     pin = device.type == "cuda"
-    for start in range(0, len(idx), bs):
+    # A trailing batch of one row is dropped: BatchNorm cannot train on it. Its row comes back
+    # in another position next epoch (the permutation is reseeded per epoch).
+    stop = len(idx) - 1 if len(idx) % bs == 1 and len(idx) > 1 else len(idx)
+    for start in range(0, stop, bs):
         rows = idx[start:start + bs]
         batch = {k: v[rows] for k, v in train.items()}
         if pin:
