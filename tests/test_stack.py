@@ -1,0 +1,540 @@
+"""The real stack: cluster and infra configs (fast), preflight one-liners (fast), and an end-to-end
+run through `ray job submit` against the local stack of infra/local (slow).
+
+The end-to-end test brings the stack up on free ports in a private directory with its own HOME,
+submits jobs/train.py, checks what landed in S3 and in the MLflow server, stops a running job and
+looks for orphans, resubmits to resume, and tears the stack down in a fixture finalizer, so a
+failing check never leaves services behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+CLUSTERS = ROOT / "clusters"
+KUBERAY = CLUSTERS / "kuberay"
+MANIFESTS = [KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml"]
+
+
+def _stack_module():
+    spec = importlib.util.spec_from_file_location("methodlab_stack", ROOT / "infra" / "local" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pyproject_deps() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def _pinned(prefix: str) -> str:
+    """The version pyproject pins for a dependency (`ray[...]==2.60.0` -> 2.60.0)."""
+    dep = next(d for d in _pyproject_deps() if re.match(rf"{prefix}(\[|==)", d))
+    return dep.split("==")[1]
+
+
+def _makefile_torch() -> str:
+    return re.search(r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _walk(node, key: str):
+    """Every value stored under `key` anywhere in a YAML tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _walk(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# clusters/aws.yaml
+
+
+def test_aws_config_validates_against_the_schema_inside_ray():
+    import jsonschema
+
+    spec = importlib.util.find_spec("ray")
+    schema_file = Path(spec.origin).parent / "autoscaler" / "ray-schema.json"
+    schema = json.loads(schema_file.read_text())
+    config = yaml.safe_load((CLUSTERS / "aws.yaml").read_text())
+    jsonschema.validate(config, schema)
+
+    broken = json.loads(json.dumps(config))
+    broken["available_node_types"]["head.cpu"]["resources"] = {"CPU": 0.5}   # must be an integer
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+    del broken["provider"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+    # Ray's own checks on top of the schema (node type references, worker bounds).
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(config))
+
+
+def test_aws_config_cpu_head_gpu_workers_pinned_install_and_no_keys():
+    text = (CLUSTERS / "aws.yaml").read_text()
+    config = yaml.safe_load(text)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and not head["node_config"]["InstanceType"].startswith(("g", "p"))
+    gpu = {k: t for k, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    assert gpu, "no GPU worker node type"
+    for name, t in gpu.items():
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= config["max_workers"], name
+        assert t["node_config"]["InstanceType"].startswith(("g", "p")), name
+    # Every node type gets an instance profile; no credential or key material anywhere.
+    for name, t in types.items():
+        assert "IamInstanceProfile" in t["node_config"], name
+        assert "KeyName" not in t["node_config"], name
+    assert not re.search(r"aws_access_key_id|aws_secret_access_key|AKIA[0-9A-Z]{16}|ssh_private_key", text, re.I)
+
+    # Setup installs the package with the Makefile's torch pin on every node type.
+    torch_pin = f'torch=={_makefile_torch()}'
+    for name, t in types.items():
+        commands = t.get("worker_setup_commands") or (
+            config["setup_commands"] + (config["head_setup_commands"] if name == config["head_node_type"]
+                                        else config["worker_setup_commands"]))
+        joined = "\n".join(commands)
+        assert torch_pin in joined and "pip install -q -e ~/methodlab" in joined, name
+        assert "/methodlab/ray-auth-token" in joined, name     # the Ray token, from SSM via the role
+    assert config["file_mounts"]["~/methodlab"] == "."
+    assert {".git", ".venv", ".methodlab"} <= set(config["rsync_exclude"])
+    # Token auth on for every Ray process; the job server on the head's loopback only.
+    for cmd in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
+        assert "RAY_AUTH_MODE=token" in cmd
+    assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][1]
+
+
+# ----------------------------------------------------------------------------------------------
+# clusters/kuberay
+
+
+def test_every_manifest_image_is_pinned_and_matches_the_pinned_ray():
+    ray_version = _pinned("ray")
+    images = [img for path in MANIFESTS for doc in _docs(path) for img in _walk(doc, "image")]
+    assert len(images) >= 5
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and "/" not in tag, image
+        if name.endswith("rayproject/ray"):
+            assert tag.startswith(f"{ray_version}-"), image
+    for path in MANIFESTS:
+        for doc in _docs(path):
+            for version in _walk(doc, "rayVersion"):
+                assert version == ray_version, path
+
+
+def _ray_containers(doc: dict) -> list[dict]:
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_manifests_request_gpus_and_keep_token_auth_on():
+    for path in MANIFESTS:
+        doc = next(d for d in _docs(path) if d["kind"] in ("RayCluster", "RayJob"))
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        for group in spec["workerGroupSpecs"]:
+            for c in group["template"]["spec"]["containers"]:
+                for kind in ("requests", "limits"):
+                    assert int(c["resources"][kind]["nvidia.com/gpu"]) >= 1, (path, group["groupName"])
+        for c in _ray_containers(doc):
+            env = {e["name"]: e for e in c["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token", path
+            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], path   # never a literal token
+        assert not re.search(r"aws_secret_access_key|AKIA[0-9A-Z]{16}", path.read_text(), re.I)
+
+
+def test_rayjob_entrypoint_config_and_runtime_env_exist_and_agree():
+    from methodlab.config import load_config
+
+    job = next(d for d in _docs(KUBERAY / "rayjob.yaml") if d["kind"] == "RayJob")
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["python", "jobs/train.py"] and (ROOT / argv[1]).is_file()
+    method, rest = argv[2], argv[3:]
+    config_file = rest[rest.index("-c") + 1]
+    assert (ROOT / config_file).is_file()
+    overrides = [a for a in rest if "=" in a]
+    # The entrypoint's arguments are a valid run config (keys and values), checked without Ray.
+    cfg = load_config(method, str(ROOT / config_file), overrides)
+    assert cfg.scaling.use_gpu and cfg.storage.path.startswith("s3://")
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"].endswith(".zip")
+    shared = yaml.safe_load((KUBERAY / "runtime-env.yaml").read_text())
+    assert runtime_env["pip"] == shared["pip"] and runtime_env["env_vars"] == shared["env_vars"]
+    # The pip list is pyproject's dependencies with the same pins, Ray (from the image) excepted,
+    # plus torch at the Makefile's pin.
+    packages = shared["pip"]["packages"]
+    expected = [d for d in _pyproject_deps() if not d.startswith(("ray", "torch"))]
+    assert sorted(p for p in packages if not p.startswith("torch")) == sorted(expected)
+    assert f"torch=={_makefile_torch()}" in packages
+
+
+def test_cluster_docs_name_files_that_exist():
+    """Every repo path the cluster files tell users to run or pass exists."""
+    for path in [CLUSTERS / "aws.yaml", *MANIFESTS, KUBERAY / "runtime-env.yaml"]:
+        for ref in set(re.findall(r"(?:jobs|clusters|infra)/[\w./-]+\.(?:py|yaml|yml|md)", path.read_text())):
+            assert (ROOT / ref).is_file(), f"{path.name} mentions {ref}"
+
+
+# ----------------------------------------------------------------------------------------------
+# infra/docker-compose.yml
+
+
+def test_compose_pins_images_binds_ports_and_takes_secrets_from_env():
+    text = (ROOT / "infra" / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    assert {"postgres", "minio", "minio-init", "mlflow"} <= set(services)
+    for name, svc in services.items():
+        image = svc["image"]
+        tag = image.rpartition(":")[2]
+        assert ":" in image and tag not in ("", "latest"), name
+        for port in svc.get("ports", []):
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+    assert "ports" not in services["postgres"]
+    assert "mlflow" in services["mlflow"]["command"] and "--serve-artifacts" in services["mlflow"]["command"]
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert services["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert "mc mb" in services["minio-init"]["command"][0]
+    # No literal secret: every password/secret value is a ${...} reference, and every variable the
+    # file uses is documented in .env.example.
+    for svc in services.values():
+        for key, value in (svc.get("environment") or {}).items():
+            if re.search(r"PASSWORD|SECRET", key):
+                assert str(value).startswith("${"), key
+    used = set(re.findall(r"\$\{(\w+)", text))
+    documented = set(re.findall(r"^(\w+)=", (ROOT / "infra" / ".env.example").read_text(), re.M))
+    assert used <= documented, used - documented
+    mlflow_image = (ROOT / "infra" / "mlflow" / "Dockerfile").read_text()
+    assert re.search(r"^FROM \S+:v\d+\.\d+\.\d+$", mlflow_image, re.M)
+    assert _pinned("mlflow") in mlflow_image
+
+
+# ----------------------------------------------------------------------------------------------
+# Preflight through the job entry point: one line, non-zero, before Ray
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job_env(tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_"))}
+    env.update(METHODLAB_HOME=str(tmp_path / "home"), HOME=str(tmp_path), AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", RAY_AUTH_MODE="disabled")
+    return env
+
+
+@pytest.mark.parametrize("service", ["s3", "tracking"])
+def test_job_entry_point_refuses_unreachable_services_in_one_line(tmp_path, service):
+    port = _closed_port()
+    args = {"s3": ["storage.path=s3://methodlab/runs", f"storage.endpoint_url=http://127.0.0.1:{port}"],
+            "tracking": [f"tracking.uri=http://127.0.0.1:{port}"]}[service]
+    expected = {"s3": f"error: S3 endpoint http://127.0.0.1:{port} is unreachable for s3://methodlab/runs",
+                "tracking": f"error: MLflow tracking server http://127.0.0.1:{port} is unreachable"}[service]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "jobs/train.py", "supervised", *args], cwd=ROOT, env=_job_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    # Preflight ran before Ray: no session directory, no run, no checkpoints.
+    assert not (tmp_path / "home" / "runs").exists()
+    assert time.monotonic() - t0 < 300
+
+
+# ----------------------------------------------------------------------------------------------
+# infra/local: refusals that start nothing
+
+
+def _stack_env(stack_dir: Path, ports: dict[str, int], home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "AWS_", "METHODLAB_STACK_", "MLFLOW_"))}
+    env.update({"METHODLAB_STACK_DIR": str(stack_dir), "HOME": str(home), "RAY_TMPDIR": str(stack_dir / "tmp"),
+                "METHODLAB_STACK_CPUS": "2", "METHODLAB_STACK_OBJECT_STORE_MB": "400", "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update({f"METHODLAB_STACK_{k}_PORT": str(v) for k, v in ports.items()})
+    return env
+
+
+def _free_ports(n: int) -> list[int]:
+    """Distinct free loopback ports outside Ray's worker port range."""
+    held, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+            port = s.getsockname()[1]
+            if not 10002 <= port <= 19999:
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+PORT_NAMES = ["S3", "MLFLOW", "DASHBOARD", "RAY", "RAY_CLIENT", "RAY_AGENT"]
+
+
+def test_stack_up_refuses_busy_or_clashing_ports_in_one_line(tmp_path):
+    script = ROOT / "infra" / "local" / "stack.py"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = dict(zip(PORT_NAMES, _free_ports(6)))
+        ports["MLFLOW"] = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(script), "up"], env=_stack_env(tmp_path / "stack", ports, tmp_path),
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"error: port(s) in use: 127.0.0.1:{ports['MLFLOW']} (mlflow); stop what holds "
+                                   "them or set METHODLAB_STACK_*_PORT (see infra/local/stack.py)")
+    assert not list((tmp_path / "stack").glob("*.pid"))
+
+    ports = dict(zip(PORT_NAMES, _free_ports(6)), DASHBOARD=15000)
+    proc = subprocess.run([sys.executable, str(script), "up"], env=_stack_env(tmp_path / "s2", ports, tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: port(s) dashboard=15000 fall in Ray's worker port range 10002-19999; pick others")
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: infra/local stack + ray job submit
+
+
+class Stack:
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="mls-"))   # short: Ray's socket paths live under it
+        self.home = self.dir / "home-user"
+        self.home.mkdir()
+        self.ports = dict(zip(PORT_NAMES, _free_ports(6)))
+        self.env = _stack_env(self.dir / "stack", self.ports, self.home)
+        self.mod = _stack_module()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    @property
+    def token_file(self) -> Path:
+        return self.dir / "stack" / "ray_auth_token"
+
+    def script(self, name: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "infra" / "local" / name)], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def client_env(self) -> dict[str, str]:
+        """A job-submitting shell: token auth from the file, no cluster address in the environment."""
+        return {**self.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
+
+    def s3_env(self) -> dict[str, str]:
+        m = self.mod
+        return {"AWS_ENDPOINT_URL": self.url("S3"), "AWS_ACCESS_KEY_ID": m.LOCAL_KEY_ID,
+                "AWS_SECRET_ACCESS_KEY": m.LOCAL_SECRET, "AWS_DEFAULT_REGION": m.LOCAL_REGION}
+
+    def s3(self):
+        import boto3
+
+        e = self.s3_env()
+        return boto3.client("s3", endpoint_url=e["AWS_ENDPOINT_URL"], region_name=e["AWS_DEFAULT_REGION"],
+                            aws_access_key_id=e["AWS_ACCESS_KEY_ID"], aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"])
+
+    def keys(self, bucket: str, prefix: str) -> list[str]:
+        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def job_status(self, submission_id: str) -> str:
+        req = urllib.request.Request(f"{self.url('DASHBOARD')}/api/jobs/{submission_id}",
+                                     headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())["status"]
+
+    def submit(self, submission_id: str, overrides: list[str], wait: bool) -> subprocess.CompletedProcess:
+        runtime_env = {"env_vars": {**self.s3_env(), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}}
+        argv = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.url("DASHBOARD"),
+                "--working-dir", str(ROOT), "--submission-id", submission_id,
+                "--runtime-env-json", json.dumps(runtime_env), *([] if wait else ["--no-wait"]),
+                "--", "python", "jobs/train.py", "supervised", *overrides]
+        return subprocess.run(argv, env=self.client_env(), capture_output=True, text=True, timeout=600)
+
+    def sessions(self) -> list[int]:
+        out = []
+        for svc in ("s3", "mlflow", "ray"):
+            pid_file = self.dir / "stack" / f"{svc}.pid"
+            if pid_file.exists():
+                out.append(int(pid_file.read_text()))
+        return out
+
+    def processes(self, pattern: str) -> list[str]:
+        """Live processes of the stack's sessions whose command line matches `pattern`."""
+        found = []
+        for sid in self.sessions():
+            for pid in self.mod.session_members(sid):
+                cmd = self.mod._cmdline(pid)
+                if re.search(pattern, cmd):
+                    found.append(f"{pid} {cmd[:120]}")
+        return found
+
+    def leftovers(self) -> list[str]:
+        marker = str(self.dir)
+        return [f"{p} {self.mod._cmdline(p)[:120]}" for p in self.mod._all_pids()
+                if p != os.getpid() and self.mod._alive(p) and marker in self.mod._cmdline(p)]
+
+
+@pytest.fixture(scope="module")
+def stack():
+    s = Stack()
+    sessions: list[int] = []
+    try:
+        up = s.script("up.sh")
+        sessions = s.sessions()
+        assert up.returncode == 0, up.stderr[-3000:]
+        yield s, up.stdout
+    finally:
+        sessions = sessions or s.sessions()
+        down = s.script("down.sh", timeout=180)
+        alive = [p for sid in sessions for p in s.mod.session_members(sid)] + s.leftovers()
+        shutil.rmtree(s.dir, ignore_errors=True)
+        assert down.returncode == 0, down.stderr[-2000:]
+        assert not alive, f"processes survived stack-down: {alive}"
+
+
+def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
+    s, up_out = stack
+    # What `make stack-up` prints: the three URLs and the exports, never the token or the keys.
+    for name in ("DASHBOARD", "MLFLOW", "S3"):
+        assert s.url(name) in up_out
+    assert "RAY_AUTH_MODE=token" in up_out and f"RAY_AUTH_TOKEN_PATH={s.token_file}" in up_out
+    assert s.token_file.read_text().strip() not in up_out and s.mod.LOCAL_SECRET not in up_out
+    assert oct(s.token_file.stat().st_mode & 0o777) == "0o600"
+    # Idempotent: a second `up` keeps what runs.
+    again = s.script("up.sh")
+    assert again.returncode == 0 and "already running" in again.stdout, again.stderr[-2000:]
+    # Token auth is on: the job server refuses a request without the token.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{s.url('DASHBOARD')}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+
+    tracking = s.url("MLFLOW")
+    common = ["data.limit_rows=256", "train.batch_size=32", "scaling.num_workers=2", "storage.path=s3://methodlab/runs",
+              f"tracking.uri={tracking}", "train.run_name=e2e", "tracking.registered_model=e2e-model"]
+
+    # 1. A long job: stop it once its first checkpoint is in S3; nothing of it may survive.
+    first = s.submit("e2e-first", [*common, "train.epochs=200"], wait=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def checkpointed():
+        status = s.job_status("e2e-first")
+        assert status in ("PENDING", "RUNNING"), f"job e2e-first is {status} before it was stopped"
+        return [k for k in s.keys("methodlab", "runs/e2e/checkpoint_") if k.endswith("/state.pt")]
+
+    _wait(checkpointed, 420, "the first checkpoint in s3://methodlab/runs/e2e/", poll=0.5)
+    assert s.job_status("e2e-first") == "RUNNING"
+    stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", s.url("DASHBOARD"), "e2e-first"],
+                          env=s.client_env(), capture_output=True, text=True, timeout=180)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    _wait(lambda: s.job_status("e2e-first") == "STOPPED", 120, "job e2e-first to be STOPPED")
+    orphans = r"RayTrainWorker|TrainController|jobs/train\.py"
+    _wait(lambda: not s.processes(orphans), 90, "the stopped job's driver and workers to exit")
+    assert not s.processes(orphans)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name("methodlab")
+    runs = client.search_runs([experiment.experiment_id], "tags.`methodlab.run_name` = 'e2e'")
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    logged = [m.step for m in client.get_metric_history(run_id, "val_acc")]
+    assert logged, "the stopped job logged no epoch"
+    # 2. The same run name again (with fewer epochs than the stopped config: a different config
+    # fingerprint, but the explicit run name picks the run) resumes from the S3 checkpoint.
+    epochs = max(logged) + 4
+    second = s.submit("e2e-second", [*common, f"train.epochs={epochs}"], wait=True)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert re.search(r"\[e2e\] resumed at stage train, epoch \d+", out), out[-4000:]
+    assert "e2e: test_acc=" in out and "registered e2e-model v1" in out and run_id in out
+
+    # Checkpoints: in the bucket, as Ray Train wrote them.
+    keys = s.keys("methodlab", "runs/e2e/")
+    assert any(k.endswith("/state.pt") for k in keys) and "runs/e2e/checkpoint_manager_snapshot.json" in keys
+
+    # The MLflow run: the same one, finished, with the run's params and per-epoch metrics, each
+    # epoch logged once.
+    runs = client.search_runs([experiment.experiment_id], "tags.`methodlab.run_name` = 'e2e'")
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.run_name"] == "e2e" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.params["storage.path"] == "s3://methodlab/runs"
+    assert {"val_acc", "test_acc", "train_loss"} <= set(run.data.metrics)
+    steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
+    assert sorted(steps) == list(range(epochs))
+
+    # The registered model version: from this run, its files in the MLflow bucket on S3.
+    version = client.get_model_version_by_alias("e2e-model", "candidate")
+    assert version.run_id == run_id and version.source.startswith("models:/m-")
+    model_id = version.source.split("/")[1]
+    assert client.get_logged_model(model_id).artifact_location.startswith("mlflow-artifacts:/")
+    artifacts = [k for k in s.keys("mlflow", "artifacts/") if model_id in k]
+    assert any(k.endswith("/MLmodel") for k in artifacts) and any(k.endswith("/weights.pt") for k in artifacts)
+
+    # And the hub loads it back (weights-only), through the server and from the S3 checkpoint.
+    for key, value in s.s3_env().items():
+        monkeypatch.setenv(key, value)
+    from methodlab import storage
+    from methodlab.models.hub import load_pretrained
+
+    storage.configure(None)
+    registered, spec = load_pretrained("models:/e2e-model@candidate", tracking)
+    from_checkpoint, _ = load_pretrained(f"runs:/{run_id}", tracking)
+    for (k, a), (_, b) in zip(registered.state_dict().items(), from_checkpoint.state_dict().items()):
+        assert a.shape == b.shape, k
+    assert spec["arch"] == "cnn"
