@@ -148,12 +148,12 @@ class ToastConfig(Section):
 @register_method("toast")
 class Toast(Method):
     Config = ToastConfig
-    defaults = {"train": {"epochs": 60, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3,
+    defaults = {"train": {"epochs": 60, "batch_size": 32, "optimizer": "adamw", "lr": 1e-2,
                           "weight_decay": 1e-4}}
     stages = ("pretune", "transfer")
     default_dataset = "digits_transfer"
     search_space = {
-        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "train.lr": {"loguniform": [1e-3, 1e-1]},
         "train.weight_decay": {"choice": [0.0, 1e-4, 1e-3, 1e-2]},
         "method.mode": {"choice": ["toast", "toast-lite"]},
     }
