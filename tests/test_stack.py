@@ -37,6 +37,7 @@ MANIFESTS = [KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml"]
 def _stack_module():
     spec = importlib.util.spec_from_file_location("methodlab_stack", ROOT / "infra" / "local" / "stack.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module     # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
