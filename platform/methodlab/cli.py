@@ -4,6 +4,7 @@
     methodlab sweep <method> [-c sweep.yaml] [key=value ...]
     methodlab promote <registered-model> [--metric test_acc] [--version N]
     methodlab data prepare [name ...] | data import <image-folder> --out <path-or-s3> | data list
+    methodlab data import-xlsa17 <dir with res101.mat and att_splits.mat> --out <path-or-s3>
     methodlab sync                      replay metrics kept while the MLflow server was down
     methodlab report                    HTML report of methods vs baselines, from MLflow
     methodlab methods | models
@@ -66,6 +67,15 @@ def _data(args) -> int:
             info = prepare_builtin(name, root, force=args.force)
             sizes = ", ".join(f"{s}" for s in info.splits)
             print(f"{name}: {info.uri} ({sizes}; columns {', '.join(info.columns)})")
+        return 0
+    if args.action == "import-xlsa17":
+        from methodlab.data.gzsl import import_xlsa17
+
+        if len(args.names) != 1 or not args.out:
+            raise MethodlabError("usage: methodlab data import-xlsa17 <dir with res101.mat, att_splits.mat> --out <path-or-s3-uri>")
+        info = import_xlsa17(args.names[0], args.out)
+        print(f"imported {info.name} into {info.uri} ({len(info.meta['seen_classes'])} seen, "
+              f"{len(info.meta['unseen_classes'])} unseen classes)")
         return 0
     from methodlab.data.imagefolder import import_image_folder
 
@@ -141,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_promote)
 
     d = sub.add_parser("data", help="prepare built-in datasets or import an image folder")
-    d.add_argument("action", choices=["prepare", "import", "list"])
+    d.add_argument("action", choices=["prepare", "import", "import-xlsa17", "list"])
     d.add_argument("names", nargs="*")
     d.add_argument("--root", help="where built-in datasets go (default .methodlab/data)")
     d.add_argument("--out", help="import: the output dataset path or s3:// URI")

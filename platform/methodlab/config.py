@@ -58,6 +58,8 @@ class TrainConfig(Section):
                                  "submitting the same name again resumes that run")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
     num_to_keep: int = Field(2, gt=0, description="checkpoints kept in storage")
+    checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints (the last epoch and "
+                                  "stage ends are always checkpointed)")
     crash_after_epoch: int | None = Field(
         None, ge=1, description="fault injection for resilience tests: rank 1 (or 0) exits hard after "
         "checkpointing this epoch, once")

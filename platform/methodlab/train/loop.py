@@ -300,7 +300,8 @@ def train_worker(loop_config: dict) -> None:
                 state.rng = rngs
                 state.metrics = {k: float(v) for k, v in metrics.items()}
             report = {**state.metrics, "stage": stage, "epoch": state.history_step} if rank == 0 else {}
-            _report(report, state if rank == 0 else None, cfg)
+            checkpoint_now = done or epoch + 1 == epochs or state.history_step % cfg.train.checkpoint_every == 0
+            _report(report, state if rank == 0 and checkpoint_now else None, cfg)
             if rank == 0:
                 _ensure_logged(spool, state)
                 for file, obj in method.epoch_artifacts(stage, epoch).items():
