@@ -106,8 +106,10 @@ def load_bundle(cfg: RunConfig, info: DatasetInfo, splits: list[str]) -> DataBun
             continue
         limit = cfg.data.limit_rows if split == "train" else None
         arrays = read_split(info, split, limit_rows=limit)
-        tensors[split] = SplitData({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    tables = {t: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in read_table(info, t).items()}
+        # Arrow's zero-copy views are read-only; torch wants writable memory (copied only if needed).
+        tensors[split] = SplitData({k: torch.from_numpy(np.require(v, requirements=["C", "W"]))
+                                    for k, v in arrays.items()})
+    tables = {t: {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in read_table(info, t).items()}
               for t in info.tables}
     return DataBundle(info=info, splits=tensors, tables=tables)
 
@@ -240,6 +242,8 @@ def train_worker(loop_config: dict) -> None:
         epochs = method.stage_epochs(stage)
         if state.complete:
             break
+        if epochs == 0 and stage_index == state.stage_index and stage_index < len(method.stages) - 1:
+            state.stage_index, state.epoch = stage_index + 1, 0     # a skipped stage counts as done
 
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
