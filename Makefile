@@ -43,3 +43,10 @@ bench: setup
 
 clean:
 	rm -rf .methodlab .pytest_cache .hypothesis
+
+# The local stack (Ray head + job server, MLflow server, S3) on 127.0.0.1; see infra/README.md.
+stack-up: setup
+	infra/local/up.sh
+
+stack-down:
+	infra/local/down.sh

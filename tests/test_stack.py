@@ -392,6 +392,13 @@ class Stack:
                 "--", "python", "jobs/train.py", "supervised", *overrides]
         return subprocess.run(argv, env=self.client_env(), capture_output=True, text=True, timeout=600)
 
+    def placement_groups(self) -> list[dict]:
+        """The cluster's placement groups (Ray's state API over the token-protected job server)."""
+        req = urllib.request.Request(f"{self.url('DASHBOARD')}/api/v0/placement_groups?limit=1000",
+                                     headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["data"]["result"]["result"]
+
     def sessions(self) -> list[int]:
         out = []
         for svc in ("s3", "mlflow", "ray"):
@@ -448,6 +455,11 @@ def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
 @pytest.mark.timeout(1500)
 def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     s, up_out = stack
+    t0 = time.monotonic()
+
+    def phase(what: str) -> None:      # shown when the test fails, and with -s
+        print(f"[e2e {time.monotonic() - t0:6.1f}s] {what}", flush=True)
+
     # What `make stack-up` prints: the three URLs and the exports, never the token or the keys.
     for name in ("DASHBOARD", "MLFLOW", "S3"):
         assert s.url(name) in up_out
@@ -469,6 +481,7 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     # 1. A long job: stop it once its first checkpoint is in S3; nothing of it may survive.
     first = s.submit("e2e-first", [*common, "train.epochs=200"], wait=False)
     assert first.returncode == 0, first.stderr[-3000:]
+    phase("submitted e2e-first")
 
     def checkpointed():
         status = s.job_status("e2e-first")
@@ -477,6 +490,7 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
 
     _wait(checkpointed, 420, "the first checkpoint in s3://methodlab/runs/e2e/", poll=0.5)
     assert s.job_status("e2e-first") == "RUNNING"
+    phase("first checkpoint in S3; stopping e2e-first")
     stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", s.url("DASHBOARD"), "e2e-first"],
                           env=s.client_env(), capture_output=True, text=True, timeout=180)
     assert stop.returncode == 0, stop.stderr[-2000:]
@@ -484,6 +498,10 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     orphans = r"RayTrainWorker|TrainController|jobs/train\.py"
     _wait(lambda: not s.processes(orphans), 90, "the stopped job's driver and workers to exit")
     assert not s.processes(orphans)
+    # ... and its placement group (the workers' CPUs) is released.
+    _wait(lambda: not [p for p in s.placement_groups() if p["state"] != "REMOVED"], 90,
+          "the stopped job's placement group to be removed")
+    phase("e2e-first stopped, no orphans")
 
     from mlflow.tracking import MlflowClient
 
@@ -496,9 +514,10 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     assert logged, "the stopped job logged no epoch"
     # 2. The same run name again (with fewer epochs than the stopped config: a different config
     # fingerprint, but the explicit run name picks the run) resumes from the S3 checkpoint.
-    epochs = max(logged) + 4
+    epochs = max(logged) + 3     # the checkpoint is at most one epoch ahead of MLflow: >= 1 epoch left
     second = s.submit("e2e-second", [*common, f"train.epochs={epochs}"], wait=True)
     out = second.stdout + second.stderr
+    phase(f"e2e-second finished (rc {second.returncode}, {epochs} epochs)")
     assert second.returncode == 0, out[-4000:]
     assert re.search(r"\[e2e\] resumed at stage train, epoch \d+", out), out[-4000:]
     assert "e2e: test_acc=" in out and "registered e2e-model v1" in out and run_id in out
@@ -539,3 +558,4 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     for (k, a), (_, b) in zip(registered.state_dict().items(), from_checkpoint.state_dict().items()):
         assert a.shape == b.shape, k
     assert spec["arch"] == "cnn"
+    phase("checked S3, MLflow and the hub")

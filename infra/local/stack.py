@@ -180,17 +180,29 @@ def session_members(sid: int) -> list[int]:
 
 
 def stack_processes(s: Settings, service: str) -> list[int]:
-    """Everything that belongs to `service`: its session, and for Ray any process naming the stack's
-    Ray temp dir (a process that left the session, e.g. with setsid, is still found)."""
+    """Everything that belongs to `service`: its session, and any process that inherited this stack's
+    METHODLAB_STACK_DIR and looks like the service (children that left the session, or a stack
+    whose pid files were deleted by `make clean`, are still found)."""
     pids = set()
     sid = _read_pid(s, service)
     if sid is not None:
         pids.update(session_members(sid))
-    if service == "ray":
-        marker = str(s.ray_tmp)
-        pids.update(p for p in _all_pids() if marker in _cmdline(p) and _alive(p))
+    for pid in _all_pids():
+        if pid not in pids and _alive(pid) and _stack_dir_of(pid) == str(s.dir) and _service_of(pid) == service:
+            pids.add(pid)
     pids.discard(os.getpid())
     return sorted(pids)
+
+
+def _service_of(pid: int) -> str:
+    """Which service a process of the stack belongs to; Ray's are everything else (its daemons,
+    workers and job drivers)."""
+    cmd = _cmdline(pid)
+    if "moto_server" in cmd:
+        return "s3"
+    if (" server " in cmd and "/mlflow " in cmd) or "mlflow/server" in cmd:
+        return "mlflow"
+    return "ray"
 
 
 def _read_pid(s: Settings, service: str) -> int | None:
