@@ -340,12 +340,12 @@ def test_stack_up_refuses_busy_or_clashing_ports_in_one_line(tmp_path):
 
 class Stack:
     def __init__(self):
+        self.mod = _stack_module()
+        self.ports = dict(zip(PORT_NAMES, _free_ports(6)))
         self.dir = Path(tempfile.mkdtemp(prefix="mls-"))   # short: Ray's socket paths live under it
         self.home = self.dir / "home-user"
         self.home.mkdir()
-        self.ports = dict(zip(PORT_NAMES, _free_ports(6)))
         self.env = _stack_env(self.dir / "stack", self.ports, self.home)
-        self.mod = _stack_module()
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
