@@ -41,7 +41,7 @@ test-fast: setup
 bench: setup
 	$(PY) bench/run_all.py
 
-clean:
+clean: stack-down
 	rm -rf .methodlab .pytest_cache .hypothesis
 
 # The local stack (Ray head + job server, MLflow server, S3) on 127.0.0.1; see infra/README.md.

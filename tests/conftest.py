@@ -13,6 +13,7 @@ import pytest
 _SESSION_HOME = tempfile.mkdtemp(prefix="methodlab-test-")
 os.environ.setdefault("METHODLAB_HOME", os.path.join(_SESSION_HOME, "home"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.pop("MLFLOW_TRACKING_URI", None)    # tests track into their own SQLite stores only
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -89,7 +89,8 @@ class StorageConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str = Field("", description="MLflow tracking URI; default sqlite under $METHODLAB_HOME")
+    uri: str = Field("", description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite "
+                     "under $METHODLAB_HOME")
     experiment: str = "methodlab"
     registered_model: str = Field("", description="default methodlab-<method>")
     register_model: bool = Field(True, description="register the final model as a version")
@@ -246,7 +247,8 @@ def _fill_defaults(cfg: RunConfig) -> RunConfig:
     elif "://" not in cfg.storage.path:
         cfg.storage.path = str(Path(cfg.storage.path).resolve())
     if not cfg.tracking.uri:
-        cfg.tracking.uri = f"sqlite:///{home / 'mlflow.db'}"
+        # MLflow's own variable wins over the local default, as for any MLflow client.
+        cfg.tracking.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
     if not cfg.tracking.registered_model:
         cfg.tracking.registered_model = f"methodlab-{cfg.method_name}"
     return cfg
