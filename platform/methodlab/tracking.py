@@ -204,11 +204,14 @@ class Tracker:
             Path(spec_file).write_text(json.dumps(spec))
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
             mlflow.set_tracking_uri(self.uri)
+            status = self.client.get_run(run_id).info.status
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pytorch.log_model(
                     model.eval().cpu(), name="model", input_example=input_example,
                     serialization_format="pt2", extra_files=[spec_file, weights_file],
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            # Leaving start_run() marks the run FINISHED; the run's owner decides its status.
+            self.client.update_run(run_id, status=status)
         if registered_name is None:
             return None
         version = mlflow.register_model(info.model_uri, registered_name).version
