@@ -293,8 +293,8 @@ class BadBatches(Method):
         return {}
 
     @torch.no_grad()
-    def frd_features(self, models: dict, images: torch.Tensor, views: tuple[torch.Tensor, torch.Tensor],
-                     out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_features(self, models: dict, images: torch.Tensor, views: tuple[torch.Tensor, torch.Tensor],
+                       out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The two feature sets the FRD compares. `out` holds the training forward's (h, z) of
         both views (2n rows), reused when the online extractor scores the views."""
         m = self.mcfg
@@ -337,7 +337,8 @@ class BadBatches(Method):
         out: dict[str, torch.Tensor] = {"loss": loss.detach()}
         keep = True
         if m.curation != "none":
-            a, b = self.frd_features(models, images, views, (h.float(), z.float()))
+            with ctx.autocast():
+                a, b = self.score_features(models, images, views, (h.float(), z.float()))
             frd = float(frechet_distance(_gather(a.float(), ctx.world_size), _gather(b.float(), ctx.world_size)))
             threshold = self.threshold(ctx.epoch)
             keep = keep_batch(frd, threshold)
