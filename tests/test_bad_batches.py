@@ -341,7 +341,7 @@ def test_two_ranks_take_the_same_decisions(ray_cluster, home, tmp_path):
     from methodlab.train.launch import train
 
     cfg = load_config("bad_batches", None, tiny("bad_batches", "scaling.num_workers=2",
-                                                "method.warmup_epochs=0", "method.frd_quantile=0.5"))
+                                                "train.epochs=2", "method.frd_quantile=0.5"))
     summary = train(cfg)
     assert summary.status == "FINISHED"
     client = Tracker(cfg.tracking.uri, cfg.tracking.experiment).client

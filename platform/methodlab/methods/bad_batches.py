@@ -235,8 +235,8 @@ class BadBatches(Method):
         "method.temperature": {"loguniform": [0.1, 1.0]},
         "method.warmup_epochs": {"choice": [0, 1, 2, 4]},
     }
-    smoke_overrides = ["train.epochs=2", "train.batch_size=32", "data.limit_rows=256",
-                       "method.arch_kwargs={width: 8, blocks: [1, 1]}", "method.warmup_epochs=1",
+    smoke_overrides = ["train.epochs=1", "train.batch_size=32", "data.limit_rows=256",
+                       "method.arch_kwargs={width: 8, blocks: [1, 1]}", "method.warmup_epochs=0",
                        "method.frd_quantile=0.3", "method.probe_steps=20"]
     demo_overrides = ["train.epochs=12"]
 
