@@ -89,6 +89,19 @@ DATA_CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def no_cluster(monkeypatch, request):
+    """Preflight must refuse before Ray is touched: reaching for the cluster fails the test."""
+    if "ray_cluster" in request.fixturenames:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was used for an input that preflight can refuse")
+
+    from methodlab.train import launch
+    monkeypatch.setattr(launch, "ensure_ray", refuse)
+
+
 def _run(capsys, argv) -> tuple[int, list[str]]:
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
@@ -96,12 +109,9 @@ def _run(capsys, argv) -> tuple[int, list[str]]:
 
 
 def _assert_refused(code, err, fragment, home):
-    import ray
-
     assert code != 0
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert fragment in err[0], err[0]
-    assert not ray.is_initialized(), "Ray was started for an input that preflight can refuse"
     assert not (home / "runs").exists()
 
 
