@@ -199,14 +199,14 @@ def test_mar_variants_against_numpy(b, k, seed):
     z = logits.numpy()
     ce = np.log(np.exp(z).sum(axis=1)) - z[np.arange(b), labels.numpy()]
     w = weak.numpy()
-    assert mar_loss(logits, labels, weak, "paper").item() == pytest.approx((ce * w).sum() / b, rel=1e-6, abs=1e-12)
+    assert mar_loss(logits, labels, weak, "paper").item() == pytest.approx((ce * w).sum() / b, rel=1e-5, abs=1e-12)
     # The classification code's bug, literally: (B,) * (B, 1, 1, 1) broadcasts to (B, 1, 1, B).
     broadcast = ce * w.reshape(b, 1, 1, 1)
     assert broadcast.shape == (b, 1, 1, b)
-    assert mar_loss(logits, labels, weak, "code").item() == pytest.approx(broadcast.sum() / b, rel=1e-6, abs=1e-12)
+    assert mar_loss(logits, labels, weak, "code").item() == pytest.approx(broadcast.sum() / b, rel=1e-5, abs=1e-12)
     if w.sum() > 0:   # paper: (n_W / B) * the mean CE over the weak samples
         assert mar_loss(logits, labels, weak, "paper").item() == pytest.approx(
-            w.sum() / b * ce[w > 0].mean(), rel=1e-6)
+            w.sum() / b * ce[w > 0].mean(), rel=1e-5)
 
 
 def student_net(regularizer=True):

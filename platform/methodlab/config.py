@@ -89,8 +89,7 @@ class StorageConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str = Field("", description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite "
-                     "under $METHODLAB_HOME")
+    uri: str = Field("", description="MLflow tracking URI; default sqlite under $METHODLAB_HOME")
     experiment: str = "methodlab"
     registered_model: str = Field("", description="default methodlab-<method>")
     register_model: bool = Field(True, description="register the final model as a version")
@@ -247,8 +246,9 @@ def _fill_defaults(cfg: RunConfig) -> RunConfig:
     elif "://" not in cfg.storage.path:
         cfg.storage.path = str(Path(cfg.storage.path).resolve())
     if not cfg.tracking.uri:
-        # MLflow's own variable wins over the local default, as for any MLflow client.
-        cfg.tracking.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+        # Deliberately not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable
+        # process-wide, so a later run would silently track into an earlier run's server.
+        cfg.tracking.uri = f"sqlite:///{home / 'mlflow.db'}"
     if not cfg.tracking.registered_model:
         cfg.tracking.registered_model = f"methodlab-{cfg.method_name}"
     return cfg
