@@ -129,6 +129,18 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def listdir(uri: str) -> list[tuple[str, bool]]:
+    """(name, is_directory) of the entries directly under `uri`; empty if it does not exist."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted((os.path.basename(i.path), i.type == pafs.FileType.Directory) for i in infos)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    fs, path = filesystem(uri)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def download_dir(uri: str, local_dir: str) -> None:
     fs, path = filesystem(uri)
     pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

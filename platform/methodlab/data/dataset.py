@@ -137,9 +137,7 @@ def write_dataset(root: str, name: str, splits: dict[str, dict[str, np.ndarray]]
                 shutil.rmtree(root)
             os.replace(stage_dir, root)
         else:
-            fs, path = storage.filesystem(root)
-            import pyarrow.fs as pafs
-            pafs.copy_files(stage_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            storage.upload_dir(stage_dir, root)
     finally:
         if os.path.exists(stage_dir):
             shutil.rmtree(stage_dir)
@@ -153,10 +151,8 @@ def write_dataset(root: str, name: str, splits: dict[str, dict[str, np.ndarray]]
 def open_dataset(uri: str) -> DatasetInfo:
     """Read the manifest and check every Parquet footer against it. Raises DataError."""
     fs, root = storage.filesystem(uri)
-    import pyarrow.fs as pafs
-
     manifest_path = f"{root}/{MANIFEST}"
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+    if not storage.exists(uri):
         raise DataError(f"dataset {uri} does not exist; run `methodlab data prepare` or fix data.dataset")
     try:
         with fs.open_input_stream(manifest_path) as f:
@@ -175,7 +171,7 @@ def open_dataset(uri: str) -> DatasetInfo:
     except (KeyError, TypeError) as e:
         raise DataError(f"{uri}/{MANIFEST} lacks field {e}; re-create the dataset") from None
     for split in info.splits:
-        files = _parquet_files(fs, f"{root}/{split}", uri, split)
+        files = _parquet_files(f"{root}/{split}", uri, split)
         for path in files:
             _check_schema(fs, path, info.columns, f"{uri}/{split}/{os.path.basename(path)}")
     for t, cols in info.tables.items():
@@ -183,11 +179,9 @@ def open_dataset(uri: str) -> DatasetInfo:
     return info
 
 
-def _parquet_files(fs, path: str, uri: str, split: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.path.endswith(".parquet"))
+def _parquet_files(path: str, uri: str, split: str) -> list[str]:
+    files = [f"{path}/{name}" for name, is_dir in storage.listdir(f"{uri.rstrip('/')}/{split}")
+             if not is_dir and name.endswith(".parquet")]
     if not files:
         raise DataError(f"dataset {uri}: split {split!r} has no Parquet files under {uri}/{split}")
     return files

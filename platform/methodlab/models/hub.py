@@ -60,16 +60,10 @@ def _from_checkpoint(uri: str) -> tuple[nn.Module, dict]:
 
 def latest_checkpoint(root: str) -> str:
     """The newest checkpoint_* directory of a run's storage directory."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(root)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    ckpts = sorted(i.path for i in infos if i.type == pafs.FileType.Directory
-                   and os.path.basename(i.path).startswith("checkpoint_"))
+    ckpts = [name for name, is_dir in storage.listdir(root) if is_dir and name.startswith("checkpoint_")]
     if not ckpts:
         raise ConfigError(f"run storage {root} has no checkpoint yet")
-    newest = os.path.basename(ckpts[-1])
-    return f"{root.rstrip('/')}/{newest}"
+    return f"{root.rstrip('/')}/{ckpts[-1]}"
 
 
 def load_pretrained(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict]:
