@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -35,6 +36,11 @@ MAX_PARAM_KEY = 250
 SECRET_KEY = re.compile(r"(secret|passw(or)?d|token|credential|access[_-]?key|api[_-]?key|private[_-]?key)", re.I)
 URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
 REDACTED = "***"
+
+# A fresh SQLite store makes MLflow print two INFO lines ("Creating initial MLflow database
+# tables...") on stderr; users see them before their own error or result, so keep them at WARNING.
+for _noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 # ----------------------------------------------------------------------------------------------
