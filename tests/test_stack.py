@@ -392,6 +392,18 @@ class Stack:
                 "--", "python", "jobs/train.py", "supervised", *overrides]
         return subprocess.run(argv, env=self.client_env(), capture_output=True, text=True, timeout=600)
 
+    def diagnose(self) -> str:
+        """What a failed check needs to be understood: is `ray start` alive, and its logs' tails."""
+        lines = [f"ray start alive: {self.mod._alive(self.sessions()[-1]) if self.sessions() else 'no pid'}"]
+        logs = [self.dir / "stack" / "logs" / "ray.log",
+                *sorted((self.dir / "stack" / "ray").glob("session_latest/logs/dashboard*.log")),
+                *sorted((self.dir / "stack" / "ray").glob("session_latest/logs/raylet.out")),
+                *sorted((self.dir / "stack" / "ray").glob("session_latest/logs/gcs_server.out"))]
+        for log in logs:
+            tail = log.read_text(errors="replace").splitlines()[-8:] if log.exists() else ["(missing)"]
+            lines += [f"--- {log.name}", *tail]
+        return "\n".join(lines)
+
     def placement_groups(self) -> list[dict]:
         """The cluster's placement groups (Ray's state API over the token-protected job server)."""
         req = urllib.request.Request(f"{self.url('DASHBOARD')}/api/v0/placement_groups?limit=1000",
@@ -480,7 +492,7 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
 
     # 1. A long job: stop it once its first checkpoint is in S3; nothing of it may survive.
     first = s.submit("e2e-first", [*common, "train.epochs=200"], wait=False)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, first.stderr[-1500:] + s.diagnose()
     phase("submitted e2e-first")
 
     def checkpointed():
@@ -518,7 +530,7 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     second = s.submit("e2e-second", [*common, f"train.epochs={epochs}"], wait=True)
     out = second.stdout + second.stderr
     phase(f"e2e-second finished (rc {second.returncode}, {epochs} epochs)")
-    assert second.returncode == 0, out[-4000:]
+    assert second.returncode == 0, out[-3000:] + s.diagnose()
     assert re.search(r"\[e2e\] resumed at stage train, epoch \d+", out), out[-4000:]
     assert "e2e: test_acc=" in out and "registered e2e-model v1" in out and run_id in out
 
