@@ -276,7 +276,7 @@ def test_dropped_modality_features_are_exactly_zero(combo, seed):
     # A fixed mask gives the same output as evaluating each row alone (identical rows stay identical).
     same = x[:1].expand(5, -1)
     out = net(same, mask)
-    assert torch.allclose(out, out[:1].expand_as(out))
+    assert torch.allclose(out, out[:1].expand_as(out), rtol=1e-4, atol=1e-5)   # GEMM blocking differs per row
 
 
 def test_nan_slices_mean_missing_in_the_exported_network():

@@ -27,8 +27,11 @@ def _train(args) -> int:
     from methodlab.registry import get_method
     from methodlab.train.launch import train
 
-    cfg = load_config(args.method, args.config, args.overrides)
-    summary = train(cfg)
+    # A bare `resume` among the overrides: also pick up the checkpoint kept on local disk when S3
+    # went away mid-run (a plain resubmit resumes from storage).
+    resume = "resume" in args.overrides
+    cfg = load_config(args.method, args.config, [o for o in args.overrides if o != "resume"])
+    summary = train(cfg, resume=resume)
     method = get_method(cfg.method_name)
     print(summary.line(method.test_metric))
     return 0
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a method (resumes a run of the same name)")
     t.add_argument("method")
     t.add_argument("-c", "--config", help="YAML config (e.g. jobs/configs/<method>.yaml)")
-    t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=3e-4 scaling.num_workers=2")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=3e-4 scaling.num_workers=2; a bare "
+                   "`resume` also picks up the checkpoint kept locally during an S3 outage")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sweep", help="Ray Tune sweep of a method's hyperparameters")

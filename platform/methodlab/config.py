@@ -86,6 +86,9 @@ class StorageConfig(Section):
                       "default $METHODLAB_HOME/runs")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default from AWS_ENDPOINT_URL")
     region: str | None = Field(None, description="default from AWS_DEFAULT_REGION")
+    local_fallback: str = Field("", description="with an s3:// path, rank 0 also keeps the latest checkpoint "
+                                "here, so `methodlab train ... resume` can pick it up after an S3 outage; "
+                                "default $METHODLAB_HOME/checkpoints")
 
 
 class TrackingConfig(Section):
@@ -245,6 +248,8 @@ def _fill_defaults(cfg: RunConfig) -> RunConfig:
         cfg.storage.path = str(home / "runs")
     elif "://" not in cfg.storage.path:
         cfg.storage.path = str(Path(cfg.storage.path).resolve())
+    if not cfg.storage.local_fallback:
+        cfg.storage.local_fallback = str(home / "checkpoints")
     if not cfg.tracking.uri:
         # Deliberately not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable
         # process-wide, so a later run would silently track into an earlier run's server.

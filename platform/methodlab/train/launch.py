@@ -109,7 +109,7 @@ def _storage_kwargs(cfg: RunConfig) -> dict:
     return {"storage_path": cfg.storage.path}
 
 
-def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None):
+def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None, recovered: str | None = None):
     """The TorchTrainer for one run (also used by each Tune trial)."""
     import ray.data
     from ray.data import ExecutionOptions
@@ -135,7 +135,7 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
-                           "dataset_uri": info.uri, "splits": splits},
+                           "dataset_uri": info.uri, "splits": splits, "recovered_checkpoint": recovered},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(
@@ -159,8 +159,30 @@ def worker_error_line(exc: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
 
 
-def train(cfg: RunConfig, parent_run_id: str | None = None) -> RunSummary:
-    """Run `cfg` to completion (or resume it) and return its summary."""
+def upload_local_fallback(cfg: RunConfig) -> str:
+    """`methodlab train ... resume`: put the checkpoint rank 0 kept on local disk during an S3
+    outage back into storage, next to Ray's own; returns its URI for the workers to compare."""
+    from methodlab.train.loop import STATE_FILE, local_fallback_dir
+
+    local = local_fallback_dir(cfg)
+    if local is None:
+        raise ConfigError(f"resume: storage.path={cfg.storage.path} is local, so every checkpoint is already "
+                          "there; submit without `resume`")
+    if not (local / STATE_FILE).exists():
+        raise ConfigError(f"resume: no local checkpoint of run {cfg.run_name} in {local}; submit without "
+                          f"`resume` to continue from {cfg.storage.path}")
+    target = f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}/recovered"
+    try:
+        storage.upload_dir(str(local), target)
+    except OSError as e:
+        raise ServiceError(f"resume: could not upload {local} to {target} ({str(e).splitlines()[0][:160]}); "
+                           "is S3 back?") from None
+    return target
+
+
+def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False) -> RunSummary:
+    """Run `cfg` to completion (or resume it) and return its summary. `resume` also picks up the
+    checkpoint kept on local disk when S3 went away (see `upload_local_fallback`)."""
     from methodlab.tracking import Tracker, flatten_params
 
     info = preflight(cfg)
@@ -170,6 +192,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None) -> RunSummary:
     if existing is not None and existing.status == "FINISHED":
         return _summary(tracker, cfg, existing.run_id, resumed=False, already=True)
 
+    recovered = upload_local_fallback(cfg) if resume else None
     ensure_ray()
     check_capacity(cfg, with_data=cfg.data.loader == "stream")
     if existing is not None:
@@ -183,7 +206,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None) -> RunSummary:
                                     "methodlab.checkpoint_root": f"{cfg.storage.path.rstrip('/')}/{name}"},
                                    cfg.to_yaml(), parent_run_id=parent_run_id)
     try:
-        result = build_trainer(cfg, info, run_id).fit()
+        result = build_trainer(cfg, info, run_id, recovered=recovered).fit()
         if getattr(result, "error", None) is not None:
             raise result.error
     except KeyboardInterrupt:
@@ -191,10 +214,23 @@ def train(cfg: RunConfig, parent_run_id: str | None = None) -> RunSummary:
         raise
     except Exception as exc:   # noqa: BLE001 — every failure marks the run FAILED, then one line
         _end_quietly(tracker, run_id, "FAILED")
-        raise TrainingError(f"run {name} failed: {worker_error_line(exc)} "
-                            f"(MLflow run {run_id}; the last checkpoint is kept under {cfg.storage.path}/{name})") from None
+        raise TrainingError(f"run {name} failed: {worker_error_line(exc)} (MLflow run {run_id}; "
+                            f"{_where_checkpoints_are(cfg)})") from None
     tracker.end_run(run_id, "FINISHED")
     return _summary(tracker, cfg, run_id, resumed=existing is not None, already=False)
+
+
+def _where_checkpoints_are(cfg: RunConfig) -> str:
+    from methodlab.train.loop import STATE_FILE, local_fallback_dir
+
+    kept = f"the last checkpoint is kept under {cfg.storage.path.rstrip('/')}/{cfg.run_name}"
+    fallback = local_fallback_dir(cfg)
+    if fallback is not None and (fallback / STATE_FILE).exists():
+        # Whoever met the outage (rank 0's upload, or the controller's bookkeeping), the newest
+        # checkpoint is the local copy.
+        kept += (f" and the latest at {fallback}; if S3 went away, run the same command with `resume` "
+                 "once it is back")
+    return kept
 
 
 def _end_quietly(tracker, run_id: str, status: str) -> None:

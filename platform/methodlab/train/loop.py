@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -60,13 +61,28 @@ class LoopState:
     exported: dict = field(default_factory=dict)  # {"spec", "state_dict"}: the model as `export` gives it
     mlflow_run_id: str = ""
 
-    def save(self, directory: str) -> None:
-        torch.save(vars(self), os.path.join(directory, STATE_FILE))
+    def save(self, directory: str | Path) -> None:
+        # Write-then-rename: a crash mid-save never leaves a truncated state.pt behind.
+        partial = os.path.join(directory, STATE_FILE + ".partial")
+        torch.save(vars(self), partial)
+        os.replace(partial, os.path.join(directory, STATE_FILE))
 
     @classmethod
     def load(cls, directory: str) -> "LoopState":
         # weights_only: a checkpoint is data, never code.
         return cls(**torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True))
+
+
+class CheckpointUploadError(RuntimeError):
+    """Storage refused a checkpoint after its retries; the local copy is named in the message."""
+
+
+def local_fallback_dir(cfg: RunConfig) -> Path | None:
+    """Where rank 0 keeps the latest checkpoint of a run whose checkpoints go to S3 (None when
+    storage.path is local: the checkpoint is already on disk)."""
+    if not storage.is_s3(cfg.storage.path):
+        return None
+    return Path(cfg.storage.local_fallback) / cfg.run_name
 
 
 def rng_state() -> dict:
@@ -193,12 +209,10 @@ def train_worker(loop_config: dict) -> None:
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
         spool = MetricSpool(tracker, run_id, methodlab_home() / "spool")
 
-    state = LoopState(mlflow_run_id=run_id)
-    checkpoint = ray.train.get_checkpoint()  # [ray]
-    resumed = checkpoint is not None
+    restored = _restore(loop_config.get("recovered_checkpoint"))
+    resumed = restored is not None
+    state = restored or LoopState(mlflow_run_id=run_id)
     if resumed:
-        with checkpoint.as_directory() as d:
-            state = LoopState.load(d)
         method.load_state_dict(state.method)
         if len(state.rng) == world:
             set_rng_state(state.rng[rank])
@@ -322,6 +336,23 @@ def train_worker(loop_config: dict) -> None:
                                   f"metrics are kept in {spool.path}: run `methodlab sync` when it is back, "
                                   "then submit the same run again to register the model")
         _register(cfg, method, {k: unwrap(m) for k, m in models.items()}, tracker, run_id, state)
+        if (fallback := local_fallback_dir(cfg)) is not None:
+            shutil.rmtree(fallback, ignore_errors=True)    # the run is done: its S3 copy is final
+
+
+def _restore(recovered_uri: str | None) -> LoopState | None:
+    """The newest of Ray's latest checkpoint and one recovered by `methodlab train ... resume`.
+    Every rank reads the same files, so every rank takes the same one."""
+    found = []
+    checkpoint = ray.train.get_checkpoint()  # [ray]
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            found.append(LoopState.load(d))
+    if recovered_uri:
+        with tempfile.TemporaryDirectory() as d:
+            storage.download_dir(recovered_uri, d)
+            found.append(LoopState.load(d))
+    return max(found, key=lambda s: s.history_step, default=None)
 
 
 def _gather_rng(world: int) -> list:
@@ -334,14 +365,27 @@ def _gather_rng(world: int) -> list:
 
 
 def _report(metrics: dict, state: LoopState | None, cfg: RunConfig) -> None:
-    """Every rank reports; only rank 0 attaches the checkpoint. [ray]"""
+    """Every rank reports; only rank 0 attaches the checkpoint, which Ray Train uploads to
+    storage.path (pyarrow retries with backoff). With S3 storage the checkpoint is written to the
+    local fallback directory first, so an S3 outage that outlasts the retries loses nothing. [ray]"""
     if state is None:
         ray.train.report(metrics, checkpoint=None)  # [ray]
         return
+    fallback = local_fallback_dir(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        state.save(tmp)
-        Path(tmp, "config.yaml").write_text(cfg.to_yaml())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # [ray]
+        directory = fallback or Path(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        state.save(directory)
+        (directory / "config.yaml").write_text(cfg.to_yaml())
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))  # [ray]
+        except OSError as e:
+            if fallback is None:
+                raise
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise CheckpointUploadError(
+                f"checkpoint upload to {cfg.storage.path.rstrip('/')}/{cfg.run_name} failed after retries "
+                f"({reason}); epoch {state.history_step} is kept at {directory} on rank 0's node") from None
 
 
 def _best_effort(fn, *args) -> None:
