@@ -31,15 +31,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray (2 CPUs, dashboard on 127.0.0.1 for the placement-group cleaner) per session."""
+def _ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def ray_cluster(_ray_session):
+    """One local Ray (2 CPUs, dashboard on 127.0.0.1 for the placement-group cleaner) shared by the
+    session's tests; started on first use, and again if a test needed the machine to itself."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture()

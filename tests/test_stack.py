@@ -437,6 +437,12 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack():
+    import ray
+
+    # One Ray instance per machine, as in production: the session's local Ray stops here (and
+    # starts again for the tests after this module), so the stack's Ray never shares the
+    # machine's ports and 2 CPUs with another instance.
+    ray.shutdown()
     s = Stack()
     sessions: list[int] = []
     try:
