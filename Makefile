@@ -17,7 +17,7 @@ export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench report clean stack-up stack-down
+.PHONY: setup demo test test-fast test-load bench report clean stack-up stack-down
 
 setup: $(STAMP)
 
@@ -33,10 +33,14 @@ demo: setup
 	$(VENV)/bin/methodlab demo
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not load"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not load"
+
+# Three concurrent `ray job submit` runs and a 16-trial sweep on a private 2-CPU stack (~5 min).
+test-load: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m load tests/test_stack.py
 
 bench: setup
 	$(PY) bench/run_all.py

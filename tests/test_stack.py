@@ -384,12 +384,13 @@ class Stack:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())["status"]
 
-    def submit(self, submission_id: str, overrides: list[str], wait: bool) -> subprocess.CompletedProcess:
+    def submit(self, submission_id: str, overrides: list[str], wait: bool,
+               entrypoint: str = "jobs/train.py") -> subprocess.CompletedProcess:
         runtime_env = {"env_vars": {**self.s3_env(), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}}
         argv = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.url("DASHBOARD"),
                 "--working-dir", str(ROOT), "--submission-id", submission_id,
                 "--runtime-env-json", json.dumps(runtime_env), *([] if wait else ["--no-wait"]),
-                "--", "python", "jobs/train.py", "supervised", *overrides]
+                "--", "python", entrypoint, "supervised", *overrides]
         return subprocess.run(argv, env=self.client_env(), capture_output=True, text=True, timeout=600)
 
     def diagnose(self) -> str:
@@ -577,3 +578,103 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
         assert a.shape == b.shape, k
     assert spec["arch"] == "cnn"
     phase("checked S3, MLflow and the hub")
+
+
+def _listening_ports(pids: list[int]) -> dict[int, int]:
+    """{port: pid} of the TCP sockets these processes listen on (from /proc, as `ss -ltnp` does)."""
+    inodes = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A":                          # TCP_LISTEN
+                    inodes[cols[9]] = int(cols[1].rsplit(":", 1)[1], 16)
+    found = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                found[inodes[target[8:-1]]] = pid
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.load
+@pytest.mark.timeout(1800)
+def test_three_jobs_and_a_16_trial_sweep_share_the_2_cpu_stack(stack):
+    """Load: three `ray job submit` runs and a 16-trial sweep at once on the stack's 2 CPUs. They
+    queue for CPUs and all finish, each in its own MLflow run and checkpoint prefix, and leave no
+    process or listening port behind."""
+    s, _ = stack
+    t0 = time.monotonic()
+    stack_pids = lambda: [p for sid in s.sessions() for p in s.mod.session_members(sid)]  # noqa: E731
+    job_like = r"RayTrainWorker|TrainController|_Inner|ImplicitFunc|run_trial|jobs/(train|sweep)\.py"
+    # Wait out whatever an earlier test left running, then note the ports Ray's own services hold.
+    _wait(lambda: not s.processes(job_like), 120, "an idle stack before the load test")
+    ports_before = _listening_ports(stack_pids())
+
+    tracking = s.url("MLFLOW")
+    where = ["storage.path=s3://methodlab/load", f"tracking.uri={tracking}", "tracking.experiment=load",
+             "data.limit_rows=256", "train.batch_size=32"]
+    jobs = [f"load-{i}" for i in range(3)]
+    for name in jobs:
+        sub = s.submit(name, [*where, "train.epochs=2", "scaling.num_workers=2", f"train.run_name={name}",
+                              "tracking.register_model=false"], wait=False)
+        assert sub.returncode == 0, sub.stderr[-1500:] + s.diagnose()
+    sweep = s.submit("load-sweep", ["-c", "jobs/sweeps/supervised.yaml", "name=load-sweep", "search.num_samples=16",
+                                    "search.scheduler.type=fifo", "train.epochs=1", "scaling.num_workers=1",
+                                    "tracking.register_model=false", *where],
+                     wait=False, entrypoint="jobs/sweep.py")
+    assert sweep.returncode == 0, sweep.stderr[-1500:] + s.diagnose()
+
+    def all_done():
+        states = {j: s.job_status(j) for j in [*jobs, "load-sweep"]}
+        failed = {j: st for j, st in states.items() if st in ("FAILED", "STOPPED")}
+        assert not failed, f"jobs ended badly: {failed}"
+        return all(st == "SUCCEEDED" for st in states.values())
+
+    _wait(all_done, 1500, "three jobs and the sweep to succeed", poll=2)
+    print(f"[load] all four jobs succeeded after {time.monotonic() - t0:.0f}s", flush=True)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name("load")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    by_name = {r.data.tags.get("methodlab.run_name"): r for r in runs}
+    # Separate runs: one per job, one parent and 16 children for the sweep, all FINISHED.
+    assert all(by_name[j].info.status == "FINISHED" for j in jobs)
+    assert len({by_name[j].info.run_id for j in jobs}) == 3
+    parent = next(r for r in runs if r.data.tags.get("methodlab.sweep") == "true")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 16 and all(r.info.status == "FINISHED" for r in children)
+    assert len(runs) == 3 + 1 + 16
+    # No checkpoint collisions: every run has its own prefix, and each checkpoint there is its own.
+    roots = [r.data.tags["methodlab.checkpoint_root"] for r in [*(by_name[j] for j in jobs), *children]]
+    assert len(set(roots)) == 19
+    from methodlab.config import from_dict
+
+    for run in [*(by_name[j] for j in jobs), *children]:
+        name, root = run.data.tags["methodlab.run_name"], run.data.tags["methodlab.checkpoint_root"]
+        assert root.startswith("s3://methodlab/load/"), root
+        prefix = root[len("s3://methodlab/"):].rstrip("/") + "/"
+        configs = [k for k in s.keys("methodlab", prefix) if "/checkpoint_" in k and k.endswith("/config.yaml")]
+        assert configs, f"no checkpoint of {name} under {root}"
+        for key in configs:
+            saved = yaml.safe_load(s.s3().get_object(Bucket="methodlab", Key=key)["Body"].read())
+            assert from_dict(saved).run_name == name, f"{key} holds a checkpoint of another run"
+    # Nothing left behind: no driver, controller or worker, no placement group, no new listener.
+    _wait(lambda: not s.processes(job_like), 120, "the jobs' processes to exit")
+    _wait(lambda: not [p for p in s.placement_groups() if p["state"] != "REMOVED"], 120,
+          "every placement group to be removed")
+    idle = lambda pid: s.mod._cmdline(pid).startswith("ray::IDLE")   # noqa: E731 — Ray's worker pool
+    leaked = {port: s.mod._cmdline(pid)[:100] for port, pid in _listening_ports(stack_pids()).items()
+              if port not in ports_before and not idle(pid)}
+    assert not leaked, f"listening ports left behind: {leaked}"
