@@ -33,7 +33,7 @@ demo: setup
 	$(VENV)/bin/methodlab demo
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not load"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not load" --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not load"

@@ -80,6 +80,11 @@ def test_s3_outage_keeps_the_checkpoint_locally_and_resume_picks_it_up(ray_clust
     tracker = Tracker(f"sqlite:///{home}/mlflow.db", "methodlab")
     run = tracker.find_run(RUN)
     assert run.status == "FAILED"
+    deadline = time.monotonic() + 60       # the failed run gives its CPUs back
+    while ray_cluster.available_resources().get("CPU", 0) < 1.99 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(f"[s3-outage] CPUs free again after {60 - (deadline - time.monotonic()):.1f}s", flush=True)
+    assert ray_cluster.available_resources().get("CPU", 0) == pytest.approx(2.0, abs=0.01)
 
     # While S3 is still down, `resume` refuses in one line before any training.
     assert main([*argv, "resume"]) == 3
