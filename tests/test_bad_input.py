@@ -191,3 +191,19 @@ def test_random_configs_give_validation_errors_never_tracebacks(pairs, home, cap
         assert "\n" not in str(e) and str(e)
         return
     assert cfg.train.epochs > 0 and 0 < cfg.train.lr < float("inf")
+
+
+def test_overrides_after_the_config_file_are_overrides(capsys):
+    """`train supervised -c file.yaml key=value`, as the README and job docstrings write it: the
+    overrides after -c are read as overrides (argparse alone would call them unrecognized)."""
+    from pathlib import Path
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    code, err = _run(capsys, ["train", "supervised", "-c", str(jobs / "configs" / "supervised.yaml"), "train.lr=abc"])
+    assert code == 2 and len(err) == 1 and "(set by override 'train.lr=abc')" in err[0]
+    code, err = _run(capsys, ["sweep", "supervised", "-c", str(jobs / "sweeps" / "supervised.yaml"),
+                              "search.num_samples=abc"])
+    assert code == 2 and len(err) == 1 and "(got 'abc', set by override 'search.num_samples=abc')" in err[0]
+    with pytest.raises(SystemExit) as refused:       # an unknown option is still argparse's error
+        main(["train", "supervised", "-c", str(jobs / "configs" / "supervised.yaml"), "--bogus"])
+    assert refused.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -405,6 +405,12 @@ class Stack:
             lines += [f"--- {log.name}", *tail]
         return "\n".join(lines)
 
+    def job_logs(self, submission_id: str) -> str:
+        req = urllib.request.Request(f"{self.url('DASHBOARD')}/api/jobs/{submission_id}/logs",
+                                     headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["logs"]
+
     def placement_groups(self) -> list[dict]:
         """The cluster's placement groups (Ray's state API over the token-protected job server)."""
         req = urllib.request.Request(f"{self.url('DASHBOARD')}/api/v0/placement_groups?limit=1000",
@@ -637,7 +643,7 @@ def test_three_jobs_and_a_16_trial_sweep_share_the_2_cpu_stack(stack):
     def all_done():
         states = {j: s.job_status(j) for j in [*jobs, "load-sweep"]}
         failed = {j: st for j, st in states.items() if st in ("FAILED", "STOPPED")}
-        assert not failed, f"jobs ended badly: {failed}"
+        assert not failed, f"jobs ended badly: {failed}\n" + "\n".join(s.job_logs(j)[-2500:] for j in failed)
         return all(st == "SUCCEEDED" for st in states.values())
 
     _wait(all_done, 1500, "three jobs and the sweep to succeed", poll=2)

@@ -181,7 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse stops filling a `nargs="*"` positional at the first option, so in
+    # `train supervised -c x.yaml train.lr=3e-3` the overrides after -c come back as "unknown";
+    # they are overrides all the same, wherever they stand.
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*args.overrides, *rest]
     try:
         return args.func(args)
     except MethodlabError as e:

@@ -99,9 +99,12 @@ class SweepSpec(Section):
         return v
 
 
-def _spec_error(e: ValidationError, origin: str) -> ConfigError:
+def _spec_error(e: ValidationError, origin: str, set_by: dict[str, str]) -> ConfigError:
     err = e.errors()[0]
     dotted = ".".join(str(p) for p in err["loc"])
+    # The override that set this key (or a key above it), else the file.
+    origin = next((set_by[k] for k in sorted(set_by, key=len, reverse=True)
+                   if dotted == k or dotted.startswith(k + ".")), origin)
     if err["type"] == "extra_forbidden":
         return ConfigError(f"unknown sweep key {dotted} ({origin}); the sweep keys are "
                            f"{', '.join(SWEEP_KEYS)}, and run config sections go under base:")
@@ -114,12 +117,14 @@ def load_spec(method_name: str, yaml_path: str | None, overrides: list[str] = ()
     origin = f"in {yaml_path}" if yaml_path else "by default"
     base_layers: list[tuple[str, dict]] = [(f"in {yaml_path} (base:)", data.get("base") or {})]
     sweep_over: dict = {}
+    set_by: dict[str, str] = {}       # dotted sweep key -> the override that set it
     for text in overrides:
         path, value = parse_override(text)
         if path[0] == "space" and len(path) > 1:
             sweep_over.setdefault("space", {})[".".join(path[1:])] = value
         elif path[0] in ("name", "search", "method_name"):
             set_path(sweep_over, path, value, f"override {text!r}")
+            set_by[".".join(path)] = f"set by override {text!r}"
         else:
             tree: dict = {}
             set_path(tree, path[1:] if path[0] == "base" else path, value, f"override {text!r}")
@@ -128,7 +133,7 @@ def load_spec(method_name: str, yaml_path: str | None, overrides: list[str] = ()
     try:
         spec = SweepSpec.model_validate(merged)
     except ValidationError as e:
-        raise _spec_error(e, origin) from None
+        raise _spec_error(e, origin, set_by) from None
     if spec.method_name and spec.method_name != method_name:
         raise ConfigError(f"sweep file {yaml_path} is for method {spec.method_name!r}, not {method_name!r}; "
                           f"run `methodlab sweep {spec.method_name} -c {yaml_path}`")
