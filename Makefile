@@ -38,7 +38,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not load"
 
-# Three concurrent `ray job submit` runs and a 16-trial sweep on a private 2-CPU stack (~5 min).
+# Three concurrent `ray job submit` runs and a 16-trial sweep on a private 2-CPU stack (~10 min).
 test-load: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m load tests/test_stack.py
 
