@@ -15,7 +15,7 @@ from methodlab.cli import main
 from methodlab.train.loop import LoopState
 from methodlab.tracking import Tracker
 
-EPOCHS = 12
+EPOCHS = 8
 RUN = "s3-outage"
 
 

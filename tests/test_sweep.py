@@ -336,6 +336,6 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     assert [m.step for m in client.get_metric_history(done_after.info.run_id, "epoch")] == [0, 1, 2, 3]
     # The interrupted one continued from its checkpoint, in the same child run, no epoch twice.
     cont = next(r for r in children if r.info.run_id == second.info.run_id)
-    assert "methodlab.resumed_at_epoch" in cont.data.tags, out.stdout[-4000:]
+    assert "methodlab.resumed_at_epoch" in cont.data.tags, out.stdout[-3000:] + out.stderr[-5000:]
     assert int(cont.data.tags["methodlab.resumed_at_epoch"]) >= 1
     assert [m.step for m in client.get_metric_history(cont.info.run_id, "epoch")] == [0, 1, 2, 3]
