@@ -58,6 +58,7 @@ def _dataset(tmp_path, damage: str) -> str:
 CASES = [
     # (id, argv after "train supervised", fragment of the one-line message)
     ("unknown key", ["train.lrr=0.1"], "unknown config key train.lrr"),
+    ("resume, local storage", ["resume"], "is local, so every checkpoint is already there; submit without `resume`"),
     ("misspelled section", ["scailng.num_workers=2"], "did you mean scaling?"),
     ("wrong type int", ["train.epochs=many"], "train.epochs: Input should be a valid integer"),
     ("wrong type bool", ["scaling.use_gpu=maybe"], "scaling.use_gpu: Input should be a valid boolean"),
