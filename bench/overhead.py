@@ -64,12 +64,12 @@ def plain_loop(cfg) -> tuple[float, list[float]]:
     return startup, epochs
 
 
-def through_methodlab(workers: int, tag: str) -> tuple[float, list[float], float]:
+def through_methodlab(workers: int, tag: str, extra: tuple[str, ...] = ()) -> tuple[float, list[float], float]:
     from methodlab.tracking import Tracker
     from methodlab.train.launch import ensure_ray, train
 
     ensure_ray()
-    cfg = load_config("supervised", None, [*OVERRIDES, f"scaling.num_workers={workers}", f"train.run_name=overhead-{tag}"])
+    cfg = load_config("supervised", None, [*OVERRIDES, *extra, f"scaling.num_workers={workers}", f"train.run_name=overhead-{tag}"])
     t0 = time.perf_counter()
     summary = train(cfg)
     wall = time.perf_counter() - t0

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from methodlab.data import open_dataset, prepare_builtin, read_split, read_table, write_dataset
+from methodlab.data import open_dataset, prepare_builtin, read_split, read_table, split_nbytes, write_dataset
 from methodlab.data.builtin import stratified_split
 from methodlab.errors import DataError
 
@@ -20,18 +20,20 @@ DTYPES = st.sampled_from([np.float32, np.float64, np.int64, np.uint8])
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=SHAPES, dtype=DTYPES, n=st.integers(1, 20), data=st.data())
-def test_write_read_round_trip_is_exact(tmp_path_factory, shape, dtype, n, data):
+@given(shape=SHAPES, dtype=DTYPES, n=st.integers(1, 20), rows_per_file=st.integers(1, 25), data=st.data())
+def test_write_read_round_trip_is_exact(tmp_path_factory, shape, dtype, n, rows_per_file, data):
     x = data.draw(hnp.arrays(dtype, (n, *shape), elements=hnp.from_dtype(np.dtype(dtype), allow_nan=False)))
     y = np.arange(n, dtype=np.int64)
     root = str(tmp_path_factory.mktemp("ds") / "d")
     info = write_dataset(root, "t", {s: {"x": x, "label": y} for s in ("train", "val", "test")},
-                         {"num_classes": n}, tables={"attrs": {"a": x}})
+                         {"num_classes": n}, tables={"attrs": {"a": x}}, rows_per_file=rows_per_file)
     assert info.columns["x"].shape == list(shape) and info.columns["x"].dtype == np.dtype(dtype).name
     back = read_split(info, "train")
     np.testing.assert_array_equal(back["x"], x)
     assert back["x"].dtype == x.dtype and back["x"].shape == x.shape
     np.testing.assert_array_equal(read_table(info, "attrs")["a"], x)
+    # the stream loader's cache decision: the split's in-memory size, from the footers alone
+    assert split_nbytes(info, "train") == x.nbytes + y.nbytes
 
 
 def _small(tmp_path):

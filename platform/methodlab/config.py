@@ -44,6 +44,10 @@ class DataConfig(Section):
         "memory", description="memory: each worker holds the dataset and draws a seeded shard per "
         "epoch (bit-exact resume); stream: Ray Data streams a split shard (datasets beyond memory)")
     limit_rows: int | None = Field(None, gt=0, description="use only the first N training rows")
+    stream_cache_mb: int = Field(
+        1024, ge=0, description="stream: a train split of at most this many MB (in memory) is read "
+        "from Parquet once into Ray's object store and every epoch streams from there; larger "
+        "splits are re-read each epoch; 0 = always re-read")
 
 
 class TrainConfig(Section):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 from methodlab import storage
-from methodlab.data.dataset import DatasetInfo, open_dataset, read_split, read_table, write_dataset
+from methodlab.data.dataset import DatasetInfo, open_dataset, read_split, read_table, split_nbytes, write_dataset
 from methodlab.errors import DataError
 
-__all__ = ["DatasetInfo", "open_dataset", "read_split", "read_table", "write_dataset",
+__all__ = ["DatasetInfo", "open_dataset", "read_split", "read_table", "split_nbytes", "write_dataset",
            "prepare_builtin", "resolve_dataset"]
 
 

@@ -139,23 +139,39 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
     return perm[rank:total:world]
 
 
+# Ray Data hands the stream over in chunks of this many batches: Ray's cost per handed-over batch
+# (about 4 ms here) is then paid once per chunk instead of once per step (bench/data_path.py).
+STREAM_CHUNK_BATCHES = 32
+
+
 def epoch_batches(cfg: RunConfig, data: DataBundle, seed: int, rank: int, world: int,
                   device: torch.device) -> Iterator[Batch]:
     bs = cfg.train.batch_size
     if cfg.data.loader == "stream":
         shard = ray.train.get_dataset_shard("train")  # [ray]
-        yield from shard.iter_torch_batches(batch_size=bs, prefetch_batches=2, device=device,
-                                            local_shuffle_buffer_size=4 * bs, local_shuffle_seed=seed)
+        order = torch.Generator().manual_seed(seed)
+        # chunk: {column: numpy view of the Arrow buffers, [<= STREAM_CHUNK_BATCHES * bs, ...]}
+        for chunk in shard.iter_batches(batch_size=STREAM_CHUNK_BATCHES * bs, batch_format="numpy",  # [ray]
+                                        prefetch_batches=2):
+            tensors = {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in chunk.items()}
+            rows = len(next(iter(tensors.values())))
+            # shuffled within the chunk, as Ray's local shuffle buffer would, but in one randperm
+            yield from minibatches(tensors, torch.randperm(rows, generator=order), bs, device)
         return
-    train = data.splits["train"].tensors
     idx = shard_indices(len(data.splits["train"]), rank, world, seed)
+    yield from minibatches(data.splits["train"].tensors, idx, bs, device)
+
+
+def minibatches(tensors: dict[str, torch.Tensor], order: torch.Tensor, bs: int,
+                device: torch.device) -> Iterator[Batch]:
+    """Batches of `bs` rows of `tensors`, taken in `order`, on `device`."""
     pin = device.type == "cuda"
     # A trailing batch of one row is dropped: BatchNorm cannot train on it. Its row comes back
-    # in another position next epoch (the permutation is reseeded per epoch).
-    stop = len(idx) - 1 if len(idx) % bs == 1 and len(idx) > 1 else len(idx)
+    # in another position next epoch (the order is reseeded per epoch).
+    stop = len(order) - 1 if len(order) % bs == 1 and len(order) > 1 else len(order)
     for start in range(0, stop, bs):
-        rows = idx[start:start + bs]
-        batch = {k: v[rows] for k, v in train.items()}
+        rows = order[start:start + bs]
+        batch = {k: v[rows] for k, v in tensors.items()}
         if pin:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
