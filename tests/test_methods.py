@@ -73,3 +73,31 @@ def test_two_worker_run_trains_registers_and_reloads(ray_cluster, home, name):
     with torch.no_grad():
         out = model.eval()(inputs)
     assert out.shape[0] == 3 and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", METHODS)
+def test_gpu_worker_trains_with_bf16_autocast(ray_cluster, home, name):
+    """The GPU path (bf16 autocast, pinned non-blocking copies, channels-last convolutions) on
+    one GPU worker; skipped on CPU-only machines, run on a GPU one by `make test`."""
+    from methodlab.train.launch import train
+
+    cfg = load_config(name, None, tiny(name, "scaling.num_workers=1", "scaling.use_gpu=true"))
+    summary = train(cfg)
+    assert summary.status == "FINISHED"
+    assert all(math.isfinite(v) for v in summary.metrics.values())
+
+
+def test_place_model_keeps_cpu_models_contiguous_and_moves_them():
+    from methodlab.models.resnet import ResNet
+    from methodlab.train.loop import place_model
+
+    model = place_model(ResNet(in_channels=1, num_classes=3), torch.device("cpu"))
+    # a convolution with several input channels, where the two layouts differ
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
+            and m.kernel_size != (1, 1)][-1]
+    assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    if torch.cuda.is_available():
+        model = place_model(model, torch.device("cuda"))
+        assert conv.weight.is_cuda and conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -188,6 +188,15 @@ def autocast_factory(cfg: RunConfig, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a model to its device; on a GPU, a convolutional model goes channels-last (NHWC),
+    the layout cuDNN's tensor-core convolutions run natively (bench/gpu_path.py measures it).
+    Inputs stay NCHW: the first convolution converts them."""
+    if device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return model.to(device, memory_format=torch.channels_last)
+    return model.to(device)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -252,7 +261,7 @@ def train_worker(loop_config: dict) -> None:
             continue
         models = {}
         for name, m in raw.items():
-            m.to(device)
+            place_model(m, device)
             if trainable(m) and world > 1:
                 models[name] = ray.train.torch.prepare_model(  # [ray] DDP wrap
                     m, move_to_device=False,
