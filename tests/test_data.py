@@ -143,3 +143,17 @@ def test_import_image_folder(tmp_path):
     (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"nope")
     with pytest.raises(DataError, match="broken.png is not a readable image"):
         import_image_folder(str(tmp_path / "imgs"), str(tmp_path / "out2"))
+
+
+@pytest.mark.slow
+def test_stream_dataset_is_read_once_only_within_the_cache_limit(ray_cluster, tmp_path):
+    from ray.data.dataset import MaterializedDataset
+
+    from methodlab.config import load_config
+    from methodlab.train.launch import stream_dataset
+
+    info = _small(tmp_path)
+    cached = stream_dataset(load_config("supervised", None, ["data.loader=stream"]), info)
+    reread = stream_dataset(load_config("supervised", None, ["data.loader=stream", "data.stream_cache_mb=0"]), info)
+    assert isinstance(cached, MaterializedDataset) and not isinstance(reread, MaterializedDataset)
+    assert cached.count() == reread.count() == 6

@@ -109,6 +109,21 @@ def _storage_kwargs(cfg: RunConfig) -> dict:
     return {"storage_path": cfg.storage.path}
 
 
+def stream_dataset(cfg: RunConfig, info: DatasetInfo):
+    """The train split as a Ray Dataset for `data.loader=stream`."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    fs = storage.filesystem(info.uri)[0] if storage.is_s3(info.uri) else None
+    train = ray.data.read_parquet(info.split_uri("train"), filesystem=fs)
+    # Every epoch re-plans the read and re-reads Parquet (about 1 s of fixed cost per epoch on
+    # 2 CPUs, bench/data_path.py); a split within the cache limit is read once, and every epoch
+    # streams it from the object store instead.
+    if split_nbytes(info, "train") <= cfg.data.stream_cache_mb * 2**20:
+        train = train.materialize()
+    return train
+
+
 def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None, recovered: str | None = None):
     """The TorchTrainer for one run (also used by each Tune trial)."""
     import ray.data
@@ -124,15 +139,7 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
     # between workers, for datasets larger than a worker's memory.
     datasets, data_config = None, None
     if cfg.data.loader == "stream":
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        fs = storage.filesystem(info.uri)[0] if storage.is_s3(info.uri) else None
-        train = ray.data.read_parquet(info.split_uri("train"), filesystem=fs)
-        # Every epoch re-plans the read and re-reads Parquet (about 1 s of fixed cost per epoch on
-        # 2 CPUs, bench/data_path.py); a split that fits the cache limit is read once, and every
-        # epoch streams it from the object store instead.
-        if split_nbytes(info, "train") <= cfg.data.stream_cache_mb * 2**20:
-            train = train.materialize()
-        datasets = {"train": train}
+        datasets = {"train": stream_dataset(cfg, info)}
         data_config = DataConfig(datasets_to_split=["train"],
                                  execution_options=ExecutionOptions(preserve_order=True))
     resources = {"CPU": cfg.scaling.cpus_per_worker}

@@ -139,8 +139,8 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
     return perm[rank:total:world]
 
 
-# Ray Data hands the stream over in chunks of this many batches: Ray's cost per handed-over batch
-# (about 4 ms here) is then paid once per chunk instead of once per step (bench/data_path.py).
+# Ray Data hands the stream over in chunks of this many batches; the minibatches are cut and
+# shuffled in torch by the same code as the memory loader's (minibatches below).
 STREAM_CHUNK_BATCHES = 32
 
 
