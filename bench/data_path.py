@@ -30,7 +30,7 @@ from common import Figure, write_results  # noqa: E402
 from methodlab import storage  # noqa: E402
 from methodlab.data import prepare_builtin, write_dataset  # noqa: E402
 from methodlab.train.launch import ensure_ray  # noqa: E402
-from methodlab.train.loop import STREAM_CHUNK_BATCHES, minibatches  # noqa: E402
+from methodlab.train.loop import STREAM_CHUNK_BATCHES, chunk_minibatches, minibatches  # noqa: E402
 
 BATCH = 1024
 CPU = torch.device("cpu")
@@ -53,7 +53,7 @@ def in_memory(x: torch.Tensor, y: torch.Tensor, epochs: int) -> float:
     """Rows/s of the last epoch: the memory loader's path (a seeded permutation, minibatches)."""
     step = model_step(x[0].numel())
     rate = 0.0
-    for epoch in range(epochs):           # the last epoch is the steady state
+    for _ in range(epochs):               # the last epoch is the steady state
         t0 = time.perf_counter()
         for b in minibatches({"x": x, "label": y}, torch.randperm(len(y)), BATCH, CPU):
             step(b["x"], b["label"])
@@ -72,14 +72,12 @@ def ray_data(uri: str, column: str, dim: int, epochs: int, cache: bool) -> float
         ds = ds.materialize()
     step = model_step(dim)
     rate = 0.0
-    for epoch in range(epochs):
+    for _ in range(epochs):
         t0, n = time.perf_counter(), 0
-        for chunk in ds.iter_batches(batch_size=STREAM_CHUNK_BATCHES * BATCH, batch_format="numpy", prefetch_batches=2):
-            tensors = {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in chunk.items()}
-            rows = len(tensors["label"])
-            for b in minibatches(tensors, torch.randperm(rows), BATCH, CPU):
-                step(b[column].float(), b["label"])
-                n += len(b["label"])
+        chunks = ds.iter_batches(batch_size=STREAM_CHUNK_BATCHES * BATCH, batch_format="numpy", prefetch_batches=2)
+        for b in chunk_minibatches(chunks, BATCH, CPU, torch.Generator()):
+            step(b[column].float(), b["label"])
+            n += len(b["label"])
         rate = n / (time.perf_counter() - t0)
     return rate
 

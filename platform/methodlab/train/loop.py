@@ -149,17 +149,22 @@ def epoch_batches(cfg: RunConfig, data: DataBundle, seed: int, rank: int, world:
     bs = cfg.train.batch_size
     if cfg.data.loader == "stream":
         shard = ray.train.get_dataset_shard("train")  # [ray]
-        order = torch.Generator().manual_seed(seed)
-        # chunk: {column: numpy view of the Arrow buffers, [<= STREAM_CHUNK_BATCHES * bs, ...]}
-        for chunk in shard.iter_batches(batch_size=STREAM_CHUNK_BATCHES * bs, batch_format="numpy",  # [ray]
-                                        prefetch_batches=2):
-            tensors = {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in chunk.items()}
-            rows = len(next(iter(tensors.values())))
-            # shuffled within the chunk, as Ray's local shuffle buffer would, but in one randperm
-            yield from minibatches(tensors, torch.randperm(rows, generator=order), bs, device)
+        chunks = shard.iter_batches(batch_size=STREAM_CHUNK_BATCHES * bs, batch_format="numpy",  # [ray]
+                                    prefetch_batches=2)
+        yield from chunk_minibatches(chunks, bs, device, torch.Generator().manual_seed(seed))
         return
     idx = shard_indices(len(data.splits["train"]), rank, world, seed)
     yield from minibatches(data.splits["train"].tensors, idx, bs, device)
+
+
+def chunk_minibatches(chunks: Iterator[dict[str, np.ndarray]], bs: int, device: torch.device,
+                      order: torch.Generator) -> Iterator[Batch]:
+    """Minibatches of Ray Data's numpy chunks ({column: view of the Arrow buffers, [rows, ...]}),
+    shuffled within each chunk, as Ray's local shuffle buffer would, but in one randperm."""
+    for chunk in chunks:
+        tensors = {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in chunk.items()}
+        rows = len(next(iter(tensors.values())))
+        yield from minibatches(tensors, torch.randperm(rows, generator=order), bs, device)
 
 
 def minibatches(tensors: dict[str, torch.Tensor], order: torch.Tensor, bs: int,
