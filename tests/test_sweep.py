@@ -286,8 +286,11 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     unfinished one continues from its Ray Train checkpoint in the same MLflow child run."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "METHODLAB_HOME": str(home), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    # Enough epochs that the second trial is still training when the driver is killed: an epoch
+    # takes about 0.2 s here, and the kill waits 1.5 s after its second epoch.
+    epochs = 10
     args = [sys.executable, "-m", "methodlab.cli", "sweep", "supervised",
-            *tiny("supervised", "train.epochs=4", "train.batch_size=32", "data.limit_rows=600",
+            *tiny("supervised", f"train.epochs={epochs}", "train.batch_size=32", "data.limit_rows=600",
                   "scaling.num_workers=1", "scaling.cpus_per_worker=0.49", "name=resume2",
                   "search.num_samples=2", "search.max_concurrent_trials=1", "search.scheduler.type=fifo",
                   "space.train.batch_size=null", "space.train.weight_decay=null")]
@@ -309,6 +312,9 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
             second = next((r for r in children if r.info.status == "RUNNING"), None)
             if finished and second and len(client.get_metric_history(second.info.run_id, "epoch")) >= 2:
                 time.sleep(1.5)     # the Tune experiment state is saved every second
+                _, runs = _runs(uri)
+                status = next(r.info.status for r in runs if r.info.run_id == second.info.run_id)
+                assert status == "RUNNING", "the second trial finished before the kill; raise epochs"
                 break
         assert first.poll() is None, f"the first driver ended early: {Path(home.parent / 'driver1.log').read_text()[-3000:]}"
         assert finished is not None and second is not None, "timed out waiting for the first trial"
@@ -333,9 +339,9 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     # (Its end time may move: if it is the best trial, registering its model re-opens the run.)
     assert sorted(Path(done_after.data.tags["methodlab.checkpoint_root"]).glob("checkpoint_*")) == ckpts_before
     assert "methodlab.resumed_at_epoch" not in done_after.data.tags
-    assert [m.step for m in client.get_metric_history(done_after.info.run_id, "epoch")] == [0, 1, 2, 3]
+    assert [m.step for m in client.get_metric_history(done_after.info.run_id, "epoch")] == list(range(epochs))
     # The interrupted one continued from its checkpoint, in the same child run, no epoch twice.
     cont = next(r for r in children if r.info.run_id == second.info.run_id)
     assert "methodlab.resumed_at_epoch" in cont.data.tags, out.stdout[-3000:] + out.stderr[-5000:]
     assert int(cont.data.tags["methodlab.resumed_at_epoch"]) >= 1
-    assert [m.step for m in client.get_metric_history(cont.info.run_id, "epoch")] == [0, 1, 2, 3]
+    assert [m.step for m in client.get_metric_history(cont.info.run_id, "epoch")] == list(range(epochs))
