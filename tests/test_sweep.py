@@ -286,9 +286,10 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     unfinished one continues from its Ray Train checkpoint in the same MLflow child run."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "METHODLAB_HOME": str(home), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    # Enough epochs that the second trial is still training when the driver is killed: an epoch
-    # takes about 0.2 s here, and the kill waits 1.5 s after its second epoch.
-    epochs = 10
+    # An epoch takes about 0.15 s here and a trial ~3 s, so the kill must come within a second or two
+    # of the second trial's second epoch; 20 epochs leave >2 s. (10 epochs and a fixed 1.5 s wait
+    # after that epoch let a CI run's second trial finish first.)
+    epochs = 20
     args = [sys.executable, "-m", "methodlab.cli", "sweep", "supervised",
             *tiny("supervised", f"train.epochs={epochs}", "train.batch_size=32", "data.limit_rows=600",
                   "scaling.num_workers=1", "scaling.cpus_per_worker=0.49", "name=resume2",
@@ -298,10 +299,11 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     log = open(home.parent / "driver1.log", "w")
     first = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     finished = second = None
+    finished_seen_at = None
     deadline = time.time() + 400
     try:
         while time.time() < deadline and first.poll() is None:
-            time.sleep(2)
+            time.sleep(0.3)
             # Only once Tune reports (the driver made the MLflow store and the parent run before):
             # two processes creating one SQLite store at once race on its schema migration.
             if "Number of trials" not in Path(home.parent / "driver1.log").read_text():
@@ -310,8 +312,13 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
             children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
             finished = next((r for r in children if r.info.status == "FINISHED"), None)
             second = next((r for r in children if r.info.status == "RUNNING"), None)
+            if finished and finished_seen_at is None:
+                finished_seen_at = time.time()
             if finished and second and len(client.get_metric_history(second.info.run_id, "epoch")) >= 2:
-                time.sleep(1.5)     # the Tune experiment state is saved every second
+                # Tune saves its experiment state every second (TUNE_GLOBAL_CHECKPOINT_S): the state
+                # must have recorded the first trial as done. A trial's start takes far longer than
+                # this, so the wait is usually already over.
+                time.sleep(max(0.0, finished_seen_at + 1.5 - time.time()))
                 _, runs = _runs(uri)
                 status = next(r.info.status for r in runs if r.info.run_id == second.info.run_id)
                 assert status == "RUNNING", "the second trial finished before the kill; raise epochs"
