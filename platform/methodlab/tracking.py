@@ -41,6 +41,9 @@ REDACTED = "***"
 # tables...") on stderr; users see them before their own error or result, so keep them at WARNING.
 for _noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
+# Registering a model downloads its files again, with tqdm bars that reach a Ray job's log as long
+# lines of carriage returns. MLflow reads this at each download; users who want the bars set it.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ after epoch k therefore ends with the same weights as one that never stopped.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -219,8 +221,18 @@ def _crash_marker(run_id: str, epoch: int) -> Path:
     return Path(tempfile.gettempdir()) / f"methodlab-crash-{run_id}-{epoch}"
 
 
+def _quiet_ray_report_log() -> None:
+    """Ray Train logs every `report()` at INFO, from each worker, with the whole metrics dict;
+    rank 0's epoch line says the same in one line. Ray names that logger after its module's file
+    path, so it is looked up by the module's origin (and left alone if Ray moves the module)."""
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")  # [ray]
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
 def train_worker(loop_config: dict) -> None:
     """Entry point of every Ray Train worker: `TorchTrainer(train_worker, train_loop_config=...)`."""
+    _quiet_ray_report_log()
     cfg = from_dict(loop_config["config"])
     run_id = loop_config["mlflow_run_id"]
     storage.configure(cfg.storage)
