@@ -57,6 +57,18 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-tensor tests (`pytestmark = pytest.mark.usefixtures(...)`): on a shared
+    2-core box a second intra-op thread only adds contention, 10-100x slower here."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(method_name: str, *extra: str) -> list[str]:
     """Overrides that make any registered method train in seconds."""
     from methodlab.registry import get_method

@@ -47,13 +47,7 @@ def _np_softmax(x):
 arrays = st.integers(0, 2**31 - 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core box: one intra-op thread is ~10x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(seed, n, d, classes, nonneg=False):
