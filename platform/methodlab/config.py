@@ -83,6 +83,9 @@ class ScalingConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional, so Ray Data keeps a CPU for reads")
     gpus_per_worker: float = Field(1.0, ge=0)
+    wait_for_nodes_s: float = Field(0.0, ge=0, description="on an autoscaling cluster: when the cluster is "
+                                    "too small for the workers, ask the autoscaler for them and wait this "
+                                    "long before refusing the run (0: refuse at once)")
 
 
 class StorageConfig(Section):
@@ -115,12 +118,14 @@ class RunConfig(Section):
 
     # Keys that do not change what is trained, so they do not change the derived run name.
     _NOT_HASHED = {"storage", "tracking"}
-    _NOT_HASHED_TRAIN = {"run_name", "max_failures", "crash_after_epoch", "nan_after_epoch", "num_to_keep"}
+    _NOT_HASHED_KEYS = {"train": {"run_name", "max_failures", "crash_after_epoch", "nan_after_epoch", "num_to_keep"},
+                        "scaling": {"wait_for_nodes_s"}}
 
     def fingerprint(self) -> str:
         d = self.model_dump(mode="json", exclude=self._NOT_HASHED)
-        for k in self._NOT_HASHED_TRAIN:
-            d["train"].pop(k, None)
+        for section, keys in self._NOT_HASHED_KEYS.items():
+            for k in keys:
+                d[section].pop(k, None)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     @property

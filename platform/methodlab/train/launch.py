@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from methodlab import storage
@@ -84,21 +85,53 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def check_capacity(cfg: RunConfig, with_data: bool = True) -> None:
+def _capacity_shortfall(cfg: RunConfig, with_data: bool) -> str | None:
+    """What the cluster lacks for the run's workers (+1 CPU for Ray Data reads), or None."""
     import ray
 
-    total = ray.cluster_resources()
-    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (1 if with_data else 0)
+    total = ray.cluster_resources()  # [ray]
+    sc = cfg.scaling
+    need_cpu = sc.num_workers * sc.cpus_per_worker + (1 if with_data else 0)
     if need_cpu > total.get("CPU", 0) + 1e-9:
-        raise ConfigError(
-            f"scaling.num_workers={cfg.scaling.num_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker}"
-            f" (+1 CPU for Ray Data reads) needs {need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g};"
-            " lower one of them or add nodes")
-    if cfg.scaling.use_gpu:
-        need_gpu = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
-        if need_gpu > total.get("GPU", 0):
-            raise ConfigError(f"scaling.use_gpu=true needs {need_gpu:g} GPUs but the cluster has "
-                              f"{total.get('GPU', 0):g}; set scaling.use_gpu=false or add GPU nodes")
+        reads = " (+1 CPU for Ray Data reads)" if with_data else ""
+        return (f"scaling.num_workers={sc.num_workers} x scaling.cpus_per_worker={sc.cpus_per_worker}{reads}"
+                f" needs {need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}")
+    need_gpu = sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0
+    if need_gpu > total.get("GPU", 0) + 1e-9:
+        return (f"scaling.use_gpu=true needs {need_gpu:g} GPUs (scaling.num_workers={sc.num_workers} x "
+                f"scaling.gpus_per_worker={sc.gpus_per_worker}) but the cluster has {total.get('GPU', 0):g}")
+    return None
+
+
+def check_capacity(cfg: RunConfig, with_data: bool = True) -> None:
+    """Refuse, before any run exists, a run the cluster cannot place: Ray Train would wait for
+    its placement group forever. On an autoscaling cluster, `scaling.wait_for_nodes_s` asks the
+    autoscaler for the workers' bundles first and waits that long for the nodes to join."""
+    short = _capacity_shortfall(cfg, with_data)
+    wait_s = cfg.scaling.wait_for_nodes_s
+    if short and wait_s > 0:
+        from ray.autoscaler.sdk import request_resources  # [ray]
+
+        sc = cfg.scaling
+        worker = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+        print(f"{short}; asking the autoscaler and waiting up to {wait_s:g}s (scaling.wait_for_nodes_s)",
+              flush=True)
+        deadline = time.monotonic() + wait_s
+        request_resources(bundles=[worker] * sc.num_workers + ([{"CPU": 1}] if with_data else []))  # [ray]
+        try:
+            while short and time.monotonic() < deadline:
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+                short = _capacity_shortfall(cfg, with_data)
+        finally:
+            # The request is persistent until overridden; once the run's placement group holds
+            # the nodes it is not needed, and left in place it would keep them up after the run.
+            request_resources(bundles=[])  # [ray]
+        if short:
+            raise ConfigError(f"{short} after waiting scaling.wait_for_nodes_s={wait_s:g}; lower scaling.num_workers "
+                              "or the per-worker resources, or raise the autoscaler's max_workers for that node type")
+    if short:
+        raise ConfigError(f"{short}; lower scaling.num_workers or the per-worker resources, add nodes, or on "
+                          "an autoscaling cluster set scaling.wait_for_nodes_s (e.g. 900)")
 
 
 def _storage_kwargs(cfg: RunConfig) -> dict:
