@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from methodlab.config import load_config
-from methodlab.errors import TrainingError
+from methodlab.errors import ConfigError, TrainingError
 from methodlab.tracking import Tracker
 
 BASE = ["train.epochs=3", "train.batch_size=64", "scaling.num_workers=2"]
@@ -53,6 +53,12 @@ def test_interrupted_run_resumes_in_the_same_mlflow_run_with_identical_weights(r
     # The same run submitted once more is already finished: nothing runs, nothing is registered.
     again = train(load_config("supervised", None, [*BASE, "train.run_name=interrupted"]))
     assert again.already_finished and again.version == resumed.version
+    # ... but the same name with other training values is refused, not answered with the old result
+    # (keys that do not change what is trained, like train.max_failures, do not count).
+    with pytest.raises(ConfigError, match=r"^run interrupted already finished with other values of "
+                                          r"train\.epochs, train\.lr; set a new train\.run_name"):
+        train(load_config("supervised", None, [*BASE, "train.run_name=interrupted", "train.epochs=5",
+                                               "train.lr=0.5", "train.max_failures=3"]))
 
 
 def test_bad_config_is_one_line_non_zero_and_leaves_no_run(home):

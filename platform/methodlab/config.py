@@ -121,12 +121,16 @@ class RunConfig(Section):
     _NOT_HASHED_KEYS = {"train": {"run_name", "max_failures", "crash_after_epoch", "nan_after_epoch", "num_to_keep"},
                         "scaling": {"wait_for_nodes_s"}}
 
-    def fingerprint(self) -> str:
+    def identity(self) -> dict:
+        """The keys that decide what is trained: what the derived run name hashes."""
         d = self.model_dump(mode="json", exclude=self._NOT_HASHED)
         for section, keys in self._NOT_HASHED_KEYS.items():
             for k in keys:
                 d[section].pop(k, None)
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        return d
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
 
     @property
     def run_name(self) -> str:

@@ -110,6 +110,7 @@ class RunRecord:
     run_id: str
     status: str
     metrics: dict[str, float]
+    params: dict[str, str]
 
 
 class Tracker:
@@ -140,7 +141,7 @@ class Tracker:
         if not runs:
             return None
         r = runs[0]
-        return RunRecord(r.info.run_id, r.info.status, dict(r.data.metrics))
+        return RunRecord(r.info.run_id, r.info.status, dict(r.data.metrics), dict(r.data.params))
 
     def start_run(self, run_name: str, params: dict[str, str], tags: dict[str, str],
                   config_yaml: str, parent_run_id: str | None = None) -> str:

@@ -236,6 +236,13 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
     name = cfg.run_name
     existing = tracker.find_run(name)
     if existing is not None and existing.status == "FINISHED":
+        # Only an explicit train.run_name can meet a finished run trained with other values (the
+        # derived name hashes them): returning its old result would silently ignore the new ones.
+        changed = sorted(k for k, v in flatten_params(cfg.identity()).items()
+                         if k in existing.params and existing.params[k] != v)
+        if changed:
+            raise ConfigError(f"run {name} already finished with other values of {', '.join(changed)}; set a new "
+                              "train.run_name, or leave it unset (the derived name follows the config)")
         return _summary(tracker, cfg, existing.run_id, resumed=False, already=True)
 
     recovered = upload_local_fallback(cfg) if resume else None
