@@ -92,7 +92,7 @@ def batches_forever(cfg, method):
     """(epoch, batch) pairs, epoch after epoch, in the loop's seeded order."""
     epoch = 0
     while True:
-        for batch in epoch_batches(cfg, method.data, epoch_seed(cfg.train.seed, 0, epoch), 0, 1, CPU):
+        for batch in epoch_batches(cfg, method.train_split("train"), epoch_seed(cfg.train.seed, 0, epoch), 0, 1, CPU):
             yield epoch, batch
         epoch += 1
 

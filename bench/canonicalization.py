@@ -62,7 +62,7 @@ def train_in_process(name: str, overrides: list[str], data: DataBundle, epochs: 
     for epoch in range(method.stage_epochs("train")):
         for m in models.values():
             m.train()
-        for batch in epoch_batches(cfg, data, epoch_seed(cfg.train.seed, 0, epoch), 0, 1, device):
+        for batch in epoch_batches(cfg, method.train_split("train"), epoch_seed(cfg.train.seed, 0, epoch), 0, 1, device):
             method.train_step("train", models, opts, batch, StepContext("train", epoch, 0, device, 0, 1))
     return method, models
 

@@ -63,7 +63,7 @@ def run_stage(method: D3GZSL, stage: str, previous: dict) -> dict:
     cfg = method.cfg
     models = method.build_models(stage, previous)
     optimizers = method.build_optimizers(stage, models)
-    steps_per_epoch = max(1, math.ceil(len(method.data.splits["train"]) / cfg.train.batch_size))
+    steps_per_epoch = max(1, math.ceil(len(method.train_split(stage)) / cfg.train.batch_size))
     schedulers = method.build_schedulers(stage, optimizers, steps_per_epoch)
     stage_index = method.stages.index(stage)
     for epoch in range(method.stage_epochs(stage)):
@@ -72,7 +72,7 @@ def run_stage(method: D3GZSL, stage: str, previous: dict) -> dict:
         for m in models.values():
             if trainable(m):
                 m.train()
-        for batch in epoch_batches(cfg, method.data, epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, CPU):
+        for batch in epoch_batches(cfg, method.train_split(stage), epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, CPU):
             method.train_step(stage, models, optimizers, batch, ctx)
     return models
 

@@ -59,7 +59,7 @@ def run_stage(method: MMANet, stage: str, models: dict, device=torch.device("cpu
         for m in models.values():
             if trainable(m):
                 m.train()
-        for batch in epoch_batches(cfg, method.data, epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, device):
+        for batch in epoch_batches(cfg, method.train_split(stage), epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, device):
             ctx.step = step
             method.train_step(stage, models, optimizers, batch, ctx)
             step += 1

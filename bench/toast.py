@@ -54,7 +54,7 @@ def run_inprocess(cfg) -> tuple[object, dict, dict]:
     for stage_index, stage in enumerate(method.stages):
         models = method.build_models(stage, models)
         opts = method.build_optimizers(stage, models)
-        steps = max(1, -(-len(data.splits["train"]) // cfg.train.batch_size))
+        steps = max(1, -(-len(method.train_split(stage)) // cfg.train.batch_size))
         scheds = method.build_schedulers(stage, opts, steps)
         for epoch in range(method.stage_epochs(stage)):
             ctx = StepContext(stage=stage, epoch=epoch, step=step, device=CPU, rank=0, world_size=1,
@@ -62,7 +62,7 @@ def run_inprocess(cfg) -> tuple[object, dict, dict]:
             method.on_epoch_start(stage, models, ctx)
             for m in models.values():
                 m.train()
-            for batch in epoch_batches(cfg, data, epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, CPU):
+            for batch in epoch_batches(cfg, method.train_split(stage), epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, CPU):
                 method.train_step(stage, models, opts, batch, ctx)
                 step += 1
     metrics = {**method.evaluate(method.stages[-1], models, "val", CPU),

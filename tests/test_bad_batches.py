@@ -223,7 +223,7 @@ def _run(*overrides: str, steps: int = 3, seed: int = 0, check=None):
                       extra={"schedulers": scheds})
     method.on_epoch_start("train", models, ctx)
     outs = []
-    batches = epoch_batches(cfg, method.data, seed, 0, 1, torch.device("cpu"))
+    batches = epoch_batches(cfg, method.train_split("train"), seed, 0, 1, torch.device("cpu"))
     for step, batch in zip(range(steps), batches):
         ctx.step = step
         before = copy.deepcopy(models["net"].state_dict())

@@ -80,8 +80,11 @@ EXPECTED_COUNT = {
 def test_step_keeps_backbone_frozen_and_optimizer_holds_the_mode(mode):
     method = _method(f"method.mode={mode}")
     pre, opts, ctx = _stage(method, "pretune", {})
+    # The pretune stage trains on the source data, the transfer stage on the target task.
+    assert method.train_split("transfer") is method.data.splits["train"]
     if method.stage_epochs("pretune"):
-        batch = next(method.data.splits["train"].batches(32))
+        assert method.train_split("pretune").tensors is method.data.tables["source_train"]
+        batch = next(method.train_split("pretune").batches(32))
         before = {k: v.clone() for k, v in pre["model"].backbone.state_dict().items()}
         method.train_step("pretune", pre, opts, batch, ctx)
         assert all(p.grad is None for p in pre["model"].backbone.parameters())
@@ -103,7 +106,7 @@ def test_step_keeps_backbone_frozen_and_optimizer_holds_the_mode(mode):
         assert method.n_trainable == EXPECTED_COUNT[mode]
     backbone = model.backbone if isinstance(model, TopDownViT) else model
     frozen = {k: v.clone() for k, v in backbone.state_dict().items() if not k.startswith("head.")}
-    batch = next(method.data.splits["train"].batches(32))
+    batch = next(method.train_split("transfer").batches(32))
     out = method.train_step("transfer", models, opts, batch, ctx)
     assert float(out["trainable_params"]) == method.n_trainable
     changed = [k for k, v in frozen.items() if not torch.equal(v, backbone.state_dict()[k])]

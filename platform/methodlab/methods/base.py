@@ -149,6 +149,11 @@ class Method(ABC):
     def stage_epochs(self, stage: str) -> int:
         return self.cfg.train.epochs
 
+    def train_split(self, stage: str) -> SplitData | None:
+        """The rows `stage` trains on, held in memory; None with `data.loader=stream`, where the
+        loop streams the dataset's train split instead."""
+        return self.data.splits.get("train")
+
     def build_optimizers(self, stage: str, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
         params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
         return {"opt": make_optimizer(params, self.cfg.train)}

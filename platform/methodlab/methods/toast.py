@@ -167,7 +167,6 @@ class Toast(Method):
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        self.target_train = data.splits.get("train")
         self.vit_kwargs: dict = {}
         self.n_trainable = 0
         if self.pretune_epochs() and cfg.data.loader == "stream":
@@ -214,10 +213,13 @@ class Toast(Method):
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.train.seed)
             model = self._pretune_model() if stage == "pretune" else self._transfer_model(previous["model"])
-        # The loop reads data.splits["train"] each epoch: the pretune stage trains on the source.
-        self.data.splits["train"] = SplitData(self.data.tables["source_train"]) \
-            if stage == "pretune" and self.pretune_epochs() else self.target_train
         return {"model": model}
+
+    def train_split(self, stage):
+        # The pretune stage trains on the source data, the transfer stage on the target task.
+        if stage == "pretune" and self.pretune_epochs():
+            return SplitData(self.data.tables["source_train"])
+        return super().train_split(stage)
 
     def _pretune_model(self) -> TopDownViT:
         vit = self.load_backbone()

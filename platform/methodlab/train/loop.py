@@ -146,8 +146,10 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
 STREAM_CHUNK_BATCHES = 32
 
 
-def epoch_batches(cfg: RunConfig, data: DataBundle, seed: int, rank: int, world: int,
+def epoch_batches(cfg: RunConfig, split: SplitData | None, seed: int, rank: int, world: int,
                   device: torch.device) -> Iterator[Batch]:
+    """One epoch of rank `rank`'s minibatches: of `split` (a method's `train_split`) with the
+    memory loader, of the dataset's streamed train split with the stream loader."""
     bs = cfg.train.batch_size
     if cfg.data.loader == "stream":
         shard = ray.train.get_dataset_shard("train")  # [ray]
@@ -155,8 +157,8 @@ def epoch_batches(cfg: RunConfig, data: DataBundle, seed: int, rank: int, world:
                                     prefetch_batches=2)
         yield from chunk_minibatches(chunks, bs, device, torch.Generator().manual_seed(seed))
         return
-    idx = shard_indices(len(data.splits["train"]), rank, world, seed)
-    yield from minibatches(data.splits["train"].tensors, idx, bs, device)
+    idx = shard_indices(len(split), rank, world, seed)
+    yield from minibatches(split.tensors, idx, bs, device)
 
 
 def chunk_minibatches(chunks: Iterator[dict[str, np.ndarray]], bs: int, device: torch.device,
@@ -286,7 +288,8 @@ def train_worker(loop_config: dict) -> None:
             else:
                 models[name] = m
         optimizers = method.build_optimizers(stage, models)
-        n_train = len(data.splits["train"]) if "train" in data.splits else 0
+        split = method.train_split(stage)
+        n_train = len(split) if split is not None else 0
         steps_per_epoch = max(1, math.ceil(math.ceil(n_train / world) / cfg.train.batch_size))
         schedulers = method.build_schedulers(stage, optimizers, steps_per_epoch)
         if in_this_stage and state.epoch > 0:
@@ -317,7 +320,7 @@ def train_worker(loop_config: dict) -> None:
                          and state.history_step == cfg.train.crash_after_epoch
                          and attempt_start_history < cfg.train.crash_after_epoch
                          and not _crash_marker(run_id, state.history_step).exists())
-            for batch in epoch_batches(cfg, data, epoch_seed(cfg.train.seed, stage_index, epoch), rank, world, device):
+            for batch in epoch_batches(cfg, split, epoch_seed(cfg.train.seed, stage_index, epoch), rank, world, device):
                 if crash_now:   # fault injection: die hard mid-epoch, once
                     _crash_marker(run_id, state.history_step).touch()
                     time.sleep(1.0)   # let the controller register the last epoch's checkpoint
