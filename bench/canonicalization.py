@@ -27,15 +27,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Figure, mean_std, timeit, write_results  # noqa: E402
+from common import Figure, mean_std, timeit, train_stage, write_results  # noqa: E402
 
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import prepare_builtin  # noqa: E402
-from methodlab.methods.base import DataBundle, StepContext  # noqa: E402
+from methodlab.methods.base import DataBundle  # noqa: E402
 from methodlab.models import build_model  # noqa: E402
 from methodlab.models.hub import save_pretrained  # noqa: E402
 from methodlab.registry import get_method  # noqa: E402
-from methodlab.train.loop import epoch_batches, epoch_seed, load_bundle  # noqa: E402
+from methodlab.train.loop import load_bundle  # noqa: E402
 
 SEEDS = (0, 1, 2)
 SUPERVISED_EPOCHS = 10
@@ -56,15 +56,7 @@ def train_in_process(name: str, overrides: list[str], data: DataBundle, epochs: 
     cfg = load_config(name, None, [f"train.epochs={epochs}", f"train.batch_size={BATCH}", *overrides])
     torch.manual_seed(cfg.train.seed)
     method = get_method(name)(cfg, data)
-    models = method.build_models("train", {})
-    opts = method.build_optimizers("train", models)
-    device = torch.device("cpu")
-    for epoch in range(method.stage_epochs("train")):
-        for m in models.values():
-            m.train()
-        for batch in epoch_batches(cfg, method.train_split("train"), epoch_seed(cfg.train.seed, 0, epoch), 0, 1, device):
-            method.train_step("train", models, opts, batch, StepContext("train", epoch, 0, device, 0, 1))
-    return method, models
+    return method, train_stage(method, "train", {})
 
 
 def accuracy_study(data: DataBundle, tmp: str) -> tuple[dict, dict]:

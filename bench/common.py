@@ -58,6 +58,39 @@ def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def train_stage(method, stage: str, previous: dict, device=None) -> dict:
+    """One stage of `method` through its hooks in the order `methodlab.train.loop` calls them, on
+    one in-process worker (no Ray, checkpoints or MLflow): the benchmarks' training loop. Returns
+    the stage's models; `previous` holds the models of the stage before."""
+    import math
+
+    import torch
+
+    from methodlab.methods.base import StepContext, trainable
+    from methodlab.train.loop import epoch_batches, epoch_seed
+
+    device = device or torch.device("cpu")
+    cfg = method.cfg
+    models = method.build_models(stage, previous)
+    optimizers = method.build_optimizers(stage, models)
+    split = method.train_split(stage)
+    schedulers = method.build_schedulers(stage, optimizers, max(1, math.ceil(len(split) / cfg.train.batch_size)))
+    stage_index = method.stages.index(stage)
+    step = 0
+    for epoch in range(method.stage_epochs(stage)):
+        ctx = StepContext(stage=stage, epoch=epoch, step=step, device=device, rank=0, world_size=1,
+                          extra={"schedulers": schedulers})
+        method.on_epoch_start(stage, models, ctx)
+        for m in models.values():
+            if trainable(m):
+                m.train()
+        for batch in epoch_batches(cfg, split, epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, device):
+            ctx.step = step
+            method.train_step(stage, models, optimizers, batch, ctx)
+            step += 1
+    return models
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.4f}" if values else "n/a"

@@ -20,7 +20,6 @@ platform. Ratios are against the baseline measured by this same script.
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 import statistics
@@ -33,14 +32,14 @@ os.environ.setdefault("METHODLAB_HOME", tempfile.mkdtemp(prefix="methodlab-bench
 
 import torch  # noqa: E402
 
-from common import Figure, mean_std, timeit, write_results  # noqa: E402
+from common import Figure, mean_std, timeit, train_stage, write_results  # noqa: E402
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import open_dataset, resolve_dataset  # noqa: E402
 from methodlab.data.dataset import write_dataset  # noqa: E402
 from methodlab.data.gzsl import synthetic_gzsl  # noqa: E402
-from methodlab.methods.base import StepContext, trainable  # noqa: E402
+from methodlab.methods.base import StepContext  # noqa: E402
 from methodlab.methods.d3gzsl import D3GZSL  # noqa: E402
-from methodlab.train.loop import epoch_batches, epoch_seed, load_bundle, seed_everything  # noqa: E402
+from methodlab.train.loop import load_bundle, seed_everything  # noqa: E402
 
 SEEDS = (0, 1, 2)
 BASELINE = ["method.lambda_id=0", "method.lambda_od=0"]
@@ -58,25 +57,6 @@ def build(overrides: list[str], info) -> D3GZSL:
     return D3GZSL(cfg, load_bundle(cfg, info, ["train", "val", "test"]))
 
 
-def run_stage(method: D3GZSL, stage: str, previous: dict) -> dict:
-    """One stage of the platform loop (`methodlab.train.loop`) on a single in-process worker."""
-    cfg = method.cfg
-    models = method.build_models(stage, previous)
-    optimizers = method.build_optimizers(stage, models)
-    steps_per_epoch = max(1, math.ceil(len(method.train_split(stage)) / cfg.train.batch_size))
-    schedulers = method.build_schedulers(stage, optimizers, steps_per_epoch)
-    stage_index = method.stages.index(stage)
-    for epoch in range(method.stage_epochs(stage)):
-        ctx = StepContext(stage=stage, epoch=epoch, step=0, device=CPU, rank=0, world_size=1,
-                          extra={"schedulers": schedulers})
-        for m in models.values():
-            if trainable(m):
-                m.train()
-        for batch in epoch_batches(cfg, method.train_split(stage), epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, CPU):
-            method.train_step(stage, models, optimizers, batch, ctx)
-    return models
-
-
 def digits_accuracy() -> tuple[list[Figure], dict]:
     info = resolve_dataset("digits-gzsl", load_config("d3gzsl").data.root)
     scores: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -84,7 +64,7 @@ def digits_accuracy() -> tuple[list[Figure], dict]:
         for name, overrides in VARIANTS.items():
             t0 = time.perf_counter()
             method = build([*DIGITS, f"train.seed={seed}", *overrides], info)
-            models = run_stage(method, "gan", run_stage(method, "teacher", {}))
+            models = train_stage(method, "gan", train_stage(method, "teacher", {}))
             test = method.evaluate("gan", models, "test", CPU)
             scores[name].append(test)
             print(f"seed {seed} {name:16s} S={test['test_S']:.3f} U={test['test_U']:.3f} H={test['test_H']:.3f} "

@@ -28,12 +28,11 @@ os.environ.setdefault("METHODLAB_HOME", tempfile.mkdtemp(prefix="methodlab-bench
 
 import torch  # noqa: E402
 
-from common import Figure, mean_std, write_results  # noqa: E402
+from common import Figure, mean_std, train_stage, write_results  # noqa: E402
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import resolve_dataset  # noqa: E402
-from methodlab.methods.base import StepContext, trainable  # noqa: E402
 from methodlab.methods.mmanet import MMANet  # noqa: E402
-from methodlab.train.loop import epoch_batches, epoch_seed, load_bundle, seed_everything  # noqa: E402
+from methodlab.train.loop import load_bundle, seed_everything  # noqa: E402
 
 SEEDS = (0, 1, 2)
 # Shorter than the method's defaults (teacher 10, student 20 epochs of batch 64) so that 3 seeds x
@@ -45,24 +44,6 @@ VARIANTS = {
     "dropout+MAR": ["method.lambda_mad=0"],
     "MMANet": [],
 }
-
-
-def run_stage(method: MMANet, stage: str, models: dict, device=torch.device("cpu")) -> None:
-    """One stage of the platform loop (`methodlab.train.loop`) on a single in-process worker."""
-    cfg = method.cfg
-    optimizers = method.build_optimizers(stage, models)
-    stage_index = method.stages.index(stage)
-    step = 0
-    for epoch in range(method.stage_epochs(stage)):
-        ctx = StepContext(stage=stage, epoch=epoch, step=step, device=device, rank=0, world_size=1)
-        method.on_epoch_start(stage, models, ctx)
-        for m in models.values():
-            if trainable(m):
-                m.train()
-        for batch in epoch_batches(cfg, method.train_split(stage), epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, device):
-            ctx.step = step
-            method.train_step(stage, models, optimizers, batch, ctx)
-            step += 1
 
 
 def teacher_per_combination(method: MMANet, teacher) -> list[float]:
@@ -85,15 +66,13 @@ def main() -> None:
         seed_everything(seed)
         method = MMANet(cfg, data)
         names = method.names
-        teacher = method.build_models("teacher", {})
-        run_stage(method, "teacher", teacher)
+        teacher = train_stage(method, "teacher", {})
         results["teacher"].append(teacher_per_combination(method, teacher["teacher"]))
         for variant, overrides in VARIANTS.items():
             vcfg = load_config("mmanet", None, [*BENCH, f"train.seed={seed}", *overrides])
             vmethod = MMANet(vcfg, data)
             seed_everything(seed)
-            models = vmethod.build_models("student", {"teacher": copy.deepcopy(teacher["teacher"])})
-            run_stage(vmethod, "student", models)
+            models = train_stage(vmethod, "student", {"teacher": copy.deepcopy(teacher["teacher"])})
             test = vmethod.evaluate("student", models, "test", torch.device("cpu"))
             results[variant].append([test[f"test_acc_{n}"] for n in names])
             if variant == "MMANet":

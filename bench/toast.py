@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Figure, mean_std, timeit, write_results  # noqa: E402
+from common import Figure, mean_std, timeit, train_stage, write_results  # noqa: E402
 
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import resolve_dataset  # noqa: E402
@@ -30,7 +30,7 @@ from methodlab.methods.toast import SOURCE_VIT, expected_trainable, trains  # no
 from methodlab.models.hub import save_pretrained  # noqa: E402
 from methodlab.models.vit import TopDownViT  # noqa: E402
 from methodlab.registry import get_method  # noqa: E402
-from methodlab.train.loop import epoch_batches, epoch_seed, load_bundle, seed_everything  # noqa: E402
+from methodlab.train.loop import load_bundle, seed_everything  # noqa: E402
 
 MODES = ["linear", "finetune", "toast", "toast-lite"]
 LRS = [1e-3, 1e-2]
@@ -50,21 +50,8 @@ def run_inprocess(cfg) -> tuple[object, dict, dict]:
     data = bundle(cfg)
     method = get_method(cfg.method_name)(cfg, data)
     models: dict = {}
-    step = 0
-    for stage_index, stage in enumerate(method.stages):
-        models = method.build_models(stage, models)
-        opts = method.build_optimizers(stage, models)
-        steps = max(1, -(-len(method.train_split(stage)) // cfg.train.batch_size))
-        scheds = method.build_schedulers(stage, opts, steps)
-        for epoch in range(method.stage_epochs(stage)):
-            ctx = StepContext(stage=stage, epoch=epoch, step=step, device=CPU, rank=0, world_size=1,
-                              extra={"schedulers": scheds})
-            method.on_epoch_start(stage, models, ctx)
-            for m in models.values():
-                m.train()
-            for batch in epoch_batches(cfg, method.train_split(stage), epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, CPU):
-                method.train_step(stage, models, opts, batch, ctx)
-                step += 1
+    for stage in method.stages:
+        models = train_stage(method, stage, models)
     metrics = {**method.evaluate(method.stages[-1], models, "val", CPU),
                **method.evaluate(method.stages[-1], models, "test", CPU)}
     return method, models, metrics
