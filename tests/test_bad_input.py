@@ -146,9 +146,9 @@ def test_unreachable_services(home, capsys, bucket):
     port = _closed_port()
     for argv, fragment in [
         ([f"tracking.uri=http://127.0.0.1:{port}"], f"MLflow tracking server http://127.0.0.1:{port} is unreachable"),
-        ([f"storage.path=s3://bkt/runs", f"storage.endpoint_url=http://127.0.0.1:{port}"],
+        (["storage.path=s3://bkt/runs", f"storage.endpoint_url=http://127.0.0.1:{port}"],
          f"S3 endpoint http://127.0.0.1:{port} is unreachable"),
-        ([f"storage.path=s3://missing-bucket/runs", f"storage.endpoint_url={endpoint}"],
+        (["storage.path=s3://missing-bucket/runs", f"storage.endpoint_url={endpoint}"],
          "S3 bucket 'missing-bucket' does not exist"),
     ]:
         _assert_refused(*_run(capsys, ["train", "supervised", *argv]), fragment, home)

@@ -16,7 +16,7 @@ from methodlab.config import load_config
 from methodlab.methods.base import DataBundle, StepContext
 from methodlab.methods.toast import Toast, variational_loss, vit_param_count
 from methodlab.models import build_model
-from methodlab.models.vit import TopDownViT, ViT, feedback, token_mask
+from methodlab.models.vit import TopDownViT, ViT, token_mask
 
 TINY = {"img_size": 8, "in_channels": 1, "patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2}
 SCRATCH = "method.scratch_kwargs={patch_size: 2, embed_dim: 16, depth: 2, num_heads: 2}"

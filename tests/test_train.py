@@ -107,7 +107,7 @@ def test_non_finite_loss_fails_the_run_keeps_the_checkpoint_registers_nothing(ra
     assert run.status == "FAILED"
     assert "methodlab.registered_version" not in tracker.client.get_run(run.run_id).data.tags
     assert tracker.client.search_registered_models(f"name='{cfg.tracking.registered_model}'") == []
-    from methodlab.models.hub import latest_checkpoint, load_pretrained
+    from methodlab.models.hub import latest_checkpoint
 
     kept = latest_checkpoint(f"{cfg.storage.path}/diverges")
     from methodlab.train.loop import LoopState

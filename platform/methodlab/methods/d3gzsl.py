@@ -46,7 +46,6 @@ the test split the other protocol is reported too, as test_{e2e,fresh}_{S,U,H}.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
