@@ -269,6 +269,12 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
     from methodlab.models.hub import load_pretrained
     model, spec = load_pretrained("models:/methodlab-supervised@candidate", uri)
     assert spec["arch"] == "cnn"
+    # Submitted again, the finished sweep is done (other concurrency included); under the same
+    # name with another space it is refused, before anything runs.
+    assert run_sweep("supervised", None, [*overrides, "search.max_concurrent_trials=1"]).already_finished
+    with pytest.raises(ConfigError, match=r"^sweep asha4 already finished with other values of space\.train\.lr; "
+                                          r"set a new name"):
+        run_sweep("supervised", None, [*overrides, "space.train.lr={grid: [0.1, 0.2]}"])
     # Stopped trials' placement groups are removed by Ray Train's cleaner, through the state API.
     # That API refuses to pick a cluster when another Ray runs on the same machine (other test
     # sessions on a shared box), so the leak check only holds on a machine with this one cluster.

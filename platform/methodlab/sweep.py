@@ -388,6 +388,25 @@ def default_sweep_name(method_name: str, spec: SweepSpec, base: RunConfig) -> st
     return f"{method_name}-sweep-{hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
+BASE_PARAM_SECTIONS = ("train", "scaling", "data")      # of the base config, logged on the parent run
+
+
+def _space_params(space: dict) -> dict[str, str]:
+    return {f"space.{k}": json.dumps({kind: args}) for k, (kind, args) in space.items()}
+
+
+def _sweep_identity(space: dict, spec: SweepSpec, base: RunConfig) -> dict[str, str]:
+    """The parent run's params that decide what a sweep trains: its space, its search settings
+    (but the concurrency, which only changes how fast) and the base config's identity."""
+    from methodlab.tracking import flatten_params
+
+    search = flatten_params(spec.search.model_dump(mode="json"), "search.")
+    search.pop("search.max_concurrent_trials")
+    return {**_space_params(space), **search,
+            **{f"base.{k}": v for k, v in flatten_params(base.identity()).items()
+               if k.split(".")[0] in BASE_PARAM_SECTIONS}}
+
+
 def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
     """Concurrent trials that fit: Ray Train worker groups that cannot be placed would wait on
     each other, so more than fit is refused before the sweep starts."""
@@ -423,6 +442,13 @@ def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[st
     tracker = Tracker(base.tracking.uri, base.tracking.experiment)
     existing = tracker.find_run(name)
     if existing is not None and existing.status == "FINISHED":
+        # As for runs: an explicit name met again with another space, search or base config is
+        # refused rather than answered with the old sweep (the derived name hashes all of them).
+        changed = sorted(k for k, v in _sweep_identity(space, spec, base).items()
+                         if k in existing.params and existing.params[k] != v)
+        if changed:
+            raise ConfigError(f"sweep {name} already finished with other values of {', '.join(changed)}; "
+                              "set a new name, or leave it unset (the derived name follows the sweep)")
         return SweepSummary(name, method_name, method.metric, method.mode, existing.run_id, already_finished=True)
 
     for k, v in {"RAY_AIR_NEW_OUTPUT": "0",                  # Tune's CLIReporter, not the new output
@@ -438,11 +464,11 @@ def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[st
         parent = existing.run_id
         tracker.resume_run(parent)
     else:
-        params = {**{f"space.{k}": json.dumps({kind: args}) for k, (kind, args) in space.items()},
+        params = {**_space_params(space),
                   **flatten_params(spec.search.model_dump(mode="json"), "search."),
                   "search.max_concurrent_trials": str(concurrent),
                   **{f"base.{k}": v for k, v in flatten_params(base.model_dump(mode="json")).items()
-                     if k.split(".")[0] in ("train", "scaling", "data")}}
+                     if k.split(".")[0] in BASE_PARAM_SECTIONS}}
         parent = tracker.start_run(name, params, {SWEEP_TAG: "true", "methodlab.method": method_name,
                                                   "methodlab.metric": method.metric, "methodlab.mode": method.mode,
                                                   "methodlab.scheduler": sched.type},
