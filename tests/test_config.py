@@ -112,3 +112,17 @@ def test_resolved_config_round_trips(tmp_path):
     saved = tmp_path / "resolved.yaml"
     saved.write_text(cfg.to_yaml())
     assert load_config("supervised", str(saved)) == cfg
+
+
+def test_print_config_shows_the_resolved_layers_and_starts_nothing(home, capsys):
+    from pathlib import Path
+
+    from methodlab.cli import main
+
+    yaml_path = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "supervised.yaml")
+    assert main(["train", "supervised", "-c", yaml_path, "--print-config", "train.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config("supervised", yaml_path, ["train.lr=0.01"])
+    assert out.startswith(f"# run name: {cfg.run_name}\n")
+    assert yaml.safe_load(out) == cfg.model_dump(mode="json") and cfg.train.lr == 0.01
+    assert not home.exists()          # no MLflow store, no run directory, no dataset written

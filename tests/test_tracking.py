@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -40,6 +42,27 @@ def test_secrets_never_reach_params(secret, key):
     assert secret not in joined
     assert flat[f"storage.{key}"] == REDACTED
     assert flat["storage.path"] == f"postgresql://user:{REDACTED}@db:5432/x"
+
+
+@settings(max_examples=30, deadline=None)
+@given(secret=st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=8, max_size=40),
+       scheme=st.sampled_from(["postgresql", "mysql+pymysql", "https", "s3"]))
+def test_secrets_never_reach_saved_configs(secret, scheme):
+    """The resolved config as saved with a run (MLflow's config.yaml, each checkpoint's copy) and
+    as `train --print-config` shows it: a URI's password is replaced, the rest kept."""
+    from methodlab.config import load_config
+
+    cfg = load_config("supervised", None, [f"tracking.uri={scheme}://user:{secret}@db:5432/x"])
+    text = cfg.to_yaml()
+    assert secret not in text and f"{scheme}://user:{REDACTED}@db:5432/x" in text
+
+
+def test_the_logged_config_artifact_is_redacted(tmp_path):
+    # Also for texts that did not come from RunConfig.to_yaml (a sweep's spec).
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "redact")
+    run_id = tracker.start_run("r", {}, {}, "base:\n  uri: postgresql://user:hunter2pw@db/x\n")
+    logged = Path(tracker.client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "hunter2pw" not in logged and f"postgresql://user:{REDACTED}@db/x" in logged
 
 
 @settings(max_examples=20, deadline=None)

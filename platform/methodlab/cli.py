@@ -31,6 +31,10 @@ def _train(args) -> int:
     # went away mid-run (a plain resubmit resumes from storage).
     resume = "resume" in args.overrides
     cfg = load_config(args.method, args.config, [o for o in args.overrides if o != "resume"])
+    if args.print_config:
+        # The layers merged and validated, nothing started: what `train` would run, and as what.
+        print(f"# run name: {cfg.run_name}\n{cfg.to_yaml()}", end="")
+        return 0
     summary = train(cfg, resume=resume)
     method = get_method(cfg.method_name)
     print(summary.line(method.test_metric))
@@ -136,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a method (resumes a run of the same name)")
     t.add_argument("method")
     t.add_argument("-c", "--config", help="YAML config (e.g. jobs/configs/<method>.yaml)")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults, then the YAML, then the overrides) and its "
+                   "run name, and exit without training")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=3e-4 scaling.num_workers=2; a bare "
                    "`resume` also picks up the checkpoint kept locally during an S3 outage")
     t.set_defaults(func=_train)

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from methodlab.errors import ConfigError
+from methodlab.redact import redact_value
 
 # Everything methodlab writes by default lives here (datasets, runs, the MLflow SQLite file).
 HOME_ENV = "METHODLAB_HOME"
@@ -137,7 +138,8 @@ class RunConfig(Section):
         return self.train.run_name or f"{self.method_name}-{self.fingerprint()}"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as saved with a run (MLflow, checkpoints), credentials redacted."""
+        return redact_value(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------

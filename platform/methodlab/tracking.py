@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import time
@@ -27,15 +26,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from methodlab.errors import ConfigError, ServiceError
+from methodlab.redact import REDACTED, SECRET_KEY, redact_value
 
 RUN_NAME_TAG = "methodlab.run_name"
 METHOD_TAG = "methodlab.method"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_VALUE = 6000     # MLflow's limit on a param value
 MAX_PARAM_KEY = 250
-SECRET_KEY = re.compile(r"(secret|passw(or)?d|token|credential|access[_-]?key|api[_-]?key|private[_-]?key)", re.I)
-URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
-REDACTED = "***"
 
 # A fresh SQLite store makes MLflow print two INFO lines ("Creating initial MLflow database
 # tables...") on stderr; users see them before their own error or result, so keep them at WARNING.
@@ -48,11 +45,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # ----------------------------------------------------------------------------------------------
 # Params: flattened, redacted, truncated
-
-
-def redact_value(value: str) -> str:
-    """Strip passwords out of URIs such as postgresql://user:pw@host/db."""
-    return URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
 
 
 def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -154,7 +146,7 @@ class Tracker:
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):     # MLflow accepts at most 100 params per batch
             self.client.log_batch(run_id, params=items[i:i + 100])
-        self.client.log_text(run_id, config_yaml, "config.yaml")
+        self.client.log_text(run_id, redact_value(config_yaml), "config.yaml")
         return run_id
 
     def resume_run(self, run_id: str) -> None:
