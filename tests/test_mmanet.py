@@ -388,11 +388,12 @@ def test_config_rejects_a_mining_window_longer_than_the_task_only_epochs():
 # Runs
 
 
-def _bench():
+def _train_stage():
+    """The benchmarks' in-process stage loop (bench/common.py), in the shared loop's hook order."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import mmanet as bench_mmanet
+    from common import train_stage
 
-    return bench_mmanet
+    return train_stage
 
 
 def test_in_process_run_mines_the_weak_modalities_and_resumes_the_weak_set(home):
@@ -402,7 +403,7 @@ def test_in_process_run_mines_the_weak_modalities_and_resumes_the_weak_set(home)
     from methodlab.methods.mmanet import MMANet
     from methodlab.train.loop import load_bundle, seed_everything
 
-    bench = _bench()
+    train_stage = _train_stage()
     built = make_synthetic_multimodal((1.0, 0.6, 0.05), n=900, dim=4, seed=3)
     home.mkdir(parents=True)
     info = write_dataset(str(home / "synthetic"), "synthetic", built["splits"], built["meta"])
@@ -413,10 +414,8 @@ def test_in_process_run_mines_the_weak_modalities_and_resumes_the_weak_set(home)
     data = load_bundle(cfg, info, ["train", "val", "test"])
     seed_everything(0)
     method = MMANet(cfg, data)
-    teacher = method.build_models("teacher", {})
-    bench.run_stage(method, "teacher", teacher)
-    models = method.build_models("student", teacher)
-    bench.run_stage(method, "student", models)
+    teacher = train_stage(method, "teacher", {})
+    models = train_stage(method, "student", teacher)
     assert [method.names[i] for i in method.weak] == ["m1", "m2", "m1-m2"]
     metrics = method.evaluate("student", models, "test", torch.device("cpu"))
     assert {f"test_acc_{n}" for n in method.names} | {"test_mean_acc", "test_mean_acer"} <= set(metrics)
