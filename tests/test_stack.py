@@ -545,6 +545,7 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     phase(f"e2e-second finished (rc {second.returncode}, {epochs} epochs)")
     assert second.returncode == 0, out[-3000:] + s.diagnose()
     assert re.search(r"\[e2e\] resumed at stage train, epoch \d+", out), out[-4000:]
+    assert f"[e2e] resuming with other values than it started with: train.epochs={epochs}" in out
     assert "e2e: test_acc=" in out and "registered e2e-model v1" in out and run_id in out
     # The job log carries the epoch lines, not Ray Train's per-report metric dicts from every
     # worker or MLflow's download bars from registering the model.
@@ -563,6 +564,8 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.run_name"] == "e2e" and run.data.params["scaling.num_workers"] == "2"
     assert run.data.params["storage.path"] == "s3://methodlab/runs"
+    assert run.data.params["train.epochs"] == "200"              # as it started; the tag says how it ended
+    assert run.data.tags["methodlab.resumed_with"] == f"train.epochs={epochs}"
     assert {"val_acc", "test_acc", "train_loss"} <= set(run.data.metrics)
     steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
     assert sorted(steps) == list(range(epochs))

@@ -235,11 +235,13 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     name = cfg.run_name
     existing = tracker.find_run(name)
+    # Only an explicit train.run_name can meet a run started with other values (the derived name
+    # hashes them).
+    logged = existing.params if existing is not None else {}
+    new_values = {k: v for k, v in flatten_params(cfg.identity()).items() if k in logged and logged[k] != v}
+    changed = sorted(new_values)
     if existing is not None and existing.status == "FINISHED":
-        # Only an explicit train.run_name can meet a finished run trained with other values (the
-        # derived name hashes them): returning its old result would silently ignore the new ones.
-        changed = sorted(k for k, v in flatten_params(cfg.identity()).items()
-                         if k in existing.params and existing.params[k] != v)
+        # Returning the finished run's result would silently ignore the new values.
         if changed:
             raise ConfigError(f"run {name} already finished with other values of {', '.join(changed)}; set a new "
                               "train.run_name, or leave it unset (the derived name follows the config)")
@@ -251,6 +253,12 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
     if existing is not None:
         run_id = existing.run_id
         tracker.resume_run(run_id)
+        if changed:
+            # A resume may change values (more epochs, say); MLflow params cannot change, so the
+            # run says which ones its later epochs ran with.
+            resumed_with = " ".join(f"{k}={new_values[k]}" for k in changed)
+            tracker.set_tags(run_id, {"methodlab.resumed_with": resumed_with})
+            print(f"[{name}] resuming with other values than it started with: {resumed_with}", flush=True)
     else:
         method = get_method(cfg.method_name)
         run_id = tracker.start_run(name, flatten_params(cfg.model_dump(mode="json")),
