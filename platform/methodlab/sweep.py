@@ -426,7 +426,7 @@ def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
 
 def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[str] = ()) -> SweepSummary:
     """Run (or resume) a sweep of `method_name` and return its summary."""
-    from methodlab.tracking import Tracker, flatten_params
+    from methodlab.tracking import Tracker, differing_params, flatten_params
     from methodlab.train.launch import check_capacity, ensure_ray, preflight
 
     method = get_method(method_name)
@@ -444,8 +444,7 @@ def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[st
     if existing is not None and existing.status == "FINISHED":
         # As for runs: an explicit name met again with another space, search or base config is
         # refused rather than answered with the old sweep (the derived name hashes all of them).
-        changed = sorted(k for k, v in _sweep_identity(space, spec, base).items()
-                         if k in existing.params and existing.params[k] != v)
+        changed = sorted(differing_params(_sweep_identity(space, spec, base), existing.params))
         if changed:
             raise ConfigError(f"sweep {name} already finished with other values of {', '.join(changed)}; "
                               "set a new name, or leave it unset (the derived name follows the sweep)")

@@ -63,6 +63,12 @@ def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def differing_params(new: dict[str, str], logged: dict[str, str]) -> dict[str, str]:
+    """The params in `new` that a run logged with another value (keys it never logged are skipped:
+    runs from before a key existed)."""
+    return {k: v for k, v in new.items() if k in logged and logged[k] != v}
+
+
 def git_commit() -> str:
     if os.environ.get("METHODLAB_GIT_COMMIT"):
         return os.environ["METHODLAB_GIT_COMMIT"]

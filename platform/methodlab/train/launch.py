@@ -99,7 +99,8 @@ def _capacity_shortfall(cfg: RunConfig, with_data: bool) -> str | None:
     need_gpu = sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0
     if need_gpu > total.get("GPU", 0) + 1e-9:
         return (f"scaling.use_gpu=true needs {need_gpu:g} GPUs (scaling.num_workers={sc.num_workers} x "
-                f"scaling.gpus_per_worker={sc.gpus_per_worker}) but the cluster has {total.get('GPU', 0):g}")
+                f"scaling.gpus_per_worker={sc.gpus_per_worker}) but the cluster has {total.get('GPU', 0):g} "
+                "(scaling.use_gpu=false trains on CPUs)")
     return None
 
 
@@ -229,7 +230,7 @@ def upload_local_fallback(cfg: RunConfig) -> str:
 def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False) -> RunSummary:
     """Run `cfg` to completion (or resume it) and return its summary. `resume` also picks up the
     checkpoint kept on local disk when S3 went away (see `upload_local_fallback`)."""
-    from methodlab.tracking import Tracker, flatten_params
+    from methodlab.tracking import Tracker, differing_params, flatten_params
 
     info = preflight(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
@@ -237,8 +238,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
     existing = tracker.find_run(name)
     # Only an explicit train.run_name can meet a run started with other values (the derived name
     # hashes them).
-    logged = existing.params if existing is not None else {}
-    new_values = {k: v for k, v in flatten_params(cfg.identity()).items() if k in logged and logged[k] != v}
+    new_values = differing_params(flatten_params(cfg.identity()), existing.params if existing else {})
     changed = sorted(new_values)
     if existing is not None and existing.status == "FINISHED":
         # Returning the finished run's result would silently ignore the new values.
