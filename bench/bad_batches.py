@@ -41,7 +41,7 @@ from methodlab.data import resolve_dataset  # noqa: E402
 from methodlab.methods.bad_batches import BadBatches  # noqa: E402
 from methodlab.methods.base import StepContext  # noqa: E402
 from methodlab.metrics.frechet import frechet_distance  # noqa: E402
-from methodlab.train.loop import epoch_batches, epoch_seed, load_bundle  # noqa: E402
+from methodlab.train.core import epoch_seed, load_bundle, memory_batches  # noqa: E402
 
 SHAPES = [(n, d) for d in (128, 512, 2048) for n in (64, 256, 512)]
 STEPS = 100                    # optimizer steps per accuracy run
@@ -92,7 +92,7 @@ def batches_forever(cfg, method):
     """(epoch, batch) pairs, epoch after epoch, in the loop's seeded order."""
     epoch = 0
     while True:
-        for batch in epoch_batches(cfg, method.train_split("train"), epoch_seed(cfg.train.seed, 0, epoch), 0, 1, CPU):
+        for batch in memory_batches(cfg, method.train_split("train"), epoch_seed(cfg.train.seed, 0, epoch), 0, 1, CPU):
             yield epoch, batch
         epoch += 1
 

@@ -35,7 +35,7 @@ from methodlab.methods.base import DataBundle  # noqa: E402
 from methodlab.models import build_model  # noqa: E402
 from methodlab.models.hub import save_pretrained  # noqa: E402
 from methodlab.registry import get_method  # noqa: E402
-from methodlab.train.loop import load_bundle  # noqa: E402
+from methodlab.train.core import load_bundle  # noqa: E402
 
 SEEDS = (0, 1, 2)
 SUPERVISED_EPOCHS = 10

@@ -59,36 +59,16 @@ def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> float:
 
 
 def train_stage(method, stage: str, previous: dict, device=None) -> dict:
-    """One stage of `method` through its hooks in the order `methodlab.train.loop` calls them, on
-    one in-process worker (no Ray, checkpoints or MLflow): the benchmarks' training loop. Returns
-    the stage's models; `previous` holds the models of the stage before."""
-    import math
-
+    """One stage of `method` on one in-process worker, through the training core
+    (`methodlab.train.core.Loop`, no Ray, checkpoints or MLflow): the benchmarks' training loop.
+    Returns the stage's models; `previous` holds the models of the stage before."""
     import torch
 
-    from methodlab.methods.base import StepContext, trainable
-    from methodlab.train.loop import epoch_batches, epoch_seed
+    from methodlab.train.core import Loop, LoopState
 
-    device = device or torch.device("cpu")
-    cfg = method.cfg
-    models = method.build_models(stage, previous)
-    optimizers = method.build_optimizers(stage, models)
-    split = method.train_split(stage)
-    schedulers = method.build_schedulers(stage, optimizers, max(1, math.ceil(len(split) / cfg.train.batch_size)))
-    stage_index = method.stages.index(stage)
-    step = 0
-    for epoch in range(method.stage_epochs(stage)):
-        ctx = StepContext(stage=stage, epoch=epoch, step=step, device=device, rank=0, world_size=1,
-                          extra={"schedulers": schedulers})
-        method.on_epoch_start(stage, models, ctx)
-        for m in models.values():
-            if trainable(m):
-                m.train()
-        for batch in epoch_batches(cfg, split, epoch_seed(cfg.train.seed, stage_index, epoch), 0, 1, device):
-            ctx.step = step
-            method.train_step(stage, models, optimizers, batch, ctx)
-            step += 1
-    return models
+    index = method.stages.index(stage)
+    loop = Loop(method.cfg, method, device or torch.device("cpu"))
+    return loop.run_stage(LoopState(stage_index=index), index, previous)
 
 
 def mean_std(values: list[float]) -> str:

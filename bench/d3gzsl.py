@@ -39,7 +39,7 @@ from methodlab.data.dataset import write_dataset  # noqa: E402
 from methodlab.data.gzsl import synthetic_gzsl  # noqa: E402
 from methodlab.methods.base import StepContext  # noqa: E402
 from methodlab.methods.d3gzsl import D3GZSL  # noqa: E402
-from methodlab.train.loop import load_bundle, seed_everything  # noqa: E402
+from methodlab.train.core import load_bundle, seed_everything  # noqa: E402
 
 SEEDS = (0, 1, 2)
 BASELINE = ["method.lambda_id=0", "method.lambda_od=0"]

@@ -30,7 +30,8 @@ from common import Figure, write_results  # noqa: E402
 from methodlab import storage  # noqa: E402
 from methodlab.data import prepare_builtin, write_dataset  # noqa: E402
 from methodlab.train.launch import ensure_ray  # noqa: E402
-from methodlab.train.loop import STREAM_CHUNK_BATCHES, chunk_minibatches, minibatches  # noqa: E402
+from methodlab.train.core import chunk_minibatches, minibatches  # noqa: E402
+from methodlab.train.loop import STREAM_CHUNK_BATCHES  # noqa: E402
 
 BATCH = 1024
 CPU = torch.device("cpu")

@@ -25,7 +25,7 @@ from common import Figure, device_name, timeit, write_results  # noqa: E402
 from methodlab.methods.toast import trains  # noqa: E402
 from methodlab.models.resnet import ResNet  # noqa: E402
 from methodlab.models.vit import TopDownViT  # noqa: E402
-from methodlab.train.loop import place_model  # noqa: E402
+from methodlab.train.core import place_model  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; matched on the device name.
 BF16_PEAK = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12, "L4": 121.0e12}

@@ -32,7 +32,7 @@ from common import Figure, mean_std, train_stage, write_results  # noqa: E402
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import resolve_dataset  # noqa: E402
 from methodlab.methods.mmanet import MMANet  # noqa: E402
-from methodlab.train.loop import load_bundle, seed_everything  # noqa: E402
+from methodlab.train.core import load_bundle, seed_everything  # noqa: E402
 
 SEEDS = (0, 1, 2)
 # Shorter than the method's defaults (teacher 10, student 20 epochs of batch 64) so that 3 seeds x

@@ -30,7 +30,7 @@ from methodlab.methods.toast import SOURCE_VIT, expected_trainable, trains  # no
 from methodlab.models.hub import save_pretrained  # noqa: E402
 from methodlab.models.vit import TopDownViT  # noqa: E402
 from methodlab.registry import get_method  # noqa: E402
-from methodlab.train.loop import load_bundle, seed_everything  # noqa: E402
+from methodlab.train.core import load_bundle, seed_everything  # noqa: E402
 
 MODES = ["linear", "finetune", "toast", "toast-lite"]
 LRS = [1e-3, 1e-2]

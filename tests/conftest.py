@@ -154,3 +154,32 @@ def mlflow_server(tmp_path):
     server = MlflowServer(tmp_path).start()
     yield server
     server.stop()
+
+
+def _spawned(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(*args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_world(fn, world: int, *args) -> list:
+    """`fn(*args)` on `world` fresh processes in one gloo process group on 127.0.0.1 (the
+    torch.distributed setup a Ray Train worker group has, without Ray); returns each rank's
+    result (which must be torch.save-able). `fn` must be importable (a module-level function)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_spawned, args=(world, port, fn, args, out), nprocs=world, join=True)
+        return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]

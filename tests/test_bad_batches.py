@@ -206,7 +206,7 @@ TINY = ["method.arch_kwargs={width: 4, blocks: [1]}", "method.proj_hidden=16", "
 @functools.cache
 def _bundle():
     from methodlab.data import resolve_dataset
-    from methodlab.train.loop import load_bundle
+    from methodlab.train.core import load_bundle
 
     cfg = load_config("bad_batches", None, ["data.limit_rows=96"])
     return load_bundle(cfg, resolve_dataset("digits", cfg.data.root), ["train", "val", "test"])
@@ -214,7 +214,7 @@ def _bundle():
 
 def _run(*overrides: str, steps: int = 3, seed: int = 0, check=None):
     """Train `steps` batches in process (no Ray); returns the method, its models and the outputs."""
-    from methodlab.train.loop import epoch_batches
+    from methodlab.train.core import memory_batches
 
     cfg = load_config("bad_batches", None, [*TINY, *overrides])
     torch.manual_seed(seed)
@@ -226,7 +226,7 @@ def _run(*overrides: str, steps: int = 3, seed: int = 0, check=None):
                       extra={"schedulers": scheds})
     method.on_epoch_start("train", models, ctx)
     outs = []
-    batches = epoch_batches(cfg, method.train_split("train"), seed, 0, 1, torch.device("cpu"))
+    batches = memory_batches(cfg, method.train_split("train"), seed, 0, 1, torch.device("cpu"))
     for step, batch in zip(range(steps), batches):
         ctx.step = step
         before = copy.deepcopy(models["net"].state_dict())

@@ -18,7 +18,8 @@ from methodlab.data.dataset import write_dataset
 from methodlab.data.gzsl import (DIGIT_ATTRIBUTE_TABLE, DIGITS_UNSEEN, DIGITS_VAL_UNSEEN, encode_seen_digits,
                                  import_xlsa17, synthetic_gzsl)
 from methodlab.errors import DataError
-from methodlab.methods.d3gzsl import (LearnSigmoid, critic_terms, embedding_distillation, gzsl_scores,
+from methodlab.methods.d3gzsl import (LearnSigmoid, class_counts, critic_terms, embedding_distillation, gzsl_counts,
+                                      gzsl_scores,
                                       harmonic_mean, kl_distillation, label_mapping, ood_distillation,
                                       pair_bce, per_class_accuracy, teacher_confidence)
 
@@ -93,11 +94,12 @@ def test_per_class_accuracy_matches_numpy_and_ignores_class_size(seed, classes, 
     labels = rng.integers(0, classes, 60)
     pred = np.where(rng.random(60) < 0.6, labels, rng.integers(0, classes, 60))
     ref = np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels)])
-    acc = per_class_accuracy(torch.from_numpy(pred), torch.from_numpy(labels))
+    acc = per_class_accuracy(class_counts(torch.from_numpy(pred), torch.from_numpy(labels), classes))
     assert acc == pytest.approx(ref) and 0 <= acc <= 1
     c0 = labels[0]                      # duplicating all rows of one class changes nothing
     extra = np.flatnonzero(labels == c0).repeat(dup)
-    acc2 = per_class_accuracy(torch.from_numpy(np.r_[pred, pred[extra]]), torch.from_numpy(np.r_[labels, labels[extra]]))
+    acc2 = per_class_accuracy(class_counts(torch.from_numpy(np.r_[pred, pred[extra]]),
+                                           torch.from_numpy(np.r_[labels, labels[extra]]), classes))
     assert acc2 == pytest.approx(acc)
 
 
@@ -107,7 +109,11 @@ def test_gzsl_scores_predict_over_all_classes():
     logits[[0, 2], [0, 1]] = 1          # seen rows right on 2 of 3 rows (class 0: 1/2, class 1: 1/1)
     logits[[1, 3, 4, 5], [2, 2, 0, 3]] = 1  # row 1 (seen) predicts unseen; unseen: 2 -> 1/2, 3 -> 1/1
     logits[4, 3] = 0.5                  # row 4: among unseen classes only, 3 beats 2 -> ZSL wrong
-    scores = gzsl_scores(logits, labels, torch.tensor([2, 3]))
+    unseen = torch.tensor([2, 3])
+    scores = gzsl_scores(gzsl_counts(logits, labels, unseen), unseen)
+    # Sharded evaluation sums each rank's counts: any cut of the rows gives the same scores.
+    assert gzsl_scores(gzsl_counts(logits[:2], labels[:2], unseen) + gzsl_counts(logits[2:], labels[2:], unseen),
+                       unseen) == scores
     assert scores == pytest.approx({"S": 0.75, "U": 0.75, "H": 0.75, "ZSL": 0.75})
 
 
@@ -358,7 +364,7 @@ def test_synthetic_gzsl_class_roles(n_seen, n_unseen, seed):
 def method_setup(tmp_path_factory):
     from methodlab.data import open_dataset
     from methodlab.registry import get_method
-    from methodlab.train.loop import load_bundle
+    from methodlab.train.core import load_bundle
 
     built = synthetic_gzsl(n_seen=6, n_unseen=3, feature_dim=8, attribute_dim=4, train_per_class=12,
                            test_per_class=4, seed=3)

@@ -91,7 +91,7 @@ def test_gpu_worker_trains_with_bf16_autocast(ray_cluster, home, name):
 
 def test_place_model_keeps_cpu_models_contiguous_and_moves_them():
     from methodlab.models.resnet import ResNet
-    from methodlab.train.loop import place_model
+    from methodlab.train.core import place_model
 
     model = place_model(ResNet(in_channels=1, num_classes=3), torch.device("cpu"))
     # a convolution with several input channels, where the two layouts differ

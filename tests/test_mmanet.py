@@ -20,7 +20,7 @@ from methodlab.config import load_config
 from methodlab.data.multimodal import PACKED, digit_views, make_synthetic_multimodal
 from methodlab.errors import ConfigError
 from methodlab.methods.mmanet import (
-    acer, all_masks, combination_name, entropy_weights, histogram_distance, label_histogram, mad_loss,
+    acer_counts, acer_from_counts, all_masks, combination_name, entropy_weights, histogram_distance, label_histogram, mad_loss,
     mar_loss, mine_weak_set, sample_masks)
 from methodlab.models import build_model
 
@@ -311,8 +311,8 @@ def test_mined_weak_combination_is_never_the_full_set(m, data):
 @example(2, 349554)    # equal histograms whose KL rounds to 1.1e-16
 def test_histogram_distance_is_nonnegative_and_zero_iff_equal(k, seed):
     gen = torch.Generator().manual_seed(seed)
-    a = label_histogram(torch.randint(k, (50,), generator=gen), k)
-    b = label_histogram(torch.randint(k, (50,), generator=gen), k)
+    a = label_histogram(torch.bincount(torch.randint(k, (50,), generator=gen), minlength=k))
+    b = label_histogram(torch.bincount(torch.randint(k, (50,), generator=gen), minlength=k))
     assert a.sum().item() == pytest.approx(1.0)
     assert histogram_distance(a, a) == pytest.approx(0.0, abs=1e-15)
     d = histogram_distance(a, b)
@@ -322,6 +322,23 @@ def test_histogram_distance_is_nonnegative_and_zero_iff_equal(k, seed):
 
 # ----------------------------------------------------------------------------------------------
 # ACER
+
+
+def acer(preds, labels):
+    return acer_from_counts(acer_counts(preds, labels))
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1)), min_size=1, max_size=60),
+       st.integers(1, 59))
+def test_acer_counts_of_shards_add_up_to_the_whole(pairs, cut):
+    """Sharded evaluation sums each rank's counts: any split of the rows gives the same ACER."""
+    labels = torch.tensor([p[0] for p in pairs])
+    preds = torch.tensor([p[1] for p in pairs])
+    cut = min(cut, len(pairs))
+    parts = acer_counts(preds[:cut], labels[:cut]) + acer_counts(preds[cut:], labels[cut:])
+    assert torch.equal(parts, acer_counts(preds, labels))
+    assert acer_from_counts(parts) == acer(preds, labels)
 
 
 @FAST
@@ -401,7 +418,7 @@ def test_in_process_run_mines_the_weak_modalities_and_resumes_the_weak_set(home)
     weakest, so W = {m1-m2, m1, m2}; the method's state carries W (and the distances) to a resume."""
     from methodlab.data import write_dataset
     from methodlab.methods.mmanet import MMANet
-    from methodlab.train.loop import load_bundle, seed_everything
+    from methodlab.train.core import load_bundle, seed_everything
 
     train_stage = _train_stage()
     built = make_synthetic_multimodal((1.0, 0.6, 0.05), n=900, dim=4, seed=3)

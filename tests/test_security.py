@@ -33,7 +33,7 @@ def test_malicious_pickle_model_file_is_refused(tmp_path):
 
 
 def test_malicious_checkpoint_is_refused(tmp_path):
-    from methodlab.train.loop import LoopState
+    from methodlab.train.core import LoopState
 
     marker = tmp_path / "pwned"
     (tmp_path / "ckpt").mkdir()

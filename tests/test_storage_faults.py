@@ -12,7 +12,7 @@ import pytest
 
 from methodlab import storage
 from methodlab.cli import main
-from methodlab.train.loop import LoopState
+from methodlab.train.core import LoopState
 from methodlab.tracking import Tracker
 
 # The endpoint is stopped ~0.2 s after the first checkpoint lands; the run must still be training

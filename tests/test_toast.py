@@ -26,7 +26,7 @@ MODES = ["toast", "toast-lite", "linear", "finetune"]
 @functools.cache
 def _bundle():
     from methodlab.data import resolve_dataset
-    from methodlab.train.loop import load_bundle
+    from methodlab.train.core import load_bundle
 
     cfg = load_config("toast")
     return load_bundle(cfg, resolve_dataset("digits_transfer", cfg.data.root), ["train", "val", "test"])

@@ -24,15 +24,17 @@ def _weights(cfg, run_id):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_in_the_same_mlflow_run_with_identical_weights(ray_cluster, home):
+def test_interrupted_run_resumes_in_the_same_mlflow_run_with_identical_weights(ray_cluster, home, monkeypatch):
     from methodlab.train.launch import train
 
     straight_cfg = load_config("supervised", None, [*BASE, "train.run_name=straight"])
     straight = train(straight_cfg)
 
-    crash_cfg = load_config("supervised", None, [*BASE, "train.run_name=interrupted", "train.crash_after_epoch=1"])
+    crash_cfg = load_config("supervised", None, [*BASE, "train.run_name=interrupted"])
+    monkeypatch.setenv("METHODLAB_FAULTS", "crash_after_epoch=1")
     with pytest.raises(TrainingError, match="run interrupted failed"):
         train(crash_cfg)
+    monkeypatch.delenv("METHODLAB_FAULTS")
     tracker = Tracker(crash_cfg.tracking.uri, crash_cfg.tracking.experiment)
     failed = tracker.find_run("interrupted")
     assert failed.status == "FAILED"
@@ -76,18 +78,24 @@ def test_bad_config_is_one_line_non_zero_and_leaves_no_run(home):
 
 
 @pytest.mark.slow
-def test_worker_crash_is_survived_with_max_failures(ray_cluster, home):
-    """A worker killed mid-epoch: the run restarts its workers from the last checkpoint and ends
-    exactly where an uninterrupted run ends, in one MLflow run with no duplicated steps."""
+def test_worker_crash_is_survived_with_max_failures(ray_cluster, home, monkeypatch):
+    """A worker killed mid-epoch, right after a mid-epoch checkpoint (every 4 steps; an epoch has
+    9 per worker): the run restarts its workers from it, skips the batches that checkpoint had
+    trained, and ends exactly where an uninterrupted run ends, in one MLflow run with no
+    duplicated steps. The fault is injected by the test hook, never by a config key (so it is not
+    an MLflow param)."""
     from methodlab.train.launch import train
 
     straight = train(load_config("supervised", None, [*BASE, "train.run_name=straight2"]))
-    cfg = load_config("supervised", None, [*BASE, "train.run_name=crashy", "train.crash_after_epoch=2",
-                                           "train.max_failures=1"])
+    cfg = load_config("supervised", None, [*BASE, "train.run_name=crashy", "train.max_failures=1",
+                                           "train.checkpoint_every_steps=4"])
+    monkeypatch.setenv("METHODLAB_FAULTS", "crash_at_step=22")    # epoch 3 (steps 18-26): after step 20's checkpoint
     survived = train(cfg)
     assert survived.status == "FINISHED" and not survived.resumed
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-    assert tracker.client.get_run(survived.run_id).data.tags["methodlab.resumed_at_epoch"] == "2"
+    run = tracker.client.get_run(survived.run_id)
+    assert run.data.tags["methodlab.resumed_at_epoch"] == "2"
+    assert not any("fault" in k or "crash" in k for k in run.data.params)
     steps = [m.step for m in tracker.client.get_metric_history(survived.run_id, "epoch")]
     assert sorted(steps) == [0, 1, 2]
     a, b = _weights(cfg, straight.run_id), _weights(cfg, survived.run_id)
@@ -95,12 +103,14 @@ def test_worker_crash_is_survived_with_max_failures(ray_cluster, home):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_fails_the_run_keeps_the_checkpoint_registers_nothing(ray_cluster, home):
+def test_non_finite_loss_fails_the_run_keeps_the_checkpoint_registers_nothing(ray_cluster, home, monkeypatch):
     from methodlab.train.launch import train
 
-    cfg = load_config("supervised", None, ["train.epochs=4", "train.nan_after_epoch=2",
-                                           "scaling.num_workers=2", "train.run_name=diverges"])
-    with pytest.raises(TrainingError, match=r"non-finite loss loss=nan at step 18 \(stage train, epoch 3\)"):
+    cfg = load_config("supervised", None, ["train.epochs=4", "scaling.num_workers=2", "train.run_name=diverges",
+                                           "train.log_every_steps=4"])
+    monkeypatch.setenv("METHODLAB_FAULTS", "nan_after_epoch=2")
+    # Epoch 3 starts at step 18; the first read of its losses is at step 20 (every 4 steps).
+    with pytest.raises(TrainingError, match=r"non-finite loss loss=nan in steps 18-19 \(stage train, epoch 3\)"):
         train(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     run = tracker.find_run("diverges")
@@ -110,7 +120,7 @@ def test_non_finite_loss_fails_the_run_keeps_the_checkpoint_registers_nothing(ra
     from methodlab.models.hub import latest_checkpoint
 
     kept = latest_checkpoint(f"{cfg.storage.path}/diverges")
-    from methodlab.train.loop import LoopState
+    from methodlab.train.core import LoopState
     assert LoopState.load(kept).history_step == 2          # the last good epoch's checkpoint
 
 
@@ -121,7 +131,7 @@ def test_stream_chunks_give_every_row_once_in_batches_of_at_most_bs(sizes, bs, s
     at most bs; only a trailing batch of one row per chunk is dropped (BatchNorm cannot train on it)."""
     import numpy as np
 
-    from methodlab.train.loop import chunk_minibatches
+    from methodlab.train.core import chunk_minibatches
 
     starts = np.cumsum([0, *sizes])
     chunks = [{"x": np.arange(a, b, dtype=np.float32)[:, None], "label": np.arange(a, b)}

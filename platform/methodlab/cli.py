@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from methodlab.errors import MethodlabError
+
+STARTED_AT = time.time()     # the command's start: the run logs start-up to its first step (startup_s)
 
 
 def _train(args) -> int:
@@ -35,7 +38,7 @@ def _train(args) -> int:
         # The layers merged and validated, nothing started: what `train` would run, and as what.
         print(f"# run name: {cfg.run_name}\n{cfg.to_yaml()}", end="")
         return 0
-    summary = train(cfg, resume=resume)
+    summary = train(cfg, resume=resume, started_at=STARTED_AT)
     method = get_method(cfg.method_name)
     print(summary.line(method.test_metric))
     return 0

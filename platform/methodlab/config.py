@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,14 +63,21 @@ class TrainConfig(Section):
     run_name: str | None = Field(None, description="default: <method>-<hash of the config>; "
                                  "submitting the same name again resumes that run")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
-    num_to_keep: int = Field(2, gt=0, description="checkpoints kept in storage")
-    checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints (the last epoch and "
-                                  "stage ends are always checkpointed)")
-    crash_after_epoch: int | None = Field(
-        None, ge=1, description="fault injection for resilience tests: rank 1 (or 0) exits hard after "
-        "checkpointing this epoch, once")
-    nan_after_epoch: int | None = Field(
-        None, ge=1, description="fault injection for tests: every loss is NaN after this many epochs")
+    num_to_keep: int = Field(2, gt=0, description="checkpoints kept in storage: this many best by the "
+                             "method's metric, plus always the latest")
+    checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints (0: none by epoch count); "
+                                  "stage ends and the last epoch are always checkpointed")
+    checkpoint_every_s: float | None = Field(
+        None, gt=0, description="also checkpoint when this many seconds passed since the last one, checked "
+        "every train.log_every_steps steps (mid-epoch too: a resumed epoch skips the batches it had trained)")
+    checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint every N optimizer steps "
+                                               "(for long epochs; resumes mid-epoch exactly)")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="async: training goes on while Ray uploads the checkpoint; sync: wait for it")
+    eval_every: int = Field(1, gt=0, description="epochs between evaluations (stage ends and the last "
+                            "epoch are always evaluated)")
+    log_every_steps: int = Field(50, gt=0, description="steps between reads of the losses (one host sync "
+                                 "each: the NaN check and the wall-clock checkpoint decision happen there)")
 
     @field_validator("run_name")
     @classmethod
@@ -83,6 +91,8 @@ class ScalingConfig(Section):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional, so Ray Data keeps a CPU for reads")
+    sync_batchnorm: bool = Field(True, description="multi-worker runs normalize BatchNorm over the global "
+                                 "batch, so a model trains the same at any scaling.num_workers")
     gpus_per_worker: float = Field(1.0, ge=0)
     wait_for_nodes_s: float = Field(0.0, ge=0, description="on an autoscaling cluster: when the cluster is "
                                     "too small for the workers, ask the autoscaler for them and wait this "
@@ -99,11 +109,19 @@ class StorageConfig(Section):
                                 "default $METHODLAB_HOME/checkpoints")
 
 
+# `tracking.register` shares its name with ABCMeta.register of pydantic's metaclass; instances
+# read the field (the metaclass method is not visible on them), so pydantic's warning is moot.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingConfig" shadows', category=UserWarning)
+
+
 class TrackingConfig(Section):
     uri: str = Field("", description="MLflow tracking URI; default sqlite under $METHODLAB_HOME")
     experiment: str = "methodlab"
     registered_model: str = Field("", description="default methodlab-<method>")
     register_model: bool = Field(True, description="register the final model as a version")
+    register: Literal["best", "last"] = Field(
+        "best", description="best: the final stage's best evaluated epoch by the method's metric (its test "
+        "metrics are what is reported); last: the last epoch's model")
 
 
 class RunConfig(Section):
@@ -119,7 +137,9 @@ class RunConfig(Section):
 
     # Keys that do not change what is trained, so they do not change the derived run name.
     _NOT_HASHED = {"storage", "tracking"}
-    _NOT_HASHED_KEYS = {"train": {"run_name", "max_failures", "crash_after_epoch", "nan_after_epoch", "num_to_keep"},
+    _NOT_HASHED_KEYS = {"train": {"run_name", "max_failures", "num_to_keep", "checkpoint_every",
+                                  "checkpoint_every_s", "checkpoint_every_steps", "checkpoint_upload",
+                                  "log_every_steps"},
                         "scaling": {"wait_for_nodes_s"}}
 
     def identity(self) -> dict:

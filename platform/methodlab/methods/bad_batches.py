@@ -22,7 +22,8 @@ Options (the paper's text could not be read; see the spec, section 1):
               scoring at all. The first `warmup_epochs` only score (and fill the window).
 
 Under DDP the features of all ranks are all-gathered, so every rank scores the same global batch
-and takes the same decision; the NT-Xent negatives stay per rank. The scheduler counts accepted
+and takes the same decision; the NT-Xent negatives are the global batch's too (`negatives`), and
+BatchNorm is global (`scaling.sync_batchnorm`), as in SimCLR's global BN. The scheduler counts accepted
 batches only. Each batch's FRD and every rank's decision are logged per epoch as a CSV, with an
 FRD histogram (PNG). Evaluation: a linear probe and k-NN on the frozen encoder's features of the
 labelled train split. The registered model is the encoder with the linear probe as its head (a
@@ -37,11 +38,11 @@ from collections import deque
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.methods.base import Method, StepContext
@@ -53,19 +54,32 @@ from methodlab.registry import register_method
 # Losses and rules (pure functions)
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool = False) -> torch.Tensor:
     """NT-Xent, the normalized temperature-scaled cross-entropy of SimCLR (Chen et al., ICML 2020,
-    arXiv 2002.05709, eq. 1), averaged over all 2N anchors.
+    arXiv 2002.05709, eq. 1), averaged over the anchors.
 
-    z1, z2: (N, D) projections of the two views; row i of z1 and row i of z2 are the positive
-    pair, the other 2N-2 rows are negatives. Returns a scalar in
+    z1, z2: (n, D) projections of the two views; row i of z1 and row i of z2 are the positive
+    pair, every other row is a negative. With `gather` under a process group the candidates are
+    the rows of all ranks (lightly's `NTXentLoss(gather_distributed=True)`,
+    lightly/loss/ntx_ent_loss.py): this rank's 2n anchors against 2N = 2n x world rows, through
+    an all_gather that passes gradients back, so with DDP's gradient mean the loss and its
+    gradient are those of one rank holding the global batch. Returns a scalar in
     [log(1 + (2N-2) e^{-2/t}), log(1 + (2N-2) e^{2/t})].
     """
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)                       # (2N, D)
-    sim = (z @ z.mT) / temperature                                            # (2N, 2N)
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    rank, world = distributed.world() if gather else (0, 1)
+    local = F.normalize(torch.cat([z1, z2]).float(), dim=1)                    # (2n, D)
+    if world > 1:
+        everyone = F.normalize(torch.cat([distributed.gather_rows(z1), distributed.gather_rows(z2)]).float(),
+                               dim=1)                                          # (2N, D)
+    else:
+        everyone = local
+    total = everyone.shape[0] // 2                                             # N
+    own = torch.arange(n, device=local.device) + rank * n                       # this rank's rows in z1s
+    sim = (local @ everyone.mT) / temperature                                  # (2n, 2N)
+    self_index = torch.cat([own, own + total])
+    sim[torch.arange(2 * n, device=local.device), self_index] = float("-inf")
+    positives = torch.cat([own + total, own])
     return F.cross_entropy(sim, positives)
 
 
@@ -136,6 +150,9 @@ class BadBatchesConfig(Section):
     proj_hidden: int = Field(128, gt=0, description="projection head: Linear-ReLU-Linear")
     proj_dim: int = Field(64, gt=0)
     temperature: float = Field(0.5, gt=0, description="NT-Xent temperature")
+    negatives: Literal["global", "local"] = Field(
+        "global", description="NT-Xent negatives: global: every rank's batch (gathered with gradients, so "
+        "the loss does not depend on scaling.num_workers); local: this rank's batch only")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="cosine over epochs x batches per epoch; it steps on accepted batches only")
     # FRD scoring
@@ -210,15 +227,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)      # DDP keeps the module under .module
 
 
-def _gather(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Rows of every rank, in rank order (identical on every rank); `t` itself without DDP."""
-    if world_size == 1 or not dist.is_initialized():
-        return t
-    parts = [torch.empty_like(t) for _ in range(world_size)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # The method
 
@@ -246,6 +254,8 @@ class BadBatches(Method):
         self.accepted = 0                        # optimizer steps taken (accepted batches)
         self.probe: dict[str, torch.Tensor] = {}  # the linear probe head, fitted at evaluation
         self.probe_at = -1                       # `accepted` when the probe was fitted
+        self.bank: tuple[torch.Tensor, torch.Tensor] | None = None   # train features, labels (all ranks)
+        self.bank_at = -1                        # `accepted` when the bank was extracted
         self.records: list[list[float]] = []     # this epoch: per batch [step, threshold, frd, kept] x rank
         self._augment: nn.Module | None = None
 
@@ -332,19 +342,19 @@ class BadBatches(Method):
         with ctx.autocast():
             h, z = models["net"](torch.cat(views))
             n = images.shape[0]
-            loss = nt_xent(z[:n], z[n:], m.temperature)
+            loss = nt_xent(z[:n], z[n:], m.temperature, gather=m.negatives == "global")
 
         out: dict[str, torch.Tensor] = {"loss": loss.detach()}
         keep = True
         if m.curation != "none":
             with ctx.autocast():
                 a, b = self.score_features(models, images, views, (h.float(), z.float()))
-            frd = float(frechet_distance(_gather(a.float(), ctx.world_size), _gather(b.float(), ctx.world_size)))
+            frd = float(frechet_distance(distributed.gather_rows(a.float()), distributed.gather_rows(b.float())))
             threshold = self.threshold(ctx.epoch)
             keep = keep_batch(frd, threshold)
             self.window.append(frd)
             mine = torch.tensor([frd, float(keep)], dtype=torch.float64, device=images.device)
-            everyone = _gather(mine[None], ctx.world_size).cpu()                 # (world, 2)
+            everyone = distributed.gather_rows(mine[None]).cpu()                 # (world, 2)
             self.records.append([float(ctx.step), threshold, *everyone.flatten().tolist()])
             out.update(frd=torch.tensor(frd), kept=torch.tensor(float(keep)))
         if keep:
@@ -363,18 +373,25 @@ class BadBatches(Method):
 
     @torch.no_grad()
     def _features(self, backbone: nn.Module, split: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features and labels of this rank's shard of `split`."""
         backbone.eval()
-        data = self.data.splits[split]
         feats, labels = [], []
-        for b in data.batches(512, device):
+        for b in distributed.shard(self.data.splits[split]).batches(512, device):
             feats.append(backbone.embed(b["image"].float()).float())
             labels.append(b["label"])
         return torch.cat(feats), torch.cat(labels)
 
     def evaluate(self, stage, models, split, device):
+        """The train split's features are extracted once per model state, sharded and gathered
+        (every rank then fits the same probe on the same bank); `split` is scored shard by shard
+        and the correct counts are summed."""
         backbone = models["net"].backbone
-        train_x, train_y = self._features(backbone, "train", device)
         k = self.data.info.num_classes
+        if self.bank_at != self.accepted or self.bank is None:
+            x, y = self._features(backbone, "train", device)
+            self.bank = (distributed.gather_uneven_rows(x), distributed.gather_uneven_rows(y))
+            self.bank_at = self.accepted
+        train_x, train_y = self.bank
         if self.probe_at != self.accepted or not self.probe:
             head = linear_probe(train_x, train_y, k, self.mcfg.probe_steps, self.mcfg.probe_weight_decay)
             self.probe = {n: v.detach().cpu() for n, v in head.state_dict().items()}
@@ -382,8 +399,10 @@ class BadBatches(Method):
         x, y = self._features(backbone, split, device)
         logits = F.linear(x, self.probe["weight"].to(x.device), self.probe["bias"].to(x.device))
         knn = knn_predict(train_x, train_y, x, k, self.mcfg.knn_k)
-        return {f"{split}_linear_acc": (logits.argmax(1) == y).float().mean().item(),
-                f"{split}_knn_acc": (knn == y).float().mean().item()}
+        counts = distributed.all_sum(torch.stack([(logits.argmax(1) == y).sum(), (knn == y).sum(),
+                                                  torch.tensor(len(y), device=y.device)]))
+        n = counts[2].clamp_min(1)
+        return {f"{split}_linear_acc": float(counts[0] / n), f"{split}_knn_acc": float(counts[1] / n)}
 
     def export(self, models):
         model = copy.deepcopy(models["net"].backbone).cpu()

@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
+from methodlab import distributed
 from methodlab.config import RunConfig, Section
 from methodlab.data.dataset import DatasetInfo
 
@@ -90,11 +91,16 @@ def trainable(module: nn.Module) -> bool:
 @torch.no_grad()
 def classify_accuracy(model: nn.Module, split: SplitData, device, batch_size: int = 512,
                       key: str = "image") -> float:
+    """Top-1 accuracy on `split`, sharded over the ranks (each evaluates its rows; the correct
+    counts are summed), with one host sync at the end."""
     model.eval()
-    correct = 0
-    for b in split.batches(batch_size, device):
-        correct += (model(b[key]).argmax(-1) == b["label"]).sum().item()
-    return correct / max(len(split), 1)
+    rows = distributed.shard(split)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    for b in rows.batches(batch_size, device):
+        correct += (model(b[key]).argmax(-1) == b["label"]).sum()
+    total = distributed.all_sum(torch.stack([correct, torch.tensor(float(len(rows)), dtype=torch.float64,
+                                                                       device=device)]))
+    return float(total[0] / total[1].clamp_min(1))
 
 
 class Method(ABC):
@@ -136,7 +142,10 @@ class Method(ABC):
 
     @abstractmethod
     def evaluate(self, stage: str, models: dict[str, nn.Module], split: str, device) -> dict[str, float]:
-        """Metrics on `split` ("val" or "test"), keys prefixed with the split name."""
+        """Metrics on `split` ("val" or "test"), keys prefixed with the split name. Called on
+        every rank with identical models: evaluate `distributed.shard(...)` of the split and
+        reduce sums and counts (`distributed.all_sum`), so the result is the global one and equals
+        a single-rank evaluation."""
 
     # -- defaults that most methods keep --------------------------------------------------------
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.methods.base import Method, StepContext, make_optimizer
@@ -77,18 +78,27 @@ def artifact_consistency_loss(phi: nn.Module, images: torch.Tensor, angles: torc
     return F.mse_loss(phi(round_trip), phi(images))
 
 
-def group_accuracy_metrics(preds: torch.Tensor, labels: torch.Tensor, names: list[str],
-                           prefix: str) -> dict[str, float]:
+def group_counts(preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """preds (N, G): the predicted class of image n under group element g; labels (N,).
-    Per-element accuracy `{prefix}_acc_{name}`, their mean `{prefix}_group_acc` (equiadapt
+    -> (G + 2,) float64 sums: correct predictions per element, images whose prediction is not
+    the same under every element, and N. Sums, so shards' counts add up to the whole split's."""
+    correct = (preds == labels[:, None]).double().sum(dim=0)                          # (G,)
+    variant = (preds != preds[:, :1]).any(dim=1).double().sum()
+    return torch.cat([correct, variant[None], torch.tensor([float(len(labels))], dtype=torch.float64,
+                                                           device=correct.device)])
+
+
+def group_accuracy_from_counts(counts: torch.Tensor, names: list[str], prefix: str) -> dict[str, float]:
+    """Per-element accuracy `{prefix}_acc_{name}`, their mean `{prefix}_group_acc` (equiadapt
     `GroupInference`: test/group_acc), the identity accuracy `{prefix}_acc` and the invariance
     error `{prefix}_invariance_error`: the fraction of images whose prediction is not the same
-    under every element."""
-    per = (preds == labels[:, None]).float().mean(dim=0)                   # (G,)
-    out = {f"{prefix}_acc_{n}": float(a) for n, a in zip(names, per)}
+    under every element. `counts` as `group_counts` gives them (summed over shards)."""
+    n = counts[-1].clamp_min(1)
+    per = counts[:-2] / n                                                                # (G,)
+    out = {f"{prefix}_acc_{name}": float(a) for name, a in zip(names, per)}
     out[f"{prefix}_acc"] = float(per[0])
     out[f"{prefix}_group_acc"] = float(per.mean())
-    out[f"{prefix}_invariance_error"] = float((preds != preds[:, :1]).any(dim=1).float().mean())
+    out[f"{prefix}_invariance_error"] = float(counts[-2] / n)
     return out
 
 
@@ -284,17 +294,19 @@ class Canonicalization(Method):
         m = self.mcfg
         model = models["model"].model.eval()
         elements = group_elements(m.num_rotations, m.reflections)
-        preds, labels, identity = [], [], []
-        for b in self.data.splits[split].batches(512, device):
+        counts = torch.zeros(len(elements) + 2, dtype=torch.float64, device=device)
+        upright = torch.zeros((), dtype=torch.float64, device=device)
+        canonicalizes = hasattr(model, "canonicalize")
+        for b in distributed.shard(self.data.splits[split]).batches(512, device):
             x = b["image"]
-            preds.append(torch.stack([model(act(x, a, f, m.pad_ratio)).argmax(-1) for a, f in elements], dim=1))
-            labels.append(b["label"])
-            if hasattr(model, "canonicalize"):
-                identity.append(model.canonicalize(x)["weights"].argmax(-1) == 0)
-        metrics = group_accuracy_metrics(torch.cat(preds), torch.cat(labels),
-                                         element_names(m.num_rotations, m.reflections), split)
-        if identity:    # how often upright images are left upright (the prior's target)
-            metrics[f"{split}_identity_rate"] = float(torch.cat(identity).float().mean())
+            preds = torch.stack([model(act(x, a, f, m.pad_ratio)).argmax(-1) for a, f in elements], dim=1)
+            counts += group_counts(preds, b["label"])
+            if canonicalizes:
+                upright += (model.canonicalize(x)["weights"].argmax(-1) == 0).sum()
+        totals = distributed.all_sum(torch.cat([counts, upright[None]]))
+        metrics = group_accuracy_from_counts(totals[:-1], element_names(m.num_rotations, m.reflections), split)
+        if canonicalizes:    # how often upright images are left upright (the prior's target)
+            metrics[f"{split}_identity_rate"] = float(totals[-1] / totals[-2].clamp_min(1))
         return metrics
 
     def export(self, models):

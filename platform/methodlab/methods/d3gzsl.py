@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from methodlab import distributed
 from methodlab.config import Section
 from methodlab.data import gzsl as _gzsl  # noqa: F401  (registers digits-gzsl, synthetic-gzsl)
 from methodlab.errors import ConfigError, DataError
@@ -77,14 +78,24 @@ def label_mapping(seen: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
     return mapping
 
 
-def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over the classes present in `labels` (B,) of the fraction of their rows with
-    pred == label (Xian et al., TPAMI 2018). 0 for an empty set."""
-    classes = labels.unique()
-    if len(classes) == 0:
+def class_counts(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(2, C) float64: rows with pred == label, and rows, per class of `labels` (B,). Sums, so
+    shards' counts add up to the whole split's."""
+    correct = torch.bincount(labels[pred == labels], minlength=num_classes)
+    return torch.stack([correct, torch.bincount(labels, minlength=num_classes)]).double()
+
+
+def per_class_accuracy(counts: torch.Tensor, classes: torch.Tensor | None = None) -> float:
+    """Mean over the classes that have rows (and are in `classes`, if given) of the fraction of
+    their rows predicted right (Xian et al., TPAMI 2018); `counts` as `class_counts` gives them.
+    0 for an empty set."""
+    correct, rows = counts
+    present = rows > 0
+    if classes is not None:
+        present &= torch.isin(torch.arange(len(rows), device=rows.device), classes)
+    if not present.any():
         return 0.0
-    correct = (pred == labels).float()
-    return float(torch.stack([correct[labels == c].mean() for c in classes]).mean())
+    return float((correct[present] / rows[present]).mean())
 
 
 def harmonic_mean(s: float, u: float) -> float:
@@ -92,16 +103,29 @@ def harmonic_mean(s: float, u: float) -> float:
     return 0.0 if s + u <= 0 else 2 * s * u / (s + u)
 
 
-def gzsl_scores(logits: torch.Tensor, labels: torch.Tensor, unseen_classes: torch.Tensor) -> dict[str, float]:
-    """S, U, H from logits (B, C) with the argmax over all classes; rows whose label is in
-    `unseen_classes` count towards U, the others towards S. Also ZSL: per-class accuracy on the
-    unseen rows with the argmax over the unseen classes only (conventional ZSL, no seen bias)."""
-    unseen_mask = torch.isin(labels, unseen_classes)
-    pred = logits.argmax(1)
-    s = per_class_accuracy(pred[~unseen_mask], labels[~unseen_mask])
-    u = per_class_accuracy(pred[unseen_mask], labels[unseen_mask])
-    zsl_pred = unseen_classes[logits[unseen_mask][:, unseen_classes].argmax(1)]
-    return {"S": s, "U": u, "H": harmonic_mean(s, u), "ZSL": per_class_accuracy(zsl_pred, labels[unseen_mask])}
+def gzsl_counts(logits: torch.Tensor, labels: torch.Tensor, unseen_classes: torch.Tensor) -> torch.Tensor:
+    """(3, C) float64 from logits (B, C): per class, rows right with the argmax over all classes,
+    rows, and rows of unseen classes right with the argmax over the unseen classes only (ZSL)."""
+    num_classes = logits.shape[1]
+    unseen_rows = torch.isin(labels, unseen_classes)
+    gzsl = class_counts(logits.argmax(1), labels, num_classes)
+    zsl_pred = unseen_classes[logits[unseen_rows][:, unseen_classes].argmax(1)]
+    zsl = class_counts(zsl_pred, labels[unseen_rows], num_classes)
+    return torch.cat([gzsl, zsl[:1]])
+
+
+def gzsl_scores(counts: torch.Tensor, unseen_classes: torch.Tensor) -> dict[str, float]:
+    """S, U, H and ZSL from `gzsl_counts` (summed over shards): S over the rows of classes not in
+    `unseen_classes`, U over the others, both with the argmax over all classes; ZSL is the
+    per-class accuracy on the unseen rows with the argmax over the unseen classes only
+    (conventional ZSL, no seen bias)."""
+    num_classes = counts.shape[1]
+    unseen = torch.isin(torch.arange(num_classes, device=counts.device), unseen_classes.to(counts.device))
+    seen = torch.arange(num_classes, device=counts.device)[~unseen]
+    s = per_class_accuracy(counts[:2], seen)
+    u = per_class_accuracy(counts[:2], unseen_classes.to(counts.device))
+    zsl = per_class_accuracy(torch.stack([counts[2], counts[1]]), unseen_classes.to(counts.device))
+    return {"S": s, "U": u, "H": harmonic_mean(s, u), "ZSL": zsl}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,28 +601,34 @@ class D3GZSL(Method):
         return nn.Sequential(net.embed, self._fresh_head[1])
 
     def evaluate(self, stage, models, split, device):
-        data = self.data.splits[split].tensors
-        labels = data["label"].to(device)
+        """Sharded: each rank scores its rows; the per-class counts of every protocol go into one
+        sum over the ranks."""
+        rows = distributed.shard(self.data.splits[split]).tensors
+        features, labels = rows["features"], rows["label"].to(device)
         unseen = self._eval_unseen(split, device)
         if stage == "teacher":
             # The teacher alone predicts seen classes only: its U (and H) are 0 by construction;
             # reported so that val_H exists in every epoch's metrics.
-            t_logits = self._logits(lambda b: models["teacher"](b)[1], data["features"], device)
+            t_logits = self._logits(lambda b: models["teacher"](b)[1], features, device)
             logits = torch.full((len(labels), self.data.info.num_classes), -torch.inf, device=device)
             logits[:, self.seen.to(device)] = t_logits
-            scores = gzsl_scores(logits, labels, unseen)
             seen_rows = torch.isin(labels, self.seen.to(device))
-            acc = float((logits.argmax(1)[seen_rows] == labels[seen_rows]).float().mean()) if seen_rows.any() else 0.0
+            right = (logits.argmax(1)[seen_rows] == labels[seen_rows]).sum()
+            counts = distributed.all_sum(torch.cat([gzsl_counts(logits, labels, unseen).flatten(),
+                                                    torch.stack([right, seen_rows.sum()]).double()]))
+            scores = gzsl_scores(counts[:-2].view(3, -1), unseen)
+            acc = float(counts[-2] / counts[-1]) if counts[-1] > 0 else 0.0
             return {f"{split}_teacher_acc": acc, **{f"{split}_{k}": v for k, v in scores.items()}}
         kinds = [self.mcfg.eval_protocol]
         if split == "test":
             kinds.append("fresh" if kinds[0] == "end_to_end" else "end_to_end")
+        counts = distributed.all_sum(torch.stack([
+            gzsl_counts(self._logits(self.classifier(models, kind, device), features, device), labels, unseen)
+            for kind in kinds]))                                                           # (kinds, 3, C)
         out: dict[str, float] = {}
         for i, kind in enumerate(kinds):
-            net = self.classifier(models, kind, device)
-            scores = gzsl_scores(self._logits(net, data["features"], device), labels, unseen)
             prefix = f"{split}_" if i == 0 else f"{split}_{'e2e' if kind == 'end_to_end' else 'fresh'}_"
-            out.update({prefix + k: v for k, v in scores.items()})
+            out.update({prefix + k: v for k, v in gzsl_scores(counts[i], unseen).items()})
         return out
 
     # -- export ---------------------------------------------------------------------------------

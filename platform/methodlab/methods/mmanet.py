@@ -30,10 +30,10 @@ import itertools
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from methodlab import distributed
 from methodlab.config import Section
 from methodlab.data import multimodal  # also registers digits-multimodal, synthetic-multimodal
 from methodlab.errors import DataError
@@ -137,10 +137,10 @@ def mar_loss(aux_logits: torch.Tensor, labels: torch.Tensor, weak: torch.Tensor,
 # Mining the weak combination
 
 
-def label_histogram(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Normalised histogram of predicted labels (N,) -> (K,) on the simplex."""
-    counts = torch.bincount(preds, minlength=num_classes).double()
-    return counts / counts.sum().clamp_min(1)
+def label_histogram(counts: torch.Tensor) -> torch.Tensor:
+    """Predicted-label counts (..., K) -> normalised histograms on the simplex."""
+    counts = counts.double()
+    return counts / counts.sum(dim=-1, keepdim=True).clamp_min(1)
 
 
 def histogram_distance(hist: torch.Tensor, hist_full: torch.Tensor) -> float:
@@ -170,14 +170,21 @@ def mine_weak_set(distances: torch.Tensor, masks: torch.Tensor) -> tuple[int, li
 # Metrics
 
 
-def acer(preds: torch.Tensor, labels: torch.Tensor) -> float:
+def acer_counts(preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(4,) float64 sums for ACER: attacks (label 0) predicted real, attacks, reals (label 1)
+    predicted attack, reals. Sums, so shards' counts add up to the whole split's."""
+    attack, real = labels == 0, labels == 1
+    return torch.stack([(preds[attack] != 0).sum(), attack.sum(), (preds[real] != 1).sum(), real.sum()]).double()
+
+
+def acer_from_counts(counts: torch.Tensor) -> float:
     """Average classification error rate of face anti-spoofing (ISO/IEC 30107-3), label 1 = real
     (bona fide), 0 = attack: (APCER + BPCER) / 2 with APCER the attack-as-real rate and BPCER the
-    real-as-attack rate. A class absent from `labels` contributes 0. In [0, 1]; 0.5 for a
+    real-as-attack rate. A class absent from the labels contributes 0. In [0, 1]; 0.5 for a
     constant predictor when both classes occur."""
-    attack, real = labels == 0, labels == 1
-    apcer = (preds[attack] != 0).double().mean().item() if attack.any() else 0.0
-    bpcer = (preds[real] != 1).double().mean().item() if real.any() else 0.0
+    wrong_attack, attacks, wrong_real, reals = counts.tolist()
+    apcer = wrong_attack / attacks if attacks else 0.0
+    bpcer = wrong_real / reals if reals else 0.0
     return (apcer + bpcer) / 2
 
 
@@ -232,17 +239,6 @@ class MMANetConfig(Section):
 def _bare(model):
     """The module inside a DDP wrapper: evaluation and mining must not run DDP's collectives."""
     return getattr(model, "module", model)
-
-
-def _from_rank0(compute, ctx: StepContext):
-    """`compute()` on rank 0, the same value on every rank (BatchNorm buffers differ slightly
-    between ranks, so a per-rank evaluation could pick different weak sets)."""
-    value = compute() if ctx.rank == 0 else None
-    if ctx.world_size > 1 and dist.is_initialized():
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
 
 
 @register_method("mmanet")
@@ -347,7 +343,10 @@ class MMANet(Method):
         if stage == "student" and self.weak is None and first <= ctx.epoch <= c.begin_epoch \
                 and ctx.epoch > self.mined_upto:
             student = _bare(models["student"])
-            step = _from_rank0(lambda: self.mining_distances(student, ctx.device), ctx)
+            # Each rank's last forward left its own BatchNorm statistics: mine with rank 0's, as
+            # DDP's next forward would use, so every rank picks the same weak set.
+            distributed.broadcast_buffers({"student": student})
+            step = self.mining_distances(student, ctx.device)
             self.distances = [d + s for d, s in zip(self.distances, step)]
             self.mined_upto = ctx.epoch
             if ctx.epoch == c.begin_epoch:
@@ -360,44 +359,48 @@ class MMANet(Method):
                 "mining_distances": ",".join(f"{self.names[i]}={d:.4g}" for i, d in enumerate(self.distances))}
 
     def mining_distances(self, student, device) -> list[float]:
-        """One mining pass: each combination's distance from the complete set on the val split."""
+        """One mining pass: each combination's distance from the complete set on the val split
+        (sharded: predicted-label counts or correct counts are summed over the ranks)."""
+        labels = distributed.shard(self.data.splits["val"]).tensors["label"]
         preds = [self.predict(student, "val", mask, device) for mask in self.masks]
-        full = preds[-1]
         if self.mcfg.mining_distance == "histogram_kl":
-            hist_full = label_histogram(full, self.num_classes)
-            return [histogram_distance(label_histogram(p, self.num_classes), hist_full) for p in preds]
-        labels = self.data.splits["val"].tensors["label"]
-        acc = [(p == labels).double().mean().item() for p in preds]
+            counts = distributed.all_sum(torch.stack([torch.bincount(p, minlength=self.num_classes) for p in preds]))
+            hists = label_histogram(counts)                                              # (C, K)
+            return [histogram_distance(h, hists[-1]) for h in hists]
+        correct = distributed.all_sum(torch.stack([(p == labels).sum() for p in preds]))
+        acc = (correct / distributed.all_sum(torch.tensor(float(len(labels))))).tolist()
         return [(acc[-1] - a) ** 2 for a in acc]
 
     # -- evaluation -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def predict(self, net, split: str, mask: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
-        """Predicted labels (N,) of `split` with one fixed modality mask (M,) for every row."""
+        """Predicted labels (n,) of this rank's shard of `split` with one fixed modality mask (M,)
+        for every row."""
         net.eval()
         out = []
-        for b in self.data.splits[split].batches(batch_size, device):
+        for b in distributed.shard(self.data.splits[split]).batches(batch_size, device):
             x = self.pack(b)
             out.append(net(x, mask.to(x.device).expand(len(x), -1)).argmax(-1).cpu())
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     def evaluate(self, stage, models, split, device):
-        labels = self.data.splits[split].tensors["label"]
+        labels = distributed.shard(self.data.splits[split]).tensors["label"]
+        n = distributed.all_sum(torch.tensor(float(len(labels)))).clamp_min(1)
         if stage == "teacher":
             preds = self.predict(models["teacher"], split, self.masks[-1], device)
-            return {f"{split}_teacher_acc": (preds == labels).double().mean().item()}
-        metrics: dict[str, float] = {}
-        accuracy, acers = [], []
-        for name, mask in zip(self.names, self.masks):
-            preds = self.predict(models["student"], split, mask, device)
-            accuracy.append((preds == labels).double().mean().item())
-            metrics[f"{split}_acc_{name}"] = accuracy[-1]
-            if self.num_classes == 2:
-                acers.append(acer(preds, labels))
-                metrics[f"{split}_acer_{name}"] = acers[-1]
+            return {f"{split}_teacher_acc": float(distributed.all_sum((preds == labels).sum()) / n)}
+        preds = [self.predict(models["student"], split, mask, device) for mask in self.masks]
+        # One collective for every combination: correct counts (C,) and, for two classes, ACER's (C, 4).
+        counts = torch.stack([torch.cat([(p == labels).sum()[None].double(), acer_counts(p, labels)])
+                              for p in preds])
+        counts = distributed.all_sum(counts)                                           # (C, 5)
+        accuracy = (counts[:, 0] / n).tolist()
+        metrics: dict[str, float] = {f"{split}_acc_{name}": a for name, a in zip(self.names, accuracy)}
         metrics[f"{split}_mean_acc"] = sum(accuracy) / len(accuracy)
-        if acers:
+        if self.num_classes == 2:
+            acers = [acer_from_counts(c[1:]) for c in counts]
+            metrics.update({f"{split}_acer_{name}": a for name, a in zip(self.names, acers)})
             metrics[f"{split}_mean_acer"] = sum(acers) / len(acers)
         self.accuracy[split] = accuracy
         return metrics

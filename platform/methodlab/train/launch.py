@@ -158,14 +158,15 @@ def stream_dataset(cfg: RunConfig, info: DatasetInfo):
     return train
 
 
-def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None, recovered: str | None = None):
+def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None, recovered: str | None = None,
+                  started_at: float | None = None):
     """The TorchTrainer for one run (also used by each Tune trial)."""
-    import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from methodlab.train.loop import train_worker
+    from methodlab.train.faults import ENV as FAULTS_ENV
+    from methodlab.train.loop import SCORE_KEY, train_worker
 
     splits = ["train", "val", "test"]
     # memory (default): every worker reads every split whole from Parquet and draws its own seeded
@@ -181,13 +182,17 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
         train_worker,
+        # `faults` is the tests' fault injection ($METHODLAB_FAULTS), never part of the config.
         train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
-                           "dataset_uri": info.uri, "splits": splits, "recovered_checkpoint": recovered},
+                           "dataset_uri": info.uri, "splits": splits, "recovered_checkpoint": recovered,
+                           "faults": os.environ.get(FAULTS_ENV), "launched_at": started_at or time.time()},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(
             name=cfg.run_name,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            # The best num_to_keep by the method's metric, plus the latest (Ray always keeps it).
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute=SCORE_KEY,
+                                               checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
             **_storage_kwargs(cfg)),
@@ -227,11 +232,13 @@ def upload_local_fallback(cfg: RunConfig) -> str:
     return target
 
 
-def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False) -> RunSummary:
+def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False,
+          started_at: float | None = None) -> RunSummary:
     """Run `cfg` to completion (or resume it) and return its summary. `resume` also picks up the
     checkpoint kept on local disk when S3 went away (see `upload_local_fallback`)."""
     from methodlab.tracking import Tracker, differing_params, flatten_params
 
+    started_at = started_at or time.time()
     info = preflight(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     name = cfg.run_name
@@ -261,13 +268,17 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
             print(f"[{name}] resuming with other values than it started with: {resumed_with}", flush=True)
     else:
         method = get_method(cfg.method_name)
-        run_id = tracker.start_run(name, flatten_params(cfg.model_dump(mode="json")),
+        run_id = tracker.start_run(name, {**flatten_params(cfg.model_dump(mode="json")),
+                                          "train.global_batch_size": str(global_batch(cfg))},
                                    {"methodlab.method": cfg.method_name, "methodlab.metric": method.metric,
                                     "methodlab.dataset": info.name,
                                     "methodlab.checkpoint_root": f"{cfg.storage.path.rstrip('/')}/{name}"},
                                    cfg.to_yaml(), parent_run_id=parent_run_id)
+    sc = cfg.scaling
+    print(f"[{name}] {cfg.method_name} on {sc.num_workers} worker(s) ({'GPU' if sc.use_gpu else 'CPU'}), "
+          f"global batch {cfg.train.batch_size} x {sc.num_workers} = {global_batch(cfg)}", flush=True)
     try:
-        result = build_trainer(cfg, info, run_id, recovered=recovered).fit()
+        result = build_trainer(cfg, info, run_id, recovered=recovered, started_at=started_at).fit()
         if getattr(result, "error", None) is not None:
             raise result.error
     except KeyboardInterrupt:
@@ -279,6 +290,11 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
                             f"{_where_checkpoints_are(cfg)})") from None
     tracker.end_run(run_id, "FINISHED")
     return _summary(tracker, cfg, run_id, resumed=existing is not None, already=False)
+
+
+def global_batch(cfg: RunConfig) -> int:
+    """Rows per optimizer step over all workers (train.batch_size is per worker)."""
+    return cfg.train.batch_size * cfg.scaling.num_workers
 
 
 def _where_checkpoints_are(cfg: RunConfig) -> str:

@@ -1,78 +1,44 @@
-"""The shared worker loop: runs on every Ray Train worker, for every method.
+"""The Ray Train worker: `TorchTrainer(train_worker, train_loop_config=...)` runs this on every
+worker. It is a thin adapter around the Ray-free core (`methodlab.train.core.Loop`): Ray's
+context and DDP wrap, `ray.train.report` with checkpoints, and MLflow. The Ray-specific lines are
+marked `# [ray]`.
 
-It owns epochs, device placement, DDP wrapping, checkpoints, resume, metrics and MLflow; the
-method owns its models and its step. The few Ray-specific lines are marked `# [ray]`.
-
-Resume is exact: a checkpoint (written by rank 0 every epoch) holds the models, optimizers,
-schedulers, the method's own state, every rank's RNG state, the stage/epoch/step counters and the
-MLflow run id; the data order of an epoch is a pure function of (seed, stage, epoch). A run resumed
-after epoch k therefore ends with the same weights as one that never stopped.
+Rank 0 is never alone on the hot path: every rank trains, evaluates its shard and reports; rank 0
+additionally saves the checkpoint (Ray uploads it in the background with
+`train.checkpoint_upload=async`) and hands the epoch's metrics to a background MLflow writer.
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import importlib.util
+import itertools
 import json
 import logging
-import math
 import os
-import random
 import shutil
 import tempfile
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 import ray.train  # [ray]
 import ray.train.torch  # [ray]
 
 from methodlab import storage
 from methodlab.config import RunConfig, from_dict
-from methodlab.data.dataset import DatasetInfo, open_dataset, read_split, read_table
-from methodlab.methods.base import Batch, DataBundle, Method, SplitData, StepContext, trainable
+from methodlab.data.dataset import open_dataset
+from methodlab.methods.base import Batch, Method
+from methodlab.models import build_model
 from methodlab.registry import get_method
+from methodlab.train.core import (STATE_FILE, Checkpoint, Hooks, LoopState, Loop, PhaseTimer, chunk_minibatches,
+                                  load_bundle, memory_batches, seed_everything)
+from methodlab.train.faults import Faults
 
-STATE_FILE = "state.pt"
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint state
-
-
-@dataclass
-class LoopState:
-    stage_index: int = 0
-    epoch: int = 0                # next epoch to run within the stage
-    step: int = 0                 # optimizer steps so far (all stages)
-    history_step: int = 0         # epochs so far (all stages): the MLflow step of the next epoch
-    complete: bool = False
-    models_stage: int = 0         # the stage whose models `models` holds (a stage boundary: the last)
-    models: dict = field(default_factory=dict)
-    optimizers: dict = field(default_factory=dict)
-    schedulers: dict = field(default_factory=dict)
-    method: dict = field(default_factory=dict)
-    rng: list = field(default_factory=list)       # one entry per rank
-    metrics: dict = field(default_factory=dict)   # the last epoch's metrics
-    exported: dict = field(default_factory=dict)  # {"spec", "state_dict"}: the model as `export` gives it
-    mlflow_run_id: str = ""
-
-    def save(self, directory: str | Path) -> None:
-        # Write-then-rename: a crash mid-save never leaves a truncated state.pt behind.
-        partial = os.path.join(directory, STATE_FILE + ".partial")
-        torch.save(vars(self), partial)
-        os.replace(partial, os.path.join(directory, STATE_FILE))
-
-    @classmethod
-    def load(cls, directory: str) -> "LoopState":
-        # weights_only: a checkpoint is data, never code.
-        return cls(**torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True))
+REGISTERED_TAG = "methodlab.registered_version"
+SCORE_KEY = "checkpoint_score"   # the method's metric, higher = better: what Ray ranks checkpoints by
 
 
 class CheckpointUploadError(RuntimeError):
@@ -87,140 +53,26 @@ def local_fallback_dir(cfg: RunConfig) -> Path | None:
     return Path(cfg.storage.local_fallback) / cfg.run_name
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
-    return (seed * 1_000_003 + stage_index * 10_007 + epoch) % 2**63
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 
 
-def load_bundle(cfg: RunConfig, info: DatasetInfo, splits: list[str]) -> DataBundle:
-    """Every split whole in memory, read straight from Parquet (local or S3) and converted to
-    tensors without copies; with `data.loader=stream` the train split is streamed by Ray Data."""
-    tensors = {}
-    for split in splits:
-        if split == "train" and cfg.data.loader == "stream":
-            continue
-        limit = cfg.data.limit_rows if split == "train" else None
-        arrays = read_split(info, split, limit_rows=limit)
-        # Arrow's zero-copy views are read-only; torch wants writable memory (copied only if needed).
-        tensors[split] = SplitData({k: torch.from_numpy(np.require(v, requirements=["C", "W"]))
-                                    for k, v in arrays.items()})
-    tables = {t: {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in read_table(info, t).items()}
-              for t in info.tables}
-    return DataBundle(info=info, splits=tensors, tables=tables)
-
-
-def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
-    """DistributedSampler semantics: a seeded permutation, padded so every rank gets the same count."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    total = math.ceil(n / world) * world
-    perm = torch.cat([perm, perm[: total - n]])
-    return perm[rank:total:world]
-
-
 # Ray Data hands the stream over in chunks of this many batches; the minibatches are cut and
-# shuffled in torch by the same code as the memory loader's (minibatches below).
+# shuffled in torch by the same code as the memory loader's (core.minibatches).
 STREAM_CHUNK_BATCHES = 32
 
 
-def epoch_batches(cfg: RunConfig, split: SplitData | None, seed: int, rank: int, world: int,
-                  device: torch.device) -> Iterator[Batch]:
-    """One epoch of rank `rank`'s minibatches: of `split` (a method's `train_split`) with the
-    memory loader, of the dataset's streamed train split with the stream loader."""
+def stream_batches(cfg: RunConfig, seed: int, device: torch.device, skip: int) -> Iterator[Batch]:
+    """One epoch of this worker's shard of the streamed train split (`data.loader=stream`)."""
     bs = cfg.train.batch_size
-    if cfg.data.loader == "stream":
-        shard = ray.train.get_dataset_shard("train")  # [ray]
-        chunks = shard.iter_batches(batch_size=STREAM_CHUNK_BATCHES * bs, batch_format="numpy",  # [ray]
-                                    prefetch_batches=2)
-        yield from chunk_minibatches(chunks, bs, device, torch.Generator().manual_seed(seed))
-        return
-    idx = shard_indices(len(split), rank, world, seed)
-    yield from minibatches(split.tensors, idx, bs, device)
-
-
-def chunk_minibatches(chunks: Iterator[dict[str, np.ndarray]], bs: int, device: torch.device,
-                      order: torch.Generator) -> Iterator[Batch]:
-    """Minibatches of Ray Data's numpy chunks ({column: view of the Arrow buffers, [rows, ...]}),
-    shuffled within each chunk, as Ray's local shuffle buffer would, but in one randperm."""
-    for chunk in chunks:
-        tensors = {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in chunk.items()}
-        rows = len(next(iter(tensors.values())))
-        yield from minibatches(tensors, torch.randperm(rows, generator=order), bs, device)
-
-
-def minibatches(tensors: dict[str, torch.Tensor], order: torch.Tensor, bs: int,
-                device: torch.device) -> Iterator[Batch]:
-    """Batches of `bs` rows of `tensors`, taken in `order`, on `device`."""
-    pin = device.type == "cuda"
-    # A trailing batch of one row is dropped: BatchNorm cannot train on it. Its row comes back
-    # in another position next epoch (the order is reseeded per epoch).
-    stop = len(order) - 1 if len(order) % bs == 1 and len(order) > 1 else len(order)
-    for start in range(0, stop, bs):
-        rows = order[start:start + bs]
-        batch = {k: v[rows] for k, v in tensors.items()}
-        if pin:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    shard = ray.train.get_dataset_shard("train")  # [ray]
+    chunks = shard.iter_batches(batch_size=STREAM_CHUNK_BATCHES * bs, batch_format="numpy",  # [ray]
+                                prefetch_batches=2)
+    yield from itertools.islice(chunk_minibatches(chunks, bs, device, torch.Generator().manual_seed(seed)), skip, None)
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
-
-
-def autocast_factory(cfg: RunConfig, device: torch.device):
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move a model to its device; on a GPU, a convolutional model goes channels-last (NHWC),
-    the layout cuDNN's tensor-core convolutions run natively (bench/gpu_path.py measures it).
-    Inputs stay NCHW: the first convolution converts them."""
-    if device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-        return model.to(device, memory_format=torch.channels_last)
-    return model.to(device)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def check_finite(losses: dict[str, torch.Tensor], step: int, stage: str, epoch: int) -> None:
-    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
-    if not bool(torch.isfinite(values).all()):
-        bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
-        term, value = next(iter(bad.items()))
-        raise FloatingPointError(f"non-finite loss {term}={value} at step {step} "
-                                 f"(stage {stage}, epoch {epoch + 1}); lower train.lr or check the data")
-
-
-def _crash_marker(run_id: str, epoch: int) -> Path:
-    return Path(tempfile.gettempdir()) / f"methodlab-crash-{run_id}-{epoch}"
+# The worker
 
 
 def _quiet_ray_report_log() -> None:
@@ -233,156 +85,35 @@ def _quiet_ray_report_log() -> None:
 
 
 def train_worker(loop_config: dict) -> None:
-    """Entry point of every Ray Train worker: `TorchTrainer(train_worker, train_loop_config=...)`."""
+    """Entry point of every Ray Train worker."""
     _quiet_ray_report_log()
     cfg = from_dict(loop_config["config"])
     run_id = loop_config["mlflow_run_id"]
     storage.configure(cfg.storage)
     info = open_dataset(loop_config["dataset_uri"])
     context = ray.train.get_context()  # [ray]
-    rank, world = context.get_world_rank(), context.get_world_size()  # [ray]
+    rank = context.get_world_rank()  # [ray]
     device = ray.train.torch.get_device()  # [ray]
     seed_everything(cfg.train.seed + rank)
 
-    data = load_bundle(cfg, info, loop_config["splits"])
-    method: Method = get_method(cfg.method_name)(cfg, data)
-    tracker = spool = None
-    if rank == 0:
-        from methodlab.config import methodlab_home
-        from methodlab.tracking import MetricSpool, Tracker
-        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-        spool = MetricSpool(tracker, run_id, methodlab_home() / "spool")
-
-    restored = _restore(loop_config.get("recovered_checkpoint"))
-    resumed = restored is not None
-    state = restored or LoopState(mlflow_run_id=run_id)
-    if resumed:
-        method.load_state_dict(state.method)
-        if len(state.rng) == world:
-            set_rng_state(state.rng[rank])
-        if rank == 0:
-            _ensure_logged(spool, state)
-            _best_effort(tracker.set_tags, run_id, {"methodlab.resumed_at_epoch": state.history_step})
-            print(f"[{cfg.run_name}] resumed at stage {method.stages[state.stage_index]}, "
-                  f"epoch {state.epoch + 1}, step {state.step}", flush=True)
-    attempt_start_history = state.history_step
-
-    autocast = autocast_factory(cfg, device)
-    models: dict[str, torch.nn.Module] = {}
-    for stage_index, stage in enumerate(method.stages):
-        raw = method.build_models(stage, previous={k: unwrap(m) for k, m in models.items()})
-        in_this_stage = resumed and state.models_stage == stage_index and bool(state.models)
-        if in_this_stage:
-            for name, m in raw.items():
-                m.load_state_dict(state.models[name])
-        if stage_index < state.stage_index:     # finished before the resume: its models only
-            models = raw
-            continue
-        models = {}
-        for name, m in raw.items():
-            place_model(m, device)
-            if trainable(m) and world > 1:
-                models[name] = ray.train.torch.prepare_model(  # [ray] DDP wrap
-                    m, move_to_device=False,
-                    parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters})
-            else:
-                models[name] = m
-        optimizers = method.build_optimizers(stage, models)
-        split = method.train_split(stage)
-        n_train = len(split) if split is not None else 0
-        steps_per_epoch = max(1, math.ceil(math.ceil(n_train / world) / cfg.train.batch_size))
-        schedulers = method.build_schedulers(stage, optimizers, steps_per_epoch)
-        if in_this_stage and state.epoch > 0:
-            for name, o in optimizers.items():
-                o.load_state_dict(state.optimizers[name])
-            for name, s in schedulers.items():
-                s.load_state_dict(state.schedulers[name])
-        start_epoch = state.epoch if stage_index == state.stage_index else 0
-        epochs = method.stage_epochs(stage)
-        if state.complete:
-            break
-        if epochs == 0 and stage_index == state.stage_index and stage_index < len(method.stages) - 1:
-            state.stage_index, state.epoch = stage_index + 1, 0     # a skipped stage counts as done
-
-        for epoch in range(start_epoch, epochs):
-            t0 = time.perf_counter()
-            ctx = StepContext(stage=stage, epoch=epoch, step=state.step, device=device, rank=rank,
-                              world_size=world, autocast=autocast, extra={"schedulers": schedulers})
-            epoch_params = method.on_epoch_start(stage, models, ctx)
-            if rank == 0 and epoch_params:
-                _best_effort(tracker.log_params_once, run_id, {f"{stage}.{k}": v for k, v in epoch_params.items()})
-            for m in models.values():
-                if trainable(unwrap(m)):
-                    m.train()
-            sums: dict[str, float] = defaultdict(float)
-            count = 0
-            crash_now = (cfg.train.crash_after_epoch is not None and rank == world - 1
-                         and state.history_step == cfg.train.crash_after_epoch
-                         and attempt_start_history < cfg.train.crash_after_epoch
-                         and not _crash_marker(run_id, state.history_step).exists())
-            for batch in epoch_batches(cfg, split, epoch_seed(cfg.train.seed, stage_index, epoch), rank, world, device):
-                if crash_now:   # fault injection: die hard mid-epoch, once
-                    _crash_marker(run_id, state.history_step).touch()
-                    time.sleep(1.0)   # let the controller register the last epoch's checkpoint
-                    os._exit(1)
-                ctx.step = state.step
-                losses = method.train_step(stage, models, optimizers, batch, ctx)
-                if cfg.train.nan_after_epoch is not None and state.history_step >= cfg.train.nan_after_epoch:
-                    losses = {k: v * float("nan") for k, v in losses.items()}   # fault injection
-                check_finite(losses, state.step, stage, epoch)
-                for k, v in losses.items():
-                    sums[k] += float(v)
-                count += 1
-                state.step += 1
-
-            last_stage = stage_index == len(method.stages) - 1
-            done = last_stage and epoch == epochs - 1
-            metrics: dict[str, Any] = {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
-            unwrapped = {k: unwrap(m) for k, m in models.items()}
-            if rank == 0:
-                metrics.update(method.evaluate(stage, unwrapped, "val", device))
-                if done:
-                    metrics.update(method.evaluate(stage, unwrapped, "test", device))
-            metrics["epoch_seconds"] = time.perf_counter() - t0
-
-            state.epoch = epoch + 1
-            state.history_step += 1
-            if epoch + 1 == epochs and not last_stage:
-                state.stage_index, state.epoch = stage_index + 1, 0
-            state.complete = done
-            state.method = method.state_dict()
-            rngs = _gather_rng(world)
-            if rank == 0:
-                state.models = {k: m.state_dict() for k, m in unwrapped.items()}
-                state.models_stage = stage_index
-                if last_stage:
-                    model, spec = method.export(unwrapped)
-                    state.exported = {"spec": spec, "state_dict": model.state_dict()}
-                state.optimizers = {k: o.state_dict() for k, o in optimizers.items()}
-                state.schedulers = {k: s.state_dict() for k, s in schedulers.items()}
-                state.rng = rngs
-                state.metrics = {k: float(v) for k, v in metrics.items()}
-            report = {**state.metrics, "stage": stage, "epoch": state.history_step} if rank == 0 else {}
-            checkpoint_now = done or epoch + 1 == epochs or state.history_step % cfg.train.checkpoint_every == 0
-            _report(report, state if rank == 0 and checkpoint_now else None, cfg)
-            if rank == 0:
-                _ensure_logged(spool, state)
-                for file, obj in method.epoch_artifacts(stage, epoch).items():
-                    _best_effort(tracker.log_object, run_id, obj, file)
-                shown = " ".join(f"{k}={v:.4g}" for k, v in state.metrics.items() if k != "epoch_seconds")
-                print(f"[{cfg.run_name}] {stage} epoch {epoch + 1}/{epochs} {shown} "
-                      f"({metrics['epoch_seconds']:.1f}s)", flush=True)
-        if state.complete:
-            break
-
-    if rank == 0:
-        if not spool.flush():
-            raise ConnectionError(f"MLflow at {cfg.tracking.uri} is still unreachable at the end of the run; "
-                                  f"metrics are kept in {spool.path}: run `methodlab sync` when it is back, "
-                                  "then submit the same run again to register the model")
-        _register(cfg, method, {k: unwrap(m) for k, m in models.items()}, tracker, run_id, state)
-        if (fallback := local_fallback_dir(cfg)) is not None:
-            shutil.rmtree(fallback, ignore_errors=True)    # the run is done: its S3 copy is final
+    method: Method = get_method(cfg.method_name)(cfg, load_bundle(cfg, info, loop_config["splits"]))
+    state = _restore(loop_config.get("recovered_checkpoint")) or LoopState(mlflow_run_id=run_id)
+    hooks = RayHooks(cfg, method, run_id, rank, state, Faults.parse(loop_config.get("faults")))
+    if cfg.data.loader == "stream":
+        batches = lambda split, seed, skip: stream_batches(cfg, seed, device, skip)  # noqa: E731
+    else:
+        batches = lambda split, seed, skip: memory_batches(  # noqa: E731
+            cfg, split, seed, rank, context.get_world_size(), device, skip)  # [ray]
+    wrap = lambda m: ray.train.torch.prepare_model(  # noqa: E731  # [ray] DDP wrap
+        m, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters})
+    loop = Loop(cfg, method, device, hooks=hooks, batches=batches, wrap=wrap, started_at=loop_config.get("launched_at"))
+    try:
+        loop.fit(state)
+    except BaseException:
+        hooks.close(check=False)      # the training error is the one to see
+        raise
+    hooks.close()
+    hooks.finish(state)
 
 
 def _restore(recovered_uri: str | None) -> LoopState | None:
@@ -397,40 +128,159 @@ def _restore(recovered_uri: str | None) -> LoopState | None:
         with tempfile.TemporaryDirectory() as d:
             storage.download_dir(recovered_uri, d)
             found.append(LoopState.load(d))
-    return max(found, key=lambda s: s.history_step, default=None)
+    return max(found, key=lambda s: (s.history_step, s.step), default=None)
 
 
-def _gather_rng(world: int) -> list:
-    mine = rng_state()
-    if world == 1 or not dist.is_initialized():
-        return [mine]
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine)
-    return everyone
+class RayHooks(Hooks):
+    """Report and checkpoint through Ray Train, metrics and artifacts to MLflow (rank 0)."""
 
+    def __init__(self, cfg: RunConfig, method: Method, run_id: str, rank: int, state: LoopState, faults: Faults):
+        self.cfg, self.method, self.run_id, self.rank, self.faults = cfg, method, run_id, rank, faults
+        self.started_at = (state.history_step, state.step)
+        self.saved: LoopState | None = state if state.complete else None   # the latest state rank 0 saved
+        self.tracker = self.spool = self.writer = None
+        self.mlflow_wait = 0.0      # seconds the loop spent handing work to MLflow, logged next epoch
+        if rank != 0:
+            return
+        # One thread writes to MLflow in order, so a slow tracking server never stalls training;
+        # it also opens the store (importing mlflow and a SQLite store's set-up take seconds),
+        # which is then off the path to the first step.
+        self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self.jobs: list[concurrent.futures.Future] = []
+        self._mlflow(self._open_tracking)
+        if state.history_step or state.step:
+            self._mlflow(lambda: self.spool.flush())
+            self._mlflow(lambda: _best_effort(self.tracker.set_tags, run_id,
+                                              {"methodlab.resumed_at_epoch": state.history_step}))
+            print(f"[{cfg.run_name}] resumed at stage {method.stages[state.stage_index]}, "
+                  f"epoch {state.epoch + 1}, step {state.step}", flush=True)
 
-def _report(metrics: dict, state: LoopState | None, cfg: RunConfig) -> None:
-    """Every rank reports; only rank 0 attaches the checkpoint, which Ray Train uploads to
-    storage.path (pyarrow retries with backoff). With S3 storage the checkpoint is written to the
-    local fallback directory first, so an S3 outage that outlasts the retries loses nothing. [ray]"""
-    if state is None:
-        ray.train.report(metrics, checkpoint=None)  # [ray]
-        return
-    fallback = local_fallback_dir(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = fallback or Path(tmp)
-        directory.mkdir(parents=True, exist_ok=True)
+    def _open_tracking(self) -> None:
+        from methodlab.config import methodlab_home
+        from methodlab.tracking import MetricSpool, Tracker
+
+        self.tracker = Tracker(self.cfg.tracking.uri, self.cfg.tracking.experiment)
+        self.spool = MetricSpool(self.tracker, self.run_id, methodlab_home() / "spool")
+
+    def _mlflow(self, job) -> None:
+        """Queue `job` (a no-argument callable) for the MLflow thread."""
+        t0 = time.perf_counter()
+        self.jobs = [j for j in self.jobs if not j.done() or j.exception() is not None]
+        self.jobs.append(self.writer.submit(job))
+        self.mlflow_wait += time.perf_counter() - t0
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def on_epoch_params(self, stage: str, params: dict[str, Any]) -> None:
+        if self.rank == 0:
+            named = {f"{stage}.{k}": v for k, v in params.items()}
+            self._mlflow(lambda: _best_effort(self.tracker.log_params_once, self.run_id, named))
+
+    def on_step(self, state: LoopState) -> None:
+        ctx = ray.train.get_context()  # [ray]
+        if ctx.get_world_rank() == ctx.get_world_size() - 1 and \
+                self.faults.crash_due(state.history_step, state.step, self.started_at):  # [ray]
+            self.faults.crash_once(self.run_id)
+
+    def corrupt_losses(self, state: LoopState, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.faults.corrupt(state.history_step, losses)
+
+    def on_epoch_end(self, state: LoopState, report: dict[str, Any], checkpoint: Checkpoint | None,
+                     timer: PhaseTimer) -> None:
+        directory = None
+        if checkpoint is not None:
+            with timer("checkpoint_build"):
+                built = checkpoint.build()     # collective: every rank takes part
+            if self.rank == 0:
+                with timer("checkpoint_save"):
+                    directory = self._save(built)
+                self.saved = built
+        metrics = {**report}
+        if checkpoint is not None and checkpoint.score is not None:
+            metrics[SCORE_KEY] = checkpoint.score
+        with timer("report"):
+            self._report({**state.evaluated, **metrics} if self.rank == 0 else {}, directory, state)
+        if self.rank != 0 or (checkpoint is not None and checkpoint.mid_epoch):
+            return
+        logged = {**state.metrics, **timer.metrics(), "time_mlflow_s": self.mlflow_wait,
+                  "epoch": float(state.history_step), "step": float(state.step)}
+        self.mlflow_wait = 0.0
+        step = state.history_step - 1
+        self._mlflow(lambda: self.spool.log(logged, step))
+        shown = " ".join(f"{k}={v:.4g}" for k, v in state.metrics.items()
+                         if not k.startswith("time_") and k not in ("epoch_seconds", "startup_s"))
+        print(f"[{self.cfg.run_name}] {report['stage']} epoch {state.history_step} {shown} "
+              f"({state.metrics['epoch_seconds']:.1f}s)", flush=True)
+
+    def on_epoch_artifacts(self, stage: str, epoch: int, artifacts: dict[str, Any]) -> None:
+        if self.rank == 0:
+            for file, obj in artifacts.items():
+                self._mlflow(lambda obj=obj, file=file: _best_effort(self.tracker.log_object, self.run_id, obj, file))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _save(self, state: LoopState) -> str:
+        """The checkpoint in a fresh directory for Ray to upload (and delete). With S3 storage the
+        same files also become the local fallback copy (hard links: written once), so an S3
+        outage that outlasts the upload's retries loses nothing."""
+        fallback = local_fallback_dir(self.cfg)
+        if fallback is None:
+            directory = Path(tempfile.mkdtemp(prefix=f"methodlab-{self.cfg.run_name}-"))
+        else:
+            uploads = fallback.parent / f".{fallback.name}.uploads"
+            uploads.mkdir(parents=True, exist_ok=True)
+            directory = Path(tempfile.mkdtemp(dir=uploads))
         state.save(directory)
-        (directory / "config.yaml").write_text(cfg.to_yaml())
+        (directory / "config.yaml").write_text(self.cfg.to_yaml())
+        if fallback is not None:
+            fallback.mkdir(parents=True, exist_ok=True)
+            for name in (STATE_FILE, "config.yaml"):
+                link = fallback / f".{name}.link"
+                link.unlink(missing_ok=True)
+                os.link(directory / name, link)
+                os.replace(link, fallback / name)
+        return str(directory)
+
+    def _report(self, metrics: dict, directory: str | None, state: LoopState) -> None:
+        """Every rank reports; rank 0 attaches the checkpoint. [ray]"""
+        if directory is None:
+            ray.train.report(metrics, checkpoint=None)  # [ray]
+            return
+        mode = ray.train.CheckpointUploadMode.ASYNC if self.cfg.train.checkpoint_upload == "async" \
+            else ray.train.CheckpointUploadMode.SYNC  # [ray]
         try:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))  # [ray]
-        except OSError as e:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),  # [ray]
+                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+        except OSError as e:     # a sync upload that failed after its retries
+            fallback = local_fallback_dir(self.cfg)
             if fallback is None:
                 raise
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise CheckpointUploadError(
-                f"checkpoint upload to {cfg.storage.path.rstrip('/')}/{cfg.run_name} failed after retries "
-                f"({reason}); epoch {state.history_step} is kept at {directory} on rank 0's node") from None
+                f"checkpoint upload to {self.cfg.storage.path.rstrip('/')}/{self.cfg.run_name} failed after "
+                f"retries ({reason}); epoch {state.history_step} is kept at {fallback} on rank 0's node") from None
+
+    # -- the end of the run ----------------------------------------------------------------------
+
+    def close(self, check: bool = True) -> None:
+        """Wait for the MLflow writes in flight; with `check`, a write that raised (not one MLflow
+        refused: those are best effort) is raised here."""
+        if self.writer is not None:
+            self.writer.shutdown(wait=True)
+            for job in self.jobs if check else ():
+                job.result()
+
+    def finish(self, state: LoopState) -> None:
+        if self.rank != 0:
+            return
+        if not self.spool.flush():
+            raise ConnectionError(f"MLflow at {self.cfg.tracking.uri} is still unreachable at the end of the run; "
+                                  f"metrics are kept in {self.spool.path}: run `methodlab sync` when it is back, "
+                                  "then submit the same run again to register the model")
+        _register(self.cfg, self.method, self.tracker, self.run_id, self.saved or state)
+        if (fallback := local_fallback_dir(self.cfg)) is not None:
+            shutil.rmtree(fallback, ignore_errors=True)    # the run is done: its S3 copy is final
+            shutil.rmtree(fallback.parent / f".{fallback.name}.uploads", ignore_errors=True)
 
 
 def _best_effort(fn, *args) -> None:
@@ -454,25 +304,21 @@ def _best_effort(fn, *args) -> None:
             return
 
 
-def _ensure_logged(spool, state: LoopState) -> None:
-    """Spool the epoch's metrics and write them to MLflow unless that step is already there (a
-    resumed run never duplicates a step, even when it re-runs an epoch whose checkpoint was
-    lost). A tracking server that is down delays the write; training goes on."""
-    if state.metrics:
-        spool.log({**state.metrics, "epoch": float(state.history_step), "step": float(state.step)},
-                  state.history_step - 1)
-
-
-def _register(cfg: RunConfig, method: Method, models: dict, tracker, run_id: str, state: LoopState) -> None:
-    """Log the exported model and register a version (once per run, also across resumes)."""
-    done = tracker.client.get_run(run_id).data.tags.get("methodlab.registered_version")
-    if done is not None:
+def _register(cfg: RunConfig, method: Method, tracker, run_id: str, state: LoopState) -> None:
+    """Log the exported model of the final checkpoint (the best epoch's with
+    `tracking.register=best`) and register a version (once per run, also across resumes)."""
+    if tracker.client.get_run(run_id).data.tags.get(REGISTERED_TAG) is not None:
         return
-    model, spec = method.export(models)
-    final = {k: v for k, v in state.metrics.items() if k.startswith(("val_", "test_"))}
+    spec = state.exported["spec"]
+    model = build_model(spec)
+    model.load_state_dict(state.exported["state_dict"])
+    chosen = state.best.get("metrics", {}) if cfg.tracking.register == "best" and state.best else \
+        {k: v for k, v in state.metrics.items() if k.startswith("val_")}
+    tests = {k: v for k, v in state.metrics.items() if k.startswith("test_")}
     from methodlab.tracking import git_commit
+    epoch = state.best.get("history_step", state.history_step) if cfg.tracking.register == "best" else state.history_step
     version = tracker.log_model(run_id, model, spec, method.example_input(),
                                 cfg.tracking.registered_model if cfg.tracking.register_model else None,
-                                {**final, "git_commit": git_commit(), "run_name": cfg.run_name})
-    tracker.set_tags(run_id, {"methodlab.registered_version": version or "none",
-                              "methodlab.model_spec": json.dumps(spec)})
+                                {**chosen, **tests, "epoch": epoch, "git_commit": git_commit(), "run_name": cfg.run_name})
+    tracker.set_tags(run_id, {REGISTERED_TAG: version or "none", "methodlab.model_spec": json.dumps(spec),
+                              "methodlab.registered_epoch": epoch})

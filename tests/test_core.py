@@ -1,0 +1,253 @@
+"""The Ray-free training core (`methodlab.train.core`) and the collectives it shares with the
+methods (`methodlab.distributed`): world size 1 against 2 in real gloo process groups, exact
+mid-epoch resume, best-epoch selection, one read per log interval, and the NaN stop."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from methodlab import distributed
+from methodlab.config import load_config
+from methodlab.registry import get_method, method_names
+from methodlab.train.core import Hooks, Loop, LoopState, LossMeter, load_bundle, seed_everything, steps_per_epoch
+from tests.conftest import spawn_world, tiny
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CPU = torch.device("cpu")
+
+
+def _method(name: str, *extra: str):
+    from methodlab.train.launch import dataset_for
+
+    cfg = load_config(name, None, tiny(name, "scaling.num_workers=1", *extra))
+    return get_method(name)(cfg, load_bundle(cfg, dataset_for(cfg), ["train", "val", "test"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded evaluation: world size 1 against 2, for every registered method
+
+
+def _final_stage_models(method) -> dict:
+    """Untrained but seeded models of every stage in order (the final stage's are evaluated)."""
+    seed_everything(0)
+    models: dict = {}
+    for stage in method.stages:
+        models = method.build_models(stage, models)
+    return models
+
+
+def _evaluate_every_method() -> dict:
+    out = {}
+    for name in method_names():
+        method = _method(name)
+        models = _final_stage_models(method)
+        stage = method.stages[-1]
+        out[name] = {**method.evaluate(stage, models, "val", CPU), **method.evaluate(stage, models, "test", CPU)}
+    return out
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_equals_single_rank_evaluation_for_every_method(home):
+    single = _evaluate_every_method()            # also prepares the built-in datasets once
+    ranks = spawn_world(_evaluate_every_method, 2)
+    assert ranks[0] == ranks[1], "ranks disagree on a global metric"
+    for name in method_names():
+        assert ranks[0][name].keys() == single[name].keys(), name
+        for key, value in single[name].items():
+            assert ranks[0][name][key] == pytest.approx(value, abs=1e-12), f"{name}: {key}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives with gradients: the method does not depend on the worker count
+
+
+def _nt_xent_and_batchnorm(z1, z2, x, rows):
+    """This rank's slice of a global batch: NT-Xent with gathered negatives and a global
+    BatchNorm; returns the loss, the gradients and the BN statistics."""
+    from methodlab.methods.bad_batches import nt_xent
+
+    rank, world = distributed.world()
+    part = slice(rank * rows // world, (rank + 1) * rows // world)
+    a, b = z1[part].clone().requires_grad_(), z2[part].clone().requires_grad_()
+    loss = nt_xent(a, b, 0.5, gather=True)
+    loss.backward()
+    torch.manual_seed(0)
+    bn = distributed.convert_batchnorm(torch.nn.BatchNorm1d(x.shape[1]), CPU)
+    xs = x[part].clone().requires_grad_()
+    y = bn(xs)
+    (y * torch.arange(1.0, x.numel() + 1).view_as(x)[part]).sum().backward()    # one loss, split by rows
+    return {"loss": loss.detach(), "grad_a": a.grad, "grad_b": b.grad, "y": y.detach(),
+            "grad_x": xs.grad, "mean": bn.running_mean, "var": bn.running_var}
+
+
+@pytest.mark.slow
+def test_gathered_negatives_and_global_batchnorm_match_one_rank_with_the_global_batch():
+    gen = torch.Generator().manual_seed(3)
+    rows = 8
+    z1, z2, x = torch.randn(rows, 5, generator=gen), torch.randn(rows, 5, generator=gen), \
+        torch.randn(rows, 3, generator=gen) * 2 + 1
+    one = _nt_xent_and_batchnorm(z1, z2, x, rows)
+    ranks = spawn_world(_nt_xent_and_batchnorm, 2, z1, z2, x, rows)
+    # The mean of the ranks' losses (what DDP's gradient follows) is the one-rank loss; the
+    # gather's backward hands each rank the gradient of their sum, which DDP's mean divides by 2.
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, one["loss"])
+    for key in ("grad_a", "grad_b"):
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]) / 2, one[key])
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), one["y"])
+    torch.testing.assert_close(torch.cat([r["grad_x"] for r in ranks]), one["grad_x"])
+    for key in ("mean", "var"):
+        torch.testing.assert_close(ranks[0][key], one[key])
+        torch.testing.assert_close(ranks[1][key], one[key])
+
+
+def _meter_reads(per_rank_losses):
+    rank, world = distributed.world()
+    meter = LossMeter(CPU, world)
+    for step, value in enumerate(per_rank_losses[rank]):
+        meter.add({"loss": torch.tensor(value)}, step)
+    interval, extra = meter.read(len(per_rank_losses[rank]) - 1, "test", [float(rank == 0)])
+    return {"interval": interval, "extra": extra, "means": meter.means()}
+
+
+@pytest.mark.slow
+def test_train_metrics_are_global_when_the_ranks_see_different_losses():
+    losses = [[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]]
+    ranks = spawn_world(_meter_reads, 2, losses)
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["means"]["loss"] == pytest.approx(66.0 / 6)
+    assert ranks[0]["extra"] == [1.0]         # rank 0's checkpoint decision reaches every rank
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 4), st.integers(1, 64))
+def test_shard_range_covers_every_row_once(n, world, bs):
+    rows = [r for rank in range(world) for r in range(*distributed.shard_range(n, rank, world))]
+    assert rows == list(range(n))
+    sizes = [b - a for a, b in (distributed.shard_range(n, r, world) for r in range(world))]
+    assert max(sizes) - min(sizes) <= 1
+    # steps_per_epoch agrees with the memory loader's batch count
+    from methodlab.train.core import minibatches, shard_indices
+
+    if n:
+        idx = shard_indices(n, 0, world, 0)
+        assert steps_per_epoch(n, world, bs) == max(1, len(list(minibatches({"x": torch.arange(n)}, idx, bs, CPU))))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop, in process
+
+
+class Capture(Hooks):
+    """Records every checkpoint's state (built on the spot) and the reported epochs."""
+
+    def __init__(self):
+        self.states: list[LoopState] = []
+        self.reports: list[dict] = []
+
+    def on_epoch_end(self, state, report, checkpoint, timer):
+        self.reports.append(dict(report))
+        if checkpoint is not None:
+            self.states.append(copy.deepcopy(checkpoint.build()))
+
+
+def _fit(method, hooks=None, state=None):
+    seed_everything(method.cfg.train.seed)
+    loop = Loop(method.cfg, method, CPU, hooks=hooks)
+    return loop.fit(state or LoopState())
+
+
+def _assert_same_weights(a: dict, b: dict):
+    for name in a:
+        sa, sb = a[name].state_dict(), b[name].state_dict()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}.{k} differs after resume"
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_mid_epoch_resume_ends_with_the_weights_of_an_uninterrupted_run(home, name):
+    """A checkpoint every 2 steps, resumed from the first one taken mid-epoch: every method's
+    models end bit-identical to a run that never stopped."""
+    overrides = ("train.checkpoint_every_steps=2", "train.epochs=2")
+    straight = _fit(_method(name, *overrides), hooks=(capture := Capture()))
+    mid = [s for s in capture.states if s.batch > 0]
+    assert mid, f"{name}: no mid-epoch checkpoint (steps per epoch too few?)"
+    resumed_method = _method(name, *overrides)
+    resumed_method.load_state_dict(mid[0].method)
+    resumed = _fit(resumed_method, state=copy.deepcopy(mid[0]))
+    _assert_same_weights(straight, resumed)
+
+
+class ScriptedMetric:
+    """Replaces a method's evaluate: the metric follows a script, so the best epoch is known."""
+
+    def __init__(self, method, values):
+        self.method, self.values, self.calls = method, list(values), 0
+        method.evaluate = self
+
+    def __call__(self, stage, models, split, device):
+        if split == "test":
+            return {"test_acc": 0.0}
+        value = self.values[self.calls]
+        self.calls += 1
+        return {"val_acc": value}
+
+
+@pytest.mark.parametrize("register", ["best", "last"])
+def test_the_registered_model_is_the_best_epoch_by_default(home, register):
+    method = _method("supervised", "train.epochs=3", f"tracking.register={register}")
+    ScriptedMetric(method, [0.5, 0.9, 0.3])
+    capture = Capture()
+    final = _fit(method, hooks=capture)
+    best_epoch, last = capture.states[1], capture.states[-1]
+    assert last.complete and last.best["history_step"] == 2 and last.best["metrics"] == {"val_acc": 0.9}
+    chosen = best_epoch if register == "best" else last
+    exported = last.exported["state_dict"]
+    for k, v in chosen.models["net"].items():
+        assert torch.equal(exported[k], v), k
+    # The final checkpoint keeps the last epoch's models (a longer resubmit continues from them).
+    for k, v in final["net"].state_dict().items():
+        assert torch.equal(last.models["net"][k], capture.states[-1].models["net"][k])
+
+
+def test_checkpoint_state_is_built_only_when_a_checkpoint_is_due(home, monkeypatch):
+    method = _method("supervised", "train.epochs=4", "train.checkpoint_every=2")
+    built = []
+    monkeypatch.setattr(Loop, "build_state", lambda self, state, *a, **k: built.append(state.history_step) or state)
+    _fit(method, hooks=Capture())
+    assert built == [2, 4]
+
+
+class NanAfter(Hooks):
+    def __init__(self, step):
+        self.step = step
+
+    def corrupt_losses(self, state, losses):
+        return {k: v * float("nan") for k, v in losses.items()} if state.step >= self.step else losses
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_term_and_the_steps(home):
+    method = _method("supervised", "train.epochs=3", "train.log_every_steps=4")
+    per_epoch = steps_per_epoch(len(method.train_split("train")), 1, method.cfg.train.batch_size)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss loss=nan in steps (\d+)-(\d+) \(stage train, "
+                                                 r"epoch 2\); lower train.lr") as err:
+        _fit(method, hooks=NanAfter(per_epoch + 1))
+    first, last = map(int, err.value.args[0].split("in steps ")[1].split(" ")[0].split("-"))
+    assert first <= per_epoch + 1 <= last and last - first < 4
+
+
+def test_one_host_read_per_log_interval(home, monkeypatch):
+    """Losses are read (all-reduced and copied to the host) once per train.log_every_steps steps
+    and once at the end of each epoch, not per step."""
+    reads = []
+    original = LossMeter.read
+    monkeypatch.setattr(LossMeter, "read", lambda self, *a, **k: reads.append(1) or original(self, *a, **k))
+    method = _method("supervised", "train.epochs=2", "train.log_every_steps=5", "data.limit_rows=400",
+                     "train.batch_size=20")
+    _fit(method)
+    per_epoch = steps_per_epoch(400, 1, 20)
+    assert len(reads) == 2 * (per_epoch // 5 + 1) and not math.isnan(per_epoch)
