@@ -12,9 +12,10 @@ PY := $(VENV)/bin/python
 # or the torch pin changes, so a second `make demo` installs nothing.
 STAMP := $(VENV)/.installed-torch$(TORCH_VERSION)-$(shell cat pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 
-# Ray: report() every epoch without the 2 s health-check stall, no usage stats.
-export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
+# Ray: no usage stats. Tests and the demo train epochs of a fraction of a second, so their
+# reports must not wait for Ray's health-check poll (methodlab's default is 1 s: launch.py).
 export RAY_USAGE_STATS_ENABLED ?= 0
+demo test test-fast test-load: export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test test-fast test-load bench report clean stack-up stack-down

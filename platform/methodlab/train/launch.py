@@ -18,9 +18,12 @@ from methodlab.data import DatasetInfo, resolve_dataset, split_nbytes
 from methodlab.errors import ConfigError, DataError, ServiceError, TrainingError
 from methodlab.registry import get_method
 
-# Ray's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), and each
-# report() waits for that poll; per-epoch reports on small data would be dominated by it.
-RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_USAGE_STATS_ENABLED": "0",
+# Ray's controller polls every worker every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s)
+# and each report() may wait for that poll. methodlab reports once per epoch (and per mid-epoch
+# checkpoint), so 1 s costs real epochs nothing; polling every 0.1 s cost a 2-worker epoch on
+# 2 CPUs 0.5-0.9 s of 12 (bench/overhead.py), and grows with the number of workers. Tests and
+# the demo, whose epochs take a fraction of a second, set 0.1 (Makefile).
+RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "RAY_USAGE_STATS_ENABLED": "0",
                     # Without the patch a worker print() shows once, not twice.
                     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
