@@ -5,7 +5,6 @@ mid-epoch resume, best-epoch selection, one read per log interval, and the NaN s
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -148,11 +147,13 @@ class Capture(Hooks):
     def __init__(self):
         self.states: list[LoopState] = []
         self.reports: list[dict] = []
+        self.scores: list[float | None] = []
 
     def on_epoch_end(self, state, report, checkpoint, timer):
         self.reports.append(dict(report))
         if checkpoint is not None:
             self.states.append(copy.deepcopy(checkpoint.build()))
+            self.scores.append(checkpoint.score)
 
 
 def _fit(method, hooks=None, state=None):
@@ -203,6 +204,8 @@ def test_the_registered_model_is_the_best_epoch_by_default(home, register):
     ScriptedMetric(method, [0.5, 0.9, 0.3])
     capture = Capture()
     final = _fit(method, hooks=capture)
+    # What Ray ranks checkpoints by (num_to_keep keeps the best plus the latest): the metric.
+    assert capture.scores == [0.5, 0.9, 0.3]
     best_epoch, last = capture.states[1], capture.states[-1]
     assert last.complete and last.best["history_step"] == 2 and last.best["metrics"] == {"val_acc": 0.9}
     chosen = best_epoch if register == "best" else last
@@ -250,4 +253,38 @@ def test_one_host_read_per_log_interval(home, monkeypatch):
                      "train.batch_size=20")
     _fit(method)
     per_epoch = steps_per_epoch(400, 1, 20)
-    assert len(reads) == 2 * (per_epoch // 5 + 1) and not math.isnan(per_epoch)
+    assert per_epoch == 20 and len(reads) == 2 * (per_epoch // 5 + 1)
+
+
+def test_eval_every_skips_evaluations_but_never_the_last_epoch(home):
+    method = _method("supervised", "train.epochs=4", "train.eval_every=3")
+    capture = Capture()
+    _fit(method, hooks=capture)
+    assert ["val_acc" in r for r in capture.reports] == [False, False, True, True]
+    assert "test_acc" in capture.reports[-1]
+
+
+class Clock:
+    """A wall clock the test moves: one second per reading."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_wall_clock_checkpoints_come_mid_epoch_when_due(home):
+    """train.checkpoint_every_s is checked at every log interval (rank 0's clock decides), so a
+    long epoch gets checkpoints inside it, which resume at their batch."""
+    method = _method("supervised", "train.epochs=1", "train.checkpoint_every=0", "train.checkpoint_every_s=3",
+                     "train.log_every_steps=2", "data.limit_rows=320", "train.batch_size=32")
+    capture = Capture()
+    seed_everything(0)
+    Loop(method.cfg, method, CPU, hooks=capture, clock=Clock()).fit(LoopState())
+    mid = [s.batch for s in capture.states if s.batch > 0]
+    assert capture.scores[0] is None           # a mid-epoch checkpoint has no metric: never "best"
+    # 10 steps, a read every 2 (each reads the clock once; so does taking a checkpoint): 3 s have
+    # passed at the third read (step 6); after it, only the last epoch's own checkpoint comes.
+    assert mid == [6] and capture.states[-1].complete

@@ -10,6 +10,7 @@ import torch
 
 from methodlab.config import load_config
 from methodlab.registry import get_method, method_names
+from methodlab.tracking import Tracker
 from tests.conftest import tiny
 
 METHODS = method_names()
@@ -64,6 +65,11 @@ def test_two_worker_run_trains_registers_and_reloads(ray_cluster, home, name):
     assert summary.version == "1"
     assert method.metric in summary.metrics and method.test_metric in summary.metrics
     assert all(math.isfinite(v) for v in summary.metrics.values())
+    run = Tracker(cfg.tracking.uri, cfg.tracking.experiment).client.get_run(summary.run_id)
+    # The registered model is the best evaluated epoch of the final stage (tracking.register=best).
+    assert 1 <= int(run.data.tags["methodlab.registered_epoch"]) <= int(summary.metrics["epoch"])
+    assert run.data.params["train.global_batch_size"] == str(2 * cfg.train.batch_size)
+    assert summary.metrics["time_step_s"] > 0 and "startup_s" in summary.metrics
 
     model, spec = load_pretrained(f"models:/{cfg.tracking.registered_model}@candidate", cfg.tracking.uri)
     from methodlab.data import resolve_dataset, read_split

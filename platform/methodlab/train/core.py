@@ -305,8 +305,6 @@ class Checkpoint:
 class Hooks:
     """Events of the loop (Composer-style); the defaults do nothing. Every rank gets every call."""
 
-    def on_stage_start(self, stage: str) -> None: ...
-
     def on_epoch_params(self, stage: str, params: dict[str, Any]) -> None: ...
 
     def on_step(self, state: LoopState) -> None:
@@ -388,7 +386,6 @@ class Loop:
                 m.load_state_dict(state.models[name])
         if stage_index < state.stage_index or state.complete:
             return raw
-        self.hooks.on_stage_start(stage)
         models = {name: self.prepare(m) for name, m in raw.items()}
         optimizers = method.build_optimizers(stage, models)
         split = method.train_split(stage)
@@ -425,8 +422,7 @@ class Loop:
             if trainable(unwrap(m)):
                 m.train()
         meter = LossMeter(self.device, self.world)
-        resumed_mid_epoch = state.batch > 0
-        if resumed_mid_epoch:
+        if state.batch > 0:                          # resumed mid-epoch: the sums so far
             meter.restore(state.epoch_losses)
         where = f"stage {stage}, epoch {epoch + 1}"
         every_steps = cfg.train.checkpoint_every_steps

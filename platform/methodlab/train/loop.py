@@ -139,6 +139,7 @@ class RayHooks(Hooks):
 
     def __init__(self, cfg: RunConfig, method: Method, run_id: str, rank: int, state: LoopState, faults: Faults):
         self.cfg, self.method, self.run_id, self.rank, self.faults = cfg, method, run_id, rank, faults
+        self.last_rank = rank == ray.train.get_context().get_world_size() - 1  # [ray]: where faults strike
         self.started_at = (state.history_step, state.step)
         self.saved: LoopState | None = state if state.complete else None   # the latest state rank 0 saved
         self.tracker = self.spool = self.writer = None
@@ -185,9 +186,7 @@ class RayHooks(Hooks):
     def on_step(self, state: LoopState) -> None:
         if self.rank == 0 and not self.stepped.is_set():
             self.stepped.set()
-        ctx = ray.train.get_context()  # [ray]
-        if ctx.get_world_rank() == ctx.get_world_size() - 1 and \
-                self.faults.crash_due(state.history_step, state.step, self.started_at):  # [ray]
+        if self.last_rank and self.faults.crash_due(state.history_step, state.step, self.started_at):
             self.faults.crash_once(self.run_id)
 
     def corrupt_losses(self, state: LoopState, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
