@@ -19,8 +19,7 @@ from methodlab.data.gzsl import (DIGIT_ATTRIBUTE_TABLE, DIGITS_UNSEEN, DIGITS_VA
                                  import_xlsa17, synthetic_gzsl)
 from methodlab.errors import DataError
 from methodlab.methods.d3gzsl import (LearnSigmoid, class_counts, critic_terms, embedding_distillation, gzsl_counts,
-                                      gzsl_scores,
-                                      harmonic_mean, kl_distillation, label_mapping, ood_distillation,
+                                      gzsl_scores, harmonic_mean, kl_distillation, label_mapping, ood_distillation,
                                       pair_bce, per_class_accuracy, teacher_confidence)
 
 SP_NEG1, SP_0, SP_1 = math.log1p(math.exp(-1)), math.log(2), math.log1p(math.e)   # softplus(-1, 0, 1)

@@ -155,7 +155,10 @@ class RayHooks(Hooks):
         self.jobs: list[concurrent.futures.Future] = []
         self._mlflow(self._open_tracking)
         if state.history_step or state.step:
-            self._mlflow(lambda: self.spool.flush())
+            # The checkpoint's last epoch, again: a crash between its report and its MLflow write
+            # would lose it otherwise (the spool skips a step MLflow already has).
+            last = self._epoch_record(state, {}) if state.metrics else None
+            self._mlflow(lambda: self.spool.log(*last) if last else self.spool.flush())
             tags = {"methodlab.resumed_at_epoch": state.history_step}     # (the value now, not when written)
             self._mlflow(lambda: _best_effort(self.tracker.set_tags, run_id, tags))
             print(f"[{cfg.run_name}] resumed at stage {method.stages[state.stage_index]}, "
@@ -209,15 +212,20 @@ class RayHooks(Hooks):
             self._report({**state.evaluated, **metrics} if self.rank == 0 else {}, directory, state)
         if self.rank != 0 or (checkpoint is not None and checkpoint.mid_epoch):
             return
-        logged = {**state.metrics, **timer.metrics(), "time_mlflow_s": self.mlflow_wait,
-                  "epoch": float(state.history_step), "step": float(state.step)}
+        record = self._epoch_record(state, {**timer.metrics(), "time_mlflow_s": self.mlflow_wait})
         self.mlflow_wait = 0.0
-        step = state.history_step - 1
-        self._mlflow(lambda: self.spool.log(logged, step))
+        self._mlflow(lambda: self.spool.log(*record))
         shown = " ".join(f"{k}={v:.4g}" for k, v in state.metrics.items()
                          if not k.startswith("time_") and k not in ("epoch_seconds", "startup_s"))
         print(f"[{self.cfg.run_name}] {report['stage']} epoch {state.history_step} {shown} "
               f"({state.metrics['epoch_seconds']:.1f}s)", flush=True)
+
+    @staticmethod
+    def _epoch_record(state: LoopState, extra: dict) -> tuple[dict, int]:
+        """(metrics, MLflow step) of the last finished epoch; "step" only where the state is at
+        that epoch's end (a mid-epoch checkpoint's step counter has moved on)."""
+        at_end = {"step": float(state.step)} if state.batch == 0 else {}
+        return {**state.metrics, **extra, "epoch": float(state.history_step), **at_end}, state.history_step - 1
 
     def on_epoch_artifacts(self, stage: str, epoch: int, artifacts: dict[str, Any]) -> None:
         if self.rank == 0:
