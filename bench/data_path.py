@@ -63,7 +63,7 @@ def in_memory(x: torch.Tensor, y: torch.Tensor, epochs: int) -> float:
 
 
 def ray_data(uri: str, column: str, dim: int, epochs: int, cache: bool) -> float:
-    """Rows/s of the last epoch: the stream loader's path (launch.build_trainer, loop.epoch_batches)
+    """Rows/s of the last epoch: the stream loader's path (launch.build_trainer, loop.stream_batches)
     over a Ray Data read of the Parquet split, cached in the object store or re-read per epoch."""
     import ray.data
 
