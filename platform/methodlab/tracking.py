@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from methodlab.errors import ConfigError, ServiceError
 from methodlab.redact import REDACTED, SECRET_KEY, redact_value
+from methodlab.spool import SpoolFile, read_lines
 
 RUN_NAME_TAG = "methodlab.run_name"
 METHOD_TAG = "methodlab.method"
@@ -292,20 +293,17 @@ def fail_fast():
                 os.environ[k] = v
 
 
-class MetricSpool:
-    """Every epoch's metrics are appended to a local JSONL file first, then written to MLflow.
-    Lines MLflow could not take stay in the file and are retried at the next epoch, at the end of
-    the run, or by `methodlab sync`; a step already in MLflow is never written twice."""
+class MetricSpool(SpoolFile):
+    """Every epoch's metrics are appended to a local JSONL file first (`SpoolFile`), then written
+    to MLflow. Lines MLflow could not take stay in the file and are retried at the next epoch, at
+    the end of the run, or by `methodlab sync`; a step already in MLflow is never written twice."""
 
     def __init__(self, tracker: Tracker, run_id: str, spool_dir: str | os.PathLike):
-        self.tracker, self.run_id = tracker, run_id
-        self.path = Path(spool_dir) / f"{run_id}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(tracker.uri, run_id, spool_dir)
+        self.tracker = tracker
 
     def log(self, metrics: dict[str, float], step: int) -> bool:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"uri": self.tracker.uri, "run_id": self.run_id, "step": step,
-                                "metrics": metrics}) + "\n")
+        self.append(metrics, step)
         return self.flush()
 
     def flush(self) -> bool:
@@ -316,7 +314,7 @@ class MetricSpool:
 def flush_spool_file(tracker: Tracker, path: Path) -> bool:
     if not path.exists():
         return True
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = read_lines(path)
     try:
         with fail_fast():
             done = tracker.logged_steps(lines[0]["run_id"], "epoch") if lines else set()
@@ -336,7 +334,7 @@ def sync_spool(spool_dir: str | os.PathLike) -> list[str]:
     """`methodlab sync`: replay every spooled file into its tracking server; returns what was done."""
     done = []
     for path in sorted(Path(spool_dir).glob("*.jsonl")):
-        first = json.loads(path.read_text().splitlines()[0])
+        first = read_lines(path)[0]
         ok = flush_spool_file(Tracker(first["uri"], None), path)
         done.append(f"{path.name}: {'synced to ' + first['uri'] if ok else 'still unreachable: ' + first['uri']}")
     return done

@@ -29,11 +29,12 @@ import ray.train  # [ray]
 import ray.train.torch  # [ray]
 
 from methodlab import storage
-from methodlab.config import RunConfig, from_dict
+from methodlab.config import RunConfig, from_dict, methodlab_home
 from methodlab.data.dataset import open_dataset
 from methodlab.methods.base import Batch, Method
 from methodlab.models import build_model
 from methodlab.registry import get_method
+from methodlab.spool import SpoolFile
 from methodlab.train.core import (STATE_FILE, Checkpoint, Hooks, LoopState, Loop, PhaseTimer, chunk_minibatches,
                                   load_bundle, memory_batches, seed_everything)
 from methodlab.train.faults import Faults
@@ -153,12 +154,16 @@ class RayHooks(Hooks):
         self.stepped = threading.Event()
         self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
         self.jobs: list[concurrent.futures.Future] = []
+        # Each epoch's line is appended here, on the training thread (a local file: durable if the
+        # worker is killed with MLflow writes still queued); the writer thread sends it on.
+        self.spool_file = SpoolFile(cfg.tracking.uri, run_id, methodlab_home() / "spool")
         self._mlflow(self._open_tracking)
         if state.history_step or state.step:
-            # The checkpoint's last epoch, again: a crash between its report and its MLflow write
-            # would lose it otherwise (the spool skips a step MLflow already has).
-            last = self._epoch_record(state, {}) if state.metrics else None
-            self._mlflow(lambda: self.spool.log(*last) if last else self.spool.flush())
+            if state.metrics:
+                # The checkpoint's last epoch, again: a crash between its report and its spool
+                # line would lose it otherwise (a step MLflow already has is not written twice).
+                self.spool_file.append(*self._epoch_record(state, {}))
+            self._mlflow(lambda: self.spool.flush())
             tags = {"methodlab.resumed_at_epoch": state.history_step}     # (the value now, not when written)
             self._mlflow(lambda: _best_effort(self.tracker.set_tags, run_id, tags))
             print(f"[{cfg.run_name}] resumed at stage {method.stages[state.stage_index]}, "
@@ -166,7 +171,6 @@ class RayHooks(Hooks):
 
     def _open_tracking(self) -> None:
         self.stepped.wait()
-        from methodlab.config import methodlab_home
         from methodlab.tracking import MetricSpool, Tracker
 
         self.tracker = Tracker(self.cfg.tracking.uri, self.cfg.tracking.experiment)
@@ -206,15 +210,18 @@ class RayHooks(Hooks):
                     directory = self._save(built)
                 self.saved = built
         metrics = {**report}
-        if checkpoint is not None and checkpoint.score is not None:
-            metrics[SCORE_KEY] = checkpoint.score
+        if checkpoint is not None:
+            # Unscored checkpoints (earlier stages, mid-epoch) rank last: kept only while latest.
+            # (A missing key would rank them the same, with a warning from Ray each time.)
+            metrics[SCORE_KEY] = float("-inf") if checkpoint.score is None else checkpoint.score
         with timer("report"):
             self._report({**state.evaluated, **metrics} if self.rank == 0 else {}, directory, state)
         if self.rank != 0 or (checkpoint is not None and checkpoint.mid_epoch):
             return
-        record = self._epoch_record(state, {**timer.metrics(), "time_mlflow_s": self.mlflow_wait})
-        self.mlflow_wait = 0.0
-        self._mlflow(lambda: self.spool.log(*record))
+        t0 = time.perf_counter()
+        self.spool_file.append(*self._epoch_record(state, {**timer.metrics(), "time_mlflow_s": self.mlflow_wait}))
+        self.mlflow_wait = time.perf_counter() - t0
+        self._mlflow(lambda: self.spool.flush())
         shown = " ".join(f"{k}={v:.4g}" for k, v in state.metrics.items()
                          if not k.startswith("time_") and k not in ("epoch_seconds", "startup_s"))
         print(f"[{self.cfg.run_name}] {report['stage']} epoch {state.history_step} {shown} "
@@ -289,6 +296,11 @@ class RayHooks(Hooks):
     def finish(self, state: LoopState) -> None:
         if self.rank != 0:
             return
+        # Async uploads may still be in flight, and one that failed does not raise here: wait
+        # until Ray has committed every checkpoint this rank reported. (After a failed upload
+        # Ray fails the run and stops this worker while it waits, so nothing below runs: the
+        # local fallback stays and no model is registered from a run that lost a checkpoint.)
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)  # [ray]
         if not self.spool.flush():
             raise ConnectionError(f"MLflow at {self.cfg.tracking.uri} is still unreachable at the end of the run; "
                                   f"metrics are kept in {self.spool.path}: run `methodlab sync` when it is back, "
