@@ -156,12 +156,15 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
-def _spawned(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
+def _spawned(rank: int, world: int, fn, args, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"      # the ranks talk over the loopback interface only
+    # A file rendezvous: no port to pick in advance (one picked and released can be taken
+    # by another process before rank 0 binds it).
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
         torch.save(fn(*args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -169,17 +172,12 @@ def _spawned(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
 
 
 def spawn_world(fn, world: int, *args) -> list:
-    """`fn(*args)` on `world` fresh processes in one gloo process group on 127.0.0.1 (the
+    """`fn(*args)` on `world` fresh processes in one gloo process group on this machine (the
     torch.distributed setup a Ray Train worker group has, without Ray); returns each rank's
     result (which must be torch.save-able). `fn` must be importable (a module-level function)."""
-    import socket
-
     import torch
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_spawned, args=(world, port, fn, args, out), nprocs=world, join=True)
+        mp.spawn(_spawned, args=(world, fn, args, out), nprocs=world, join=True)
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]

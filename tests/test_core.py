@@ -288,3 +288,24 @@ def test_wall_clock_checkpoints_come_mid_epoch_when_due(home):
     # 10 steps, a read every 2 (each reads the clock once; so does taking a checkpoint): 3 s have
     # passed at the third read (step 6); after it, only the last epoch's own checkpoint comes.
     assert mid == [6] and capture.states[-1].complete
+
+
+def _fit_supervised_two_epochs():
+    method = _method("supervised", "train.epochs=2", "data.limit_rows=256", "train.batch_size=32")
+    capture = Capture()
+    models = _fit(method, hooks=capture)
+    return {"weights": models["net"].state_dict(), "reports": capture.reports}
+
+
+@pytest.mark.slow
+def test_the_core_trains_data_parallel_without_ray(home):
+    """Under a plain torch.distributed group (torchrun's setting) the core wraps the model in DDP
+    itself: the ranks end with the same weights and report the same global metrics."""
+    _fit_supervised_two_epochs()                  # prepares the dataset once
+    ranks = spawn_world(_fit_supervised_two_epochs, 2)
+    for k, v in ranks[0]["weights"].items():
+        assert torch.equal(v, ranks[1]["weights"][k]), k
+    strip = [{k: v for k, v in r.items() if not k.startswith("time_") and k != "epoch_seconds"}
+             for r in ranks[0]["reports"]]
+    assert strip == [{k: v for k, v in r.items() if not k.startswith("time_") and k != "epoch_seconds"}
+                     for r in ranks[1]["reports"]]
