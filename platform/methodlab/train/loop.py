@@ -5,7 +5,9 @@ marked `# [ray]`.
 
 Rank 0 is never alone on the hot path: every rank trains, evaluates its shard and reports; rank 0
 additionally saves the checkpoint (Ray uploads it in the background with
-`train.checkpoint_upload=async`) and hands the epoch's metrics to a background MLflow writer.
+`train.checkpoint_upload=async`) and appends the epoch's metrics to its local spool file, which a
+background thread sends to MLflow. At the end it waits until Ray has committed every checkpoint,
+then registers the model.
 """
 
 from __future__ import annotations
