@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -46,3 +47,30 @@ def test_spool_flush_when_server_returns_writes_each_step_once(mlflow_server, tm
     assert spool.log({"epoch": 4.0, "acc": 0.3}, 3)     # the next epoch's write flushes the backlog
     steps = [m.step for m in Tracker(mlflow_server.uri, None).client.get_metric_history(run_id, "acc")]
     assert sorted(steps) == [0, 1, 2, 3]
+
+
+def test_lines_appended_while_a_flush_is_sending_are_kept(tmp_path):
+    """The training thread appends each epoch's line while the MLflow thread flushes the ones
+    before it (train/loop.py): a line appended during a send must stay for the next flush.
+    (A flush that removed the whole file after sending lost such epochs; seen in CI as an
+    epoch missing from a run's history.)"""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "concurrent")
+    run_id = tracker.start_run("r", {}, {}, "x: 1\n")
+    spool = MetricSpool(tracker, run_id, tmp_path / "spool")
+    epochs = 60
+    appended = threading.Event()
+
+    def train():
+        for step in range(epochs):
+            spool.append({"epoch": float(step + 1), "loss": 1.0 / (step + 1)}, step)
+            time.sleep(0.002)
+        appended.set()
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    while not appended.is_set():
+        spool.flush()
+    trainer.join()
+    assert spool.flush() and not spool.path.exists()
+    steps = [m.step for m in tracker.client.get_metric_history(run_id, "epoch")]
+    assert sorted(steps) == list(range(epochs))

@@ -2,6 +2,11 @@
 is sent to MLflow, so a process killed with writes in flight loses none of them (the next
 flush, a resumed run's or `methodlab sync`'s, sends what is left; `tracking.MetricSpool`).
 
+The training thread appends while the MLflow thread sends: a flush takes the lines there are
+(`pending`) and, once they are sent, drops exactly those (`drop`), so a line appended during
+the send stays for the next flush. Both hold one lock only for the file operation, never for
+the network call.
+
 No MLflow here: the training loop appends on its hot path without importing it.
 """
 
@@ -9,7 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
+
+_FILE_LOCK = threading.Lock()    # one per process: the appender and the sender are threads of one
 
 
 class SpoolFile:
@@ -18,10 +26,32 @@ class SpoolFile:
         self.path = Path(spool_dir) / f"{run_id}.jsonl"
 
     def append(self, metrics: dict[str, float], step: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"uri": self.uri, "run_id": self.run_id, "step": step, "metrics": metrics}) + "\n")
+        line = json.dumps({"uri": self.uri, "run_id": self.run_id, "step": step, "metrics": metrics}) + "\n"
+        with _FILE_LOCK:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(line)
 
 
-def read_lines(path: Path) -> list[dict]:
+def pending(path: Path) -> list[dict]:
+    """The lines spooled so far (none when the file is gone)."""
+    with _FILE_LOCK:
+        return _read(path)
+
+
+def drop(path: Path, sent: int) -> None:
+    """Remove the first `sent` lines; the file goes when nothing else was appended meanwhile."""
+    with _FILE_LOCK:
+        rest = _read(path)[sent:]
+        if not rest:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in rest))
+        os.replace(tmp, path)       # atomic: a crash here leaves the old file (its steps are deduplicated)
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from methodlab.errors import ConfigError, ServiceError
 from methodlab.redact import REDACTED, SECRET_KEY, redact_value
-from methodlab.spool import SpoolFile, read_lines
+from methodlab.spool import SpoolFile, drop, pending
 
 RUN_NAME_TAG = "methodlab.run_name"
 METHOD_TAG = "methodlab.method"
@@ -312,12 +312,13 @@ class MetricSpool(SpoolFile):
 
 
 def flush_spool_file(tracker: Tracker, path: Path) -> bool:
-    if not path.exists():
+    lines = pending(path)
+    if not lines:
+        path.unlink(missing_ok=True)
         return True
-    lines = read_lines(path)
     try:
         with fail_fast():
-            done = tracker.logged_steps(lines[0]["run_id"], "epoch") if lines else set()
+            done = tracker.logged_steps(lines[0]["run_id"], "epoch")
             for line in lines:
                 if line["step"] not in done:
                     tracker.log_metrics(line["run_id"], line["metrics"], line["step"])
@@ -326,15 +327,18 @@ def flush_spool_file(tracker: Tracker, path: Path) -> bool:
         print(f"[methodlab] MLflow at {tracker.uri} unreachable ({type(e).__name__}); "
               f"{len(lines)} epoch(s) of metrics kept in {path} and retried later", flush=True)
         return False
-    path.unlink()
-    return True
+    drop(path, len(lines))       # only what was sent: the loop may have appended meanwhile
+    return not path.exists()
 
 
 def sync_spool(spool_dir: str | os.PathLike) -> list[str]:
     """`methodlab sync`: replay every spooled file into its tracking server; returns what was done."""
     done = []
     for path in sorted(Path(spool_dir).glob("*.jsonl")):
-        first = read_lines(path)[0]
+        lines = pending(path)
+        if not lines:
+            continue
+        first = lines[0]
         ok = flush_spool_file(Tracker(first["uri"], None), path)
         done.append(f"{path.name}: {'synced to ' + first['uri'] if ok else 'still unreachable: ' + first['uri']}")
     return done
