@@ -37,6 +37,8 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("ci", derandomize=True)
 _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+import methodlab.methods  # noqa: E402,F401  (fills the registries, as the CLI and the worker do)
+
 
 @pytest.fixture(scope="session")
 def _ray_session():

@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
     try:
+        import methodlab.methods  # noqa: F401  (fills the registries every command looks names up in)
+
         return args.func(args)
     except MethodlabError as e:
         print(f"error: {e}", file=sys.stderr)

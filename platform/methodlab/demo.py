@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import time
 
+import methodlab.methods  # noqa: F401  (fills the registries)
 from methodlab.config import load_config, methodlab_home
 from methodlab.registry import get_method, method_names
 
-# The baseline first: other methods start from what it registers.
-ORDER = ["supervised"]
-
 
 def demo_plan() -> list[tuple[str, list[str]]]:
-    names = ORDER + [n for n in method_names() if n not in ORDER]
+    """Every method's demo run, each after the runs it starts from (`demo_prerequisites`, e.g. the
+    baseline whose registered backbone TOAST and canonicalization load)."""
     plan: list[tuple[str, list[str]]] = []
-    for name in names:
+    for name in method_names():
         method = get_method(name)
         for step in [*method.demo_prerequisites, (name, list(method.demo_overrides))]:
             if step not in plan:

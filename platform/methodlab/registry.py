@@ -1,6 +1,15 @@
 """Decorator registries: methods (`@register_method`), model architectures (`@register_model`)
 and built-in datasets (`@register_dataset`). Tests iterate these, so a new entry is tested by the
-existing tests the moment it registers."""
+existing tests the moment it registers.
+
+Only the tables and the decorators live here, and this module imports nothing of methodlab's but
+its errors (timm's `_registry.py` is the model). The tables fill when their packages are
+imported: `methodlab.methods`, `methodlab.models` and `methodlab.data` each import their own
+modules, and the CLI and the Ray worker import `methodlab.methods` (which imports the other two).
+
+Names are snake_case; an entry may keep older names as `aliases`, so saved model specs and
+configs written under an old name still resolve.
+"""
 
 from __future__ import annotations
 
@@ -11,72 +20,80 @@ from methodlab.errors import ConfigError
 
 T = TypeVar("T")
 
-_METHODS: dict[str, type] = {}
-_MODELS: dict[str, Callable] = {}
-_DATASETS: dict[str, Callable] = {}
+
+class Table:
+    def __init__(self, kind: str, field: str, package: str):
+        self.kind, self.field, self.package = kind, field, package
+        self.entries: dict[str, object] = {}
+        self.aliases: dict[str, str] = {}      # old name -> name
+
+    def register(self, name: str, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            for key in (name, *aliases):
+                if self.entries.get(key, obj) is not obj or self.aliases.get(key, name) != name:
+                    raise ValueError(f"{self.kind} {key!r} is registered twice")
+            self.entries[name] = obj
+            self.aliases.update(dict.fromkeys(aliases, name))
+            if isinstance(obj, type):
+                obj.name = name
+            return obj
+        return deco
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    def get(self, name: str):
+        name = self.canonical(name)
+        if name in self.entries:
+            return self.entries[name]
+        if not self.entries:
+            # A library caller that looked a name up before importing the package that fills it.
+            raise ConfigError(f"{self.field}: no {self.kind} is registered yet; import {self.package} first "
+                              f"(the methodlab CLI and the Ray worker do)")
+        close = difflib.get_close_matches(name, [*self.entries, *self.aliases], n=1)
+        hint = f"did you mean {self.canonical(close[0])!r}?" if close else f"choose one of: {', '.join(self.names())}"
+        raise ConfigError(f"{self.field}: unknown {self.kind} {name!r}; {hint}")
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
 
 
-def _register(table: dict, kind: str, name: str) -> Callable[[T], T]:
-    def deco(obj: T) -> T:
-        if name in table and table[name] is not obj:
-            raise ValueError(f"{kind} {name!r} is registered twice")
-        table[name] = obj
-        if isinstance(obj, type):
-            obj.name = name
-        return obj
-    return deco
+METHODS = Table("method", "method", "methodlab.methods")
+MODELS = Table("model architecture", "model arch", "methodlab.models")
+DATASETS = Table("built-in dataset", "data.dataset", "methodlab.data")
 
 
-def register_method(name: str):
-    return _register(_METHODS, "method", name)
+def register_method(name: str, aliases: tuple[str, ...] = ()):
+    return METHODS.register(name, aliases)
 
 
-def register_model(name: str):
-    return _register(_MODELS, "model", name)
+def register_model(name: str, aliases: tuple[str, ...] = ()):
+    return MODELS.register(name, aliases)
 
 
-def register_dataset(name: str):
-    return _register(_DATASETS, "dataset", name)
-
-
-def _lookup(table: dict, kind: str, name: str, field: str):
-    _load_builtins()
-    if name not in table:
-        close = difflib.get_close_matches(name, list(table), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(sorted(table))}"
-        raise ConfigError(f"{field}: unknown {kind} {name!r}; {hint}")
-    return table[name]
+def register_dataset(name: str, aliases: tuple[str, ...] = ()):
+    return DATASETS.register(name, aliases)
 
 
 def get_method(name: str):
-    return _lookup(_METHODS, "method", name, "method")
+    return METHODS.get(name)
 
 
 def get_model_builder(name: str):
-    return _lookup(_MODELS, "model architecture", name, "model arch")
+    return MODELS.get(name)
 
 
 def get_dataset_builder(name: str):
-    return _lookup(_DATASETS, "built-in dataset", name, "data.dataset")
+    return DATASETS.get(name)
 
 
 def method_names() -> list[str]:
-    _load_builtins()
-    return sorted(_METHODS)
-
-
-def dataset_names() -> list[str]:
-    _load_builtins()
-    return sorted(_DATASETS)
+    return METHODS.names()
 
 
 def model_names() -> list[str]:
-    _load_builtins()
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
-def _load_builtins() -> None:
-    # Importing the packages runs their decorators.
-    import methodlab.data.builtin  # noqa: F401
-    import methodlab.methods  # noqa: F401
-    import methodlab.models  # noqa: F401
+def dataset_names() -> list[str]:
+    return DATASETS.names()

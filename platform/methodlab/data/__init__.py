@@ -1,12 +1,21 @@
-"""Datasets: the Parquet layout (`dataset`), built-in datasets (`builtin`), image-folder import."""
+"""Datasets: the Parquet layout (`dataset`), built-in datasets (`builtin` and the modules below,
+each registering its own with `@register_dataset`), image-folder and xlsa17 import.
+
+Importing this package registers every built-in dataset: none depends on a method using it.
+"""
 
 from __future__ import annotations
 
 import os
 
 from methodlab import storage
+from methodlab.data import builtin  # noqa: F401  (digits)
+from methodlab.data import digits_transfer  # noqa: F401  (digits_source, digits_transfer)
+from methodlab.data import gzsl  # noqa: F401  (digits_gzsl, synthetic_gzsl)
+from methodlab.data import multimodal  # noqa: F401  (digits_multimodal, synthetic_multimodal)
 from methodlab.data.dataset import DatasetInfo, open_dataset, read_split, read_table, split_nbytes, write_dataset
 from methodlab.errors import DataError
+from methodlab.registry import DATASETS, dataset_names, get_dataset_builder
 
 __all__ = ["DatasetInfo", "open_dataset", "read_split", "read_table", "split_nbytes", "write_dataset",
            "prepare_builtin", "resolve_dataset"]
@@ -14,9 +23,8 @@ __all__ = ["DatasetInfo", "open_dataset", "read_split", "read_table", "split_nby
 
 def prepare_builtin(name: str, root: str, force: bool = False) -> DatasetInfo:
     """Write built-in dataset `name` under `root/name` unless it is already there (idempotent)."""
-    from methodlab.registry import get_dataset_builder
-
     builder = get_dataset_builder(name)
+    name = DATASETS.canonical(name)      # an old name writes (and finds) the current one's copy
     uri = f"{root.rstrip('/')}/{name}"
     if not force and storage.exists(f"{uri}/dataset.json"):
         try:
@@ -31,8 +39,6 @@ def prepare_builtin(name: str, root: str, force: bool = False) -> DatasetInfo:
 
 def resolve_dataset(dataset: str, root: str) -> DatasetInfo:
     """A built-in name is prepared on first use; anything else is a dataset directory or URI."""
-    from methodlab.registry import dataset_names
-
-    if dataset in dataset_names():
+    if DATASETS.canonical(dataset) in dataset_names():
         return prepare_builtin(dataset, root)
     return open_dataset(dataset)

@@ -297,7 +297,7 @@ def _fit_encoder(x, y, num_classes: int, fit_rows, seed: int, epochs: int) -> np
         return encoder(x).numpy()
 
 
-@register_dataset("digits-gzsl")
+@register_dataset("digits_gzsl", aliases=("digits-gzsl",))
 def digits_gzsl() -> dict:
     """scikit-learn's 8x8 digits as a GZSL benchmark: 7 seen digits, 3 unseen (0, 4, 9).
 
@@ -398,7 +398,7 @@ def synthetic_gzsl(n_seen: int = 20, n_unseen: int = 10, n_val_unseen: int | Non
                              "attribute_names": [f"a{i}" for i in range(attribute_dim)]})
 
 
-@register_dataset("synthetic-gzsl")
+@register_dataset("synthetic_gzsl", aliases=("synthetic-gzsl",))
 def synthetic_gzsl_builtin() -> dict:
     """The small default of `synthetic_gzsl` (20 seen / 10 unseen classes, 64-d, 16 attributes)."""
     return synthetic_gzsl()

@@ -80,7 +80,7 @@ def digit_views(images: np.ndarray) -> dict[str, np.ndarray]:
     return {"image": coarse.numpy(), "edges": edges.numpy(), "profiles": profiles.numpy()}
 
 
-@register_dataset("digits-multimodal")
+@register_dataset("digits_multimodal", aliases=("digits-multimodal",))
 def digits_multimodal() -> dict:
     images, labels = load_digits()
     return {
@@ -121,6 +121,6 @@ def make_synthetic_multimodal(informativeness: Sequence[float] = (0.9, 0.6, 0.2)
     }
 
 
-@register_dataset("synthetic-multimodal")
+@register_dataset("synthetic_multimodal", aliases=("synthetic-multimodal",))
 def synthetic_multimodal() -> dict:
     return make_synthetic_multimodal()

@@ -7,16 +7,12 @@ is ever executed when a backbone is loaded (see `methodlab.models.hub`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from methodlab.models import cnn  # noqa: F401  (registers architectures)
 from methodlab.models import canonicalizer  # noqa: F401  (canonicalized, group_averaged)
-from methodlab.models import gzsl  # noqa: F401  (gzsl-classifier)
+from methodlab.models import gzsl  # noqa: F401  (gzsl_classifier)
 from methodlab.models import resnet  # noqa: F401  (resnet)
 from methodlab.models import vit  # noqa: F401  (vit, toast_vit)
 from methodlab.models import mmanet  # noqa: F401  (mmanet)
-from methodlab.registry import get_model_builder
+from methodlab.models.factory import build_model
 
-
-def build_model(spec: dict[str, Any]):
-    return get_model_builder(spec["arch"])(**spec.get("kwargs", {}))
+__all__ = ["build_model"]

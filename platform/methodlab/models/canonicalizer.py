@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methodlab.models.factory import build_model
 from methodlab.registry import register_model
 
 
@@ -252,8 +253,6 @@ class CanonicalizedModel(_GroupMixin, nn.Module):
                  channels: int = 16, num_layers: int = 3, kernel_size: int = 3, out_dim: int = 64,
                  dropout: float = 0.5):
         super().__init__()
-        from methodlab.models import build_model
-
         if canonicalizer not in ("cnn", "group_conv"):
             raise ValueError(f"canonicalizer must be 'cnn' or 'group_conv', not {canonicalizer!r}")
         if canonicalizer == "group_conv" and reflections:
@@ -306,8 +305,6 @@ class GroupAveragedModel(_GroupMixin, nn.Module):
     def __init__(self, predictor: dict[str, Any], num_rotations: int = 4, reflections: bool = False,
                  pad_ratio: float = 0.5):
         super().__init__()
-        from methodlab.models import build_model
-
         self.num_rotations, self.reflections, self.pad_ratio = num_rotations, reflections, pad_ratio
         self.predictor = build_model(predictor)
 

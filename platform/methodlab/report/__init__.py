@@ -87,6 +87,7 @@ def _run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
 
 
 def collect(tracking_uri: str) -> dict[str, Any]:
+    import methodlab.methods  # noqa: F401  (fills the method registry)
     from methodlab.registry import get_method, method_names
     from methodlab.tracking import METHOD_TAG, Tracker
 

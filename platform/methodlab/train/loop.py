@@ -33,6 +33,7 @@ import ray.train.torch  # [ray]
 from methodlab import storage
 from methodlab.config import RunConfig, from_dict, methodlab_home
 from methodlab.data.dataset import open_dataset
+import methodlab.methods  # noqa: F401  (fills the registries in the Ray worker)
 from methodlab.methods.base import Batch, Method
 from methodlab.models import build_model
 from methodlab.registry import get_method
