@@ -4,7 +4,8 @@ directions, and no method named in the generic execution code.
 Imports are read with `ast`, including those inside functions (a lazy import is still a
 dependency). An edge goes to the module named; `from pkg import name` goes to `pkg.name` when
 that is a module, else to `pkg`. Parent packages are not edges: a package's `__init__` importing
-its own modules (the registries' pattern) is not a circle.
+its own modules (the registries' pattern) is not a circle. A package that imports all its
+modules with `registry.import_submodules` has an edge to each of them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def _imports(name: str, path: Path) -> set[str]:
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{anchor}.{base}" if base else anchor
             found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names)
+        if (isinstance(node, ast.Call) and path.name == "__init__.py"
+                and getattr(node.func, "id", getattr(node.func, "attr", None)) == "import_submodules"):
+            found.update(m for m in MODULES if m.rpartition(".")[0] == name)
     return {m for m in found if m in MODULES and m != name}
 
 

@@ -14,6 +14,8 @@ configs written under an old name still resolve.
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from typing import Callable, TypeVar
 
 from methodlab.errors import ConfigError
@@ -26,14 +28,16 @@ class Table:
         self.kind, self.field, self.package = kind, field, package
         self.entries: dict[str, object] = {}
         self.aliases: dict[str, str] = {}      # old name -> name
+        self.meta: dict[str, dict] = {}        # what an entry declares about itself (a model's example)
 
-    def register(self, name: str, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
+    def register(self, name: str, aliases: tuple[str, ...] = (), **meta) -> Callable[[T], T]:
         def deco(obj: T) -> T:
             for key in (name, *aliases):
                 if self.entries.get(key, obj) is not obj or self.aliases.get(key, name) != name:
                     raise ValueError(f"{self.kind} {key!r} is registered twice")
             self.entries[name] = obj
             self.aliases.update(dict.fromkeys(aliases, name))
+            self.meta[name] = meta
             if isinstance(obj, type):
                 obj.name = name
             return obj
@@ -67,8 +71,10 @@ def register_method(name: str, aliases: tuple[str, ...] = ()):
     return METHODS.register(name, aliases)
 
 
-def register_model(name: str, aliases: tuple[str, ...] = ()):
-    return MODELS.register(name, aliases)
+def register_model(name: str, aliases: tuple[str, ...] = (), example: dict | None = None):
+    """`example`: the smallest spec kwargs and input the registry-driven tests build the
+    architecture from, `{"kwargs": {...}, "input": (B, ...)}` (tests/test_registry.py)."""
+    return MODELS.register(name, aliases, example=example)
 
 
 def register_dataset(name: str, aliases: tuple[str, ...] = ()):
@@ -95,5 +101,16 @@ def model_names() -> list[str]:
     return MODELS.names()
 
 
+def model_example(name: str) -> dict | None:
+    return MODELS.meta[MODELS.canonical(name)].get("example")
+
+
 def dataset_names() -> list[str]:
     return DATASETS.names()
+
+
+def import_submodules(package: str, path) -> None:
+    """Import every module of `package` (its `__path__`), in name order: a new method module
+    registers by being there, with no list to extend (`methodlab/methods/__init__.py`)."""
+    for module in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
+        importlib.import_module(f"{package}.{module.name}")

@@ -236,7 +236,9 @@ class _GroupMixin:
         return group_copies(x, self.num_rotations, self.reflections, self.pad_ratio)
 
 
-@register_model("canonicalized")
+@register_model("canonicalized", example={
+    "kwargs": {"predictor": {"arch": "cnn", "kwargs": {"width": 4, "embed_dim": 8}}, "in_channels": 1, "image_size": 8,
+               "channels": 4, "num_layers": 2, "out_dim": 8}, "input": (2, 1, 8, 8)})
 class CanonicalizedModel(_GroupMixin, nn.Module):
     """predictor(canonicalize(x)): images (B, C, H, W) -> logits, invariant to the group.
 
@@ -298,7 +300,8 @@ class CanonicalizedModel(_GroupMixin, nn.Module):
         return self.predictor(self.canonicalize(x)["image"])
 
 
-@register_model("group_averaged")
+@register_model("group_averaged", example={
+    "kwargs": {"predictor": {"arch": "cnn", "kwargs": {"width": 4, "embed_dim": 8}}}, "input": (2, 1, 8, 8)})
 class GroupAveragedModel(_GroupMixin, nn.Module):
     """mean_g predictor(g·x): exactly invariant (for exact actions), |G| predictor passes."""
 

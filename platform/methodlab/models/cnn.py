@@ -8,7 +8,7 @@ from torch import nn
 from methodlab.registry import register_model
 
 
-@register_model("cnn")
+@register_model("cnn", example={"kwargs": {"width": 4, "embed_dim": 8}, "input": (2, 1, 8, 8)})
 class SmallCNN(nn.Module):
     """conv-bn-relu x2, pool, conv-bn-relu, global pool -> `embed_dim` features -> linear head.
 

@@ -12,7 +12,8 @@ from torch import nn
 from methodlab.registry import register_model
 
 
-@register_model("gzsl_classifier", aliases=("gzsl-classifier",))
+@register_model("gzsl_classifier", aliases=("gzsl-classifier",),
+                example={"kwargs": {"feature_dim": 6, "num_classes": 4, "embed_dim": 8}, "input": (2, 6)})
 class GZSLClassifier(nn.Module):
     """x (B, feature_dim) -> logits (B, num_classes). `shift`/`scale` hold the min-max scaling fit
     on the training features (identity by default), so the model takes raw features."""

@@ -61,7 +61,8 @@ class _Branch(nn.Module):
         return feats, self.head(feats)
 
 
-@register_model("mmanet")
+@register_model("mmanet", example={"kwargs": {"modality_shapes": [[1, 4, 4], [5]], "num_classes": 3, "width": 4,
+                                            "feat_dim": 4, "hidden": 8, "regularizer": True}, "input": (2, 21)})
 class MultimodalNet(nn.Module):
     """Modality stems -> feature-level masking -> concatenation -> trunk -> head.
 

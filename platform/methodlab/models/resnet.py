@@ -30,7 +30,7 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-@register_model("resnet")
+@register_model("resnet", example={"kwargs": {"width": 4, "blocks": [1, 1]}, "input": (2, 1, 8, 8)})
 class ResNet(nn.Module):
     """stem -> len(blocks) stages of basic blocks -> global average pool -> `embed_dim` -> linear head.
 

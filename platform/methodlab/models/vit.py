@@ -95,7 +95,8 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-@register_model("vit")
+@register_model("vit", example={"kwargs": {"img_size": 8, "patch_size": 4, "in_channels": 1, "num_classes": 3,
+                                         "embed_dim": 8, "depth": 2, "num_heads": 2}, "input": (2, 1, 8, 8)})
 class ViT(nn.Module):
     """A ViT classifier; `embed(x)` is the CLS feature (B, embed_dim), `forward(x)` the logits.
 
@@ -237,7 +238,9 @@ def make_head(dim: int, num_classes: int) -> nn.Linear:
     return head
 
 
-@register_model("toast_vit")
+@register_model("toast_vit", example={
+    "kwargs": {"vit": {"img_size": 8, "patch_size": 4, "in_channels": 1, "embed_dim": 8, "depth": 2, "num_heads": 2},
+               "num_classes": 3}, "input": (2, 1, 8, 8)})
 class TopDownViT(nn.Module):
     """A ViT backbone steered by TOAST's top-down attention; `forward(x)` gives the logits.
 
