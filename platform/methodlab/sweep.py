@@ -56,8 +56,6 @@ from methodlab.errors import ConfigError, TrainingError
 from methodlab.registry import get_method
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
-STOPPED_TAG = "methodlab.stopped_early"
-SWEEP_TAG = "methodlab.sweep"
 TRIAL_CPU = 0.01          # the Tune function only waits on its TorchTrainer; 0 is rejected by Tune
 SWEEP_KEYS = ("name", "space", "search", "method_name", "base")
 
@@ -288,7 +286,8 @@ def run_trial(params: dict, ctx: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from methodlab.tracking import Tracker, flatten_params
+    from methodlab.tracking import (CHECKPOINT_ROOT_TAG, DATASET_TAG, METHOD_TAG, METRIC_TAG, STOPPED_TAG,
+                                    SWEEP_NAME_TAG, TRIAL_PARAM_TAG, Tracker, flatten_params)
     from methodlab.train.launch import build_trainer, dataset_for, worker_error_line
 
     name = trial_run_name(ctx["sweep_name"], tune.get_context().get_trial_id())
@@ -308,10 +307,9 @@ def run_trial(params: dict, ctx: dict) -> None:
         method = get_method(cfg.method_name)
         run_id = tracker.start_run(
             name, flatten_params(cfg.model_dump(mode="json")),
-            {"methodlab.method": cfg.method_name, "methodlab.metric": method.metric,
-             "methodlab.dataset": info.name, "methodlab.sweep_name": ctx["sweep_name"],
-             "methodlab.checkpoint_root": f"{cfg.storage.path.rstrip('/')}/{name}",
-             **{f"methodlab.trial.{k}": v for k, v in params.items()}},
+            {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
+             SWEEP_NAME_TAG: ctx["sweep_name"], CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{name}",
+             **{f"{TRIAL_PARAM_TAG}{k}": v for k, v in params.items()}},
             cfg.to_yaml(), parent_run_id=ctx["parent_run_id"])
     try:
         result = build_trainer(cfg, info, run_id, callbacks=[TuneReportCallback()]).fit()
@@ -426,7 +424,8 @@ def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
 
 def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[str] = ()) -> SweepSummary:
     """Run (or resume) a sweep of `method_name` and return its summary."""
-    from methodlab.tracking import Tracker, differing_params, flatten_params
+    from methodlab.tracking import (METHOD_TAG, METRIC_TAG, MODE_TAG, SCHEDULER_TAG, SWEEP_TAG, Tracker,
+                                    differing_params, flatten_params)
     from methodlab.train.launch import check_capacity, ensure_ray, preflight
 
     method = get_method(method_name)
@@ -468,9 +467,9 @@ def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[st
                   "search.max_concurrent_trials": str(concurrent),
                   **{f"base.{k}": v for k, v in flatten_params(base.model_dump(mode="json")).items()
                      if k.split(".")[0] in BASE_PARAM_SECTIONS}}
-        parent = tracker.start_run(name, params, {SWEEP_TAG: "true", "methodlab.method": method_name,
-                                                  "methodlab.metric": method.metric, "methodlab.mode": method.mode,
-                                                  "methodlab.scheduler": sched.type},
+        parent = tracker.start_run(name, params, {SWEEP_TAG: "true", METHOD_TAG: method_name,
+                                                  METRIC_TAG: method.metric, MODE_TAG: method.mode,
+                                                  SCHEDULER_TAG: sched.type},
                                    _spec_yaml(spec, space, base, concurrent))
     ctx = {"method_name": method_name, "base_layers": base_layers, "sweep_name": name, "parent_run_id": parent}
     try:
@@ -587,13 +586,13 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
     stopped before its last stage has none) from its last checkpoint, with alias `candidate`."""
     from methodlab.data.dataset import read_split
     from methodlab.models import hub
-    from methodlab.tracking import git_commit
+    from methodlab.tracking import CHECKPOINT_ROOT_TAG, MODEL_SPEC_TAG, REGISTERED_VERSION_TAG, git_commit
 
     if not ranked:
         return None, None
     example = read_split(info, "val", limit_rows=2)[method.export_input]
     for t in ranked:
-        root = tracker.client.get_run(t.run_id).data.tags.get("methodlab.checkpoint_root")
+        root = tracker.client.get_run(t.run_id).data.tags.get(CHECKPOINT_ROOT_TAG)
         try:
             model, spec = hub.load_pretrained(hub.latest_checkpoint(root))
         except ConfigError:
@@ -601,7 +600,7 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
         version = tracker.log_model(t.run_id, model, spec, example, base.tracking.registered_model,
                                     {method.metric: t.metric, "sweep": name, "run_name": t.run_name,
                                      "git_commit": git_commit(), **{f"param.{k}": v for k, v in t.params.items()}})
-        tracker.set_tags(t.run_id, {"methodlab.registered_version": version, "methodlab.model_spec": json.dumps(spec)})
+        tracker.set_tags(t.run_id, {REGISTERED_VERSION_TAG: version, MODEL_SPEC_TAG: json.dumps(spec)})
         return t, version
     return ranked[0], None
 
@@ -609,10 +608,12 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
 def _finish_children(trials: list[Trial], tracker) -> None:
     """Every child run ends in the state Tune left its trial in (log_model re-opens a run, so this
     comes after registration)."""
+    from methodlab.tracking import STOPPED_TAG, TRIAL_EPOCHS_TAG
+
     for t in trials:
         if t.run_id is None:
             continue
-        tracker.set_tags(t.run_id, {STOPPED_TAG: str(t.stopped_early).lower(), "methodlab.trial_epochs": t.epochs})
+        tracker.set_tags(t.run_id, {STOPPED_TAG: str(t.stopped_early).lower(), TRIAL_EPOCHS_TAG: t.epochs})
         if tracker.client.get_run(t.run_id).info.status != t.status:   # keep a finished run's end time
             tracker.end_run(t.run_id, t.status)
 
@@ -657,6 +658,8 @@ def metric_plot(trials: list[Trial], space: dict, metric: str):
 
 
 def _log_summary(s: SweepSummary, space: dict, tracker) -> None:
+    from methodlab.tracking import BEST_CONFIG_TAG, BEST_RUN_ID_TAG, REGISTERED_VERSION_TAG
+
     tracker.log_text(s.parent_run_id, trials_csv(s.trials, space, s.metric), "trials.csv")
     if any(t.metric is not None for t in s.trials):
         tracker.log_object(s.parent_run_id, metric_plot(s.trials, space, s.metric), "metric_vs_params.png")
@@ -673,6 +676,5 @@ def _log_summary(s: SweepSummary, space: dict, tracker) -> None:
         metrics[f"best_{s.metric}"] = s.best.metric
     tracker.log_metrics(s.parent_run_id, metrics, step=0)
     if s.best is not None:
-        tracker.set_tags(s.parent_run_id, {"methodlab.best_run_id": s.best.run_id,
-                                           "methodlab.best_config": json.dumps(s.best.params),
-                                           "methodlab.registered_version": s.version or "none"})
+        tracker.set_tags(s.parent_run_id, {BEST_RUN_ID_TAG: s.best.run_id, BEST_CONFIG_TAG: json.dumps(s.best.params),
+                                           REGISTERED_VERSION_TAG: s.version or "none"})

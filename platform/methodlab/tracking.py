@@ -29,8 +29,28 @@ from methodlab.errors import ConfigError, ServiceError
 from methodlab.redact import REDACTED, SECRET_KEY, redact_value
 from methodlab.spool import SpoolFile, drop, pending
 
+# The tags methodlab sets on MLflow runs; runs are found and read back by them, so the names are
+# part of every tracking store's history and must not change.
 RUN_NAME_TAG = "methodlab.run_name"
 METHOD_TAG = "methodlab.method"
+METRIC_TAG = "methodlab.metric"                  # the method's metric, the one sweeps rank by
+MODE_TAG = "methodlab.mode"                      # max | min, for that metric (sweep parents)
+DATASET_TAG = "methodlab.dataset"
+CHECKPOINT_ROOT_TAG = "methodlab.checkpoint_root"    # where Ray Train keeps the run's checkpoints
+RESUMED_WITH_TAG = "methodlab.resumed_with"      # the values a resume changed (params cannot change)
+RESUMED_AT_EPOCH_TAG = "methodlab.resumed_at_epoch"
+REGISTERED_VERSION_TAG = "methodlab.registered_version"  # "none" when the run registered no version
+REGISTERED_EPOCH_TAG = "methodlab.registered_epoch"
+MODEL_SPEC_TAG = "methodlab.model_spec"
+SWEEP_TAG = "methodlab.sweep"                    # "true" on a sweep's parent run
+SWEEP_NAME_TAG = "methodlab.sweep_name"          # on each trial's run
+TRIAL_PARAM_TAG = "methodlab.trial."             # + the space key: the trial's drawn value
+SCHEDULER_TAG = "methodlab.scheduler"
+STOPPED_TAG = "methodlab.stopped_early"
+TRIAL_EPOCHS_TAG = "methodlab.trial_epochs"
+BEST_RUN_ID_TAG = "methodlab.best_run_id"
+BEST_CONFIG_TAG = "methodlab.best_config"
+BENCHMARK_TAG = "methodlab.benchmark"            # on the runs bench/ logs its results to
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_VALUE = 6000     # MLflow's limit on a param value
 MAX_PARAM_KEY = 250

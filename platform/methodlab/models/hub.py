@@ -70,14 +70,14 @@ def load_pretrained(uri: str, tracking_uri: str | None = None) -> tuple[nn.Modul
     """(model, spec) for a models:/ URI, a runs:/ URI, a checkpoint directory or a model file."""
     if uri.startswith(("models:/", "runs:/")):
         from methodlab.config import load_config
-        from methodlab.tracking import Tracker
+        from methodlab.tracking import CHECKPOINT_ROOT_TAG, Tracker
 
         cfg_uri = tracking_uri or load_config("supervised").tracking.uri
         tracker = Tracker(cfg_uri, "methodlab")
         if uri.startswith("runs:/"):
             run_id = uri[len("runs:/"):].strip("/")
             try:
-                root = tracker.client.get_run(run_id).data.tags["methodlab.checkpoint_root"]
+                root = tracker.client.get_run(run_id).data.tags[CHECKPOINT_ROOT_TAG]
             except Exception:  # noqa: BLE001 — unknown run id or a run methodlab did not start
                 raise ConfigError(f"{uri}: no methodlab run with that id in {cfg_uri}") from None
             return _from_checkpoint(latest_checkpoint(root))

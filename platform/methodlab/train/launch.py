@@ -239,7 +239,8 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
           started_at: float | None = None) -> RunSummary:
     """Run `cfg` to completion (or resume it) and return its summary. `resume` also picks up the
     checkpoint kept on local disk when S3 went away (see `upload_local_fallback`)."""
-    from methodlab.tracking import Tracker, differing_params, flatten_params
+    from methodlab.tracking import (CHECKPOINT_ROOT_TAG, DATASET_TAG, METHOD_TAG, METRIC_TAG, RESUMED_WITH_TAG,
+                                    Tracker, differing_params, flatten_params)
 
     started_at = started_at or time.time()
     info = preflight(cfg)
@@ -267,15 +268,14 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
             # A resume may change values (more epochs, say); MLflow params cannot change, so the
             # run says which ones its later epochs ran with.
             resumed_with = " ".join(f"{k}={new_values[k]}" for k in changed)
-            tracker.set_tags(run_id, {"methodlab.resumed_with": resumed_with})
+            tracker.set_tags(run_id, {RESUMED_WITH_TAG: resumed_with})
             print(f"[{name}] resuming with other values than it started with: {resumed_with}", flush=True)
     else:
         method = get_method(cfg.method_name)
         run_id = tracker.start_run(name, {**flatten_params(cfg.model_dump(mode="json")),
                                           "train.global_batch_size": str(global_batch(cfg))},
-                                   {"methodlab.method": cfg.method_name, "methodlab.metric": method.metric,
-                                    "methodlab.dataset": info.name,
-                                    "methodlab.checkpoint_root": f"{cfg.storage.path.rstrip('/')}/{name}"},
+                                   {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
+                                    CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{name}"},
                                    cfg.to_yaml(), parent_run_id=parent_run_id)
     sc = cfg.scaling
     print(f"[{name}] {cfg.method_name} on {sc.num_workers} worker(s) ({'GPU' if sc.use_gpu else 'CPU'}), "
@@ -325,8 +325,10 @@ def _end_quietly(tracker, run_id: str, status: str) -> None:
 
 
 def _summary(tracker, cfg: RunConfig, run_id: str, resumed: bool, already: bool) -> RunSummary:
+    from methodlab.tracking import REGISTERED_VERSION_TAG
+
     run = tracker.client.get_run(run_id)
-    version = run.data.tags.get("methodlab.registered_version")
+    version = run.data.tags.get(REGISTERED_VERSION_TAG)
     return RunSummary(cfg.run_name, run_id, run.info.status, dict(run.data.metrics),
                       cfg.tracking.registered_model if version not in (None, "none") else None,
                       version if version not in (None, "none") else None, resumed, already)
