@@ -43,15 +43,14 @@ import io
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from methodlab import storage
-from methodlab.config import (RunConfig, Section, deep_merge, parse_override, read_yaml, resolve,
-                              run_config_class, set_path)
+from methodlab.config import (RunConfig, Section, check_name, deep_merge, nest, parse_override, read_yaml,
+                              resolve, run_config_class, set_path, yaml_number)
 from methodlab.errors import ConfigError, TrainingError
 from methodlab.registry import get_method
 
@@ -92,9 +91,7 @@ class SweepSpec(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}", v):
-            raise ValueError("use letters, digits, '_', '.', '-' (at most 80 characters)")
-        return v
+        return check_name(v, 80)
 
 
 def _spec_error(e: ValidationError, origin: str, set_by: dict[str, str]) -> ConfigError:
@@ -179,20 +176,13 @@ def _is_dict_field(cls: type[BaseModel], parts: list[str]) -> bool:
     return getattr(ann, "__origin__", ann) is dict
 
 
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads 1e-3 (no dot) as a string; in a space it is meant as a number."""
-    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-        return float(value)
-    return value
-
-
 def _dist(key: str, spec: Any) -> tuple[str, Any]:
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"space key {key}: a distribution is one of "
                           f"{', '.join('{' + d + ': ...}' for d in DISTRIBUTIONS)}, got {spec!r}")
     (kind, args), = spec.items()
     if isinstance(args, list):
-        args = [_number(a) for a in args]
+        args = [yaml_number(a) for a in args]
     if kind not in DISTRIBUTIONS:
         close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(DISTRIBUTIONS)}"
@@ -210,13 +200,6 @@ def _dist(key: str, spec: Any) -> tuple[str, Any]:
     elif not isinstance(args, list) or not args:
         raise ConfigError(f"space key {key}: {kind} takes a non-empty list of values, got {args!r}")
     return kind, args
-
-
-def _tree(key: str, value: Any) -> dict:
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
 
 
 def validate_space(method_name: str, space: dict[str, dict], base_layers: list[tuple[str, dict]],
@@ -242,7 +225,7 @@ def validate_space(method_name: str, space: dict[str, dict], base_layers: list[t
                               "use {choice: [...]}")
         for value in args:
             try:
-                resolve(method_name, [*base_layers, (f"by space key {key}", _tree(key, value))])
+                resolve(method_name, [*base_layers, (f"by space key {key}", nest(key.split("."), value))])
             except ConfigError as e:
                 raise ConfigError(f"space key {key}: value {value!r} is not valid there ({e})") from None
         out[key] = (kind, list(args))
@@ -272,7 +255,7 @@ def merged_space(method_name: str, spec: SweepSpec) -> dict[str, dict]:
 
 
 def trial_config(ctx: dict, params: dict[str, Any], run_name: str) -> RunConfig:
-    layers = [*ctx["base_layers"], *((f"by trial param {k}", _tree(k, v)) for k, v in params.items()),
+    layers = [*ctx["base_layers"], *((f"by trial param {k}", nest(k.split("."), v)) for k, v in params.items()),
               ("for this trial", {"train": {"run_name": run_name}, "tracking": {"register_model": False}})]
     return resolve(ctx["method_name"], layers)
 

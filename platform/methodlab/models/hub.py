@@ -69,11 +69,11 @@ def latest_checkpoint(root: str) -> str:
 def load_pretrained(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict]:
     """(model, spec) for a models:/ URI, a runs:/ URI, a checkpoint directory or a model file."""
     if uri.startswith(("models:/", "runs:/")):
-        from methodlab.config import load_config
+        from methodlab.config import TrackingConfig, default_tracking_uri
         from methodlab.tracking import CHECKPOINT_ROOT_TAG, Tracker
 
-        cfg_uri = tracking_uri or load_config("supervised").tracking.uri
-        tracker = Tracker(cfg_uri, "methodlab")
+        cfg_uri = tracking_uri or default_tracking_uri()
+        tracker = Tracker(cfg_uri, TrackingConfig().experiment)
         if uri.startswith("runs:/"):
             run_id = uri[len("runs:/"):].strip("/")
             try:
