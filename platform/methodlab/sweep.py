@@ -393,9 +393,10 @@ def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
     each other, so more than fit is refused before the sweep starts."""
     import ray
 
+    from methodlab.train.launch import run_cpus
+
     cpus = ray.cluster_resources().get("CPU", 0)
-    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_CPU + \
-        (1 if cfg.data.loader == "stream" else 0)
+    per_trial = run_cpus(cfg) + TRIAL_CPU
     fit = max(1, int((cpus + 1e-9) // per_trial))
     asked = spec.search.max_concurrent_trials
     if asked is not None and asked > fit:
@@ -437,7 +438,7 @@ def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[st
                  "TUNE_GLOBAL_CHECKPOINT_S": "2"}.items():    # the experiment state a resume starts from
         os.environ.setdefault(k, v)
     ensure_ray()
-    check_capacity(base, with_data=base.data.loader == "stream")
+    check_capacity(base)
     concurrent = _concurrency(spec, base)
 
     sched = spec.search.scheduler

@@ -88,15 +88,27 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def _capacity_shortfall(cfg: RunConfig, with_data: bool) -> str | None:
-    """What the cluster lacks for the run's workers (+1 CPU for Ray Data reads), or None."""
+def data_cpus(cfg: RunConfig) -> float:
+    """The CPU a run keeps for Ray Data's read tasks when it streams its train split
+    (data.loader=stream): the workers' placement group holds their CPUs, so the reads need one of
+    their own."""
+    return 1 if cfg.data.loader == "stream" else 0
+
+
+def run_cpus(cfg: RunConfig) -> float:
+    """Every CPU one run takes: its workers' and Ray Data's."""
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + data_cpus(cfg)
+
+
+def _capacity_shortfall(cfg: RunConfig) -> str | None:
+    """What the cluster lacks for the run (`run_cpus`, and its workers' GPUs), or None."""
     import ray
 
     total = ray.cluster_resources()  # [ray]
     sc = cfg.scaling
-    need_cpu = sc.num_workers * sc.cpus_per_worker + (1 if with_data else 0)
+    need_cpu = run_cpus(cfg)
     if need_cpu > total.get("CPU", 0) + 1e-9:
-        reads = " (+1 CPU for Ray Data reads)" if with_data else ""
+        reads = f" (+{data_cpus(cfg):g} CPU for Ray Data reads)" if data_cpus(cfg) else ""
         return (f"scaling.num_workers={sc.num_workers} x scaling.cpus_per_worker={sc.cpus_per_worker}{reads}"
                 f" needs {need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}")
     need_gpu = sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0
@@ -107,11 +119,11 @@ def _capacity_shortfall(cfg: RunConfig, with_data: bool) -> str | None:
     return None
 
 
-def check_capacity(cfg: RunConfig, with_data: bool = True) -> None:
+def check_capacity(cfg: RunConfig) -> None:
     """Refuse, before any run exists, a run the cluster cannot place: Ray Train would wait for
     its placement group forever. On an autoscaling cluster, `scaling.wait_for_nodes_s` asks the
     autoscaler for the workers' bundles first and waits that long for the nodes to join."""
-    short = _capacity_shortfall(cfg, with_data)
+    short = _capacity_shortfall(cfg)
     wait_s = cfg.scaling.wait_for_nodes_s
     if short and wait_s > 0:
         from ray.autoscaler.sdk import request_resources  # [ray]
@@ -121,11 +133,12 @@ def check_capacity(cfg: RunConfig, with_data: bool = True) -> None:
         print(f"{short}; asking the autoscaler and waiting up to {wait_s:g}s (scaling.wait_for_nodes_s)",
               flush=True)
         deadline = time.monotonic() + wait_s
-        request_resources(bundles=[worker] * sc.num_workers + ([{"CPU": 1}] if with_data else []))  # [ray]
+        reads = [{"CPU": data_cpus(cfg)}] if data_cpus(cfg) else []
+        request_resources(bundles=[worker] * sc.num_workers + reads)  # [ray]
         try:
             while short and time.monotonic() < deadline:
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-                short = _capacity_shortfall(cfg, with_data)
+                short = _capacity_shortfall(cfg)
         finally:
             # The request is persistent until overridden; once the run's placement group holds
             # the nodes it is not needed, and left in place it would keep them up after the run.
@@ -260,7 +273,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
 
     recovered = upload_local_fallback(cfg) if resume else None
     ensure_ray()
-    check_capacity(cfg, with_data=cfg.data.loader == "stream")
+    check_capacity(cfg)
     if existing is not None:
         run_id = existing.run_id
         tracker.resume_run(run_id)
