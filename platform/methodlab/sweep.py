@@ -570,7 +570,7 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
     stopped before its last stage has none) from its last checkpoint, with alias `candidate`."""
     from methodlab.data.dataset import read_split
     from methodlab.models import hub
-    from methodlab.tracking import CHECKPOINT_ROOT_TAG, MODEL_SPEC_TAG, REGISTERED_VERSION_TAG, git_commit
+    from methodlab.tracking import CHECKPOINT_ROOT_TAG
 
     if not ranked:
         return None, None
@@ -581,10 +581,9 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
             model, spec = hub.load_pretrained(hub.latest_checkpoint(root))
         except ConfigError:
             continue
-        version = tracker.log_model(t.run_id, model, spec, example, base.tracking.registered_model,
-                                    {method.metric: t.metric, "sweep": name, "run_name": t.run_name,
-                                     "git_commit": git_commit(), **{f"param.{k}": v for k, v in t.params.items()}})
-        tracker.set_tags(t.run_id, {REGISTERED_VERSION_TAG: version, MODEL_SPEC_TAG: json.dumps(spec)})
+        version = tracker.register(t.run_id, model, spec, example, base.tracking.registered_model,
+                                   {method.metric: t.metric, "sweep": name, "run_name": t.run_name,
+                                    **{f"param.{k}": v for k, v in t.params.items()}})
         return t, version
     return ranked[0], None
 

@@ -249,6 +249,17 @@ class Tracker:
         self.client.set_registered_model_alias(registered_name, "candidate", version)
         return str(version)
 
+    def register(self, run_id: str, model, spec: dict, input_example, registered_name: str | None,
+                 version_tags: dict[str, Any], epoch: int | None = None) -> str | None:
+        """`log_model` for a run (a `methodlab train` run, or a sweep's best trial): the version also
+        gets the git commit as a tag, and the run records what it registered: the version ("none"
+        with no `registered_name`), the model's spec and, where known, the epoch it is from."""
+        version = self.log_model(run_id, model, spec, input_example, registered_name,
+                                 {**version_tags, "git_commit": git_commit()})
+        self.set_tags(run_id, {REGISTERED_VERSION_TAG: version or "none", MODEL_SPEC_TAG: json.dumps(spec),
+                               **({REGISTERED_EPOCH_TAG: epoch} if epoch is not None else {})})
+        return version
+
     def download_model_files(self, model_uri: str, dst: str) -> tuple[dict, str]:
         """(spec, path of weights.pt) of a model logged by `log_model`, e.g. models:/name@alias."""
         mlflow.set_tracking_uri(self.uri)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -341,7 +340,7 @@ def _best_effort(fn, *args) -> None:
 def _register(cfg: RunConfig, method: Method, tracker, run_id: str, state: LoopState) -> None:
     """Log the exported model of the final checkpoint (the best epoch's with
     `tracking.register=best`) and register a version (once per run, also across resumes)."""
-    from methodlab.tracking import MODEL_SPEC_TAG, REGISTERED_EPOCH_TAG, REGISTERED_VERSION_TAG, git_commit
+    from methodlab.tracking import REGISTERED_VERSION_TAG
 
     if tracker.client.get_run(run_id).data.tags.get(REGISTERED_VERSION_TAG) is not None:
         return
@@ -352,8 +351,6 @@ def _register(cfg: RunConfig, method: Method, tracker, run_id: str, state: LoopS
         {k: v for k, v in state.metrics.items() if k.startswith("val_")}
     tests = {k: v for k, v in state.metrics.items() if k.startswith("test_")}
     epoch = state.best.get("history_step", state.history_step) if cfg.tracking.register == "best" else state.history_step
-    version = tracker.log_model(run_id, model, spec, method.example_input(),
-                                cfg.tracking.registered_model if cfg.tracking.register_model else None,
-                                {**chosen, **tests, "epoch": epoch, "git_commit": git_commit(), "run_name": cfg.run_name})
-    tracker.set_tags(run_id, {REGISTERED_VERSION_TAG: version or "none", MODEL_SPEC_TAG: json.dumps(spec),
-                              REGISTERED_EPOCH_TAG: epoch})
+    tracker.register(run_id, model, spec, method.example_input(),
+                     cfg.tracking.registered_model if cfg.tracking.register_model else None,
+                     {**chosen, **tests, "epoch": epoch, "run_name": cfg.run_name}, epoch=epoch)
