@@ -269,9 +269,8 @@ def run_trial(params: dict, ctx: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from methodlab.tracking import (CHECKPOINT_ROOT_TAG, DATASET_TAG, METHOD_TAG, METRIC_TAG, STOPPED_TAG,
-                                    SWEEP_NAME_TAG, TRIAL_PARAM_TAG, Tracker, flatten_params)
-    from methodlab.train.launch import build_trainer, dataset_for, worker_error_line
+    from methodlab.tracking import STOPPED_TAG, SWEEP_NAME_TAG, TRIAL_PARAM_TAG, Tracker
+    from methodlab.train.launch import dataset_for, finish, fit, start_or_resume
 
     name = trial_run_name(ctx["sweep_name"], tune.get_context().get_trial_id())
     cfg = trial_config(ctx, params, name)
@@ -283,26 +282,12 @@ def run_trial(params: dict, ctx: dict) -> None:
         # Finished before the sweep driver died: tell Tune its result instead of training again.
         tune.report(existing.metrics)
         return
-    if existing is not None:
-        run_id = existing.run_id
-        tracker.resume_run(run_id)
-    else:
-        method = get_method(cfg.method_name)
-        run_id = tracker.start_run(
-            name, flatten_params(cfg.model_dump(mode="json")),
-            {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
-             SWEEP_NAME_TAG: ctx["sweep_name"], CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{name}",
-             **{f"{TRIAL_PARAM_TAG}{k}": v for k, v in params.items()}},
-            cfg.to_yaml(), parent_run_id=ctx["parent_run_id"])
-    try:
-        result = build_trainer(cfg, info, run_id, callbacks=[TuneReportCallback()]).fit()
-        if getattr(result, "error", None) is not None:
-            raise result.error
-    except Exception as exc:   # noqa: BLE001 — the child run is FAILED, Tune records the error
-        tracker.end_run(run_id, "FAILED")
-        raise TrainingError(f"trial {name} failed: {worker_error_line(exc)}") from None
-    tracker.set_tags(run_id, {STOPPED_TAG: "false"})
-    tracker.end_run(run_id, "FINISHED")
+    run_id = start_or_resume(tracker, cfg, info, existing, parent_run_id=ctx["parent_run_id"],
+                             tags={SWEEP_NAME_TAG: ctx["sweep_name"],
+                                   **{f"{TRIAL_PARAM_TAG}{k}": v for k, v in params.items()}})
+    # A failure marks the child run FAILED and raises; Tune records the error.
+    fit(tracker, cfg, info, run_id, what="trial", callbacks=[TuneReportCallback()])
+    finish(tracker, run_id, {STOPPED_TAG: "false"})
 
 
 # ----------------------------------------------------------------------------------------------
