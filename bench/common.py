@@ -94,11 +94,11 @@ def write_results(name: str, figures: list[Figure], extra: dict[str, Any] | None
 
 def _log_to_mlflow(name: str, payload: dict) -> None:
     from methodlab.report import bench_tracking_uri
-    from methodlab.tracking import Tracker
+    from methodlab.tracking import BENCHMARK_TAG, Tracker
 
     tracker = Tracker(bench_tracking_uri(), "methodlab-bench")
     run_id = tracker.start_run(f"bench-{name}", {"benchmark": name, "device": payload["device"]},
-                               {"methodlab.benchmark": name}, json.dumps(payload, indent=1))
+                               {BENCHMARK_TAG: name}, json.dumps(payload, indent=1))
     metrics = {f["name"]: f["ratio"] for f in payload["figures"] if f["ratio"] is not None}
     if metrics:
         tracker.log_metrics(run_id, metrics, 0)

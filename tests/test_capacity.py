@@ -19,7 +19,7 @@ def test_the_wait_ends_in_a_one_line_refusal_when_no_node_comes(ray_cluster, hom
     cfg = load_config("supervised", None, ["scaling.num_workers=8", "scaling.wait_for_nodes_s=1.5"])
     t0 = time.monotonic()
     with pytest.raises(ConfigError) as refused:
-        check_capacity(cfg, with_data=False)
+        check_capacity(cfg)
     assert time.monotonic() - t0 >= 1.5
     message = str(refused.value)
     assert "\n" not in message
@@ -48,14 +48,14 @@ def test_a_node_joining_during_the_wait_lets_the_run_through(home, capsys):
         ray.init(address=cluster.address)
         overrides = ["scaling.num_workers=2", "scaling.cpus_per_worker=1"]
         with pytest.raises(ConfigError, match="needs 2 CPUs but the cluster has 1; .* set scaling.wait_for_nodes_s"):
-            check_capacity(load_config("supervised", None, overrides), with_data=False)
+            check_capacity(load_config("supervised", None, overrides))
 
         cfg = load_config("supervised", None, [*overrides, "scaling.wait_for_nodes_s=120"])
         outcome: list[BaseException | None] = []
 
         def preflight():
             try:
-                check_capacity(cfg, with_data=False)       # returns once the node has joined
+                check_capacity(cfg)       # returns once the node has joined
                 outcome.append(None)
             except BaseException as e:                     # noqa: BLE001 (re-raised below)
                 outcome.append(e)

@@ -52,11 +52,10 @@ def _sweep(args) -> int:
 
 
 def _promote(args) -> int:
-    from methodlab.config import load_config
+    from methodlab.config import TrackingConfig, default_tracking_uri
     from methodlab.tracking import Tracker
 
-    cfg = load_config("supervised", None, [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = Tracker(args.tracking_uri or default_tracking_uri(), TrackingConfig().experiment)
     moved, message = tracker.promote(args.name, args.metric, args.mode, args.version)
     print(message)
     return 0 if moved else 1
@@ -106,10 +105,10 @@ def _sync(args) -> int:
 
 
 def _report(args) -> int:
-    from methodlab.config import load_config
+    from methodlab.config import default_tracking_uri
     from methodlab.report import write_report
 
-    uri = args.tracking_uri or load_config("supervised").tracking.uri
+    uri = args.tracking_uri or default_tracking_uri()
     print(f"report: {write_report(uri, args.out)}")
     return 0
 

@@ -34,6 +34,20 @@ def methodlab_home() -> Path:
     return Path(os.environ.get(HOME_ENV, ".methodlab")).resolve()
 
 
+def default_tracking_uri() -> str:
+    """The MLflow store of a run that sets no tracking.uri: SQLite under $METHODLAB_HOME."""
+    # Deliberately not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable
+    # process-wide, so a later run would silently track into an earlier run's server.
+    return f"sqlite:///{methodlab_home() / 'mlflow.db'}"
+
+
+def check_name(value: str | None, max_len: int) -> str | None:
+    """A run or sweep name: it becomes a storage directory and an MLflow search term."""
+    if value is not None and not re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{max_len - 1}}}", value):
+        raise ValueError(f"use letters, digits, '_', '.', '-' (at most {max_len} characters)")
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -82,9 +96,7 @@ class TrainConfig(Section):
     @field_validator("run_name")
     @classmethod
     def _safe_run_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
-            raise ValueError("use letters, digits, '_', '.', '-' (at most 100 characters)")
-        return v
+        return check_name(v, 100)
 
 
 class ScalingConfig(Section):
@@ -175,10 +187,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
-    # YAML 1.1 reads "1e-3" as a string; numbers written that way are meant as floats.
+    return key.split("."), yaml_number(value)
+
+
+def yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a value written that way is meant as a float."""
     if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-        value = float(value)
-    return key.split("."), value
+        return float(value)
+    return value
+
+
+def nest(path: list[str], value: Any) -> dict:
+    """(["train", "lr"], 0.1) -> {"train": {"lr": 0.1}}: one dotted key as a config layer."""
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -286,9 +310,7 @@ def _fill_defaults(cfg: RunConfig) -> RunConfig:
     if not cfg.storage.local_fallback:
         cfg.storage.local_fallback = str(home / "checkpoints")
     if not cfg.tracking.uri:
-        # Deliberately not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable
-        # process-wide, so a later run would silently track into an earlier run's server.
-        cfg.tracking.uri = f"sqlite:///{home / 'mlflow.db'}"
+        cfg.tracking.uri = default_tracking_uri()
     if not cfg.tracking.registered_model:
         cfg.tracking.registered_model = f"methodlab-{cfg.method_name}"
     return cfg
@@ -308,15 +330,8 @@ def load_config(method_name: str, yaml_path: str | None = None, overrides: list[
     for text in overrides:
         path, value = parse_override(text)
         set_path(override_tree, path, value, f"override {text!r}")
-        layers.append((f"by override {text!r}", _tree(path, value)))
+        layers.append((f"by override {text!r}", nest(path, value)))
     return resolve(method_name, layers)
-
-
-def _tree(path: list[str], value: Any) -> dict:
-    out: Any = value
-    for part in reversed(path):
-        out = {part: out}
-    return out
 
 
 def from_dict(d: dict) -> RunConfig:

@@ -43,21 +43,18 @@ import io
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from methodlab import storage
-from methodlab.config import (RunConfig, Section, deep_merge, parse_override, read_yaml, resolve,
-                              run_config_class, set_path)
+from methodlab.config import (RunConfig, Section, check_name, deep_merge, nest, parse_override, read_yaml,
+                              resolve, run_config_class, set_path, yaml_number)
 from methodlab.errors import ConfigError, TrainingError
 from methodlab.registry import get_method
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
-STOPPED_TAG = "methodlab.stopped_early"
-SWEEP_TAG = "methodlab.sweep"
 TRIAL_CPU = 0.01          # the Tune function only waits on its TorchTrainer; 0 is rejected by Tune
 SWEEP_KEYS = ("name", "space", "search", "method_name", "base")
 
@@ -94,9 +91,7 @@ class SweepSpec(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}", v):
-            raise ValueError("use letters, digits, '_', '.', '-' (at most 80 characters)")
-        return v
+        return check_name(v, 80)
 
 
 def _spec_error(e: ValidationError, origin: str, set_by: dict[str, str]) -> ConfigError:
@@ -181,20 +176,13 @@ def _is_dict_field(cls: type[BaseModel], parts: list[str]) -> bool:
     return getattr(ann, "__origin__", ann) is dict
 
 
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads 1e-3 (no dot) as a string; in a space it is meant as a number."""
-    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-        return float(value)
-    return value
-
-
 def _dist(key: str, spec: Any) -> tuple[str, Any]:
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"space key {key}: a distribution is one of "
                           f"{', '.join('{' + d + ': ...}' for d in DISTRIBUTIONS)}, got {spec!r}")
     (kind, args), = spec.items()
     if isinstance(args, list):
-        args = [_number(a) for a in args]
+        args = [yaml_number(a) for a in args]
     if kind not in DISTRIBUTIONS:
         close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(DISTRIBUTIONS)}"
@@ -212,13 +200,6 @@ def _dist(key: str, spec: Any) -> tuple[str, Any]:
     elif not isinstance(args, list) or not args:
         raise ConfigError(f"space key {key}: {kind} takes a non-empty list of values, got {args!r}")
     return kind, args
-
-
-def _tree(key: str, value: Any) -> dict:
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
 
 
 def validate_space(method_name: str, space: dict[str, dict], base_layers: list[tuple[str, dict]],
@@ -244,7 +225,7 @@ def validate_space(method_name: str, space: dict[str, dict], base_layers: list[t
                               "use {choice: [...]}")
         for value in args:
             try:
-                resolve(method_name, [*base_layers, (f"by space key {key}", _tree(key, value))])
+                resolve(method_name, [*base_layers, (f"by space key {key}", nest(key.split("."), value))])
             except ConfigError as e:
                 raise ConfigError(f"space key {key}: value {value!r} is not valid there ({e})") from None
         out[key] = (kind, list(args))
@@ -274,7 +255,7 @@ def merged_space(method_name: str, spec: SweepSpec) -> dict[str, dict]:
 
 
 def trial_config(ctx: dict, params: dict[str, Any], run_name: str) -> RunConfig:
-    layers = [*ctx["base_layers"], *((f"by trial param {k}", _tree(k, v)) for k, v in params.items()),
+    layers = [*ctx["base_layers"], *((f"by trial param {k}", nest(k.split("."), v)) for k, v in params.items()),
               ("for this trial", {"train": {"run_name": run_name}, "tracking": {"register_model": False}})]
     return resolve(ctx["method_name"], layers)
 
@@ -288,8 +269,8 @@ def run_trial(params: dict, ctx: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from methodlab.tracking import Tracker, flatten_params
-    from methodlab.train.launch import build_trainer, dataset_for, worker_error_line
+    from methodlab.tracking import STOPPED_TAG, SWEEP_NAME_TAG, TRIAL_PARAM_TAG, Tracker
+    from methodlab.train.launch import dataset_for, finish, fit, start_or_resume
 
     name = trial_run_name(ctx["sweep_name"], tune.get_context().get_trial_id())
     cfg = trial_config(ctx, params, name)
@@ -301,27 +282,12 @@ def run_trial(params: dict, ctx: dict) -> None:
         # Finished before the sweep driver died: tell Tune its result instead of training again.
         tune.report(existing.metrics)
         return
-    if existing is not None:
-        run_id = existing.run_id
-        tracker.resume_run(run_id)
-    else:
-        method = get_method(cfg.method_name)
-        run_id = tracker.start_run(
-            name, flatten_params(cfg.model_dump(mode="json")),
-            {"methodlab.method": cfg.method_name, "methodlab.metric": method.metric,
-             "methodlab.dataset": info.name, "methodlab.sweep_name": ctx["sweep_name"],
-             "methodlab.checkpoint_root": f"{cfg.storage.path.rstrip('/')}/{name}",
-             **{f"methodlab.trial.{k}": v for k, v in params.items()}},
-            cfg.to_yaml(), parent_run_id=ctx["parent_run_id"])
-    try:
-        result = build_trainer(cfg, info, run_id, callbacks=[TuneReportCallback()]).fit()
-        if getattr(result, "error", None) is not None:
-            raise result.error
-    except Exception as exc:   # noqa: BLE001 — the child run is FAILED, Tune records the error
-        tracker.end_run(run_id, "FAILED")
-        raise TrainingError(f"trial {name} failed: {worker_error_line(exc)}") from None
-    tracker.set_tags(run_id, {STOPPED_TAG: "false"})
-    tracker.end_run(run_id, "FINISHED")
+    run_id = start_or_resume(tracker, cfg, info, existing, parent_run_id=ctx["parent_run_id"],
+                             tags={SWEEP_NAME_TAG: ctx["sweep_name"],
+                                   **{f"{TRIAL_PARAM_TAG}{k}": v for k, v in params.items()}})
+    # A failure marks the child run FAILED and raises; Tune records the error.
+    fit(tracker, cfg, info, run_id, what="trial", callbacks=[TuneReportCallback()])
+    finish(tracker, run_id, {STOPPED_TAG: "false"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,9 +378,10 @@ def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
     each other, so more than fit is refused before the sweep starts."""
     import ray
 
+    from methodlab.train.launch import run_cpus
+
     cpus = ray.cluster_resources().get("CPU", 0)
-    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_CPU + \
-        (1 if cfg.data.loader == "stream" else 0)
+    per_trial = run_cpus(cfg) + TRIAL_CPU
     fit = max(1, int((cpus + 1e-9) // per_trial))
     asked = spec.search.max_concurrent_trials
     if asked is not None and asked > fit:
@@ -426,7 +393,8 @@ def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
 
 def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[str] = ()) -> SweepSummary:
     """Run (or resume) a sweep of `method_name` and return its summary."""
-    from methodlab.tracking import Tracker, differing_params, flatten_params
+    from methodlab.tracking import (METHOD_TAG, METRIC_TAG, MODE_TAG, SCHEDULER_TAG, SWEEP_TAG, Tracker,
+                                    differing_params, flatten_params)
     from methodlab.train.launch import check_capacity, ensure_ray, preflight
 
     method = get_method(method_name)
@@ -455,7 +423,7 @@ def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[st
                  "TUNE_GLOBAL_CHECKPOINT_S": "2"}.items():    # the experiment state a resume starts from
         os.environ.setdefault(k, v)
     ensure_ray()
-    check_capacity(base, with_data=base.data.loader == "stream")
+    check_capacity(base)
     concurrent = _concurrency(spec, base)
 
     sched = spec.search.scheduler
@@ -468,9 +436,9 @@ def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[st
                   "search.max_concurrent_trials": str(concurrent),
                   **{f"base.{k}": v for k, v in flatten_params(base.model_dump(mode="json")).items()
                      if k.split(".")[0] in BASE_PARAM_SECTIONS}}
-        parent = tracker.start_run(name, params, {SWEEP_TAG: "true", "methodlab.method": method_name,
-                                                  "methodlab.metric": method.metric, "methodlab.mode": method.mode,
-                                                  "methodlab.scheduler": sched.type},
+        parent = tracker.start_run(name, params, {SWEEP_TAG: "true", METHOD_TAG: method_name,
+                                                  METRIC_TAG: method.metric, MODE_TAG: method.mode,
+                                                  SCHEDULER_TAG: sched.type},
                                    _spec_yaml(spec, space, base, concurrent))
     ctx = {"method_name": method_name, "base_layers": base_layers, "sweep_name": name, "parent_run_id": parent}
     try:
@@ -587,21 +555,20 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
     stopped before its last stage has none) from its last checkpoint, with alias `candidate`."""
     from methodlab.data.dataset import read_split
     from methodlab.models import hub
-    from methodlab.tracking import git_commit
+    from methodlab.tracking import CHECKPOINT_ROOT_TAG
 
     if not ranked:
         return None, None
     example = read_split(info, "val", limit_rows=2)[method.export_input]
     for t in ranked:
-        root = tracker.client.get_run(t.run_id).data.tags.get("methodlab.checkpoint_root")
+        root = tracker.client.get_run(t.run_id).data.tags.get(CHECKPOINT_ROOT_TAG)
         try:
             model, spec = hub.load_pretrained(hub.latest_checkpoint(root))
         except ConfigError:
             continue
-        version = tracker.log_model(t.run_id, model, spec, example, base.tracking.registered_model,
-                                    {method.metric: t.metric, "sweep": name, "run_name": t.run_name,
-                                     "git_commit": git_commit(), **{f"param.{k}": v for k, v in t.params.items()}})
-        tracker.set_tags(t.run_id, {"methodlab.registered_version": version, "methodlab.model_spec": json.dumps(spec)})
+        version = tracker.register(t.run_id, model, spec, example, base.tracking.registered_model,
+                                   {method.metric: t.metric, "sweep": name, "run_name": t.run_name,
+                                    **{f"param.{k}": v for k, v in t.params.items()}})
         return t, version
     return ranked[0], None
 
@@ -609,10 +576,12 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
 def _finish_children(trials: list[Trial], tracker) -> None:
     """Every child run ends in the state Tune left its trial in (log_model re-opens a run, so this
     comes after registration)."""
+    from methodlab.tracking import STOPPED_TAG, TRIAL_EPOCHS_TAG
+
     for t in trials:
         if t.run_id is None:
             continue
-        tracker.set_tags(t.run_id, {STOPPED_TAG: str(t.stopped_early).lower(), "methodlab.trial_epochs": t.epochs})
+        tracker.set_tags(t.run_id, {STOPPED_TAG: str(t.stopped_early).lower(), TRIAL_EPOCHS_TAG: t.epochs})
         if tracker.client.get_run(t.run_id).info.status != t.status:   # keep a finished run's end time
             tracker.end_run(t.run_id, t.status)
 
@@ -657,6 +626,8 @@ def metric_plot(trials: list[Trial], space: dict, metric: str):
 
 
 def _log_summary(s: SweepSummary, space: dict, tracker) -> None:
+    from methodlab.tracking import BEST_CONFIG_TAG, BEST_RUN_ID_TAG, REGISTERED_VERSION_TAG
+
     tracker.log_text(s.parent_run_id, trials_csv(s.trials, space, s.metric), "trials.csv")
     if any(t.metric is not None for t in s.trials):
         tracker.log_object(s.parent_run_id, metric_plot(s.trials, space, s.metric), "metric_vs_params.png")
@@ -673,6 +644,5 @@ def _log_summary(s: SweepSummary, space: dict, tracker) -> None:
         metrics[f"best_{s.metric}"] = s.best.metric
     tracker.log_metrics(s.parent_run_id, metrics, step=0)
     if s.best is not None:
-        tracker.set_tags(s.parent_run_id, {"methodlab.best_run_id": s.best.run_id,
-                                           "methodlab.best_config": json.dumps(s.best.params),
-                                           "methodlab.registered_version": s.version or "none"})
+        tracker.set_tags(s.parent_run_id, {BEST_RUN_ID_TAG: s.best.run_id, BEST_CONFIG_TAG: json.dumps(s.best.params),
+                                           REGISTERED_VERSION_TAG: s.version or "none"})

@@ -29,8 +29,28 @@ from methodlab.errors import ConfigError, ServiceError
 from methodlab.redact import REDACTED, SECRET_KEY, redact_value
 from methodlab.spool import SpoolFile, drop, pending
 
+# The tags methodlab sets on MLflow runs; runs are found and read back by them, so the names are
+# part of every tracking store's history and must not change.
 RUN_NAME_TAG = "methodlab.run_name"
 METHOD_TAG = "methodlab.method"
+METRIC_TAG = "methodlab.metric"                  # the method's metric, the one sweeps rank by
+MODE_TAG = "methodlab.mode"                      # max | min, for that metric (sweep parents)
+DATASET_TAG = "methodlab.dataset"
+CHECKPOINT_ROOT_TAG = "methodlab.checkpoint_root"    # where Ray Train keeps the run's checkpoints
+RESUMED_WITH_TAG = "methodlab.resumed_with"      # the values a resume changed (params cannot change)
+RESUMED_AT_EPOCH_TAG = "methodlab.resumed_at_epoch"
+REGISTERED_VERSION_TAG = "methodlab.registered_version"  # "none" when the run registered no version
+REGISTERED_EPOCH_TAG = "methodlab.registered_epoch"
+MODEL_SPEC_TAG = "methodlab.model_spec"
+SWEEP_TAG = "methodlab.sweep"                    # "true" on a sweep's parent run
+SWEEP_NAME_TAG = "methodlab.sweep_name"          # on each trial's run
+TRIAL_PARAM_TAG = "methodlab.trial."             # + the space key: the trial's drawn value
+SCHEDULER_TAG = "methodlab.scheduler"
+STOPPED_TAG = "methodlab.stopped_early"
+TRIAL_EPOCHS_TAG = "methodlab.trial_epochs"
+BEST_RUN_ID_TAG = "methodlab.best_run_id"
+BEST_CONFIG_TAG = "methodlab.best_config"
+BENCHMARK_TAG = "methodlab.benchmark"            # on the runs bench/ logs its results to
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_VALUE = 6000     # MLflow's limit on a param value
 MAX_PARAM_KEY = 250
@@ -228,6 +248,17 @@ class Tracker:
             self.client.set_model_version_tag(registered_name, version, k, str(v))
         self.client.set_registered_model_alias(registered_name, "candidate", version)
         return str(version)
+
+    def register(self, run_id: str, model, spec: dict, input_example, registered_name: str | None,
+                 version_tags: dict[str, Any], epoch: int | None = None) -> str | None:
+        """`log_model` for a run (a `methodlab train` run, or a sweep's best trial): the version also
+        gets the git commit as a tag, and the run records what it registered: the version ("none"
+        with no `registered_name`), the model's spec and, where known, the epoch it is from."""
+        version = self.log_model(run_id, model, spec, input_example, registered_name,
+                                 {**version_tags, "git_commit": git_commit()})
+        self.set_tags(run_id, {REGISTERED_VERSION_TAG: version or "none", MODEL_SPEC_TAG: json.dumps(spec),
+                               **({REGISTERED_EPOCH_TAG: epoch} if epoch is not None else {})})
+        return version
 
     def download_model_files(self, model_uri: str, dst: str) -> tuple[dict, str]:
         """(spec, path of weights.pt) of a model logged by `log_model`, e.g. models:/name@alias."""

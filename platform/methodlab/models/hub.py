@@ -11,6 +11,7 @@ state dict, so no pickled code is ever executed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -20,8 +21,6 @@ from torch import nn
 from methodlab import storage
 from methodlab.errors import ConfigError
 from methodlab.models import build_model
-
-STATE_FILE = "state.pt"
 
 
 def save_pretrained(model: nn.Module, spec: dict, path: str) -> None:
@@ -36,9 +35,11 @@ def _from_payload(payload: dict, source: str) -> tuple[nn.Module, dict]:
     return model, payload["spec"]
 
 
-def _load_file(path: str, source: str) -> dict:
+@contextlib.contextmanager
+def _refusing(source: str):
+    """A file that is missing, unpicklable or foreign as one line (the loads are weights-only)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        yield
     except FileNotFoundError:
         raise ConfigError(f"model file {source} does not exist") from None
     except Exception as e:  # noqa: BLE001 — an unpicklable or foreign file: refuse, one line
@@ -46,16 +47,24 @@ def _load_file(path: str, source: str) -> dict:
                           f"({type(e).__name__}); refusing to load it") from None
 
 
+def _load_file(path: str, source: str) -> dict:
+    with _refusing(source):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _from_checkpoint(uri: str) -> tuple[nn.Module, dict]:
+    from methodlab.train.core import STATE_FILE, read_exported
+
     with tempfile.TemporaryDirectory() as tmp:
         local = uri
         if storage.is_s3(uri):
             storage.download_dir(uri, tmp)
             local = tmp
-        state = _load_file(os.path.join(local, STATE_FILE), f"{uri}/{STATE_FILE}")
-    if not state.get("exported"):
+        with _refusing(f"{uri}/{STATE_FILE}"):
+            exported = read_exported(local)
+    if not exported:
         raise ConfigError(f"checkpoint {uri} is from before the final stage; use a later checkpoint")
-    return _from_payload(state["exported"], uri)
+    return _from_payload(exported, uri)
 
 
 def latest_checkpoint(root: str) -> str:
@@ -69,15 +78,15 @@ def latest_checkpoint(root: str) -> str:
 def load_pretrained(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict]:
     """(model, spec) for a models:/ URI, a runs:/ URI, a checkpoint directory or a model file."""
     if uri.startswith(("models:/", "runs:/")):
-        from methodlab.config import load_config
-        from methodlab.tracking import Tracker
+        from methodlab.config import TrackingConfig, default_tracking_uri
+        from methodlab.tracking import CHECKPOINT_ROOT_TAG, Tracker
 
-        cfg_uri = tracking_uri or load_config("supervised").tracking.uri
-        tracker = Tracker(cfg_uri, "methodlab")
+        cfg_uri = tracking_uri or default_tracking_uri()
+        tracker = Tracker(cfg_uri, TrackingConfig().experiment)
         if uri.startswith("runs:/"):
             run_id = uri[len("runs:/"):].strip("/")
             try:
-                root = tracker.client.get_run(run_id).data.tags["methodlab.checkpoint_root"]
+                root = tracker.client.get_run(run_id).data.tags[CHECKPOINT_ROOT_TAG]
             except Exception:  # noqa: BLE001 — unknown run id or a run methodlab did not start
                 raise ConfigError(f"{uri}: no methodlab run with that id in {cfg_uri}") from None
             return _from_checkpoint(latest_checkpoint(root))

@@ -89,7 +89,7 @@ def _run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
 def collect(tracking_uri: str) -> dict[str, Any]:
     import methodlab.methods  # noqa: F401  (fills the method registry)
     from methodlab.registry import get_method, method_names
-    from methodlab.tracking import METHOD_TAG, Tracker
+    from methodlab.tracking import BENCHMARK_TAG, METHOD_TAG, REGISTERED_VERSION_TAG, Tracker
 
     methods = []
     tracker = Tracker(tracking_uri, "methodlab")
@@ -101,12 +101,12 @@ def collect(tracking_uri: str) -> dict[str, Any]:
             "name": name, "stages": " → ".join(m.stages), "metric": m.test_metric,
             "value": run.data.metrics.get(m.test_metric) if run else None,
             "run_name": run.info.run_name if run else None,
-            "version": run.data.tags.get("methodlab.registered_version") if run else None,
+            "version": run.data.tags.get(REGISTERED_VERSION_TAG) if run else None,
             "link": _run_link(tracking_uri, tracker.experiment_id, run.info.run_id) if run else None,
         })
 
     bench_tracker = Tracker(bench_tracking_uri(), "methodlab-bench")
-    bench_runs = _latest_runs(bench_tracker, "methodlab.benchmark")
+    bench_runs = _latest_runs(bench_tracker, BENCHMARK_TAG)
     benches = []
     names = sorted(set(bench_runs) | {p.stem for p in (REPO / "bench" / "results").glob("*.json")})
     for name in names:

@@ -76,8 +76,20 @@ class LoopState:
 
     @classmethod
     def load(cls, directory: str | Path) -> "LoopState":
-        # weights_only: a checkpoint is data, never code.
-        return cls(**torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True))
+        return cls(**read_checkpoint(directory))
+
+
+def read_checkpoint(directory: str | Path) -> dict:
+    """The state a checkpoint directory holds, as `LoopState.save` wrote it: a plain dict, so a
+    reader that wants one part of it does not depend on every field of this version's LoopState."""
+    # weights_only: a checkpoint is data, never code.
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def read_exported(directory: str | Path) -> dict:
+    """The model a checkpoint holds for registration, `{"spec", "state_dict"}`; empty for a
+    checkpoint from before the final stage."""
+    return read_checkpoint(directory).get("exported") or {}
 
 
 def rng_state() -> dict:

@@ -11,12 +11,16 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from methodlab import storage
 from methodlab.config import RunConfig
 from methodlab.data import DatasetInfo, resolve_dataset, split_nbytes
 from methodlab.errors import ConfigError, DataError, ServiceError, TrainingError
 from methodlab.registry import get_method
+
+if TYPE_CHECKING:
+    from methodlab.tracking import RunRecord, Tracker
 
 # Ray's controller polls every worker every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s)
 # and each report() may wait for that poll. methodlab reports once per epoch (and per mid-epoch
@@ -88,15 +92,27 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def _capacity_shortfall(cfg: RunConfig, with_data: bool) -> str | None:
-    """What the cluster lacks for the run's workers (+1 CPU for Ray Data reads), or None."""
+def data_cpus(cfg: RunConfig) -> float:
+    """The CPU a run keeps for Ray Data's read tasks when it streams its train split
+    (data.loader=stream): the workers' placement group holds their CPUs, so the reads need one of
+    their own."""
+    return 1 if cfg.data.loader == "stream" else 0
+
+
+def run_cpus(cfg: RunConfig) -> float:
+    """Every CPU one run takes: its workers' and Ray Data's."""
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + data_cpus(cfg)
+
+
+def _capacity_shortfall(cfg: RunConfig) -> str | None:
+    """What the cluster lacks for the run (`run_cpus`, and its workers' GPUs), or None."""
     import ray
 
     total = ray.cluster_resources()  # [ray]
     sc = cfg.scaling
-    need_cpu = sc.num_workers * sc.cpus_per_worker + (1 if with_data else 0)
+    need_cpu = run_cpus(cfg)
     if need_cpu > total.get("CPU", 0) + 1e-9:
-        reads = " (+1 CPU for Ray Data reads)" if with_data else ""
+        reads = f" (+{data_cpus(cfg):g} CPU for Ray Data reads)" if data_cpus(cfg) else ""
         return (f"scaling.num_workers={sc.num_workers} x scaling.cpus_per_worker={sc.cpus_per_worker}{reads}"
                 f" needs {need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}")
     need_gpu = sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0
@@ -107,11 +123,11 @@ def _capacity_shortfall(cfg: RunConfig, with_data: bool) -> str | None:
     return None
 
 
-def check_capacity(cfg: RunConfig, with_data: bool = True) -> None:
+def check_capacity(cfg: RunConfig) -> None:
     """Refuse, before any run exists, a run the cluster cannot place: Ray Train would wait for
     its placement group forever. On an autoscaling cluster, `scaling.wait_for_nodes_s` asks the
     autoscaler for the workers' bundles first and waits that long for the nodes to join."""
-    short = _capacity_shortfall(cfg, with_data)
+    short = _capacity_shortfall(cfg)
     wait_s = cfg.scaling.wait_for_nodes_s
     if short and wait_s > 0:
         from ray.autoscaler.sdk import request_resources  # [ray]
@@ -121,11 +137,12 @@ def check_capacity(cfg: RunConfig, with_data: bool = True) -> None:
         print(f"{short}; asking the autoscaler and waiting up to {wait_s:g}s (scaling.wait_for_nodes_s)",
               flush=True)
         deadline = time.monotonic() + wait_s
-        request_resources(bundles=[worker] * sc.num_workers + ([{"CPU": 1}] if with_data else []))  # [ray]
+        reads = [{"CPU": data_cpus(cfg)}] if data_cpus(cfg) else []
+        request_resources(bundles=[worker] * sc.num_workers + reads)  # [ray]
         try:
             while short and time.monotonic() < deadline:
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-                short = _capacity_shortfall(cfg, with_data)
+                short = _capacity_shortfall(cfg)
         finally:
             # The request is persistent until overridden; once the run's placement group holds
             # the nodes it is not needed, and left in place it would keep them up after the run.
@@ -239,19 +256,16 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
           started_at: float | None = None) -> RunSummary:
     """Run `cfg` to completion (or resume it) and return its summary. `resume` also picks up the
     checkpoint kept on local disk when S3 went away (see `upload_local_fallback`)."""
-    from methodlab.tracking import Tracker, differing_params, flatten_params
+    from methodlab.tracking import Tracker
 
     started_at = started_at or time.time()
     info = preflight(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     name = cfg.run_name
     existing = tracker.find_run(name)
-    # Only an explicit train.run_name can meet a run started with other values (the derived name
-    # hashes them).
-    new_values = differing_params(flatten_params(cfg.identity()), existing.params if existing else {})
-    changed = sorted(new_values)
     if existing is not None and existing.status == "FINISHED":
         # Returning the finished run's result would silently ignore the new values.
+        changed = sorted(changed_values(cfg, existing))
         if changed:
             raise ConfigError(f"run {name} already finished with other values of {', '.join(changed)}; set a new "
                               "train.run_name, or leave it unset (the derived name follows the config)")
@@ -259,29 +273,61 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
 
     recovered = upload_local_fallback(cfg) if resume else None
     ensure_ray()
-    check_capacity(cfg, with_data=cfg.data.loader == "stream")
-    if existing is not None:
-        run_id = existing.run_id
-        tracker.resume_run(run_id)
-        if changed:
-            # A resume may change values (more epochs, say); MLflow params cannot change, so the
-            # run says which ones its later epochs ran with.
-            resumed_with = " ".join(f"{k}={new_values[k]}" for k in changed)
-            tracker.set_tags(run_id, {"methodlab.resumed_with": resumed_with})
-            print(f"[{name}] resuming with other values than it started with: {resumed_with}", flush=True)
-    else:
-        method = get_method(cfg.method_name)
-        run_id = tracker.start_run(name, {**flatten_params(cfg.model_dump(mode="json")),
-                                          "train.global_batch_size": str(global_batch(cfg))},
-                                   {"methodlab.method": cfg.method_name, "methodlab.metric": method.metric,
-                                    "methodlab.dataset": info.name,
-                                    "methodlab.checkpoint_root": f"{cfg.storage.path.rstrip('/')}/{name}"},
-                                   cfg.to_yaml(), parent_run_id=parent_run_id)
+    check_capacity(cfg)
+    run_id = start_or_resume(tracker, cfg, info, existing, parent_run_id=parent_run_id)
     sc = cfg.scaling
     print(f"[{name}] {cfg.method_name} on {sc.num_workers} worker(s) ({'GPU' if sc.use_gpu else 'CPU'}), "
           f"global batch {cfg.train.batch_size} x {sc.num_workers} = {global_batch(cfg)}", flush=True)
+    fit(tracker, cfg, info, run_id, recovered=recovered, started_at=started_at)
+    finish(tracker, run_id)
+    return _summary(tracker, cfg, run_id, resumed=existing is not None, already=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run's life in MLflow, the same for `methodlab train` and for each sweep trial (which only
+# adds tags, and Tune's callback): start_or_resume -> fit -> finish.
+
+
+def changed_values(cfg: RunConfig, existing: RunRecord | None) -> dict[str, str]:
+    """The values of `cfg` that decide what is trained and that the run of its name started with
+    other values of. Only an explicit name can meet such a run (the derived name hashes them)."""
+    from methodlab.tracking import differing_params, flatten_params
+
+    return differing_params(flatten_params(cfg.identity()), existing.params) if existing else {}
+
+
+def start_or_resume(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, existing: RunRecord | None,
+                    tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """The MLflow run `cfg` trains into: `existing` (the unfinished run of its name) resumed, or a
+    new run with the config as params and the platform's tags, plus `tags`."""
+    from methodlab.tracking import (CHECKPOINT_ROOT_TAG, DATASET_TAG, METHOD_TAG, METRIC_TAG, RESUMED_WITH_TAG,
+                                    flatten_params)
+
+    if existing is not None:
+        tracker.resume_run(existing.run_id)
+        changed = changed_values(cfg, existing)
+        if changed:
+            # A resume may change values (more epochs, say); MLflow params cannot change, so the
+            # run says which ones its later epochs ran with.
+            resumed_with = " ".join(f"{k}={changed[k]}" for k in sorted(changed))
+            tracker.set_tags(existing.run_id, {RESUMED_WITH_TAG: resumed_with})
+            print(f"[{cfg.run_name}] resuming with other values than it started with: {resumed_with}", flush=True)
+        return existing.run_id
+    method = get_method(cfg.method_name)
+    return tracker.start_run(cfg.run_name, {**flatten_params(cfg.model_dump(mode="json")),
+                                            "train.global_batch_size": str(global_batch(cfg))},
+                             {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
+                              CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}", **(tags or {})},
+                             cfg.to_yaml(), parent_run_id=parent_run_id)
+
+
+def fit(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, run_id: str, what: str = "run", callbacks=None,
+        recovered: str | None = None, started_at: float | None = None) -> None:
+    """Train the run on Ray Train (`build_trainer`). Any failure ends the MLflow run FAILED (KILLED
+    on Ctrl-C) and raises one line that names the `what` ("run", "trial") and its checkpoints."""
     try:
-        result = build_trainer(cfg, info, run_id, recovered=recovered, started_at=started_at).fit()
+        result = build_trainer(cfg, info, run_id, callbacks=callbacks, recovered=recovered,
+                               started_at=started_at).fit()
         if getattr(result, "error", None) is not None:
             raise result.error
     except KeyboardInterrupt:
@@ -289,10 +335,15 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
         raise
     except Exception as exc:   # noqa: BLE001 — every failure marks the run FAILED, then one line
         _end_quietly(tracker, run_id, "FAILED")
-        raise TrainingError(f"run {name} failed: {worker_error_line(exc)} (MLflow run {run_id}; "
+        raise TrainingError(f"{what} {cfg.run_name} failed: {worker_error_line(exc)} (MLflow run {run_id}; "
                             f"{_where_checkpoints_are(cfg)})") from None
+
+
+def finish(tracker: Tracker, run_id: str, tags: dict[str, str] | None = None) -> None:
+    """The run trained to its end: its last tags, then FINISHED."""
+    if tags:
+        tracker.set_tags(run_id, tags)
     tracker.end_run(run_id, "FINISHED")
-    return _summary(tracker, cfg, run_id, resumed=existing is not None, already=False)
 
 
 def global_batch(cfg: RunConfig) -> int:
@@ -325,11 +376,14 @@ def _end_quietly(tracker, run_id: str, status: str) -> None:
 
 
 def _summary(tracker, cfg: RunConfig, run_id: str, resumed: bool, already: bool) -> RunSummary:
+    from methodlab.tracking import REGISTERED_VERSION_TAG
+
     run = tracker.client.get_run(run_id)
-    version = run.data.tags.get("methodlab.registered_version")
+    version = run.data.tags.get(REGISTERED_VERSION_TAG)
     return RunSummary(cfg.run_name, run_id, run.info.status, dict(run.data.metrics),
                       cfg.tracking.registered_model if version not in (None, "none") else None,
                       version if version not in (None, "none") else None, resumed, already)
 
 
-__all__ = ["train", "preflight", "ensure_ray", "build_trainer", "RunSummary", "ServiceError"]
+__all__ = ["train", "start_or_resume", "fit", "finish", "preflight", "ensure_ray", "build_trainer", "RunSummary",
+           "ServiceError"]

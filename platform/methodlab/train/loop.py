@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -42,7 +41,6 @@ from methodlab.train.core import (STATE_FILE, Checkpoint, Hooks, LoopState, Loop
                                   load_bundle, memory_batches, seed_everything)
 from methodlab.train.faults import Faults
 
-REGISTERED_TAG = "methodlab.registered_version"
 SCORE_KEY = "checkpoint_score"   # the method's metric, higher = better: what Ray ranks checkpoints by
 
 
@@ -167,8 +165,8 @@ class RayHooks(Hooks):
                 # line would lose it otherwise (a step MLflow already has is not written twice).
                 self.spool_file.append(*self._epoch_record(state, {}))
             self._mlflow(lambda: self.spool.flush())
-            tags = {"methodlab.resumed_at_epoch": state.history_step}     # (the value now, not when written)
-            self._mlflow(lambda: _best_effort(self.tracker.set_tags, run_id, tags))
+            resumed_at = state.history_step     # (the value now, not when written)
+            self._mlflow(lambda: self._tag_resumed(resumed_at))
             print(f"[{cfg.run_name}] resumed at stage {method.stages[state.stage_index]}, "
                   f"epoch {state.epoch + 1}, step {state.step}", flush=True)
 
@@ -178,6 +176,11 @@ class RayHooks(Hooks):
 
         self.tracker = Tracker(self.cfg.tracking.uri, self.cfg.tracking.experiment)
         self.spool = MetricSpool(self.tracker, self.run_id, methodlab_home() / "spool")
+
+    def _tag_resumed(self, epoch: int) -> None:
+        from methodlab.tracking import RESUMED_AT_EPOCH_TAG
+
+        _best_effort(self.tracker.set_tags, self.run_id, {RESUMED_AT_EPOCH_TAG: epoch})
 
     def _mlflow(self, job) -> None:
         """Queue `job` (a no-argument callable) for the MLflow thread."""
@@ -338,7 +341,9 @@ def _best_effort(fn, *args) -> None:
 def _register(cfg: RunConfig, method: Method, tracker, run_id: str, state: LoopState) -> None:
     """Log the exported model of the final checkpoint (the best epoch's with
     `tracking.register=best`) and register a version (once per run, also across resumes)."""
-    if tracker.client.get_run(run_id).data.tags.get(REGISTERED_TAG) is not None:
+    from methodlab.tracking import REGISTERED_VERSION_TAG
+
+    if tracker.client.get_run(run_id).data.tags.get(REGISTERED_VERSION_TAG) is not None:
         return
     spec = state.exported["spec"]
     model = build_model(spec)
@@ -346,10 +351,7 @@ def _register(cfg: RunConfig, method: Method, tracker, run_id: str, state: LoopS
     chosen = state.best.get("metrics", {}) if cfg.tracking.register == "best" and state.best else \
         {k: v for k, v in state.metrics.items() if k.startswith("val_")}
     tests = {k: v for k, v in state.metrics.items() if k.startswith("test_")}
-    from methodlab.tracking import git_commit
     epoch = state.best.get("history_step", state.history_step) if cfg.tracking.register == "best" else state.history_step
-    version = tracker.log_model(run_id, model, spec, method.example_input(),
-                                cfg.tracking.registered_model if cfg.tracking.register_model else None,
-                                {**chosen, **tests, "epoch": epoch, "git_commit": git_commit(), "run_name": cfg.run_name})
-    tracker.set_tags(run_id, {REGISTERED_TAG: version or "none", "methodlab.model_spec": json.dumps(spec),
-                              "methodlab.registered_epoch": epoch})
+    tracker.register(run_id, model, spec, method.example_input(),
+                     cfg.tracking.registered_model if cfg.tracking.register_model else None,
+                     {**chosen, **tests, "epoch": epoch, "run_name": cfg.run_name}, epoch=epoch)
