@@ -223,10 +223,6 @@ def build_augment(cfg: BadBatchesConfig, size: tuple[int, int]) -> nn.Module:
     )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)      # DDP keeps the module under .module
-
-
 # ----------------------------------------------------------------------------------------------
 # The method
 
@@ -312,7 +308,7 @@ class BadBatches(Method):
             extract = models["extractor"].embed
             views_feats = extract(torch.cat(views))
         else:
-            net = _unwrap(models["net"])
+            net = distributed.unwrap(models["net"])
             pick = 1 if m.frd_features == "projection" else 0
             views_feats = out[pick].detach()
 
@@ -336,7 +332,7 @@ class BadBatches(Method):
         m, opt = self.mcfg, optimizers["opt"]
         images = batch["image"].float()
         views = (self.augment(images), self.augment(images))
-        net = _unwrap(models["net"])
+        net = distributed.unwrap(models["net"])
         # Restored if the batch is dropped, so that a skipped batch changes nothing (BN included).
         saved = {k: v.clone() for k, v in net.named_buffers()} if m.curation != "none" else {}
         with ctx.autocast():

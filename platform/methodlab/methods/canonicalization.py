@@ -267,7 +267,7 @@ class Canonicalization(Method):
         return {"model": CanonicalizationObjective(model, self.mcfg)}
 
     def build_optimizers(self, stage, models):
-        objective = getattr(models["model"], "module", models["model"])    # DDP-unwrapped
+        objective = distributed.unwrap(models["model"])
         predictor = [p for p in objective.predictor.parameters() if p.requires_grad]
         seen = {id(p) for p in predictor}
         canonicalizer = [p for p in objective.parameters() if p.requires_grad and id(p) not in seen]

@@ -462,7 +462,7 @@ class D3GZSL(Method):
         """G(z, a_c) for each entry of `classes` (n,), z ~ N(0, I): (n, d). One call, so a
         DDP-wrapped generator sees one forward per backward."""
         att = self.attributes.to(classes.device)[classes]
-        z = torch.randn(len(classes), _unwrap(generator).noise_dim, device=classes.device)
+        z = torch.randn(len(classes), distributed.unwrap(generator).noise_dim, device=classes.device)
         return generator(z, att)
 
     def aux_losses(self, models: dict, x_syn: torch.Tensor, y_syn: torch.Tensor,
@@ -502,7 +502,7 @@ class D3GZSL(Method):
         m = self.mcfg
         y_syn = self._syn_classes(x.device)
         with torch.no_grad():
-            out = self.generate(_unwrap(models["generator"]), torch.cat([y, y_syn]))
+            out = self.generate(distributed.unwrap(models["generator"]), torch.cat([y, y_syn]))
         fake, x_syn = out[:len(y)], out[len(y):]
         alpha = torch.rand(len(x), 1, device=x.device)
         d_real, d_fake, gp = critic_terms(models["critic"], x, fake, self.attributes.to(x.device)[y], alpha)
@@ -519,7 +519,7 @@ class D3GZSL(Method):
     def generator_step(self, models, optimizers, x, y) -> dict[str, torch.Tensor]:
         """L_G + L_aux with fresh samples that keep G's graph; steps G, the student and the sigmoid.
         The critic is frozen and called unwrapped (no DDP reduction expected from it)."""
-        critic = _unwrap(models["critic"])
+        critic = distributed.unwrap(models["critic"])
         critic.requires_grad_(False)
         try:
             y_syn = self._syn_classes(x.device)
@@ -642,11 +642,11 @@ class D3GZSL(Method):
         """Raw features -> logits over all classes (class-id order): the training-time scaling,
         the student's embedding and the headline protocol's classifier."""
         model = GZSLClassifier(**self.spec()["kwargs"])
-        student = _unwrap(models["student"]).net
+        student = distributed.unwrap(models["student"]).net
         model.embed.load_state_dict(student.embed.state_dict())
         head = student.fc
         if self.mcfg.eval_protocol == "fresh":
-            head = self.classifier({k: _unwrap(v) for k, v in models.items()}, "fresh",
+            head = self.classifier({k: distributed.unwrap(v) for k, v in models.items()}, "fresh",
                                    next(student.parameters()).device)[1]
         model.fc.load_state_dict(head.state_dict())
         model.shift.copy_(self.shift)
@@ -655,7 +655,3 @@ class D3GZSL(Method):
 
     def example_input(self):
         return self._raw_example.numpy()
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module

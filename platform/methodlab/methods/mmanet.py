@@ -236,11 +236,6 @@ class MMANetConfig(Section):
         return self
 
 
-def _bare(model):
-    """The module inside a DDP wrapper: evaluation and mining must not run DDP's collectives."""
-    return getattr(model, "module", model)
-
-
 @register_method("mmanet")
 class MMANet(Method):
     Config = MMANetConfig
@@ -342,7 +337,7 @@ class MMANet(Method):
         first = c.begin_epoch - c.mining_epochs + 1
         if stage == "student" and self.weak is None and first <= ctx.epoch <= c.begin_epoch \
                 and ctx.epoch > self.mined_upto:
-            student = _bare(models["student"])
+            student = distributed.unwrap(models["student"])
             # Each rank's last forward left its own BatchNorm statistics: mine with rank 0's, as
             # DDP's next forward would use, so every rank picks the same weak set.
             distributed.broadcast_buffers({"student": student})
@@ -419,7 +414,7 @@ class MMANet(Method):
         training-time device and is dropped, as in the official code."""
         spec = self.spec()
         model = build_model(spec)
-        model.load_state_dict({k: v for k, v in _bare(models["student"]).state_dict().items()
+        model.load_state_dict({k: v for k, v in distributed.unwrap(models["student"]).state_dict().items()
                                if not k.startswith("regularizer.")})
         return model, spec
 

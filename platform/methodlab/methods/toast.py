@@ -44,6 +44,7 @@ from pydantic import Field
 from torch import nn
 
 import methodlab.data.digits_transfer  # noqa: F401  (registers digits_source, digits_transfer)
+from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.methods.base import Method, SplitData, StepContext, classify_accuracy, make_optimizer
@@ -262,7 +263,7 @@ class Toast(Method):
     # -- optimisation ---------------------------------------------------------------------------
 
     def build_optimizers(self, stage, models):
-        named = list(_unwrap(models["model"]).named_parameters())
+        named = list(distributed.unwrap(models["model"]).named_parameters())
         params = [p for n, p in named if p.requires_grad and n != "head.bias"]
         opt = make_optimizer(params, self.cfg.train)
         # No weight decay on the classifier's bias (official optimizer.py); the prompt is decayed.
@@ -283,14 +284,14 @@ class Toast(Method):
             optimizers["opt"], lambda s: warmup_cosine(s, total, warmup))}
 
     def on_epoch_start(self, stage, models, ctx):
-        total = sum(p.numel() for p in _unwrap(models["model"]).parameters())
+        total = sum(p.numel() for p in distributed.unwrap(models["model"]).parameters())
         return {"trainable_params": self.n_trainable, "trainable_fraction": round(self.n_trainable / total, 6)}
 
     def train_step(self, stage, models, optimizers, batch, ctx: StepContext):
         opt, model = optimizers["opt"], models["model"]
         out: dict[str, torch.Tensor] = {}
         with ctx.autocast():
-            if isinstance(_unwrap(model), TopDownViT):
+            if isinstance(distributed.unwrap(model), TopDownViT):
                 logits, pairs, mask = model(batch["image"], aux=True)
                 var = variational_loss(pairs).float()
                 out.update(var_loss=var.detach(), mask_mean=mask.detach().float().mean())
@@ -324,10 +325,6 @@ class Toast(Method):
             return model, {"arch": "toast_vit", "kwargs": {"vit": self.vit_kwargs, "num_classes": k,
                                                             "lora_rank": lora, "value_bias": self.mcfg.value_bias}}
         return model, {"arch": "vit", "kwargs": {**self.vit_kwargs, "num_classes": k}}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _without_head(state: dict) -> dict:
