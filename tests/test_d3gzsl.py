@@ -18,9 +18,11 @@ from methodlab.data.dataset import write_dataset
 from methodlab.data.gzsl import (DIGIT_ATTRIBUTE_TABLE, DIGITS_UNSEEN, DIGITS_VAL_UNSEEN, encode_seen_digits,
                                  import_xlsa17, synthetic_gzsl)
 from methodlab.errors import DataError
-from methodlab.methods.d3gzsl import (LearnSigmoid, class_counts, critic_terms, embedding_distillation, gzsl_counts,
-                                      gzsl_scores, harmonic_mean, kl_distillation, label_mapping, ood_distillation,
-                                      pair_bce, per_class_accuracy, teacher_confidence)
+from methodlab.losses.d3gzsl import (critic_terms, embedding_distillation, kl_distillation, ood_distillation,
+                                     pair_bce, teacher_confidence)
+from methodlab.methods.d3gzsl import label_mapping
+from methodlab.metrics.gzsl import class_counts, gzsl_counts, gzsl_scores, harmonic_mean, per_class_accuracy
+from methodlab.models.d3gzsl import LearnSigmoid
 
 SP_NEG1, SP_0, SP_1 = math.log1p(math.exp(-1)), math.log(2), math.log1p(math.e)   # softplus(-1, 0, 1)
 FAST = settings(max_examples=30, deadline=None)

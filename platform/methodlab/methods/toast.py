@@ -47,6 +47,7 @@ import methodlab.data.digits_transfer  # noqa: F401  (registers digits_source, d
 from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
+from methodlab.losses.toast import variational_loss
 from methodlab.methods.base import Method, SplitData, StepContext, classify_accuracy, make_optimizer
 from methodlab.models.vit import TopDownViT, ViT, make_head
 from methodlab.registry import register_method
@@ -61,19 +62,7 @@ SOURCE_VIT = {"img_size": 8, **SCRATCH_VIT}
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses and parameter accounting (pure functions)
-
-
-def variational_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """TOAST/AbSViT variational (reconstruction) loss L_var = sum_l MSE(W1_l out_l, in_l).
-
-    Shi et al., arXiv 2305.15542 (TOAST) and CVPR 2023, arXiv 2303.15056 (AbSViT, `var_loss`):
-    each decoder's first map W1_l must send block l's pass-2 output back to its input, which
-    makes the feedback path approximately invert the feedforward one. `pairs` holds
-    (W1_l out_l, in_l), each (B, N, C), with out_l and in_l detached so only W1 gets gradient.
-    Returns a scalar >= 0, zero exactly when every W1_l out_l = in_l.
-    """
-    return sum(F.mse_loss(recon, target) for recon, target in pairs)
+# Parameter accounting and schedules (pure functions)
 
 
 def vit_param_count(dim: int, depth: int, num_tokens: int, patch_size: int, in_channels: int,
