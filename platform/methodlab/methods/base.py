@@ -10,7 +10,7 @@ A method declares:
   search_space      its default Tune space, dotted config keys -> distributions
 
 and implements `build_models`, `train_step` and `evaluate` (plus `build_optimizers`, `export`,
-`stage_epochs` when the defaults do not fit). `train_step` owns the backward passes and optimizer
+`epochs_by_stage` when the defaults do not fit). `train_step` owns the backward passes and optimizer
 steps, because GAN-style and multi-optimizer methods need that.
 """
 
@@ -155,8 +155,16 @@ class Method(ABC):
         (e.g. one column per modality listed in its metadata)."""
         return cls.required_columns
 
+    @classmethod
+    def epochs_by_stage(cls, cfg: RunConfig) -> dict[str, int]:
+        """Epochs of each stage, in stage order, from the resolved config alone (no data), so the
+        driver knows a run's length before it starts (`sweep.epoch_bound`). train.epochs for every
+        stage unless a method's stages have lengths of their own (a teacher, a pretune stage);
+        0 skips a stage."""
+        return {stage: cfg.train.epochs for stage in cls.stages}
+
     def stage_epochs(self, stage: str) -> int:
-        return self.cfg.train.epochs
+        return self.epochs_by_stage(self.cfg)[stage]
 
     def train_split(self, stage: str) -> SplitData | None:
         """The rows `stage` trains on, held in memory; None with `data.loader=stream`, where the

@@ -197,8 +197,9 @@ class D3GZSL(Method):
     def att_dim(self) -> int:
         return self.attributes.shape[1]
 
-    def stage_epochs(self, stage):
-        return self.mcfg.teacher_epochs if stage == "teacher" else self.cfg.train.epochs
+    @classmethod
+    def epochs_by_stage(cls, cfg):
+        return {"teacher": cfg.method.teacher_epochs, "gan": cfg.train.epochs}
 
     # -- models and optimizers ------------------------------------------------------------------
 

@@ -201,8 +201,9 @@ class MMANet(Method):
                   "num_classes": self.num_classes, "width": c.width, "feat_dim": c.feat_dim, "hidden": c.hidden}
         return {"arch": "mmanet", "kwargs": {**kwargs, "regularizer": True} if regularizer else kwargs}
 
-    def stage_epochs(self, stage):
-        return self.mcfg.teacher_epochs if stage == "teacher" else self.cfg.train.epochs
+    @classmethod
+    def epochs_by_stage(cls, cfg):
+        return {"teacher": cfg.method.teacher_epochs, "student": cfg.train.epochs}
 
     def build_models(self, stage, previous):
         if stage == "teacher":

@@ -159,18 +159,18 @@ class Toast(Method):
         super().__init__(cfg, data)
         self.vit_kwargs: dict = {}
         self.n_trainable = 0
-        if self.pretune_epochs() and cfg.data.loader == "stream":
+        if self.stage_epochs("pretune") and cfg.data.loader == "stream":
             raise ConfigError("method.pretune_epochs>0 needs data.loader=memory (the pretune stage trains "
                               "on the dataset's source_train table); set method.pretune_epochs=0")
-        if self.pretune_epochs() and "source_train" not in data.tables:
+        if self.stage_epochs("pretune") and "source_train" not in data.tables:
             raise ConfigError(f"dataset {data.info.name} has no source_train table for the pretune stage; "
                               "use data.dataset=digits_transfer or set method.pretune_epochs=0")
 
-    def pretune_epochs(self) -> int:
-        return self.mcfg.pretune_epochs if self.mcfg.mode in TOAST_MODES else 0
-
-    def stage_epochs(self, stage):
-        return self.pretune_epochs() if stage == "pretune" else self.cfg.train.epochs
+    @classmethod
+    def epochs_by_stage(cls, cfg):
+        # The baselines have no top-down path to pretune.
+        pretune = cfg.method.pretune_epochs if cfg.method.mode in TOAST_MODES else 0
+        return {"pretune": pretune, "transfer": cfg.train.epochs}
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -207,17 +207,17 @@ class Toast(Method):
 
     def train_split(self, stage):
         # The pretune stage trains on the source data, the transfer stage on the target task.
-        if stage == "pretune" and self.pretune_epochs():
+        if stage == "pretune" and self.stage_epochs("pretune"):
             return SplitData(self.data.tables["source_train"])
         return super().train_split(stage)
 
     def _pretune_model(self) -> TopDownViT:
         vit = self.load_backbone()
-        if vit.num_classes == 0 and self.pretune_epochs():
+        if vit.num_classes == 0 and self.stage_epochs("pretune"):
             raise ConfigError("the pretune stage needs the backbone's source head; this backbone has none "
                               "(num_classes=0): set method.pretune_epochs=0")
         source = self.data.tables.get("source_train", {}).get("label")
-        if source is not None and self.pretune_epochs() and int(source.max()) >= vit.num_classes:
+        if source is not None and self.stage_epochs("pretune") and int(source.max()) >= vit.num_classes:
             raise ConfigError(f"the backbone's head has {vit.num_classes} classes but the source labels "
                               f"go up to {int(source.max())}; pretrain it on the source data")
         model = TopDownViT(self.vit_kwargs, max(vit.num_classes, 1), 0, self.mcfg.value_bias)
