@@ -4,6 +4,8 @@ epochs, device placement, DDP, checkpoints, resume, metrics and MLflow.
 A method declares:
   Config            its pydantic config class (the `method:` section)
   defaults          platform defaults it changes, e.g. {"train": {"epochs": 20}}
+  presets           or, where its defaults depend on the data, named sets of them (timm's model
+                    variants), e.g. {"digits": {...}, "cub": {...}}, picked by `method.preset`
   stages            what it trains, in order, e.g. ("teacher", "student")
   metric, mode      the validation metric that selects models and drives Tune
   default_dataset   the built-in dataset it runs on when `data.dataset` is empty
@@ -107,6 +109,11 @@ class Method(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[Section]] = Section
     defaults: ClassVar[dict] = {}
+    # Preset name -> a config layer ({"train": ..., "method": ...}) stating each value the presets
+    # differ in once; the Config's `preset` field names the one used (its default is the preset
+    # the built-in dataset needs). It lies below every other layer (`config.resolve`), so YAML
+    # and overrides change single keys of it. A method with presets keeps `defaults` empty.
+    presets: ClassVar[dict[str, dict]] = {}
     stages: ClassVar[tuple[str, ...]] = ("train",)
     metric: ClassVar[str] = "val_acc"
     mode: ClassVar[str] = "max"

@@ -82,24 +82,27 @@ def label_mapping(seen: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
 
 
 class D3GZSLConfig(Section):
+    preset: str = Field("digits", description="named defaults (D3GZSL.presets): digits fits the built-in "
+                        "digits-gzsl; cub is the official CUB setting (gzsl/argscub.py)")
     protocol: Literal["validation", "final"] = Field(
         "validation", description="validation: validation-unseen classes are held out as unseen "
         "(selection, sweeps); final: all trainval classes are seen (literature-comparable test)")
     loss_variant: Variant = Field("faithful", description="faithful: the official code (double "
                                   "softmax, BCE-with-logits on [0,1] similarities); clean: the corrected form")
     lambda_cls: float = Field(1e-4, ge=0, description="L_cls weight (oodclass_loss_para)")
-    lambda_id: float = Field(1e-4, ge=0, description="ID2SD weight on L_kl + L_be (kl_loss_para); "
-                             "0 with lambda_od=0 is plain f-CLSWGAN")
-    lambda_od: float = Field(1e-4, ge=0, description="O2DBD weight (bi_loss_para)")
+    lambda_id: float = Field(1e-4, ge=0, description="ID2SD weight on L_kl + L_be (kl_loss_para; 0 in the "
+                             "released argscub.py, 1e-4 is D3GZSL); 0 with lambda_od=0 is plain f-CLSWGAN")
+    lambda_od: float = Field(1e-4, ge=0, description="O2DBD weight (bi_loss_para; 0 in the released "
+                             "argscub.py, 1e-4 is D3GZSL)")
     lambda_gp: float = Field(10.0, ge=0, description="WGAN-GP penalty weight (lambda1)")
     n_critic: int = Field(5, gt=0, description="critic steps per generator step (critic_iter)")
-    syn_per_class: int = Field(5, gt=0, description="synthetic features per unseen class in each "
+    syn_per_class: int = Field(gt=0, description="synthetic features per unseen class in each "
                                "L_aux batch (ood_train_syn_num)")
     noise_dim: int | None = Field(None, gt=0, description="nz; default the attribute dimension")
-    gen_hidden: int = Field(4096, gt=0)
-    critic_hidden: int = Field(4096, gt=0)
-    embed_dim: int = Field(2048, gt=0, description="teacher and student embedding size (embedSize)")
-    teacher_epochs: int = Field(30, gt=0, description="o_epoch")
+    gen_hidden: int = Field(gt=0, description="G's hidden width (ngh)")
+    critic_hidden: int = Field(gt=0, description="D's hidden width (ndh)")
+    embed_dim: int = Field(gt=0, description="teacher and student embedding size (embedSize)")
+    teacher_epochs: int = Field(gt=0, description="o_epoch")
     teacher_batch_size: int = Field(128, gt=0, description="teacher minibatch (gan_batch_size)")
     teacher_loss_weight: float = Field(1e-3, gt=0, description="oodtrain_loss_para")
     sigmoid_weight: float = Field(1.0, description="LearnSigmoid w init")
@@ -113,9 +116,9 @@ class D3GZSLConfig(Section):
     eval_protocol: Literal["end_to_end", "fresh"] = Field(
         "end_to_end", description="end_to_end: the student (dependent_test); fresh: a new linear "
         "classifier on real seen + synthetic unseen features")
-    syn_num: int = Field(300, gt=0, description="synthetic features per unseen class for `fresh`")
-    fresh_epochs: int = Field(20, gt=0)
-    fresh_lr: float = Field(1e-4, gt=0)
+    syn_num: int = Field(gt=0, description="synthetic features per unseen class for `fresh`")
+    fresh_epochs: int = Field(gt=0)
+    fresh_lr: float = Field(gt=0)
     fresh_batch_size: int = Field(256, gt=0)
 
 
@@ -127,16 +130,26 @@ class D3GZSL(Method):
     default_dataset = "digits-gzsl"
     required_columns = ("features", "label")
     export_input = "features"
-    # 1280 = n_critic x the code's 256: one loop batch is one generator iteration.
-    # The config's own defaults are the official CUB values (jobs/configs/d3gzsl.yaml); these
-    # fit the default dataset, digits-GZSL (~750 training rows, 64-d features): smaller networks,
-    # lr 1e-3 (at 1e-4 the student never predicted an unseen digit within 800 generator
-    # iterations), critic minibatches of 64 (batch 320 = 5 x 64) with 20 synthetic rows per
-    # unseen digit (the code's L_aux batches are about half synthetic: 250 next to 256 real), and
-    # a fresh classifier that gets enough steps on a small set.
-    defaults = {"train": {"epochs": 150, "batch_size": 320, "lr": 1e-3},
-                "method": {"gen_hidden": 512, "critic_hidden": 512, "embed_dim": 256, "teacher_epochs": 20,
-                           "syn_per_class": 20, "syn_num": 100, "fresh_lr": 1e-3, "fresh_epochs": 30}}
+    # The values the two settings differ in; every other key is the config's Field default (the
+    # official value). One loop batch is one generator iteration: train.batch_size = n_critic x
+    # the critic minibatch.
+    presets = {
+        # The official CUB setting (gzsl/argscub.py), for xlsa17 features (jobs/configs/d3gzsl.yaml):
+        # batch 1280 = 5 x the code's 256. One loop epoch is 1/5 of an official epoch, so the
+        # official 2000 epochs are 10000 loop epochs; 2500 (= 500 official epochs) is where
+        # f-CLSWGAN-style runs usually stop improving. Every Adam runs at lr 1e-4.
+        "cub": {"train": {"epochs": 2500, "batch_size": 1280, "lr": 1e-4},
+                "method": {"gen_hidden": 4096, "critic_hidden": 4096, "embed_dim": 2048, "teacher_epochs": 30,
+                           "syn_per_class": 5, "syn_num": 300, "fresh_lr": 1e-4, "fresh_epochs": 20}},
+        # The built-in digits-GZSL (~750 training rows, 64-d features): smaller networks, lr 1e-3
+        # (at 1e-4 the student never predicted an unseen digit within 800 generator iterations),
+        # critic minibatches of 64 (batch 320 = 5 x 64) with 20 synthetic rows per unseen digit
+        # (the code's L_aux batches are about half synthetic: 250 next to 256 real), and a fresh
+        # classifier that gets enough steps on a small set.
+        "digits": {"train": {"epochs": 150, "batch_size": 320, "lr": 1e-3},
+                   "method": {"gen_hidden": 512, "critic_hidden": 512, "embed_dim": 256, "teacher_epochs": 20,
+                              "syn_per_class": 20, "syn_num": 100, "fresh_lr": 1e-3, "fresh_epochs": 30}},
+    }
     search_space = {
         "method.lambda_id": {"loguniform": [1e-5, 1e-1]},
         "method.lambda_od": {"loguniform": [1e-5, 1e-1]},
