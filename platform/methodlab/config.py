@@ -270,6 +270,10 @@ def resolve(method_name: str, layers: list[tuple[str, dict]]) -> RunConfig:
         cfg = cls.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_describe(e.errors()[0], cls, origins)) from None
+    if cfg.train.optimizer not in method.optimizers:
+        where = f" (set {origins['train.optimizer']})" if "train.optimizer" in origins else ""
+        raise ConfigError(f"train.optimizer: method {method_name} supports {', '.join(method.optimizers)}, "
+                          f"not {cfg.train.optimizer!r}{where}; set train.optimizer={method.optimizers[0]}")
     return _fill_defaults(cfg)
 
 

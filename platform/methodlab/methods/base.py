@@ -7,6 +7,7 @@ A method declares:
   presets           or, where its defaults depend on the data, named sets of them (timm's model
                     variants), e.g. {"digits": {...}, "cub": {...}}, picked by `method.preset`
   stages            what it trains, in order, e.g. ("teacher", "student")
+  optimizers        the train.optimizer values it honours (all by default)
   metric, mode      the validation metric that selects models and drives Tune
   default_dataset   the built-in dataset it runs on when `data.dataset` is empty
   search_space      its default Tune space, dotted config keys -> distributions
@@ -128,6 +129,9 @@ class Method(ABC):
     demo_prerequisites: ClassVar[list[tuple[str, list[str]]]] = []
     # Overrides that make a run take seconds (tests, `make demo --quick`); also smoke-tested.
     smoke_overrides: ClassVar[list[str]] = ["train.epochs=1"]
+    # The `train.optimizer` values `build_optimizers` honours; a config asking for another fails
+    # when it is resolved (before Ray starts) instead of training with something else.
+    optimizers: ClassVar[tuple[str, ...]] = ("adam", "adamw", "sgd")
     # DDP: set True where some trainable parameters get no gradient in some steps.
     find_unused_parameters: ClassVar[bool] = False
 

@@ -128,6 +128,9 @@ class D3GZSL(Method):
     stages = ("teacher", "gan")
     metric, mode, test_metric = "val_H", "max", "test_H"
     default_dataset = "digits-gzsl"
+    # Every network trains with Adam(betas 0.5, 0.999) as in the official code (build_optimizers);
+    # another train.optimizer is refused rather than silently replaced.
+    optimizers = ("adam",)
     required_columns = ("features", "label")
     export_input = "features"
     # The values the two settings differ in; every other key is the config's Field default (the
@@ -229,10 +232,10 @@ class D3GZSL(Method):
                 "sigmoid": LearnSigmoid(m.sigmoid_weight, m.sigmoid_offset)}
 
     def build_optimizers(self, stage, models):
-        # Adam(lr, betas (0.5, 0.999)) for every network, as in gzsl/main.py.
+        # Adam(lr, betas (0.5, 0.999)) for every network, as in gzsl/main.py (`optimizers` above).
         names = ["teacher"] if stage == "teacher" else ["generator", "critic", "student", "sigmoid"]
-        return {n: torch.optim.Adam(models[n].parameters(), lr=self.cfg.train.lr, betas=(0.5, 0.999))
-                for n in names}
+        return {n: torch.optim.Adam(models[n].parameters(), lr=self.cfg.train.lr, betas=(0.5, 0.999),
+                                    weight_decay=self.cfg.train.weight_decay) for n in names}
 
     def build_schedulers(self, stage, optimizers, steps_per_epoch):
         if stage == "teacher":
