@@ -45,7 +45,7 @@ SEEDS = (0, 1, 2)
 BASELINE = ["method.lambda_id=0", "method.lambda_od=0"]
 VARIANTS = {"baseline": BASELINE, "d3gzsl-faithful": ["method.loss_variant=faithful"],
             "d3gzsl-clean": ["method.loss_variant=clean"]}
-# Smaller than the method's digits defaults (150 epochs, 512 hidden) so that 9 runs fit the
+# Smaller than the method's digits preset (150 epochs, 512 hidden) so that 9 runs fit the
 # bench's time budget on a shared 2-core CPU.
 DIGITS = ["method.protocol=final", "train.epochs=50", "method.gen_hidden=256", "method.critic_hidden=256"]
 CPU = torch.device("cpu")

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from methodlab.config import load_config
 from methodlab.errors import ConfigError
-from methodlab.methods.bad_batches import (BadBatches, keep_batch, knn_predict, linear_probe, nt_xent,
-                                           quantile_threshold)
+from methodlab.losses.nt_xent import nt_xent
+from methodlab.methods.bad_batches import BadBatches, keep_batch, knn_predict, linear_probe, quantile_threshold
 from methodlab.methods.base import DataBundle, StepContext
 from methodlab.metrics.frechet import feature_stats, frechet_distance
 from tests.conftest import tiny

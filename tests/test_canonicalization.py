@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from methodlab.errors import ConfigError
-from methodlab.methods.canonicalization import (
-    artifact_consistency_loss, group_accuracy_from_counts, group_contrast_loss, group_counts, prior_loss)
+from methodlab.losses.canonicalization import artifact_consistency_loss, group_contrast_loss, prior_loss
+from methodlab.metrics.group import group_accuracy_from_counts, group_counts
 from methodlab.models import build_model
 from methodlab.models.canonicalizer import (
     GroupConvScoreNet, group_copies, group_elements, inverse_indices, rotate, rotate_interpolated,

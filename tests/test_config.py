@@ -126,3 +126,33 @@ def test_print_config_shows_the_resolved_layers_and_starts_nothing(home, capsys)
     assert out.startswith(f"# run name: {cfg.run_name}\n")
     assert yaml.safe_load(out) == cfg.model_dump(mode="json") and cfg.train.lr == 0.01
     assert not home.exists()          # no MLflow store, no run directory, no dataset written
+
+
+def test_presets_state_defaults_once_and_every_layer_goes_on_top(tmp_path):
+    """D3GZSL's presets: `digits` (the default, what the built-in data needs) and `cub` (the
+    official setting jobs/configs/d3gzsl.yaml selects); YAML and overrides change single keys."""
+    from methodlab.config import from_dict
+    from methodlab.registry import get_method
+
+    presets = get_method("d3gzsl").presets
+    digits, cub = load_config("d3gzsl"), load_config("d3gzsl", None, ["method.preset=cub"])
+    for cfg, name in ((digits, "digits"), (cub, "cub")):
+        assert cfg.method.preset == name
+        for section, values in presets[name].items():
+            assert {k: getattr(getattr(cfg, section), k) for k in values} == values
+    assert (digits.method.gen_hidden, cub.method.gen_hidden) == (512, 4096)
+    yaml_path = tmp_path / "cub.yaml"
+    yaml_path.write_text("method:\n  preset: cub\n  gen_hidden: 64\n")
+    layered = load_config("d3gzsl", str(yaml_path), ["train.epochs=3"])
+    assert (layered.method.gen_hidden, layered.method.critic_hidden, layered.train.epochs) == (64, 4096, 3)
+    # The preset only names values the resolved config holds: it is not part of the run name.
+    spelled_out = [f"{s}.{k}={v}" for s, values in presets["digits"].items() for k, v in values.items()]
+    assert load_config("d3gzsl", None, ["method.preset=cub", *spelled_out]).run_name == digits.run_name
+    assert from_dict(cub.model_dump(mode="json")) == cub
+
+
+def test_unknown_preset_fails_with_one_line_naming_the_choices():
+    with pytest.raises(ConfigError) as e:
+        load_config("d3gzsl", None, ["method.preset=imagenet"])
+    assert str(e.value) == ("method.preset: unknown preset 'imagenet' of d3gzsl (set by override "
+                            "'method.preset=imagenet'); choose one of: cub, digits")

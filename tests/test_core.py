@@ -68,7 +68,7 @@ def test_sharded_evaluation_equals_single_rank_evaluation_for_every_method(home)
 def _nt_xent_and_batchnorm(z1, z2, x, rows):
     """This rank's slice of a global batch: NT-Xent with gathered negatives and a global
     BatchNorm; returns the loss, the gradients and the BN statistics."""
-    from methodlab.methods.bad_batches import nt_xent
+    from methodlab.losses.nt_xent import nt_xent
 
     rank, world = distributed.world()
     part = slice(rank * rows // world, (rank + 1) * rows // world)

@@ -17,10 +17,12 @@ from methodlab.config import load_config
 from methodlab.data.dataset import write_dataset
 from methodlab.data.gzsl import (DIGIT_ATTRIBUTE_TABLE, DIGITS_UNSEEN, DIGITS_VAL_UNSEEN, encode_seen_digits,
                                  import_xlsa17, synthetic_gzsl)
-from methodlab.errors import DataError
-from methodlab.methods.d3gzsl import (LearnSigmoid, class_counts, critic_terms, embedding_distillation, gzsl_counts,
-                                      gzsl_scores, harmonic_mean, kl_distillation, label_mapping, ood_distillation,
-                                      pair_bce, per_class_accuracy, teacher_confidence)
+from methodlab.errors import ConfigError, DataError
+from methodlab.losses.d3gzsl import (critic_terms, embedding_distillation, kl_distillation, ood_distillation,
+                                     pair_bce, teacher_confidence)
+from methodlab.methods.d3gzsl import label_mapping
+from methodlab.metrics.gzsl import class_counts, gzsl_counts, gzsl_scores, harmonic_mean, per_class_accuracy
+from methodlab.models.d3gzsl import LearnSigmoid
 
 SP_NEG1, SP_0, SP_1 = math.log1p(math.exp(-1)), math.log(2), math.log1p(math.e)   # softplus(-1, 0, 1)
 FAST = settings(max_examples=30, deadline=None)
@@ -357,6 +359,21 @@ def test_synthetic_gzsl_class_roles(n_seen, n_unseen, seed):
 
 # ----------------------------------------------------------------------------------------------
 # The method: frozen teacher, gradient paths, protocol
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_an_optimizer_it_does_not_honour_is_refused_before_anything_starts(optimizer, home):
+    """Every network trains with the official Adam(betas 0.5, 0.999): another train.optimizer
+    fails when the config is resolved, in one line naming the field and the fix."""
+    from methodlab.cli import main
+
+    with pytest.raises(ConfigError) as e:
+        load_config("d3gzsl", None, [f"train.optimizer={optimizer}"])
+    assert str(e.value) == (f"train.optimizer: method d3gzsl supports adam, not {optimizer!r} (set by override "
+                            f"'train.optimizer={optimizer}'); set train.optimizer=adam")
+    assert main(["train", "d3gzsl", f"train.optimizer={optimizer}"]) != 0
+    assert not home.exists()          # no MLflow store, no run directory, no dataset written
+
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from methodlab.config import load_config
 from methodlab.data.multimodal import PACKED, digit_views, make_synthetic_multimodal
 from methodlab.errors import ConfigError
+from methodlab.losses.mmanet import entropy_weights, mad_loss, mar_loss
 from methodlab.methods.mmanet import (
-    acer_counts, acer_from_counts, all_masks, combination_name, entropy_weights, histogram_distance, label_histogram,
-    mad_loss, mar_loss, mine_weak_set, sample_masks)
+    all_masks, combination_name, histogram_distance, label_histogram, mine_weak_set, sample_masks)
+from methodlab.metrics.acer import acer_counts, acer_from_counts
 from methodlab.models import build_model
 
 FAST = settings(max_examples=30, deadline=None)

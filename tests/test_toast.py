@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from methodlab.config import load_config
+from methodlab.losses.toast import variational_loss
 from methodlab.methods.base import DataBundle, StepContext
-from methodlab.methods.toast import Toast, variational_loss, vit_param_count
+from methodlab.methods.toast import Toast, vit_param_count
 from methodlab.models import build_model
 from methodlab.models.vit import TopDownViT, ViT, token_mask
 

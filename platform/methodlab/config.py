@@ -152,7 +152,9 @@ class RunConfig(Section):
     _NOT_HASHED_KEYS = {"train": {"run_name", "max_failures", "num_to_keep", "checkpoint_every",
                                   "checkpoint_every_s", "checkpoint_every_steps", "checkpoint_upload",
                                   "log_every_steps"},
-                        "scaling": {"wait_for_nodes_s"}}
+                        "scaling": {"wait_for_nodes_s"},
+                        # a name for values that the resolved config holds anyway
+                        "method": {"preset"}}
 
     def identity(self) -> dict:
         """The keys that decide what is trained: what the derived run name hashes."""
@@ -282,12 +284,35 @@ def resolve(method_name: str, layers: list[tuple[str, dict]]) -> RunConfig:
         merged = deep_merge(merged, layer)
         for dotted in _flatten_keys(layer):
             origins[dotted] = origin
+    if method.presets:
+        name, preset = _preset(method, merged, origins)
+        merged = deep_merge(preset, merged)
+        for dotted in _flatten_keys(preset):
+            origins.setdefault(dotted, f"by {method_name}'s preset {name!r}")
     merged["method_name"] = method_name
     try:
         cfg = cls.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_describe(e.errors()[0], cls, origins)) from None
+    if cfg.train.optimizer not in method.optimizers:
+        where = f" (set {origins['train.optimizer']})" if "train.optimizer" in origins else ""
+        raise ConfigError(f"train.optimizer: method {method_name} supports {', '.join(method.optimizers)}, "
+                          f"not {cfg.train.optimizer!r}{where}; set train.optimizer={method.optimizers[0]}")
     return _fill_defaults(cfg)
+
+
+def _preset(method, merged: dict, origins: dict[str, str]) -> tuple[str, dict]:
+    """The preset `method.preset` names in the merged layers (else the field's default) and its
+    layer, with the selection recorded in it."""
+    section = merged.get("method")
+    name = section.get("preset") if isinstance(section, dict) else None
+    if name is None:
+        name = method.Config.model_fields["preset"].default
+    if not isinstance(name, str) or name not in method.presets:
+        where = f" (set {origins['method.preset']})" if "method.preset" in origins else ""
+        raise ConfigError(f"method.preset: unknown preset {name!r} of {method.name}{where}; "
+                          f"choose one of: {', '.join(sorted(method.presets))}")
+    return name, deep_merge(method.presets[name], {"method": {"preset": name}})
 
 
 def _flatten_keys(d: dict, prefix: str = "") -> list[str]:

@@ -196,6 +196,12 @@ def _replace_batchnorm(module: nn.Module, cls) -> nn.Module:
     return module
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (the model itself otherwise): what evaluation, export and
+    frozen calls use, so that they run no DDP collectives."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def broadcast_buffers(models: dict[str, nn.Module]) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank: DDP keeps parameters equal, but each
     rank's last forward updates its own running statistics, and a sharded evaluation must see one

@@ -474,13 +474,10 @@ def _spec_yaml(spec: SweepSpec, space: dict, base: RunConfig, concurrent: int) -
 
 
 def epoch_bound(cfg: RunConfig) -> int:
-    """An upper bound on the epochs (the `epoch` a trial reports counts all stages) a run of `cfg`
-    takes: train.epochs plus every integer `method.*_epochs` (a teacher or pretune stage). It may
-    overestimate, which only adds ASHA rungs that no trial reaches; it must not underestimate,
+    """The epochs (the `epoch` a trial reports counts all stages) a run of `cfg` takes, as its
+    method states them per stage (`Method.epochs_by_stage`). ASHA's max_t must not be below it,
     or ASHA would cut every trial short of its last epoch."""
-    extra = sum(v for k, v in cfg.method.model_dump().items()
-                if k.endswith("_epochs") and isinstance(v, int) and not isinstance(v, bool))
-    return cfg.train.epochs + extra
+    return sum(get_method(cfg.method_name).epochs_by_stage(cfg).values())
 
 
 def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, concurrent: int, method):

@@ -45,42 +45,14 @@ from torch import nn
 from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
+from methodlab.losses.nt_xent import nt_xent
 from methodlab.methods.base import Method, StepContext
 from methodlab.metrics.frechet import frechet_distance
 from methodlab.models import build_model
 from methodlab.registry import register_method
 
 # ----------------------------------------------------------------------------------------------
-# Losses and rules (pure functions)
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool = False) -> torch.Tensor:
-    """NT-Xent, the normalized temperature-scaled cross-entropy of SimCLR (Chen et al., ICML 2020,
-    arXiv 2002.05709, eq. 1), averaged over the anchors.
-
-    z1, z2: (n, D) projections of the two views; row i of z1 and row i of z2 are the positive
-    pair, every other row is a negative. With `gather` under a process group the candidates are
-    the rows of all ranks (lightly's `NTXentLoss(gather_distributed=True)`,
-    lightly/loss/ntx_ent_loss.py): this rank's 2n anchors against 2N = 2n x world rows, through
-    an all_gather that passes gradients back, so with DDP's gradient mean the loss and its
-    gradient are those of one rank holding the global batch. Returns a scalar in
-    [log(1 + (2N-2) e^{-2/t}), log(1 + (2N-2) e^{2/t})].
-    """
-    n = z1.shape[0]
-    rank, world = distributed.world() if gather else (0, 1)
-    local = F.normalize(torch.cat([z1, z2]).float(), dim=1)                    # (2n, D)
-    if world > 1:
-        everyone = F.normalize(torch.cat([distributed.gather_rows(z1), distributed.gather_rows(z2)]).float(),
-                               dim=1)                                          # (2N, D)
-    else:
-        everyone = local
-    total = everyone.shape[0] // 2                                             # N
-    own = torch.arange(n, device=local.device) + rank * n                       # this rank's rows in z1s
-    sim = (local @ everyone.mT) / temperature                                  # (2n, 2N)
-    self_index = torch.cat([own, own + total])
-    sim[torch.arange(2 * n, device=local.device), self_index] = float("-inf")
-    positives = torch.cat([own + total, own])
-    return F.cross_entropy(sim, positives)
+# Curation rules and evaluation (pure functions)
 
 
 def quantile_threshold(window: Sequence[float], q: float) -> float:
@@ -223,10 +195,6 @@ def build_augment(cfg: BadBatchesConfig, size: tuple[int, int]) -> nn.Module:
     )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)      # DDP keeps the module under .module
-
-
 # ----------------------------------------------------------------------------------------------
 # The method
 
@@ -312,7 +280,7 @@ class BadBatches(Method):
             extract = models["extractor"].embed
             views_feats = extract(torch.cat(views))
         else:
-            net = _unwrap(models["net"])
+            net = distributed.unwrap(models["net"])
             pick = 1 if m.frd_features == "projection" else 0
             views_feats = out[pick].detach()
 
@@ -336,7 +304,7 @@ class BadBatches(Method):
         m, opt = self.mcfg, optimizers["opt"]
         images = batch["image"].float()
         views = (self.augment(images), self.augment(images))
-        net = _unwrap(models["net"])
+        net = distributed.unwrap(models["net"])
         # Restored if the batch is dropped, so that a skipped batch changes nothing (BN included).
         saved = {k: v.clone() for k, v in net.named_buffers()} if m.curation != "none" else {}
         with ctx.autocast():

@@ -4,13 +4,16 @@ epochs, device placement, DDP, checkpoints, resume, metrics and MLflow.
 A method declares:
   Config            its pydantic config class (the `method:` section)
   defaults          platform defaults it changes, e.g. {"train": {"epochs": 20}}
+  presets           or, where its defaults depend on the data, named sets of them (timm's model
+                    variants), e.g. {"digits": {...}, "cub": {...}}, picked by `method.preset`
   stages            what it trains, in order, e.g. ("teacher", "student")
+  optimizers        the train.optimizer values it honours (all by default)
   metric, mode      the validation metric that selects models and drives Tune
   default_dataset   the built-in dataset it runs on when `data.dataset` is empty
   search_space      its default Tune space, dotted config keys -> distributions
 
 and implements `build_models`, `train_step` and `evaluate` (plus `build_optimizers`, `export`,
-`stage_epochs` when the defaults do not fit). `train_step` owns the backward passes and optimizer
+`epochs_by_stage` when the defaults do not fit). `train_step` owns the backward passes and optimizer
 steps, because GAN-style and multi-optimizer methods need that.
 """
 
@@ -107,6 +110,11 @@ class Method(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[Section]] = Section
     defaults: ClassVar[dict] = {}
+    # Preset name -> a config layer ({"train": ..., "method": ...}) stating each value the presets
+    # differ in once; the Config's `preset` field names the one used (its default is the preset
+    # the built-in dataset needs). It lies below every other layer (`config.resolve`), so YAML
+    # and overrides change single keys of it. A method with presets keeps `defaults` empty.
+    presets: ClassVar[dict[str, dict]] = {}
     stages: ClassVar[tuple[str, ...]] = ("train",)
     metric: ClassVar[str] = "val_acc"
     mode: ClassVar[str] = "max"
@@ -121,6 +129,9 @@ class Method(ABC):
     demo_prerequisites: ClassVar[list[tuple[str, list[str]]]] = []
     # Overrides that make a run take seconds (tests, `make demo --quick`); also smoke-tested.
     smoke_overrides: ClassVar[list[str]] = ["train.epochs=1"]
+    # The `train.optimizer` values `build_optimizers` honours; a config asking for another fails
+    # when it is resolved (before Ray starts) instead of training with something else.
+    optimizers: ClassVar[tuple[str, ...]] = ("adam", "adamw", "sgd")
     # DDP: set True where some trainable parameters get no gradient in some steps.
     find_unused_parameters: ClassVar[bool] = False
 
@@ -155,8 +166,16 @@ class Method(ABC):
         (e.g. one column per modality listed in its metadata)."""
         return cls.required_columns
 
+    @classmethod
+    def epochs_by_stage(cls, cfg: RunConfig) -> dict[str, int]:
+        """Epochs of each stage, in stage order, from the resolved config alone (no data), so the
+        driver knows a run's length before it starts (`sweep.epoch_bound`). train.epochs for every
+        stage unless a method's stages have lengths of their own (a teacher, a pretune stage);
+        0 skips a stage."""
+        return {stage: cfg.train.epochs for stage in cls.stages}
+
     def stage_epochs(self, stage: str) -> int:
-        return self.cfg.train.epochs
+        return self.epochs_by_stage(self.cfg)[stage]
 
     def train_split(self, stage: str) -> SplitData | None:
         """The rows `stage` trains on, held in memory; None with `data.loader=stream`, where the

@@ -39,68 +39,12 @@ from torch import nn
 from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
+from methodlab.losses.canonicalization import artifact_consistency_loss, group_contrast_loss, prior_loss
 from methodlab.methods.base import Method, StepContext, make_optimizer
+from methodlab.metrics.group import group_accuracy_from_counts, group_counts
 from methodlab.models import build_model
-from methodlab.models.canonicalizer import act, element_names, group_copies, group_elements, rotate_interpolated
+from methodlab.models.canonicalizer import act, element_names, group_copies, group_elements
 from methodlab.registry import register_method
-
-# ----------------------------------------------------------------------------------------------
-# Losses and metrics (pure functions)
-
-
-def prior_loss(scores: torch.Tensor) -> torch.Tensor:
-    """Canonicalization prior of Mondal et al. (NeurIPS 2023, arXiv 2310.01647): CE of the
-    (B, G) group scores against index 0, the identity, so that upright training images stay
-    upright, which is what a predictor trained on upright data needs. With cosine scores in
-    [-1, 1] it is bounded below by log(1 + (|G|-1)e^-2)."""
-    return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
-
-
-def group_contrast_loss(vectors: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-    """Group contrast loss of Panigrahi & Mondal (arXiv 2405.14089; equiadapt
-    `get_optimization_specific_loss`): for vectors (B, G, D) of the copies of each image,
-    mean over all B·G² entries of |V_b V_bᵀ| with the diagonal zeroed. It pushes the copies of one
-    image apart so that a unique copy can win the argmax. `normalized=False` (the official code)
-    uses raw dot products, which φ can also lower by shrinking ‖v‖; `normalized=True` uses cosines.
-    >= 0, and invariant to the order of the group elements."""
-    v = F.normalize(vectors, dim=-1) if normalized else vectors
-    gram = v @ v.transpose(1, 2)                                          # (B, G, G)
-    off = 1.0 - torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-    return (gram.abs() * off).mean()
-
-
-def artifact_consistency_loss(phi: nn.Module, images: torch.Tensor, angles: torch.Tensor,
-                              pad_ratio: float) -> torch.Tensor:
-    """Artifact term of equiadapt (Panigrahi & Mondal 2024): MSE(φ(R_θ⁻¹ R_θ x), φ(x)) for images
-    (N, C, H, W) and per-image angles (N,) in degrees, so that φ ignores the interpolation and
-    cropping artifacts of non-90-degree rotations (C8). Zero for exact rotations."""
-    round_trip = rotate_interpolated(rotate_interpolated(images, angles, pad_ratio), -angles, pad_ratio)
-    return F.mse_loss(phi(round_trip), phi(images))
-
-
-def group_counts(preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """preds (N, G): the predicted class of image n under group element g; labels (N,).
-    -> (G + 2,) float64 sums: correct predictions per element, images whose prediction is not
-    the same under every element, and N. Sums, so shards' counts add up to the whole split's."""
-    correct = (preds == labels[:, None]).double().sum(dim=0)                          # (G,)
-    variant = (preds != preds[:, :1]).any(dim=1).double().sum()
-    return torch.cat([correct, variant[None], torch.tensor([float(len(labels))], dtype=torch.float64,
-                                                           device=correct.device)])
-
-
-def group_accuracy_from_counts(counts: torch.Tensor, names: list[str], prefix: str) -> dict[str, float]:
-    """Per-element accuracy `{prefix}_acc_{name}`, their mean `{prefix}_group_acc` (equiadapt
-    `GroupInference`: test/group_acc), the identity accuracy `{prefix}_acc` and the invariance
-    error `{prefix}_invariance_error`: the fraction of images whose prediction is not the same
-    under every element. `counts` as `group_counts` gives them (summed over shards)."""
-    n = counts[-1].clamp_min(1)
-    per = counts[:-2] / n                                                                # (G,)
-    out = {f"{prefix}_acc_{name}": float(a) for name, a in zip(names, per)}
-    out[f"{prefix}_acc"] = float(per[0])
-    out[f"{prefix}_group_acc"] = float(per.mean())
-    out[f"{prefix}_invariance_error"] = float(counts[-2] / n)
-    return out
-
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -267,7 +211,7 @@ class Canonicalization(Method):
         return {"model": CanonicalizationObjective(model, self.mcfg)}
 
     def build_optimizers(self, stage, models):
-        objective = getattr(models["model"], "module", models["model"])    # DDP-unwrapped
+        objective = distributed.unwrap(models["model"])
         predictor = [p for p in objective.predictor.parameters() if p.requires_grad]
         seen = {id(p) for p in predictor}
         canonicalizer = [p for p in objective.parameters() if p.requires_grad and id(p) not in seen]

@@ -6,12 +6,10 @@ Recognition", AAAI 2024, arXiv:2402.11424; official code github.com/PJBQ/D3GZSL 
 f-CLSWGAN backbone of Xian et al., CVPR 2018, arXiv:1712.00981). The paper's equations were not
 available; every formula here follows the official code (the project spec, part A).
 
-Pieces:
-  generator G(z, a) and critic D(x, a)         f-CLSWGAN's WGAN-GP (Gulrajani et al., arXiv:1704.00028)
-  teacher E_o + C_o                             trained on seen classes (stage "teacher"), then frozen
-  student E_s + fc1 (|C|-way) + fc2 (2-d)       the GZSL classifier; fc2 is the low-dimensional OOD head
-  learnable sigmoid sigma(w (s + b))            turns the teacher's max log-prob into [ID, OOD] confidence
-Losses (pure functions below): L_cls, ID2SD = label-space KL + embedding-space batch BCE, O2DBD.
+This module is the adapter: it builds the networks (`methodlab.models.d3gzsl`: G, D, the teacher
+trained in stage "teacher" and then frozen, the student, the learnable sigmoid), steps them with
+the losses of `methodlab.losses.d3gzsl` (L_cls, ID2SD = label-space KL + embedding-space batch
+BCE, O2DBD), scores them with `methodlab.metrics.gzsl` and exports the student.
 
 Step order (one `train_step` = one generator iteration of the official code): the loop's batch is
 split into `n_critic` critic minibatches (train.batch_size = n_critic x 256 reproduces the code's
@@ -57,15 +55,16 @@ from methodlab import distributed
 from methodlab.config import Section
 from methodlab.data import gzsl as _gzsl  # noqa: F401  (registers digits-gzsl, synthetic-gzsl)
 from methodlab.errors import ConfigError, DataError
+from methodlab.losses.d3gzsl import (Variant, critic_terms, embedding_distillation, kl_distillation,
+                                     ood_distillation, teacher_confidence)
 from methodlab.methods.base import Method, SplitData, StepContext, freeze
+from methodlab.metrics.gzsl import gzsl_counts, gzsl_scores
+from methodlab.models.d3gzsl import Critic, Generator, LearnSigmoid, Student, Teacher
 from methodlab.models.gzsl import GZSLClassifier
 from methodlab.registry import register_method
 
-Variant = Literal["faithful", "clean"]
-
-
 # ----------------------------------------------------------------------------------------------
-# Labels and metrics
+# Labels
 
 
 def label_mapping(seen: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
@@ -78,237 +77,32 @@ def label_mapping(seen: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
     return mapping
 
 
-def class_counts(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(2, C) float64: rows with pred == label, and rows, per class of `labels` (B,). Sums, so
-    shards' counts add up to the whole split's."""
-    correct = torch.bincount(labels[pred == labels], minlength=num_classes)
-    return torch.stack([correct, torch.bincount(labels, minlength=num_classes)]).double()
-
-
-def per_class_accuracy(counts: torch.Tensor, classes: torch.Tensor | None = None) -> float:
-    """Mean over the classes that have rows (and are in `classes`, if given) of the fraction of
-    their rows predicted right (Xian et al., TPAMI 2018); `counts` as `class_counts` gives them.
-    0 for an empty set."""
-    correct, rows = counts
-    present = rows > 0
-    if classes is not None:
-        present &= torch.isin(torch.arange(len(rows), device=rows.device), classes)
-    if not present.any():
-        return 0.0
-    return float((correct[present] / rows[present]).mean())
-
-
-def harmonic_mean(s: float, u: float) -> float:
-    """H = 2SU / (S + U), 0 when S + U = 0 (the GZSL summary, Xian et al., TPAMI 2018)."""
-    return 0.0 if s + u <= 0 else 2 * s * u / (s + u)
-
-
-def gzsl_counts(logits: torch.Tensor, labels: torch.Tensor, unseen_classes: torch.Tensor) -> torch.Tensor:
-    """(3, C) float64 from logits (B, C): per class, rows right with the argmax over all classes,
-    rows, and rows of unseen classes right with the argmax over the unseen classes only (ZSL)."""
-    num_classes = logits.shape[1]
-    unseen_rows = torch.isin(labels, unseen_classes)
-    gzsl = class_counts(logits.argmax(1), labels, num_classes)
-    zsl_pred = unseen_classes[logits[unseen_rows][:, unseen_classes].argmax(1)]
-    zsl = class_counts(zsl_pred, labels[unseen_rows], num_classes)
-    return torch.cat([gzsl, zsl[:1]])
-
-
-def gzsl_scores(counts: torch.Tensor, unseen_classes: torch.Tensor) -> dict[str, float]:
-    """S, U, H and ZSL from `gzsl_counts` (summed over shards): S over the rows of classes not in
-    `unseen_classes`, U over the others, both with the argmax over all classes; ZSL is the
-    per-class accuracy on the unseen rows with the argmax over the unseen classes only
-    (conventional ZSL, no seen bias)."""
-    num_classes = counts.shape[1]
-    unseen = torch.isin(torch.arange(num_classes, device=counts.device), unseen_classes.to(counts.device))
-    seen = torch.arange(num_classes, device=counts.device)[~unseen]
-    s = per_class_accuracy(counts[:2], seen)
-    u = per_class_accuracy(counts[:2], unseen_classes.to(counts.device))
-    zsl = per_class_accuracy(torch.stack([counts[2], counts[1]]), unseen_classes.to(counts.device))
-    return {"S": s, "U": u, "H": harmonic_mean(s, u), "ZSL": zsl}
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses (D3GZSL, AAAI 2024, arXiv:2402.11424, as in gzsl/util.py::calc_ood_loss)
-
-
-def critic_terms(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, att: torch.Tensor,
-                 alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """WGAN-GP critic pieces (Gulrajani et al., NeurIPS 2017, arXiv:1704.00028): D(real) (B,),
-    D(fake) (B,) and the gradient penalty E[(||grad_x^ D(x^, a)||_2 - 1)^2] >= 0 at
-    x^ = alpha real + (1 - alpha) fake, alpha (B, 1). One critic call on the concatenation: a
-    DDP-wrapped critic then runs one forward per backward."""
-    fake = fake.detach()
-    x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
-    b = len(real)
-    scores = critic(torch.cat([real, fake, x_hat]), att.repeat(3, 1)).reshape(-1)
-    (grad,) = torch.autograd.grad(scores[2 * b:].sum(), x_hat, create_graph=True)
-    gp = ((grad.norm(2, dim=1) - 1) ** 2).mean()
-    return scores[:b], scores[b:2 * b], gp
-
-
-def same_class(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(n, m) float targets 1[a_i == b_j]."""
-    return (a[:, None] == b[None, :]).float()
-
-
-def pair_cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """All-pairs cosine (n, m) by one matrix product of row-normalised (n, d), (m, d); the official
-    `batch_embed_distillation` builds B^2 x d repeats instead (~0.5 GB at B=256, d=2048)."""
-    return F.normalize(u, dim=1) @ F.normalize(v, dim=1).T
-
-
-def pair_bce(u: torch.Tensor, v: torch.Tensor, target: torch.Tensor, variant: Variant, kappa: float) -> torch.Tensor:
-    """Mean over all (i, j) of BCE-with-logits(l_ij, target_ij). faithful: l = (cos + 1) / 2 in
-    [0, 1], so every term lies in [softplus(-1), softplus(1)] = [0.3133, 1.3133] and never reaches 0;
-    clean: l = kappa cos, terms in [softplus(-kappa), softplus(kappa)]."""
-    cos = pair_cosine(u, v)
-    logits = (cos + 1) / 2 if variant == "faithful" else kappa * cos
-    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
-
-
-def kl_distillation(teacher_logits: torch.Tensor, student_seen_logits: torch.Tensor, variant: Variant,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """ID2SD label space, L_kl (batchmean). teacher_logits (B, |S|); student_seen_logits (B, |S|),
-    the student's seen-class columns in the teacher's (sorted seen) order. faithful:
-    KL(softmax(p~) || softmax(q)) with p~ = softmax(teacher), q = softmax(student) (double softmax,
-    `KLDivLoss(log_softmax(q), softmax(p~))`); clean: T^2 KL(softmax(v~/T) || softmax(v^/T))."""
-    if variant == "faithful":
-        p, q = teacher_logits.softmax(1), student_seen_logits.softmax(1)
-        return F.kl_div(q.log_softmax(1), p.softmax(1), reduction="batchmean")
-    t = temperature
-    return F.kl_div((student_seen_logits / t).log_softmax(1), (teacher_logits / t).softmax(1),
-                    reduction="batchmean") * t * t
-
-
-def embedding_distillation(teacher_emb: torch.Tensor, student_emb: torch.Tensor, labels: torch.Tensor,
-                           variant: Variant, kappa: float) -> torch.Tensor:
-    """ID2SD embedding space, L_be: (1/B^2) sum_ij BCE(sim(z~_i, z^_j), 1[y_i = y_j]) on real seen
-    rows; teacher_emb, student_emb (B, e), labels (B,). The diagonal is included."""
-    return pair_bce(teacher_emb, student_emb, same_class(labels, labels), variant, kappa)
-
-
-def teacher_confidence(teacher_logits: torch.Tensor, sigmoid: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """s~ = max_c log softmax(v~)_c in [-log|S|, 0] (the code's `energy_score`, a max log-prob,
-    not an energy) and h~ = [sigma(w(s~ + b)), 1 - sigma(w(s~ + b))] (B, 2)."""
-    score = teacher_logits.log_softmax(1).max(1).values
-    p = sigmoid(score)
-    return score, torch.stack([p, 1 - p], 1)
-
-
-def ood_distillation(student_ood: torch.Tensor, teacher_conf: torch.Tensor, labels: torch.Tensor,
-                     variant: Variant, kappa: float) -> torch.Tensor:
-    """O2DBD, L_od: (1/|X|^2) sum_ij BCE(sim(softmax(h^_i), h~'_j), 1[y_i = y_j]) over synthetic
-    unseen + real seen rows. student_ood (B, 2) are fc2 outputs h^; teacher_conf (B, 2) is h~
-    (faithful: softmaxed again, h~' = softmax(h~); clean: h~' = h~). The target is class identity,
-    as in the code, not ID/OOD identity."""
-    t = teacher_conf.softmax(1) if variant == "faithful" else teacher_conf
-    return pair_bce(student_ood.softmax(1), t, same_class(labels, labels), variant, kappa)
-
-
-# ----------------------------------------------------------------------------------------------
-# Networks (gzsl/model.py; CUB sizes by default)
-
-
-def weights_init(module: nn.Module) -> None:
-    """The code's `weights_init`: Linear weights N(0, 0.02), biases 0."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, 0.0, 0.02)
-        nn.init.zeros_(module.bias)
-
-
-class Generator(nn.Module):
-    """G(z, a) = ReLU(W2 LeakyReLU_0.2(W1 [z; a])): (B, nz), (B, A) -> (B, d), non-negative."""
-
-    def __init__(self, noise_dim: int, att_dim: int, hidden: int, feature_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(noise_dim + att_dim, hidden), nn.LeakyReLU(0.2),
-                                 nn.Linear(hidden, feature_dim), nn.ReLU())
-        self.noise_dim = noise_dim
-        self.apply(weights_init)
-
-    def forward(self, z: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([z, att], 1))
-
-
-class Critic(nn.Module):
-    """D(x, a) = W2 LeakyReLU_0.2(W1 [x; a]): (B, d), (B, A) -> (B, 1)."""
-
-    def __init__(self, feature_dim: int, att_dim: int, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(feature_dim + att_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
-        self.apply(weights_init)
-
-    def forward(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, att], 1))
-
-
-class Teacher(nn.Module):
-    """E_o (Linear + ReLU) and C_o (Linear to |S|): x -> (z~ (B, e), seen logits v~ (B, |S|))."""
-
-    def __init__(self, feature_dim: int, embed_dim: int, num_seen: int):
-        super().__init__()
-        self.embed = nn.Sequential(nn.Linear(feature_dim, embed_dim), nn.ReLU())
-        self.head = nn.Linear(embed_dim, num_seen)
-        self.apply(weights_init)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.embed(x)
-        return z, self.head(z)
-
-
-class Student(nn.Module):
-    """E_s + F_MLP: x -> (z^ (B, e), v^ (B, C) logits over all classes in class-id order,
-    h^ = fc2(log_softmax(v^)) (B, 2), the low-dimensional OOD representation). E_s gets the code's
-    N(0, 0.02) init, fc1/fc2 keep PyTorch's default (the code never re-inits F_MLP)."""
-
-    def __init__(self, feature_dim: int, embed_dim: int, num_classes: int):
-        super().__init__()
-        self.net = GZSLClassifier(feature_dim, num_classes, embed_dim)   # embed = E_s, fc = fc1
-        self.net.embed.apply(weights_init)
-        self.ood = nn.Linear(num_classes, 2)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = self.net.embed(x)
-        logits = self.net.fc(z)
-        return z, logits, self.ood(logits.log_softmax(1))
-
-
-class LearnSigmoid(nn.Module):
-    """sigma(w (s + b)) with learnable scalars w (init `weight`) and b (init `offset`)."""
-
-    def __init__(self, weight: float = 1.0, offset: float = 0.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor(float(weight)))
-        self.offset = nn.Parameter(torch.tensor(float(offset)))
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.weight * (s + self.offset))
-
-
 # ----------------------------------------------------------------------------------------------
 # The method
 
 
 class D3GZSLConfig(Section):
+    preset: str = Field("digits", description="named defaults (D3GZSL.presets): digits fits the built-in "
+                        "digits-gzsl; cub is the official CUB setting (gzsl/argscub.py)")
     protocol: Literal["validation", "final"] = Field(
         "validation", description="validation: validation-unseen classes are held out as unseen "
         "(selection, sweeps); final: all trainval classes are seen (literature-comparable test)")
     loss_variant: Variant = Field("faithful", description="faithful: the official code (double "
                                   "softmax, BCE-with-logits on [0,1] similarities); clean: the corrected form")
     lambda_cls: float = Field(1e-4, ge=0, description="L_cls weight (oodclass_loss_para)")
-    lambda_id: float = Field(1e-4, ge=0, description="ID2SD weight on L_kl + L_be (kl_loss_para); "
-                             "0 with lambda_od=0 is plain f-CLSWGAN")
-    lambda_od: float = Field(1e-4, ge=0, description="O2DBD weight (bi_loss_para)")
+    lambda_id: float = Field(1e-4, ge=0, description="ID2SD weight on L_kl + L_be (kl_loss_para; 0 in the "
+                             "released argscub.py, 1e-4 is D3GZSL); 0 with lambda_od=0 is plain f-CLSWGAN")
+    lambda_od: float = Field(1e-4, ge=0, description="O2DBD weight (bi_loss_para; 0 in the released "
+                             "argscub.py, 1e-4 is D3GZSL)")
     lambda_gp: float = Field(10.0, ge=0, description="WGAN-GP penalty weight (lambda1)")
     n_critic: int = Field(5, gt=0, description="critic steps per generator step (critic_iter)")
-    syn_per_class: int = Field(5, gt=0, description="synthetic features per unseen class in each "
+    syn_per_class: int = Field(gt=0, description="synthetic features per unseen class in each "
                                "L_aux batch (ood_train_syn_num)")
     noise_dim: int | None = Field(None, gt=0, description="nz; default the attribute dimension")
-    gen_hidden: int = Field(4096, gt=0)
-    critic_hidden: int = Field(4096, gt=0)
-    embed_dim: int = Field(2048, gt=0, description="teacher and student embedding size (embedSize)")
-    teacher_epochs: int = Field(30, gt=0, description="o_epoch")
+    gen_hidden: int = Field(gt=0, description="G's hidden width (ngh)")
+    critic_hidden: int = Field(gt=0, description="D's hidden width (ndh)")
+    embed_dim: int = Field(gt=0, description="teacher and student embedding size (embedSize)")
+    teacher_epochs: int = Field(gt=0, description="o_epoch")
     teacher_batch_size: int = Field(128, gt=0, description="teacher minibatch (gan_batch_size)")
     teacher_loss_weight: float = Field(1e-3, gt=0, description="oodtrain_loss_para")
     sigmoid_weight: float = Field(1.0, description="LearnSigmoid w init")
@@ -322,9 +116,9 @@ class D3GZSLConfig(Section):
     eval_protocol: Literal["end_to_end", "fresh"] = Field(
         "end_to_end", description="end_to_end: the student (dependent_test); fresh: a new linear "
         "classifier on real seen + synthetic unseen features")
-    syn_num: int = Field(300, gt=0, description="synthetic features per unseen class for `fresh`")
-    fresh_epochs: int = Field(20, gt=0)
-    fresh_lr: float = Field(1e-4, gt=0)
+    syn_num: int = Field(gt=0, description="synthetic features per unseen class for `fresh`")
+    fresh_epochs: int = Field(gt=0)
+    fresh_lr: float = Field(gt=0)
     fresh_batch_size: int = Field(256, gt=0)
 
 
@@ -334,18 +128,31 @@ class D3GZSL(Method):
     stages = ("teacher", "gan")
     metric, mode, test_metric = "val_H", "max", "test_H"
     default_dataset = "digits-gzsl"
+    # Every network trains with Adam(betas 0.5, 0.999) as in the official code (build_optimizers);
+    # another train.optimizer is refused rather than silently replaced.
+    optimizers = ("adam",)
     required_columns = ("features", "label")
     export_input = "features"
-    # 1280 = n_critic x the code's 256: one loop batch is one generator iteration.
-    # The config's own defaults are the official CUB values (jobs/configs/d3gzsl.yaml); these
-    # fit the default dataset, digits-GZSL (~750 training rows, 64-d features): smaller networks,
-    # lr 1e-3 (at 1e-4 the student never predicted an unseen digit within 800 generator
-    # iterations), critic minibatches of 64 (batch 320 = 5 x 64) with 20 synthetic rows per
-    # unseen digit (the code's L_aux batches are about half synthetic: 250 next to 256 real), and
-    # a fresh classifier that gets enough steps on a small set.
-    defaults = {"train": {"epochs": 150, "batch_size": 320, "lr": 1e-3},
-                "method": {"gen_hidden": 512, "critic_hidden": 512, "embed_dim": 256, "teacher_epochs": 20,
-                           "syn_per_class": 20, "syn_num": 100, "fresh_lr": 1e-3, "fresh_epochs": 30}}
+    # The values the two settings differ in; every other key is the config's Field default (the
+    # official value). One loop batch is one generator iteration: train.batch_size = n_critic x
+    # the critic minibatch.
+    presets = {
+        # The official CUB setting (gzsl/argscub.py), for xlsa17 features (jobs/configs/d3gzsl.yaml):
+        # batch 1280 = 5 x the code's 256. One loop epoch is 1/5 of an official epoch, so the
+        # official 2000 epochs are 10000 loop epochs; 2500 (= 500 official epochs) is where
+        # f-CLSWGAN-style runs usually stop improving. Every Adam runs at lr 1e-4.
+        "cub": {"train": {"epochs": 2500, "batch_size": 1280, "lr": 1e-4},
+                "method": {"gen_hidden": 4096, "critic_hidden": 4096, "embed_dim": 2048, "teacher_epochs": 30,
+                           "syn_per_class": 5, "syn_num": 300, "fresh_lr": 1e-4, "fresh_epochs": 20}},
+        # The built-in digits-GZSL (~750 training rows, 64-d features): smaller networks, lr 1e-3
+        # (at 1e-4 the student never predicted an unseen digit within 800 generator iterations),
+        # critic minibatches of 64 (batch 320 = 5 x 64) with 20 synthetic rows per unseen digit
+        # (the code's L_aux batches are about half synthetic: 250 next to 256 real), and a fresh
+        # classifier that gets enough steps on a small set.
+        "digits": {"train": {"epochs": 150, "batch_size": 320, "lr": 1e-3},
+                   "method": {"gen_hidden": 512, "critic_hidden": 512, "embed_dim": 256, "teacher_epochs": 20,
+                              "syn_per_class": 20, "syn_num": 100, "fresh_lr": 1e-3, "fresh_epochs": 30}},
+    }
     search_space = {
         "method.lambda_id": {"loguniform": [1e-5, 1e-1]},
         "method.lambda_od": {"loguniform": [1e-5, 1e-1]},
@@ -406,8 +213,9 @@ class D3GZSL(Method):
     def att_dim(self) -> int:
         return self.attributes.shape[1]
 
-    def stage_epochs(self, stage):
-        return self.mcfg.teacher_epochs if stage == "teacher" else self.cfg.train.epochs
+    @classmethod
+    def epochs_by_stage(cls, cfg):
+        return {"teacher": cfg.method.teacher_epochs, "gan": cfg.train.epochs}
 
     # -- models and optimizers ------------------------------------------------------------------
 
@@ -424,10 +232,10 @@ class D3GZSL(Method):
                 "sigmoid": LearnSigmoid(m.sigmoid_weight, m.sigmoid_offset)}
 
     def build_optimizers(self, stage, models):
-        # Adam(lr, betas (0.5, 0.999)) for every network, as in gzsl/main.py.
+        # Adam(lr, betas (0.5, 0.999)) for every network, as in gzsl/main.py (`optimizers` above).
         names = ["teacher"] if stage == "teacher" else ["generator", "critic", "student", "sigmoid"]
-        return {n: torch.optim.Adam(models[n].parameters(), lr=self.cfg.train.lr, betas=(0.5, 0.999))
-                for n in names}
+        return {n: torch.optim.Adam(models[n].parameters(), lr=self.cfg.train.lr, betas=(0.5, 0.999),
+                                    weight_decay=self.cfg.train.weight_decay) for n in names}
 
     def build_schedulers(self, stage, optimizers, steps_per_epoch):
         if stage == "teacher":
@@ -462,7 +270,7 @@ class D3GZSL(Method):
         """G(z, a_c) for each entry of `classes` (n,), z ~ N(0, I): (n, d). One call, so a
         DDP-wrapped generator sees one forward per backward."""
         att = self.attributes.to(classes.device)[classes]
-        z = torch.randn(len(classes), _unwrap(generator).noise_dim, device=classes.device)
+        z = torch.randn(len(classes), distributed.unwrap(generator).noise_dim, device=classes.device)
         return generator(z, att)
 
     def aux_losses(self, models: dict, x_syn: torch.Tensor, y_syn: torch.Tensor,
@@ -502,7 +310,7 @@ class D3GZSL(Method):
         m = self.mcfg
         y_syn = self._syn_classes(x.device)
         with torch.no_grad():
-            out = self.generate(_unwrap(models["generator"]), torch.cat([y, y_syn]))
+            out = self.generate(distributed.unwrap(models["generator"]), torch.cat([y, y_syn]))
         fake, x_syn = out[:len(y)], out[len(y):]
         alpha = torch.rand(len(x), 1, device=x.device)
         d_real, d_fake, gp = critic_terms(models["critic"], x, fake, self.attributes.to(x.device)[y], alpha)
@@ -519,7 +327,7 @@ class D3GZSL(Method):
     def generator_step(self, models, optimizers, x, y) -> dict[str, torch.Tensor]:
         """L_G + L_aux with fresh samples that keep G's graph; steps G, the student and the sigmoid.
         The critic is frozen and called unwrapped (no DDP reduction expected from it)."""
-        critic = _unwrap(models["critic"])
+        critic = distributed.unwrap(models["critic"])
         critic.requires_grad_(False)
         try:
             y_syn = self._syn_classes(x.device)
@@ -642,11 +450,11 @@ class D3GZSL(Method):
         """Raw features -> logits over all classes (class-id order): the training-time scaling,
         the student's embedding and the headline protocol's classifier."""
         model = GZSLClassifier(**self.spec()["kwargs"])
-        student = _unwrap(models["student"]).net
+        student = distributed.unwrap(models["student"]).net
         model.embed.load_state_dict(student.embed.state_dict())
         head = student.fc
         if self.mcfg.eval_protocol == "fresh":
-            head = self.classifier({k: _unwrap(v) for k, v in models.items()}, "fresh",
+            head = self.classifier({k: distributed.unwrap(v) for k, v in models.items()}, "fresh",
                                    next(student.parameters()).device)[1]
         model.fc.load_state_dict(head.state_dict())
         model.shift.copy_(self.shift)
@@ -655,7 +463,3 @@ class D3GZSL(Method):
 
     def example_input(self):
         return self._raw_example.numpy()
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module

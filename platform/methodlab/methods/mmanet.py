@@ -37,7 +37,9 @@ from methodlab import distributed
 from methodlab.config import Section
 from methodlab.data import multimodal  # also registers digits-multimodal, synthetic-multimodal
 from methodlab.errors import DataError
+from methodlab.losses.mmanet import mad_loss, mar_loss
 from methodlab.methods.base import Method, StepContext, freeze
+from methodlab.metrics.acer import acer_counts, acer_from_counts
 from methodlab.models import build_model
 from methodlab.registry import register_method
 
@@ -66,71 +68,6 @@ def sample_masks(batch_size: int, masks: torch.Tensor,
     int64, mask (B, M) with the dtype and device of `masks`)."""
     index = torch.randint(len(masks), (batch_size,), generator=generator, device=masks.device)
     return index, masks[index]
-
-
-# ----------------------------------------------------------------------------------------------
-# MAD
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """bf16 features under autocast are upcast (Gram matrices of them lose too much); float64 is kept."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def entropy_weights(teacher_logits: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """MAD's per-sample weights w_i = H_i / sum_j H_j from teacher logits (B, K) -> (B,).
-
-    H_i = -sum_k p_ik log p_ik with p = softmax(z). The official code takes torch.log(p), which is
-    -inf (and 0 * -inf = NaN) once a teacher probability underflows to 0; log_softmax stays finite
-    for any finite logits, so H (and its gradient) is finite. `eps` added to every H_i keeps the
-    weights defined (uniform) when every sample is saturated (all H_i = 0). Low margin -> high
-    entropy -> high weight: samples near the teacher's decision boundary count more.
-    """
-    z = _at_least_fp32(teacher_logits)
-    entropy = -(z.softmax(dim=-1) * z.log_softmax(dim=-1)).sum(dim=-1) + eps
-    return entropy / entropy.sum()
-
-
-def mad_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, teacher_logits: torch.Tensor,
-             weighting: Literal["column", "row"] = "column") -> torch.Tensor:
-    """Margin-aware distillation (`classification/loss/kd/mad.py::MAD`): similarity-preserving
-    KD (Tung & Mori, ICCV 2019) on the batch Gram matrices, weighted by teacher entropy.
-
-    student_feats (B, D_s), teacher_feats (B, D_t), teacher_logits (B, K) -> scalar.
-    G = F F^T (B, B), each row divided by max(||row||_2, 1e-12); E_ij = (G~s_ij - G~t_ij)^2;
-    `column`: sum_ij E_ij w_j (classification code, the default); `row`: sum_ij w_i E_ij
-    (segmentation code). A sum, not a mean, as in the code. The teacher gets no gradient.
-    """
-    f_s = _at_least_fp32(student_feats).flatten(1)
-    f_t = _at_least_fp32(teacher_feats.detach()).flatten(1)
-    g_s = F.normalize(f_s @ f_s.T, p=2, dim=1, eps=1e-12)
-    g_t = F.normalize(f_t @ f_t.T, p=2, dim=1, eps=1e-12)
-    error = (g_s - g_t).pow(2)                                              # (B, B)
-    w = entropy_weights(teacher_logits.detach())
-    weighted = error * (w[None, :] if weighting == "column" else w[:, None])
-    return weighted.sum()
-
-
-# ----------------------------------------------------------------------------------------------
-# MAR
-
-
-def mar_loss(aux_logits: torch.Tensor, labels: torch.Tensor, weak: torch.Tensor,
-             variant: Literal["paper", "code"] = "paper") -> torch.Tensor:
-    """Modality-aware regularization (paper Eq. 14; `train_knowledge_distill_patch_feature_auxi_weak`).
-
-    aux_logits (B, K) from the regularization network, labels (B,), weak (B,) 0/1: the sample's
-    modality combination is in the mined weak set W.
-    `paper`: (1/B) sum_i weak_i CE_i — the regularization network learns from weak samples only.
-    `code`: n_W * mean_i CE_i, the value of the classification code's broadcast
-    sum((B,) * (B, 1, 1, 1)) / B — every sample, scaled by the number of weak ones.
-    Both are 0 when no sample in the batch is weak.
-    """
-    ce = F.cross_entropy(aux_logits.float(), labels, reduction="none")    # (B,)
-    weak = weak.to(ce.dtype)
-    if variant == "paper":
-        return (ce * weak).sum() / len(ce)
-    return weak.sum() * ce.mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,25 +104,7 @@ def mine_weak_set(distances: torch.Tensor, masks: torch.Tensor) -> tuple[int, li
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics
-
-
-def acer_counts(preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(4,) float64 sums for ACER: attacks (label 0) predicted real, attacks, reals (label 1)
-    predicted attack, reals. Sums, so shards' counts add up to the whole split's."""
-    attack, real = labels == 0, labels == 1
-    return torch.stack([(preds[attack] != 0).sum(), attack.sum(), (preds[real] != 1).sum(), real.sum()]).double()
-
-
-def acer_from_counts(counts: torch.Tensor) -> float:
-    """Average classification error rate of face anti-spoofing (ISO/IEC 30107-3), label 1 = real
-    (bona fide), 0 = attack: (APCER + BPCER) / 2 with APCER the attack-as-real rate and BPCER the
-    real-as-attack rate. A class absent from the labels contributes 0. In [0, 1]; 0.5 for a
-    constant predictor when both classes occur."""
-    wrong_attack, attacks, wrong_real, reals = counts.tolist()
-    apcer = wrong_attack / attacks if attacks else 0.0
-    bpcer = wrong_real / reals if reals else 0.0
-    return (apcer + bpcer) / 2
+# Charts
 
 
 def combination_chart(names: Sequence[str], series: dict[str, Sequence[float]], title: str):
@@ -236,11 +155,6 @@ class MMANetConfig(Section):
         return self
 
 
-def _bare(model):
-    """The module inside a DDP wrapper: evaluation and mining must not run DDP's collectives."""
-    return getattr(model, "module", model)
-
-
 @register_method("mmanet")
 class MMANet(Method):
     Config = MMANetConfig
@@ -287,8 +201,9 @@ class MMANet(Method):
                   "num_classes": self.num_classes, "width": c.width, "feat_dim": c.feat_dim, "hidden": c.hidden}
         return {"arch": "mmanet", "kwargs": {**kwargs, "regularizer": True} if regularizer else kwargs}
 
-    def stage_epochs(self, stage):
-        return self.mcfg.teacher_epochs if stage == "teacher" else self.cfg.train.epochs
+    @classmethod
+    def epochs_by_stage(cls, cfg):
+        return {"teacher": cfg.method.teacher_epochs, "student": cfg.train.epochs}
 
     def build_models(self, stage, previous):
         if stage == "teacher":
@@ -342,7 +257,7 @@ class MMANet(Method):
         first = c.begin_epoch - c.mining_epochs + 1
         if stage == "student" and self.weak is None and first <= ctx.epoch <= c.begin_epoch \
                 and ctx.epoch > self.mined_upto:
-            student = _bare(models["student"])
+            student = distributed.unwrap(models["student"])
             # Each rank's last forward left its own BatchNorm statistics: mine with rank 0's, as
             # DDP's next forward would use, so every rank picks the same weak set.
             distributed.broadcast_buffers({"student": student})
@@ -419,7 +334,7 @@ class MMANet(Method):
         training-time device and is dropped, as in the official code."""
         spec = self.spec()
         model = build_model(spec)
-        model.load_state_dict({k: v for k, v in _bare(models["student"]).state_dict().items()
+        model.load_state_dict({k: v for k, v in distributed.unwrap(models["student"]).state_dict().items()
                                if not k.startswith("regularizer.")})
         return model, spec
 

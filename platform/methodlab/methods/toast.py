@@ -44,8 +44,10 @@ from pydantic import Field
 from torch import nn
 
 import methodlab.data.digits_transfer  # noqa: F401  (registers digits_source, digits_transfer)
+from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
+from methodlab.losses.toast import variational_loss
 from methodlab.methods.base import Method, SplitData, StepContext, classify_accuracy, make_optimizer
 from methodlab.models.vit import TopDownViT, ViT, make_head
 from methodlab.registry import register_method
@@ -60,19 +62,7 @@ SOURCE_VIT = {"img_size": 8, **SCRATCH_VIT}
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses and parameter accounting (pure functions)
-
-
-def variational_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """TOAST/AbSViT variational (reconstruction) loss L_var = sum_l MSE(W1_l out_l, in_l).
-
-    Shi et al., arXiv 2305.15542 (TOAST) and CVPR 2023, arXiv 2303.15056 (AbSViT, `var_loss`):
-    each decoder's first map W1_l must send block l's pass-2 output back to its input, which
-    makes the feedback path approximately invert the feedforward one. `pairs` holds
-    (W1_l out_l, in_l), each (B, N, C), with out_l and in_l detached so only W1 gets gradient.
-    Returns a scalar >= 0, zero exactly when every W1_l out_l = in_l.
-    """
-    return sum(F.mse_loss(recon, target) for recon, target in pairs)
+# Parameter accounting and schedules (pure functions)
 
 
 def vit_param_count(dim: int, depth: int, num_tokens: int, patch_size: int, in_channels: int,
@@ -169,18 +159,18 @@ class Toast(Method):
         super().__init__(cfg, data)
         self.vit_kwargs: dict = {}
         self.n_trainable = 0
-        if self.pretune_epochs() and cfg.data.loader == "stream":
+        if self.stage_epochs("pretune") and cfg.data.loader == "stream":
             raise ConfigError("method.pretune_epochs>0 needs data.loader=memory (the pretune stage trains "
                               "on the dataset's source_train table); set method.pretune_epochs=0")
-        if self.pretune_epochs() and "source_train" not in data.tables:
+        if self.stage_epochs("pretune") and "source_train" not in data.tables:
             raise ConfigError(f"dataset {data.info.name} has no source_train table for the pretune stage; "
                               "use data.dataset=digits_transfer or set method.pretune_epochs=0")
 
-    def pretune_epochs(self) -> int:
-        return self.mcfg.pretune_epochs if self.mcfg.mode in TOAST_MODES else 0
-
-    def stage_epochs(self, stage):
-        return self.pretune_epochs() if stage == "pretune" else self.cfg.train.epochs
+    @classmethod
+    def epochs_by_stage(cls, cfg):
+        # The baselines have no top-down path to pretune.
+        pretune = cfg.method.pretune_epochs if cfg.method.mode in TOAST_MODES else 0
+        return {"pretune": pretune, "transfer": cfg.train.epochs}
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -217,17 +207,17 @@ class Toast(Method):
 
     def train_split(self, stage):
         # The pretune stage trains on the source data, the transfer stage on the target task.
-        if stage == "pretune" and self.pretune_epochs():
+        if stage == "pretune" and self.stage_epochs("pretune"):
             return SplitData(self.data.tables["source_train"])
         return super().train_split(stage)
 
     def _pretune_model(self) -> TopDownViT:
         vit = self.load_backbone()
-        if vit.num_classes == 0 and self.pretune_epochs():
+        if vit.num_classes == 0 and self.stage_epochs("pretune"):
             raise ConfigError("the pretune stage needs the backbone's source head; this backbone has none "
                               "(num_classes=0): set method.pretune_epochs=0")
         source = self.data.tables.get("source_train", {}).get("label")
-        if source is not None and self.pretune_epochs() and int(source.max()) >= vit.num_classes:
+        if source is not None and self.stage_epochs("pretune") and int(source.max()) >= vit.num_classes:
             raise ConfigError(f"the backbone's head has {vit.num_classes} classes but the source labels "
                               f"go up to {int(source.max())}; pretrain it on the source data")
         model = TopDownViT(self.vit_kwargs, max(vit.num_classes, 1), 0, self.mcfg.value_bias)
@@ -262,7 +252,7 @@ class Toast(Method):
     # -- optimisation ---------------------------------------------------------------------------
 
     def build_optimizers(self, stage, models):
-        named = list(_unwrap(models["model"]).named_parameters())
+        named = list(distributed.unwrap(models["model"]).named_parameters())
         params = [p for n, p in named if p.requires_grad and n != "head.bias"]
         opt = make_optimizer(params, self.cfg.train)
         # No weight decay on the classifier's bias (official optimizer.py); the prompt is decayed.
@@ -283,14 +273,14 @@ class Toast(Method):
             optimizers["opt"], lambda s: warmup_cosine(s, total, warmup))}
 
     def on_epoch_start(self, stage, models, ctx):
-        total = sum(p.numel() for p in _unwrap(models["model"]).parameters())
+        total = sum(p.numel() for p in distributed.unwrap(models["model"]).parameters())
         return {"trainable_params": self.n_trainable, "trainable_fraction": round(self.n_trainable / total, 6)}
 
     def train_step(self, stage, models, optimizers, batch, ctx: StepContext):
         opt, model = optimizers["opt"], models["model"]
         out: dict[str, torch.Tensor] = {}
         with ctx.autocast():
-            if isinstance(_unwrap(model), TopDownViT):
+            if isinstance(distributed.unwrap(model), TopDownViT):
                 logits, pairs, mask = model(batch["image"], aux=True)
                 var = variational_loss(pairs).float()
                 out.update(var_loss=var.detach(), mask_mean=mask.detach().float().mean())
@@ -324,10 +314,6 @@ class Toast(Method):
             return model, {"arch": "toast_vit", "kwargs": {"vit": self.vit_kwargs, "num_classes": k,
                                                             "lora_rank": lora, "value_bias": self.mcfg.value_bias}}
         return model, {"arch": "vit", "kwargs": {**self.vit_kwargs, "num_classes": k}}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _without_head(state: dict) -> dict:

@@ -213,10 +213,6 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return model.to(device)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def ddp_wrap(model: torch.nn.Module, device: torch.device, find_unused_parameters: bool) -> torch.nn.Module:
     """Plain torch DDP (what the Ray adapter's `prepare_model` does too)."""
     ids = [device] if device.type == "cuda" else None
@@ -421,7 +417,7 @@ class Loop:
             state.stage_index, state.epoch, state.batch = stage_index + 1, 0, 0   # skipped: done
         for epoch in range(state.epoch if stage_index == state.stage_index else 0, epochs):
             self.run_epoch(state, stage_index, epoch, models, optimizers, schedulers, split)
-        return {k: unwrap(m) for k, m in models.items()}
+        return {k: distributed.unwrap(m) for k, m in models.items()}
 
     def run_epoch(self, state: LoopState, stage_index: int, epoch: int, models: dict, optimizers: dict,
                   schedulers: dict, split: SplitData | None) -> None:
@@ -438,7 +434,7 @@ class Loop:
         if params:
             self.hooks.on_epoch_params(stage, params)
         for m in models.values():
-            if trainable(unwrap(m)):
+            if trainable(distributed.unwrap(m)):
                 m.train()
         meter = LossMeter(self.device, self.world)
         if state.batch > 0:                          # resumed mid-epoch: the sums so far
@@ -482,7 +478,7 @@ class Loop:
                 val = self.evaluate(stage, models, "val")
             metrics.update(val)
             state.evaluated = dict(val)
-        unwrapped = {k: unwrap(m) for k, m in models.items()}
+        unwrapped = {k: distributed.unwrap(m) for k, m in models.items()}
         state.epoch, state.batch = epoch + 1, 0
         state.epoch_losses = {}
         state.history_step += 1
@@ -521,7 +517,7 @@ class Loop:
 
     def evaluate(self, stage: str, models: dict, split: str) -> dict[str, float]:
         """Every rank evaluates its shard; the method's reductions make the result global."""
-        unwrapped = {k: unwrap(m) for k, m in models.items()}
+        unwrapped = {k: distributed.unwrap(m) for k, m in models.items()}
         distributed.broadcast_buffers(unwrapped)
         return self.method.evaluate(stage, unwrapped, split, self.device)
 
@@ -553,7 +549,7 @@ class Loop:
     def checkpoint_mid_epoch(self, state: LoopState, stage_index: int, epoch: int, models: dict,
                              optimizers: dict, schedulers: dict, meter: LossMeter, timer: PhaseTimer) -> None:
         state.epoch_losses = meter.state()
-        unwrapped = {k: unwrap(m) for k, m in models.items()}
+        unwrapped = {k: distributed.unwrap(m) for k, m in models.items()}
         checkpoint = Checkpoint(build=lambda: self.build_state(state, stage_index, unwrapped, optimizers,
                                                                schedulers, None, mid_epoch=True),
                                 mid_epoch=True, score=None)
