@@ -58,7 +58,7 @@ def build(overrides: list[str], info) -> D3GZSL:
 
 
 def digits_accuracy() -> tuple[list[Figure], dict]:
-    info = resolve_dataset("digits-gzsl", load_config("d3gzsl").data.root)
+    info = resolve_dataset("digits_gzsl", load_config("d3gzsl").data.root)
     scores: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for seed in SEEDS:
         for name, overrides in VARIANTS.items():

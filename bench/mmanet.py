@@ -1,4 +1,4 @@
-"""MMANet on digits-multimodal: accuracy per modality combination and its mean, over 3 seeds, of
+"""MMANet on digits_multimodal: accuracy per modality combination and its mean, over 3 seeds, of
   (a) the teacher on complete data (and, for reference, on each combination with the missing
       modalities' features zeroed),
   (b) plain modality-dropout training (the deployment network, lambda_mad = lambda_mar = 0),
@@ -94,7 +94,7 @@ def main() -> None:
         figures.append(Figure(f"{variant}_test_mean_acc", ratio=statistics.mean(mean_of(variant)) / baseline,
                               baseline="plain modality dropout (same process)", detail=detail))
     write_results("mmanet", figures, {
-        "dataset": "digits-multimodal", "seeds": list(SEEDS), "combinations": names,
+        "dataset": "digits_multimodal", "seeds": list(SEEDS), "combinations": names,
         "overrides": BENCH, "config": base.method.model_dump(),
         "train": {"epochs": base.train.epochs, "lr": base.train.lr, "batch_size": base.train.batch_size},
         "per_seed_test_acc": results, "mined_weak_sets": weak_sets,

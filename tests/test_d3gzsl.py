@@ -487,4 +487,4 @@ def test_gan_step_logs_and_export_matches_student(method_setup):
     scaled = (torch.from_numpy(raw).float() - method.shift) * method.scale
     with torch.no_grad():
         torch.testing.assert_close(exported(torch.from_numpy(raw)), models["student"](scaled)[1])
-    assert spec["arch"] == "gzsl-classifier"
+    assert spec["arch"] == "gzsl_classifier"

@@ -456,7 +456,7 @@ def test_two_worker_run_logs_the_weak_set_and_the_chart(ray_cluster, home):
     from methodlab.train.launch import train
     from tests.conftest import tiny
 
-    cfg = load_config("mmanet", None, tiny("mmanet", "scaling.num_workers=2", "data.dataset=synthetic-multimodal",
+    cfg = load_config("mmanet", None, tiny("mmanet", "scaling.num_workers=2", "data.dataset=synthetic_multimodal",
                                           "tracking.register_model=false"))
     summary = train(cfg)
     assert summary.status == "FINISHED"

@@ -336,7 +336,7 @@ def digits_gzsl() -> dict:
     features = encode_seen_digits(images, labels, train)
     unseen = np.array(DIGITS_UNSEEN, dtype=np.int64)
     val_unseen = np.array(DIGITS_VAL_UNSEEN, dtype=np.int64)
-    check_disjoint(np.unique(labels[train]), unseen, np.unique(labels[test_seen]), val_unseen, "digits-gzsl")
+    check_disjoint(np.unique(labels[train]), unseen, np.unique(labels[test_seen]), val_unseen, "digits_gzsl")
 
     def part(rows, unseen_classes):
         y = labels[rows]

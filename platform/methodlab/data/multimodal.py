@@ -13,7 +13,7 @@ written with it (and `write_dataset`) can be trained on by any multimodal method
 
 Built-ins:
 
-`digits-multimodal` (M = 3): scikit-learn's digits, each shown to three "sensors" that each carry
+`digits_multimodal` (M = 3): scikit-learn's digits, each shown to three "sensors" that each carry
 only part of the information (a logistic regression reaches about 0.86-0.89 test accuracy on any
 single view and about 0.92 on all three, against 0.96 on the raw 8x8 image):
   image     (1, 4, 4)  the image mean-pooled 2x2: coarse shape, no fine strokes
@@ -22,7 +22,7 @@ single view and about 0.92 on all three, against 0.96 on the raw 8x8 image):
   profiles  (16,)      the 8 row means then the 8 column means of the image (projections only)
 with the fixed stratified 60/20/20 split of `digits` (seed 0).
 
-`synthetic-multimodal`: a small binary task whose per-modality informativeness is set exactly
+`synthetic_multimodal`: a small binary task whose per-modality informativeness is set exactly
 (see `make_synthetic_multimodal`), for tests and for checking that mining finds the weak modality.
 """
 
@@ -62,7 +62,7 @@ def multimodal_meta(modalities: Sequence[str], num_classes: int, **provenance) -
 
 
 # ----------------------------------------------------------------------------------------------
-# digits-multimodal
+# digits_multimodal
 
 
 def digit_views(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -93,7 +93,7 @@ def digits_multimodal() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# synthetic-multimodal
+# synthetic_multimodal
 
 
 def make_synthetic_multimodal(informativeness: Sequence[float] = (0.9, 0.6, 0.2), n: int = 600,

@@ -53,7 +53,6 @@ from torch import nn
 
 from methodlab import distributed
 from methodlab.config import Section
-from methodlab.data import gzsl as _gzsl  # noqa: F401  (registers digits-gzsl, synthetic-gzsl)
 from methodlab.errors import ConfigError, DataError
 from methodlab.losses.d3gzsl import (Variant, critic_terms, embedding_distillation, kl_distillation,
                                      ood_distillation, teacher_confidence)
@@ -83,7 +82,7 @@ def label_mapping(seen: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
 
 class D3GZSLConfig(Section):
     preset: str = Field("digits", description="named defaults (D3GZSL.presets): digits fits the built-in "
-                        "digits-gzsl; cub is the official CUB setting (gzsl/argscub.py)")
+                        "digits_gzsl; cub is the official CUB setting (gzsl/argscub.py)")
     protocol: Literal["validation", "final"] = Field(
         "validation", description="validation: validation-unseen classes are held out as unseen "
         "(selection, sweeps); final: all trainval classes are seen (literature-comparable test)")
@@ -127,7 +126,7 @@ class D3GZSL(Method):
     Config = D3GZSLConfig
     stages = ("teacher", "gan")
     metric, mode, test_metric = "val_H", "max", "test_H"
-    default_dataset = "digits-gzsl"
+    default_dataset = "digits_gzsl"
     # Every network trains with Adam(betas 0.5, 0.999) as in the official code (build_optimizers);
     # another train.optimizer is refused rather than silently replaced.
     optimizers = ("adam",)
@@ -442,7 +441,7 @@ class D3GZSL(Method):
     # -- export ---------------------------------------------------------------------------------
 
     def spec(self) -> dict:
-        return {"arch": "gzsl-classifier",
+        return {"arch": "gzsl_classifier",
                 "kwargs": {"feature_dim": self.feature_dim, "num_classes": self.data.info.num_classes,
                            "embed_dim": self.mcfg.embed_dim}}
 

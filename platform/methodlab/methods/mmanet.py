@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 
 from methodlab import distributed
 from methodlab.config import Section
-from methodlab.data import multimodal  # also registers digits-multimodal, synthetic-multimodal
+from methodlab.data import multimodal
 from methodlab.errors import DataError
 from methodlab.losses.mmanet import mad_loss, mar_loss
 from methodlab.methods.base import Method, StepContext, freeze
@@ -162,7 +162,7 @@ class MMANet(Method):
     stages = ("teacher", "student")
     metric = "val_mean_acc"
     test_metric = "test_mean_acc"
-    default_dataset = "digits-multimodal"
+    default_dataset = "digits_multimodal"
     # The modality columns differ per dataset (`meta["modalities"]`); they are checked when the
     # method is built. `packed` is what an exported model takes.
     required_columns = ("label", multimodal.PACKED)

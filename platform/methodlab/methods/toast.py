@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-import methodlab.data.digits_transfer  # noqa: F401  (registers digits_source, digits_transfer)
 from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError

@@ -8,7 +8,7 @@ Recognition", AAAI 2024, arXiv:2402.11424:
   student E_s + fc1 (|C|-way) + fc2 (2-d)       the GZSL classifier; fc2 is the low-dimensional OOD head
   learnable sigmoid sigma(w (s + b))            turns the teacher's max log-prob into [ID, OOD] confidence
 They are training-time networks (`methodlab.methods.d3gzsl` builds them from its config); what is
-exported is the student as a `gzsl-classifier` (`methodlab.models.gzsl`).
+exported is the student as a `gzsl_classifier` (`methodlab.models.gzsl`).
 """
 
 from __future__ import annotations
