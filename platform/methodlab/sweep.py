@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+import methodlab.methods  # noqa: F401  (fills the registries in each Tune trial's process too)
 from methodlab import storage
 from methodlab.config import (RunConfig, Section, check_name, deep_merge, nest, parse_override, read_yaml,
                               resolve, run_config_class, set_path, yaml_number)

@@ -315,12 +315,7 @@ class D3GZSL(Method):
         d_real, d_fake, gp = critic_terms(models["critic"], x, fake, self.attributes.to(x.device)[y], alpha)
         loss_d = d_fake.mean() - d_real.mean() + m.lambda_gp * gp
         aux = self.aux_losses(models, x_syn, y_syn, x, y)
-        names = ("critic", "student", "sigmoid")
-        for n in names:
-            optimizers[n].zero_grad(set_to_none=True)
-        (loss_d + aux["aux"]).backward()
-        for n in names:
-            optimizers[n].step()
+        _step(optimizers, ("critic", "student", "sigmoid"), loss_d + aux["aux"])
         return {"loss_d": loss_d.detach(), "gp": gp.detach(), "wasserstein": (d_real.mean() - d_fake.mean()).detach()}
 
     def generator_step(self, models, optimizers, x, y) -> dict[str, torch.Tensor]:
@@ -334,12 +329,7 @@ class D3GZSL(Method):
             fake, x_syn = out[:len(y)], out[len(y):]
             loss_g = -critic(fake, self.attributes.to(x.device)[y]).mean()
             aux = self.aux_losses(models, x_syn, y_syn, x, y)
-            names = ("generator", "student", "sigmoid")
-            for n in names:
-                optimizers[n].zero_grad(set_to_none=True)
-            (loss_g + aux["aux"]).backward()
-            for n in names:
-                optimizers[n].step()
+            _step(optimizers, ("generator", "student", "sigmoid"), loss_g + aux["aux"])
         finally:
             critic.requires_grad_(True)
         return {"loss_g": loss_g.detach(), **{k: v.detach() for k, v in aux.items()}}
@@ -462,3 +452,13 @@ class D3GZSL(Method):
 
     def example_input(self):
         return self._raw_example.numpy()
+
+
+def _step(optimizers: dict, names: tuple[str, ...], loss: torch.Tensor) -> None:
+    """One backward through `loss`, then a step of exactly the named optimizers (the official
+    alternation: the critic's step leaves G untouched and G's leaves the critic)."""
+    for n in names:
+        optimizers[n].zero_grad(set_to_none=True)
+    loss.backward()
+    for n in names:
+        optimizers[n].step()

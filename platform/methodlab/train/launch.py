@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import methodlab.methods  # noqa: F401  (fills the registries for library callers of train())
 from methodlab import storage
 from methodlab.config import RunConfig
 from methodlab.data import DatasetInfo, resolve_dataset, split_nbytes
