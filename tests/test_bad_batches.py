@@ -310,7 +310,7 @@ def test_probe_knn_and_export():
     from methodlab.models import build_model
     rebuilt = build_model(spec)
     rebuilt.load_state_dict(model.state_dict())
-    x = method.data.splits["val"].tensors["image"][:5]
+    x = method.data.splits["val"].head(5)["image"]
     logits = rebuilt.eval()(x)
     assert logits.shape == (5, 10)
     # the exported head is the linear probe: same predictions as the evaluation's

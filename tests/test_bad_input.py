@@ -38,6 +38,13 @@ def _dataset(tmp_path, damage: str) -> str:
         pq.write_table(pa.table({"label": y}), part)
     elif damage == "dtype":
         pq.write_table(pa.table({"image": to_arrow(x.astype(np.float64)), "label": y}), part)
+    elif damage == "float_files_uint8_manifest":
+        # The manifest says uint8 images (as every image dataset now stores them), the files float32.
+        m = json.loads((root / "dataset.json").read_text())
+        m["columns"]["image"].update(dtype="uint8", scale=1 / 255)
+        (root / "dataset.json").write_text(json.dumps(m))
+    elif damage == "uint8_files_float_manifest":
+        pq.write_table(pa.table({"image": to_arrow(x.astype(np.uint8)), "label": y}), part)
     elif damage == "shape":
         pq.write_table(pa.table({"image": to_arrow(np.zeros((6, 3, 8, 8), np.float32)), "label": y}), part)
     elif damage == "no_manifest":
@@ -82,6 +89,9 @@ DATA_CASES = [
     ("garbage", "train/part-00000.parquet is not a readable Parquet file"),
     ("missing_column", "missing column 'image'"),
     ("dtype", "column 'image' has dtype float64, expected float32"),
+    ("float_files_uint8_manifest",
+     "column 'image' has dtype float32, expected uint8 (dataset.json and the file disagree); re-create the dataset"),
+    ("uint8_files_float_manifest", "column 'image' has dtype uint8, expected float32"),
     ("shape", "column 'image' has shape [3, 8, 8], expected [1, 8, 8]"),
     ("no_manifest", "has no dataset.json"),
     ("bad_manifest", "dataset.json is not valid JSON"),

@@ -304,16 +304,14 @@ def test_config_rejects_inconsistent_modes():
 
 def _method(tmp_path, *overrides):
     from methodlab.config import load_config
-    from methodlab.data import prepare_builtin, read_split
-    from methodlab.methods.base import DataBundle, SplitData
+    from methodlab.data import prepare_builtin
     from methodlab.registry import get_method
+    from methodlab.train.core import load_bundle
 
     cfg = load_config("canonicalization", None, ["method.predictor=scratch", "method.channels=4",
                                                  "method.out_vector_size=8", f"data.root={tmp_path}", *overrides])
     info = prepare_builtin("digits", cfg.data.root)
-    splits = {s: SplitData({k: torch.from_numpy(v.copy()) for k, v in read_split(info, s).items()})
-              for s in ("train", "val", "test")}
-    return get_method("canonicalization")(cfg, DataBundle(info, splits, {}))
+    return get_method("canonicalization")(cfg, load_bundle(cfg, info, ["train", "val", "test"]))
 
 
 def test_frozen_predictor_stays_bit_identical_while_the_canonicalizer_trains(tmp_path):
@@ -327,7 +325,7 @@ def test_frozen_predictor_stays_bit_identical_while_the_canonicalizer_trains(tmp
     phi_before = [p.clone() for p in objective.model.phi.parameters()]
     objective.train()
     assert not objective.predictor.training and objective.model.phi.training
-    batch = {k: v[:32] for k, v in method.data.splits["train"].tensors.items()}
+    batch = method.data.splits["train"].head(32)
     ctx = StepContext("train", 0, 0, torch.device("cpu"), 0, 1)
     for _ in range(2):
         losses = method.train_step("train", models, opts, batch, ctx)
@@ -340,7 +338,7 @@ def test_frozen_predictor_stays_bit_identical_while_the_canonicalizer_trains(tmp
     model, spec = method.export(models)
     rebuilt = build_model(spec)
     rebuilt.load_state_dict(model.state_dict())
-    x = method.data.splits["test"].tensors["image"][:5]
+    x = method.data.splits["test"].head(5)["image"]
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), model.eval()(x))
 

@@ -74,7 +74,8 @@ def test_two_worker_run_trains_registers_and_reloads(ray_cluster, home, name):
     model, spec = load_pretrained(f"models:/{cfg.tracking.registered_model}@candidate", cfg.tracking.uri)
     from methodlab.data import resolve_dataset, read_split
     info = resolve_dataset(cfg.data.dataset or method.default_dataset, cfg.data.root)
-    example = {k: torch.from_numpy(v[:3]) for k, v in read_split(info, "test").items()}
+    from methodlab.data.decode import decode_arrays
+    example = {k: torch.from_numpy(v[:3]) for k, v in decode_arrays(read_split(info, "test"), info.columns).items()}
     inputs = example[getattr(method, "export_input", "image")]
     with torch.no_grad():
         out = model.eval()(inputs)

@@ -136,7 +136,7 @@ def test_export_rebuilds_with_build_model():
         model, spec = method.export(models)
         rebuilt = build_model(spec)
         rebuilt.load_state_dict(model.state_dict())
-        x = method.data.splits["val"].tensors["image"][:4]
+        x = method.data.splits["val"].head(4)["image"]
         assert torch.equal(rebuilt.eval()(x), model.eval()(x))
 
 

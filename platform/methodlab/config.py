@@ -60,6 +60,9 @@ class DataConfig(Section):
         "memory", description="memory: each worker holds the dataset and draws a seeded shard per "
         "epoch (bit-exact resume); stream: Ray Data streams a split shard (datasets beyond memory)")
     limit_rows: int | None = Field(None, gt=0, description="use only the first N training rows")
+    normalize: bool = Field(False, description="standardize scaled (uint8 image) columns per channel "
+                            "with the manifest's train mean/std, on the device; the exported model then "
+                            "takes standardized inputs. Default: the decoded values in [0, 1]")
     stream_cache_mb: int = Field(
         1024, ge=0, description="stream: a train split of at most this many MB (in memory) is read "
         "from Parquet once into Ray's object store and every epoch streams from there; larger "

@@ -12,6 +12,8 @@ small collective whatever the split size, and sharded evaluation equals single-r
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,7 +40,7 @@ def shard(split):
     if size == 1:
         return split
     start, stop = shard_range(len(split), rank, size)
-    return type(split)({k: v[start:stop] for k, v in split.tensors.items()})
+    return dataclasses.replace(split, tensors={k: v[start:stop] for k, v in split.tensors.items()})
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:

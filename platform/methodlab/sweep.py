@@ -552,12 +552,14 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
     """Register the best trial whose checkpoint holds the exported model (a multi-stage trial
     stopped before its last stage has none) from its last checkpoint, with alias `candidate`."""
     from methodlab.data.dataset import read_split
+    from methodlab.data.decode import decode_arrays
     from methodlab.models import hub
     from methodlab.tracking import CHECKPOINT_ROOT_TAG
 
     if not ranked:
         return None, None
-    example = read_split(info, "val", limit_rows=2)[method.export_input]
+    example = decode_arrays(read_split(info, "val", limit_rows=2), info.columns,
+                            base.data.normalize)[method.export_input]
     for t in ranked:
         root = tracker.client.get_run(t.run_id).data.tags.get(CHECKPOINT_ROOT_TAG)
         try:

@@ -34,7 +34,7 @@ def prepare_builtin(name: str, root: str, force: bool = False) -> DatasetInfo:
     built = builder()
     if not storage.is_s3(uri):
         os.makedirs(root, exist_ok=True)
-    return write_dataset(uri, name, built["splits"], built["meta"], built.get("tables"))
+    return write_dataset(uri, name, built["splits"], built["meta"], built.get("tables"), scales=built.get("scales"))
 
 
 def resolve_dataset(dataset: str, root: str) -> DatasetInfo:

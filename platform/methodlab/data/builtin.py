@@ -1,8 +1,10 @@
 """Built-in datasets, made from data that installed packages ship (no downloads at run time).
 
 `digits`: scikit-learn's 1,797 handwritten digits, 8x8 grey images in 10 classes, as
-`image` float32 (1, 8, 8) in [0, 1] and `label` int64, with a fixed stratified 60/20/20
-train/val/test split (seed 0). Other modules register further datasets built from it.
+`image` uint8 (1, 8, 8), the ink counts 0..16 with scale 1/16 (decoded on the device to exactly
+the float32 values in [0, 1]; `methodlab.data.decode`), and `label` int64, with a fixed
+stratified 60/20/20 train/val/test split (seed 0). Other modules register further datasets built
+from it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,21 @@ from methodlab.registry import register_dataset
 SPLIT_SEED = 0
 
 
-def load_digits() -> tuple[np.ndarray, np.ndarray]:
+DIGIT_SCALE = 1 / 16      # sklearn's digits count ink in 0..16 per pixel
+
+
+def load_digit_counts() -> tuple[np.ndarray, np.ndarray]:
+    """(N, 1, 8, 8) uint8 ink counts 0..16, (N,) int64 labels: what the image datasets store."""
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
-    images = (d.images / 16.0).astype(np.float32)[:, None]   # (N, 1, 8, 8) in [0, 1]
-    return images, d.target.astype(np.int64)
+    return d.images.astype(np.uint8)[:, None], d.target.astype(np.int64)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(N, 1, 8, 8) float32 in [0, 1]: for datasets derived from the pixels (features, modalities)."""
+    counts, labels = load_digit_counts()
+    return counts.astype(np.float32) * np.float32(DIGIT_SCALE), labels
 
 
 def stratified_split(labels: np.ndarray, fractions=(0.6, 0.2, 0.2), seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
@@ -38,10 +49,11 @@ def stratified_split(labels: np.ndarray, fractions=(0.6, 0.2, 0.2), seed: int = 
 
 @register_dataset("digits")
 def digits() -> dict:
-    images, labels = load_digits()
+    images, labels = load_digit_counts()
     splits = stratified_split(labels)
     return {
         "splits": {s: {"image": images[i], "label": labels[i]} for s, i in splits.items()},
+        "scales": {"image": DIGIT_SCALE},
         "meta": {"num_classes": 10, "classes": [str(c) for c in range(10)],
                  "source": "sklearn.datasets.load_digits", "split": "stratified 60/20/20, seed 0"},
     }

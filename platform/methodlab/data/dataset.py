@@ -34,6 +34,14 @@ FORMAT_VERSION = 1
 class Column:
     dtype: str                # numpy dtype name: float32, int64, uint8, ...
     shape: list[int] = field(default_factory=list)   # per-row shape; [] for scalars
+    # Stored integers that stand for floats (uint8 images): decoded = raw * scale on the device
+    # (`data.decode`); mean/std are per channel of the decoded train split, for data.normalize.
+    scale: float | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass
@@ -59,8 +67,8 @@ class DatasetInfo:
 
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, "name": self.name, "splits": self.splits,
-                "columns": {k: vars(c) for k, c in self.columns.items()},
-                "tables": {t: {k: vars(c) for k, c in cols.items()} for t, cols in self.tables.items()},
+                "columns": {k: c.to_json() for k, c in self.columns.items()},
+                "tables": {t: {k: c.to_json() for k, c in cols.items()} for t, cols in self.tables.items()},
                 "meta": self.meta}
 
 
@@ -95,16 +103,36 @@ def _column_of(arrow_type: pa.DataType) -> Column:
     return Column(np.dtype(arrow_type.to_pandas_dtype()).name, [])
 
 
+def channel_stats(raw: np.ndarray, scale: float) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the decoded values of `raw` (N, C, ...), in float64, one
+    channel at a time (never a float copy of the whole split)."""
+    means, stds = [], []
+    for c in range(raw.shape[1]):
+        x = raw[:, c].astype(np.float64) * scale
+        means.append(float(x.mean()))
+        stds.append(float(x.std()) or 1.0)       # a constant channel is left unscaled
+    return means, stds
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing (atomic for local roots: a temp directory renamed into place)
 
 
 def write_dataset(root: str, name: str, splits: dict[str, dict[str, np.ndarray]],
                   meta: dict[str, Any], tables: dict[str, dict[str, np.ndarray]] | None = None,
-                  rows_per_file: int = 1_000_000) -> DatasetInfo:
+                  rows_per_file: int = 1_000_000, scales: dict[str, float] | None = None) -> DatasetInfo:
+    """`scales`: columns stored as integers standing for floats, e.g. {"image": 1/255} for uint8
+    images; their per-channel stats come from the train split (or the first)."""
     tables = tables or {}
+    scales = scales or {}
     first = next(iter(splits.values()))
     columns = {k: Column(v.dtype.name, list(v.shape[1:])) for k, v in first.items()}
+    for column, scale in scales.items():
+        if np.dtype(columns[column].dtype).kind not in "ui":
+            raise DataError(f"dataset {name}: column {column!r} has a scale but holds {columns[column].dtype}, "
+                            "not integers; store it as uint8")
+        mean, std = channel_stats(splits.get("train", first)[column], scale)
+        columns[column] = Column(columns[column].dtype, columns[column].shape, scale, mean, std)
     for split, cols in splits.items():
         n = {len(v) for v in cols.values()}
         if len(n) != 1:
@@ -113,7 +141,9 @@ def write_dataset(root: str, name: str, splits: dict[str, dict[str, np.ndarray]]
                 {k: (c.dtype, c.shape) for k, c in columns.items()}:
             raise DataError(f"dataset {name}: split {split!r} has a different schema from the first split")
     info = DatasetInfo(uri=root, name=name, columns=columns, splits=list(splits),
-                       tables={t: {k: Column(v.dtype.name, list(v.shape[1:])) for k, v in cols.items()}
+                       tables={t: {k: Column(v.dtype.name, list(v.shape[1:]),
+                                             *((columns[k].scale, columns[k].mean, columns[k].std)
+                                               if k in scales else ())) for k, v in cols.items()}
                                for t, cols in tables.items()}, meta=meta)
 
     local = not storage.is_s3(root)
@@ -201,7 +231,8 @@ def _check_schema(fs, path: str, expected: dict[str, Column], shown: str) -> Non
             raise DataError(f"{shown}: missing column {name!r} (has {', '.join(schema.names)})")
         got = _column_of(schema.field(name).type)
         if got.dtype != col.dtype:
-            raise DataError(f"{shown}: column {name!r} has dtype {got.dtype}, expected {col.dtype}")
+            raise DataError(f"{shown}: column {name!r} has dtype {got.dtype}, expected {col.dtype} "
+                            f"({MANIFEST} and the file disagree); re-create the dataset")
         if list(got.shape) != list(col.shape):
             raise DataError(f"{shown}: column {name!r} has shape {got.shape}, expected {col.shape}")
 

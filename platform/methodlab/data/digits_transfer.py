@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from methodlab.data.builtin import load_digits, stratified_split
+from methodlab.data.builtin import DIGIT_SCALE, load_digit_counts, stratified_split
 from methodlab.registry import register_dataset
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -45,10 +45,11 @@ def _rows(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, classes: tupl
 
 @register_dataset("digits_source")
 def digits_source() -> dict:
-    images, labels = load_digits()
+    images, labels = load_digit_counts()
     splits = stratified_split(labels)
     return {
         "splits": {s: _rows(images, labels, i, SOURCE_CLASSES) for s, i in splits.items()},
+        "scales": {"image": DIGIT_SCALE},
         "meta": {"num_classes": len(SOURCE_CLASSES), "classes": [str(c) for c in SOURCE_CLASSES],
                  "source": "sklearn.datasets.load_digits, digits 0-4", "split": SPLIT_NOTE},
     }
@@ -56,12 +57,13 @@ def digits_source() -> dict:
 
 def transfer_task(shots: int) -> dict:
     """Target digits 5-9 with `shots` labelled training images per class; source 0-4 as tables."""
-    images, labels = load_digits()
+    images, labels = load_digit_counts()
     splits = stratified_split(labels)
     return {
         "splits": {"train": _rows(images, labels, splits["train"], TARGET_CLASSES, shots),
                    "val": _rows(images, labels, splits["val"], TARGET_CLASSES),
                    "test": _rows(images, labels, splits["test"], TARGET_CLASSES)},
+        "scales": {"image": DIGIT_SCALE},
         "tables": {"source_train": _rows(images, labels, splits["train"], SOURCE_CLASSES),
                    "source_val": _rows(images, labels, splits["val"], SOURCE_CLASSES)},
         "meta": {"num_classes": len(TARGET_CLASSES), "classes": [str(c) for c in TARGET_CLASSES],

@@ -30,6 +30,7 @@ from torch import nn
 from methodlab import distributed
 from methodlab.config import RunConfig, Section
 from methodlab.data.dataset import DatasetInfo
+from methodlab.data.decode import Decoders, column_decoders, decode_batch
 
 Batch = dict[str, torch.Tensor]
 
@@ -50,17 +51,24 @@ class StepContext:
 
 @dataclass
 class SplitData:
-    """A whole split held as tensors on the worker (`data.loader=memory`)."""
+    """A whole split held as tensors on the worker (`data.loader=memory`), as stored (uint8
+    images); `batches` and `head` hand out decoded values (`methodlab.data.decode`)."""
 
     tensors: Batch
+    decoders: Decoders = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values())))
 
     def batches(self, batch_size: int, device: torch.device | None = None) -> Iterator[Batch]:
+        """Decoded batches in row order, decoded after the copy to `device`."""
         for start in range(0, len(self), batch_size):
-            yield {k: v[start:start + batch_size].to(device, non_blocking=True) if device else
-                   v[start:start + batch_size] for k, v in self.tensors.items()}
+            yield decode_batch({k: v[start:start + batch_size].to(device, non_blocking=True) if device else
+                                v[start:start + batch_size] for k, v in self.tensors.items()}, self.decoders)
+
+    def head(self, rows: int) -> Batch:
+        """The first `rows` rows, decoded (examples, signatures, shape checks)."""
+        return next(self.batches(rows))
 
 
 @dataclass
@@ -68,6 +76,11 @@ class DataBundle:
     info: DatasetInfo
     splits: dict[str, SplitData]
     tables: dict[str, Batch]
+    normalize: bool = False        # data.normalize: decoders standardize scaled columns
+
+    def table_split(self, name: str) -> SplitData:
+        """Side table `name` as a SplitData that decodes like the splits."""
+        return SplitData(self.tables[name], column_decoders(self.info.tables[name], self.normalize))
 
 
 def make_optimizer(params, train_cfg, lr: float | None = None, weight_decay: float | None = None):
@@ -203,7 +216,7 @@ class Method(ABC):
 
     def example_input(self) -> Any:
         """A small input for the exported model's signature (numpy)."""
-        return self.data.splits["val"].tensors[self.export_input][:2].numpy()
+        return self.data.splits["val"].head(2)[self.export_input].numpy()
 
     def state_dict(self) -> dict:
         """The method's own state that must survive a resume (running windows, mined sets)."""

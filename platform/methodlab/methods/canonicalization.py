@@ -170,7 +170,7 @@ class Canonicalization(Method):
         return load_pretrained(self.mcfg.predictor, self.cfg.tracking.uri)
 
     def _check_predictor(self, predictor: nn.Module) -> None:
-        example = self.data.splits["val"].tensors["image"][:2]
+        example = self.data.splits["val"].head(2)["image"]
         try:
             with torch.no_grad():
                 classes = predictor.eval()(example).shape[-1]

@@ -47,7 +47,7 @@ from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.losses.toast import variational_loss
-from methodlab.methods.base import Method, SplitData, StepContext, classify_accuracy, make_optimizer
+from methodlab.methods.base import Method, StepContext, classify_accuracy, make_optimizer
 from methodlab.models.vit import TopDownViT, ViT, make_head
 from methodlab.registry import register_method
 
@@ -207,7 +207,7 @@ class Toast(Method):
     def train_split(self, stage):
         # The pretune stage trains on the source data, the transfer stage on the target task.
         if stage == "pretune" and self.stage_epochs("pretune"):
-            return SplitData(self.data.tables["source_train"])
+            return self.data.table_split("source_train")
         return super().train_split(stage)
 
     def _pretune_model(self) -> TopDownViT:
@@ -303,7 +303,7 @@ class Toast(Method):
     def evaluate(self, stage, models, split, device):
         if stage == "pretune":   # the source head on held-out source images
             return {f"{split}_source_acc": classify_accuracy(
-                models["model"], SplitData(self.data.tables["source_val"]), device)}
+                models["model"], self.data.table_split("source_val"), device)}
         return {f"{split}_acc": classify_accuracy(models["model"], self.data.splits[split], device)}
 
     def export(self, models):

@@ -36,6 +36,7 @@ import torch
 from methodlab import distributed
 from methodlab.config import RunConfig
 from methodlab.data.dataset import DatasetInfo, read_split, read_table
+from methodlab.data.decode import column_decoders, decode_batch
 from methodlab.methods.base import Batch, DataBundle, Method, SplitData, StepContext, trainable
 
 STATE_FILE = "state.pt"
@@ -138,10 +139,10 @@ def load_bundle(cfg: RunConfig, info: DatasetInfo, splits: list[str]) -> DataBun
         arrays = read_split(info, split, limit_rows=limit)
         # Arrow's zero-copy views are read-only; torch wants writable memory (copied only if needed).
         tensors[split] = SplitData({k: torch.from_numpy(np.require(v, requirements=["C", "W"]))
-                                    for k, v in arrays.items()})
+                                    for k, v in arrays.items()}, column_decoders(info.columns, cfg.data.normalize))
     tables = {t: {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in read_table(info, t).items()}
               for t in info.tables}
-    return DataBundle(info=info, splits=tensors, tables=tables)
+    return DataBundle(info=info, splits=tensors, tables=tables, normalize=cfg.data.normalize)
 
 
 def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
@@ -442,6 +443,9 @@ class Loop:
         where = f"stage {stage}, epoch {epoch + 1}"
         every_steps = cfg.train.checkpoint_every_steps
         batches = self.batches(split, epoch_seed(cfg.train.seed, stage_index, epoch), state.batch)
+        # Batches arrive as stored (uint8 images) and are decoded here, on the device.
+        decoders = split.decoders if split is not None else column_decoders(method.data.info.columns,
+                                                                            cfg.data.normalize)
         if self.resume_rng is not None:
             set_rng_state(self.resume_rng)           # resumed mid-epoch: after on_epoch_start, as it ran
             self.resume_rng = None
@@ -450,6 +454,7 @@ class Loop:
                 batch = next(batches, None)
             if batch is None:
                 break
+            batch = decode_batch(batch, decoders)
             self.hooks.on_step(state)
             with timer("step"):
                 ctx.step = state.step
