@@ -64,6 +64,9 @@ class DataConfig(Section):
         1024, ge=0, description="stream: a train split of at most this many MB (in memory) is read "
         "from Parquet once into Ray's object store and every epoch streams from there; larger "
         "splits are re-read each epoch; 0 = always re-read")
+    shuffle_buffer_rows: int = Field(
+        10_000, ge=0, description="stream: rows of Ray Data's local shuffle buffer, reseeded every "
+        "epoch, on top of a seeded block order (see README, Data); 0 = block order only")
 
 
 class TrainConfig(Section):

@@ -68,6 +68,9 @@ class DataBundle:
     info: DatasetInfo
     splits: dict[str, SplitData]
     tables: dict[str, Batch]
+    # data.loader=stream: (source, batch_size, device) -> one pass over this rank's shard of a
+    # streamed source (`Method.train_source`), in the stored dtypes; None with the memory loader.
+    stream: Callable[[str, int, torch.device], Iterator[Batch]] | None = None
 
 
 def make_optimizer(params, train_cfg, lr: float | None = None, weight_decay: float | None = None):
@@ -177,10 +180,28 @@ class Method(ABC):
     def stage_epochs(self, stage: str) -> int:
         return self.epochs_by_stage(self.cfg)[stage]
 
+    @classmethod
+    def train_source(cls, cfg: RunConfig, stage: str) -> str:
+        """What `stage` trains on: "train" (the dataset's train split) or "table:<name>" (a side
+        table). From the config alone: with `data.loader=stream` the driver streams the sources
+        of the stages that run (`launch.stream_dataset`)."""
+        return "train"
+
     def train_split(self, stage: str) -> SplitData | None:
-        """The rows `stage` trains on, held in memory; None with `data.loader=stream`, where the
-        loop streams the dataset's train split instead."""
-        return self.data.splits.get("train")
+        """The rows `stage` trains on, held in memory (its `train_source`); None with
+        `data.loader=stream`, where the loop streams that source instead."""
+        source = self.train_source(self.cfg, stage)
+        if source.startswith("table:"):
+            return SplitData(self.data.tables[source.removeprefix("table:")])
+        return self.data.splits.get(source)
+
+    def split_batches(self, split: str, batch_size: int, device) -> Iterator[Batch]:
+        """This rank's shard of `split` in batches on `device`: from memory, or with
+        `data.loader=stream` (where the train split is not in memory) one pass over the rank's
+        streamed shard of it."""
+        if split not in self.data.splits and self.data.stream is not None:
+            return self.data.stream(split, batch_size, device)
+        return distributed.shard(self.data.splits[split]).batches(batch_size, device)
 
     def build_optimizers(self, stage: str, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
         params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
