@@ -66,9 +66,10 @@ def local_fallback_dir(cfg: RunConfig) -> Path | None:
 STREAM_CHUNK_BATCHES = 32
 
 
-def stream_batches(cfg: RunConfig, source: str, seed: int, device: torch.device, skip: int) -> Iterator[Batch]:
-    """One epoch of this worker's shard of a streamed source (`data.loader=stream`), in the stored
-    dtypes, pinned (CUDA) and on `device`, Ray Data prefetching 2 chunks in the background.
+def stream_batches(cfg: RunConfig, shard, seed: int, device: torch.device, skip: int) -> Iterator[Batch]:
+    """One epoch of this worker's `shard` (a Ray DataIterator, `ray.train.get_dataset_shard`) of a
+    streamed source (`data.loader=stream`), in the stored dtypes, pinned (CUDA) and on `device`,
+    Ray Data prefetching 2 chunks in the background.
 
     The order: the dataset's seeded block order (`launch.stream_dataset`), then Ray Data's local
     shuffle buffer of `data.shuffle_buffer_rows` rows seeded by the epoch's `seed` (a function of
@@ -78,7 +79,6 @@ def stream_batches(cfg: RunConfig, source: str, seed: int, device: torch.device,
     (CPU-side decoding or augmentation belongs in a `map_batches` of the dataset, on Ray Data's
     CPUs; the device-side kind stays in the method's step.)"""
     bs = cfg.train.batch_size
-    shard = ray.train.get_dataset_shard(source)  # [ray]
     chunks = shard.iter_batches(  # [ray]
         batch_size=STREAM_CHUNK_BATCHES * bs, batch_format="numpy", prefetch_batches=2,
         local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None, local_shuffle_seed=seed % 2**32)
@@ -126,7 +126,8 @@ def train_worker(loop_config: dict) -> None:
     if cfg.data.loader == "stream":
         data.stream = stream_pass
         stream = Stream(rows=loop_config["stream_rows"],
-                        batches=lambda source, seed, skip: stream_batches(cfg, source, seed, device, skip))
+                        batches=lambda source, seed, skip: stream_batches(
+                            cfg, ray.train.get_dataset_shard(source), seed, device, skip))  # [ray]
     method: Method = get_method(cfg.method_name)(cfg, data)
     state = _restore(loop_config.get("recovered_checkpoint")) or LoopState(mlflow_run_id=run_id)
     hooks = RayHooks(cfg, method, run_id, rank, state, Faults.parse(loop_config.get("faults")))
