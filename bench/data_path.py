@@ -170,7 +170,8 @@ def rss_figures(tmp: str) -> list[Figure]:
     @ray.remote(num_cpus=0.5)
     def train_one_epoch(cfg, ds):
         torch.set_num_threads(1)
-        return stream_epochs(cfg, ds, model_step(int(np.prod(IMAGE_SHAPE))), epochs=1)
+        step = model_step(int(np.prod(IMAGE_SHAPE)))
+        return stream_epochs(cfg, ds, lambda x, y: step(x.float(), y), epochs=1)
 
     row_bytes = int(np.prod(IMAGE_SHAPE))
     cfg = stream_cfg(256, 0)
