@@ -10,7 +10,9 @@ follows nanoGPT's train.py (one loop, one place per concern) and Composer's even
 What it guarantees, at any world size:
 - Exact resume, also mid-epoch: a checkpoint holds models, optimizers, schedulers, the method's
   state, every rank's RNG state and the counters; the data order of an epoch is a pure function
-  of (seed, stage, epoch), so a resumed epoch skips the batches it had consumed.
+  of (seed, stage, epoch), so a resumed epoch skips the batches it had consumed. That holds for
+  the stream loader too (`Stream`): Ray Data's seeded block order and the epoch-seeded shuffle
+  buffer (`loop.stream_batches`) replay the same order, so it resumes at the exact batch.
 - At most one host sync per log interval (`train.log_every_steps`): losses are summed on the
   device and read, all-reduced, once per interval and at the end of each epoch. The NaN check,
   the wall-clock checkpoint decision and the global train metrics all come from that one read.
