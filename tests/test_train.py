@@ -125,10 +125,11 @@ def test_non_finite_loss_fails_the_run_keeps_the_checkpoint_registers_nothing(ra
 
 
 @settings(max_examples=40, deadline=None)
-@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5), bs=st.integers(1, 9), seed=st.integers(0, 2**31))
-def test_stream_chunks_give_every_row_once_in_batches_of_at_most_bs(sizes, bs, seed):
-    """The stream loader's batching: each chunk's rows come out once each, shuffled, in batches of
-    at most bs; only a trailing batch of one row per chunk is dropped (BatchNorm cannot train on it)."""
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5), bs=st.integers(1, 9))
+def test_stream_chunks_give_every_row_once_in_batches_of_at_most_bs(sizes, bs):
+    """The stream loader's batching: each chunk's rows come out once each, in order (Ray Data
+    shuffled them), in batches of at most bs; only a trailing batch of one row per chunk is
+    dropped (BatchNorm cannot train on it; Ray's chunks are multiples of bs but the last)."""
     import numpy as np
 
     from methodlab.train.core import chunk_minibatches
@@ -136,9 +137,9 @@ def test_stream_chunks_give_every_row_once_in_batches_of_at_most_bs(sizes, bs, s
     starts = np.cumsum([0, *sizes])
     chunks = [{"x": np.arange(a, b, dtype=np.float32)[:, None], "label": np.arange(a, b)}
               for a, b in zip(starts, starts[1:])]
-    batches = list(chunk_minibatches(iter(chunks), bs, torch.device("cpu"), torch.Generator().manual_seed(seed)))
+    batches = list(chunk_minibatches(iter(chunks), bs, torch.device("cpu")))
     assert all(1 <= len(b["label"]) <= bs for b in batches)
     assert all(torch.equal(b["x"][:, 0].long(), b["label"]) for b in batches)
     seen = torch.cat([b["label"] for b in batches]).tolist()
     dropped = sum(1 for n in sizes if n % bs == 1 and n > 1)
-    assert len(seen) == len(set(seen)) == sum(sizes) - dropped
+    assert seen == sorted(seen) and len(seen) == len(set(seen)) == sum(sizes) - dropped

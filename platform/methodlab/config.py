@@ -67,6 +67,9 @@ class DataConfig(Section):
         1024, ge=0, description="stream: a train split of at most this many MB (in memory) is read "
         "from Parquet once into Ray's object store and every epoch streams from there; larger "
         "splits are re-read each epoch; 0 = always re-read")
+    shuffle_buffer_rows: int = Field(
+        10_000, ge=0, description="stream: rows of Ray Data's local shuffle buffer, reseeded every "
+        "epoch, on top of a seeded block order (see README, Data); 0 = block order only")
 
 
 class TrainConfig(Section):
@@ -297,10 +300,13 @@ def resolve(method_name: str, layers: list[tuple[str, dict]]) -> RunConfig:
         cfg = cls.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_describe(e.errors()[0], cls, origins)) from None
-    if cfg.train.optimizer not in method.optimizers:
-        where = f" (set {origins['train.optimizer']})" if "train.optimizer" in origins else ""
-        raise ConfigError(f"train.optimizer: method {method_name} supports {', '.join(method.optimizers)}, "
-                          f"not {cfg.train.optimizer!r}{where}; set train.optimizer={method.optimizers[0]}")
+    for dotted, supported in (("train.optimizer", method.optimizers), ("data.loader", method.loaders)):
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in supported:
+            where = f" (set {origins[dotted]})" if dotted in origins else ""
+            raise ConfigError(f"{dotted}: method {method_name} supports {', '.join(supported)}, "
+                              f"not {value!r}{where}; set {dotted}={supported[0]}")
     return _fill_defaults(cfg)
 
 

@@ -344,7 +344,7 @@ class BadBatches(Method):
         """Encoder features and labels of this rank's shard of `split`."""
         backbone.eval()
         feats, labels = [], []
-        for b in distributed.shard(self.data.splits[split]).batches(512, device):
+        for b in self.split_batches(split, 512, device):
             feats.append(backbone.embed(b["image"].float()).float())
             labels.append(b["label"])
         return torch.cat(feats), torch.cat(labels)

@@ -8,6 +8,7 @@ A method declares:
                     variants), e.g. {"digits": {...}, "cub": {...}}, picked by `method.preset`
   stages            what it trains, in order, e.g. ("teacher", "student")
   optimizers        the train.optimizer values it honours (all by default)
+  loaders           the data.loader values it runs with (memory and stream by default)
   metric, mode      the validation metric that selects models and drives Tune
   default_dataset   the built-in dataset it runs on when `data.dataset` is empty
   search_space      its default Tune space, dotted config keys -> distributions
@@ -76,11 +77,19 @@ class DataBundle:
     info: DatasetInfo
     splits: dict[str, SplitData]
     tables: dict[str, Batch]
+    # data.loader=stream: (source, batch_size, device) -> one pass over this rank's shard of a
+    # streamed source (`Method.train_source`), in the stored dtypes; None with the memory loader.
+    stream: Callable[[str, int, torch.device], Iterator[Batch]] | None = None
     normalize: bool = False        # data.normalize: decoders standardize scaled columns
+
+    def decoders(self, source: str) -> Decoders:
+        """How the columns of `source` (a split name, or "table:<name>") decode on the device."""
+        columns = self.info.tables[source.removeprefix("table:")] if source.startswith("table:") else self.info.columns
+        return column_decoders(columns, self.normalize)
 
     def table_split(self, name: str) -> SplitData:
         """Side table `name` as a SplitData that decodes like the splits."""
-        return SplitData(self.tables[name], column_decoders(self.info.tables[name], self.normalize))
+        return SplitData(self.tables[name], self.decoders(f"table:{name}"))
 
 
 def make_optimizer(params, train_cfg, lr: float | None = None, weight_decay: float | None = None):
@@ -145,6 +154,7 @@ class Method(ABC):
     # The `train.optimizer` values `build_optimizers` honours; a config asking for another fails
     # when it is resolved (before Ray starts) instead of training with something else.
     optimizers: ClassVar[tuple[str, ...]] = ("adam", "adamw", "sgd")
+    loaders: ClassVar[tuple[str, ...]] = ("memory", "stream")      # the data.loader values it runs with
     # DDP: set True where some trainable parameters get no gradient in some steps.
     find_unused_parameters: ClassVar[bool] = False
 
@@ -190,10 +200,29 @@ class Method(ABC):
     def stage_epochs(self, stage: str) -> int:
         return self.epochs_by_stage(self.cfg)[stage]
 
+    @classmethod
+    def train_source(cls, cfg: RunConfig, stage: str) -> str:
+        """What `stage` trains on: "train" (the dataset's train split) or "table:<name>" (a side
+        table). From the config alone: with `data.loader=stream` the driver streams the sources
+        of the stages that run (`launch.stream_dataset`)."""
+        return "train"
+
     def train_split(self, stage: str) -> SplitData | None:
-        """The rows `stage` trains on, held in memory; None with `data.loader=stream`, where the
-        loop streams the dataset's train split instead."""
-        return self.data.splits.get("train")
+        """The rows `stage` trains on, held in memory (its `train_source`); None with
+        `data.loader=stream`, where the loop streams that source instead."""
+        source = self.train_source(self.cfg, stage)
+        if source.startswith("table:"):
+            return self.data.table_split(source.removeprefix("table:"))
+        return self.data.splits.get(source)
+
+    def split_batches(self, split: str, batch_size: int, device) -> Iterator[Batch]:
+        """This rank's shard of `split` in batches on `device`: from memory, or with
+        `data.loader=stream` (where the train split is not in memory) one pass over the rank's
+        streamed shard of it."""
+        if split not in self.data.splits and self.data.stream is not None:
+            decoders = self.data.decoders(split)
+            return (decode_batch(b, decoders) for b in self.data.stream(split, batch_size, device))
+        return distributed.shard(self.data.splits[split]).batches(batch_size, device)
 
     def build_optimizers(self, stage: str, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
         params = [p for m in models.values() for p in m.parameters() if p.requires_grad]

@@ -158,9 +158,6 @@ class Toast(Method):
         super().__init__(cfg, data)
         self.vit_kwargs: dict = {}
         self.n_trainable = 0
-        if self.stage_epochs("pretune") and cfg.data.loader == "stream":
-            raise ConfigError("method.pretune_epochs>0 needs data.loader=memory (the pretune stage trains "
-                              "on the dataset's source_train table); set method.pretune_epochs=0")
         if self.stage_epochs("pretune") and "source_train" not in data.tables:
             raise ConfigError(f"dataset {data.info.name} has no source_train table for the pretune stage; "
                               "use data.dataset=digits_transfer or set method.pretune_epochs=0")
@@ -204,11 +201,12 @@ class Toast(Method):
             model = self._pretune_model() if stage == "pretune" else self._transfer_model(previous["model"])
         return {"model": model}
 
-    def train_split(self, stage):
+    @classmethod
+    def train_source(cls, cfg, stage):
         # The pretune stage trains on the source data, the transfer stage on the target task.
-        if stage == "pretune" and self.stage_epochs("pretune"):
-            return self.data.table_split("source_train")
-        return super().train_split(stage)
+        if stage == "pretune" and cls.epochs_by_stage(cfg)["pretune"]:
+            return "table:source_train"
+        return "train"
 
     def _pretune_model(self) -> TopDownViT:
         vit = self.load_backbone()

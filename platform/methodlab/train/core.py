@@ -10,7 +10,9 @@ follows nanoGPT's train.py (one loop, one place per concern) and Composer's even
 What it guarantees, at any world size:
 - Exact resume, also mid-epoch: a checkpoint holds models, optimizers, schedulers, the method's
   state, every rank's RNG state and the counters; the data order of an epoch is a pure function
-  of (seed, stage, epoch), so a resumed epoch skips the batches it had consumed.
+  of (seed, stage, epoch), so a resumed epoch skips the batches it had consumed. That holds for
+  the stream loader too (`Stream`): Ray Data's seeded block order and the epoch-seeded shuffle
+  buffer (`loop.stream_batches`) replay the same order, so it resumes at the exact batch.
 - At most one host sync per log interval (`train.log_every_steps`): losses are summed on the
   device and read, all-reduced, once per interval and at the end of each epoch. The NaN check,
   the wall-clock checkpoint decision and the global train metrics all come from that one read.
@@ -154,11 +156,22 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
     return perm[rank:total:world]
 
 
-def steps_per_epoch(n_rows: int, world: int, batch_size: int) -> int:
-    """Batches per epoch and rank of `memory_batches` (its trailing one-row batch dropped)."""
-    per_rank = math.ceil(n_rows / world)
-    full, rest = divmod(per_rank, batch_size)
+def batches_per_epoch(rows: int, batch_size: int) -> int:
+    """Batches of one rank's epoch over `rows` rows (`minibatches`: a trailing one-row batch is
+    dropped); at least 1, so a scheduler's length is never 0."""
+    full, rest = divmod(rows, batch_size)
     return max(1, full + (1 if rest > 1 or (rest == 1 and full == 0) else 0))
+
+
+def steps_per_epoch(n_rows: int, world: int, batch_size: int) -> int:
+    """Batches per epoch and rank of `memory_batches` (shards padded to ceil(n_rows / world))."""
+    return batches_per_epoch(math.ceil(n_rows / world), batch_size)
+
+
+def stream_steps_per_epoch(n_rows: int, world: int, batch_size: int) -> int:
+    """Batches per epoch and rank of the stream loader: Ray Train splits a stream into equal
+    shards of n_rows // world rows (the remainder is left out), batched as `minibatches` does."""
+    return batches_per_epoch(n_rows // world, batch_size)
 
 
 def minibatches(tensors: dict[str, torch.Tensor], order: torch.Tensor, bs: int,
@@ -177,14 +190,26 @@ def minibatches(tensors: dict[str, torch.Tensor], order: torch.Tensor, bs: int,
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def chunk_minibatches(chunks: Iterator[dict[str, np.ndarray]], bs: int, device: torch.device,
-                      order: torch.Generator) -> Iterator[Batch]:
-    """Minibatches of Ray Data's numpy chunks ({column: view of the Arrow buffers, [rows, ...]}),
-    shuffled within each chunk, as Ray's local shuffle buffer would, but in one randperm."""
+def chunk_minibatches(chunks: Iterator[dict[str, np.ndarray]], bs: int, device: torch.device) -> Iterator[Batch]:
+    """Minibatches of `bs` rows, in order, of Ray Data's numpy chunks ({column: [rows, ...]} in
+    the stored dtypes; already shuffled by Ray Data), pinned and on `device`. Ray hands over
+    chunks of a multiple of `bs` rows but the last, so only the epoch's trailing one-row batch is
+    dropped, as `minibatches` does."""
     for chunk in chunks:
         tensors = {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in chunk.items()}
         rows = len(next(iter(tensors.values())))
-        yield from minibatches(tensors, torch.randperm(rows, generator=order), bs, device)
+        yield from minibatches(tensors, torch.arange(rows), bs, device)
+
+
+@dataclass
+class Stream:
+    """data.loader=stream, as the loop sees it (the Ray side is `train.loop`): `rows[source]`,
+    the rows of each streamed source (`Method.train_source`) over all ranks, and
+    `batches(source, seed, skip)`, one epoch of this rank's shard of it in an order that is a
+    function of `seed`, its first `skip` batches left out."""
+
+    rows: dict[str, int]
+    batches: Callable[[str, int, int], Iterator[Batch]]
 
 
 def memory_batches(cfg: RunConfig, split: SplitData, seed: int, rank: int, world: int,
@@ -345,17 +370,20 @@ BatchesFn = Callable[[SplitData | None, int, int], Iterator[Batch]]   # (split, 
 
 class Loop:
     """Runs a method's stages on one rank. `batches(split, seed, skip)` yields this rank's batches
-    of an epoch (default: the memory loader); `wrap(model)` makes a trainable model data-parallel
-    (default: torch DDP when a process group with more than one rank exists)."""
+    of an epoch of an in-memory split (default: the memory loader); with `stream` the loop trains
+    on streamed sources instead. `wrap(model)` makes a trainable model data-parallel (default:
+    torch DDP when a process group with more than one rank exists)."""
 
     def __init__(self, cfg: RunConfig, method: Method, device: torch.device, hooks: Hooks | None = None,
                  batches: BatchesFn | None = None, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 clock: Callable[[], float] = time.monotonic, started_at: float | None = None):
+                 clock: Callable[[], float] = time.monotonic, started_at: float | None = None,
+                 stream: Stream | None = None):
         self.cfg, self.method, self.device = cfg, method, device
         self.rank, self.world = distributed.world()
         self.hooks = hooks or Hooks()
         self.batches = batches or (lambda split, seed, skip: memory_batches(
             cfg, split, seed, self.rank, self.world, device, skip))
+        self.stream = stream
         self.wrap = wrap or (lambda m: ddp_wrap(m, device, method.find_unused_parameters))
         self.autocast = autocast_factory(cfg, device)
         self.clock = clock
@@ -404,10 +432,8 @@ class Loop:
             return raw
         models = {name: self.prepare(m) for name, m in raw.items()}
         optimizers = method.build_optimizers(stage, models)
-        split = method.train_split(stage)
-        n_rows = len(split) if split is not None else 0
-        schedulers = method.build_schedulers(stage, optimizers,
-                                             steps_per_epoch(n_rows, self.world, self.cfg.train.batch_size))
+        batches, per_epoch = self.epoch_batches(stage)
+        schedulers = method.build_schedulers(stage, optimizers, per_epoch)
         if in_this_stage and (state.epoch > 0 or state.batch > 0):
             for name, o in optimizers.items():
                 o.load_state_dict(state.optimizers[name])
@@ -417,11 +443,26 @@ class Loop:
         if epochs == 0 and stage_index < len(method.stages) - 1:
             state.stage_index, state.epoch, state.batch = stage_index + 1, 0, 0   # skipped: done
         for epoch in range(state.epoch if stage_index == state.stage_index else 0, epochs):
-            self.run_epoch(state, stage_index, epoch, models, optimizers, schedulers, split)
+            self.run_epoch(state, stage_index, epoch, models, optimizers, schedulers, batches)
         return {k: distributed.unwrap(m) for k, m in models.items()}
 
+    def epoch_batches(self, stage: str) -> tuple[Callable[[int, int], Iterator[Batch]], int]:
+        """`stage`'s epochs, (seed, skip) -> this rank's batches, and the batches per epoch.
+        Batches arrive as stored (uint8 images) and are decoded here, on the device."""
+        bs = self.cfg.train.batch_size
+        source = self.method.train_source(self.cfg, stage)
+        decoders = self.method.data.decoders(source)
+        if self.stream is None:
+            split = self.method.train_split(stage)
+            per_epoch = steps_per_epoch(len(split) if split is not None else 0, self.world, bs)
+            stored = lambda seed, skip: self.batches(split, seed, skip)  # noqa: E731
+        else:
+            per_epoch = stream_steps_per_epoch(self.stream.rows[source], self.world, bs)
+            stored = lambda seed, skip: self.stream.batches(source, seed, skip)  # noqa: E731
+        return (lambda seed, skip: (decode_batch(b, decoders) for b in stored(seed, skip))), per_epoch
+
     def run_epoch(self, state: LoopState, stage_index: int, epoch: int, models: dict, optimizers: dict,
-                  schedulers: dict, split: SplitData | None) -> None:
+                  schedulers: dict, epoch_batches: Callable[[int, int], Iterator[Batch]]) -> None:
         cfg, method, timer = self.cfg, self.method, PhaseTimer()
         stage = method.stages[stage_index]
         epochs = method.stage_epochs(stage)
@@ -442,10 +483,7 @@ class Loop:
             meter.restore(state.epoch_losses)
         where = f"stage {stage}, epoch {epoch + 1}"
         every_steps = cfg.train.checkpoint_every_steps
-        batches = self.batches(split, epoch_seed(cfg.train.seed, stage_index, epoch), state.batch)
-        # Batches arrive as stored (uint8 images) and are decoded here, on the device.
-        decoders = split.decoders if split is not None else column_decoders(method.data.info.columns,
-                                                                            cfg.data.normalize)
+        batches = epoch_batches(epoch_seed(cfg.train.seed, stage_index, epoch), state.batch)
         if self.resume_rng is not None:
             set_rng_state(self.resume_rng)           # resumed mid-epoch: after on_epoch_start, as it ran
             self.resume_rng = None
@@ -454,7 +492,6 @@ class Loop:
                 batch = next(batches, None)
             if batch is None:
                 break
-            batch = decode_batch(batch, decoders)
             self.hooks.on_step(state)
             with timer("step"):
                 ctx.step = state.step

@@ -164,19 +164,47 @@ def _storage_kwargs(cfg: RunConfig) -> dict:
     return {"storage_path": cfg.storage.path}
 
 
-def stream_dataset(cfg: RunConfig, info: DatasetInfo):
-    """The train split as a Ray Dataset for `data.loader=stream`."""
+def stream_sources(cfg: RunConfig) -> list[str]:
+    """The sources (`Method.train_source`) that the stages of the run train on, for
+    `data.loader=stream`: each becomes a Ray Dataset of the TorchTrainer, named by the source."""
+    method = get_method(cfg.method_name)
+    return sorted({method.train_source(cfg, stage) for stage, epochs in method.epochs_by_stage(cfg).items() if epochs})
+
+
+def stream_dataset(cfg: RunConfig, info: DatasetInfo, source: str = "train"):
+    """One source as a Ray Dataset for `data.loader=stream`: the train split (its first
+    `data.limit_rows` rows, as the memory loader takes) or a side table ("table:<name>").
+
+    Its order is the first half of the shuffle: blocks (files) in an order seeded by
+    `train.seed`, the same every epoch; the worker's local shuffle buffer, reseeded every epoch
+    (`loop.stream_batches`), is the second. Both are functions of the seed alone, so an epoch's
+    order is reproducible (needed to resume at its exact batch, `train.core`)."""
     import ray.data
+    from ray.data import FileShuffleConfig, RandomSeedConfig
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs = storage.filesystem(info.uri)[0] if storage.is_s3(info.uri) else None
-    train = ray.data.read_parquet(info.split_uri("train"), filesystem=fs)
+    table = source.removeprefix("table:") if source.startswith("table:") else None
+    limit = cfg.data.limit_rows if table is None else None
     # Every epoch re-plans the read and re-reads Parquet (about 1 s of fixed cost per epoch on
     # 2 CPUs, bench/data_path.py); a split within the cache limit is read once, and every epoch
-    # streams it from the object store instead.
-    if split_nbytes(info, "train") <= cfg.data.stream_cache_mb * 2**20:
-        train = train.materialize()
-    return train
+    # streams it from the object store instead. (Side tables are held in memory by every worker
+    # already: always cached.)
+    cache = table is not None or split_nbytes(info, "train") <= cfg.data.stream_cache_mb * 2**20
+    seed = cfg.train.seed
+    if cache or limit:
+        # Read in file order: the limit takes the first rows, and the cache holds them once.
+        ds = ray.data.read_parquet(info.table_uri(table) if table else info.split_uri("train"), filesystem=fs)
+        if limit:
+            ds = ds.limit(limit)
+        if cache:
+            ds = ds.materialize()
+        # Shuffles references to blocks (no copies); without the cache it would be a barrier
+        # that holds the whole read in the object store, hence the file order below.
+        return ds.randomize_block_order(seed=RandomSeedConfig(seed, reseed_after_execution=False))
+    # Streamed from Parquet every epoch: the files are read in the seeded order (a streaming read).
+    return ray.data.read_parquet(info.split_uri("train"), filesystem=fs,
+                                 shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=False))
 
 
 def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None, recovered: str | None = None,
@@ -191,12 +219,15 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
 
     splits = ["train", "val", "test"]
     # memory (default): every worker reads every split whole from Parquet and draws its own seeded
-    # shard, so resumes are bit-exact. stream: Ray Data reads the train split and splits it
-    # between workers, for datasets larger than a worker's memory.
-    datasets, data_config = None, None
+    # shard, so resumes are bit-exact. stream: Ray Data reads what the stages train on (the train
+    # split, side tables: `stream_sources`) and splits it between workers, for datasets larger
+    # than a worker's memory; preserve_order keeps the seeded order (`stream_dataset`) and makes
+    # each worker's equal shard the same every time.
+    datasets, data_config, stream_rows = None, None, {}
     if cfg.data.loader == "stream":
-        datasets = {"train": stream_dataset(cfg, info)}
-        data_config = DataConfig(datasets_to_split=["train"],
+        datasets = {source: stream_dataset(cfg, info, source) for source in stream_sources(cfg)}
+        stream_rows = {source: ds.count() for source, ds in datasets.items()}   # (Parquet footers, or cached)
+        data_config = DataConfig(datasets_to_split=list(datasets),
                                  execution_options=ExecutionOptions(preserve_order=True))
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
@@ -205,7 +236,8 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
         train_worker,
         # `faults` is the tests' fault injection ($METHODLAB_FAULTS), never part of the config.
         train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
-                           "dataset_uri": info.uri, "splits": splits, "recovered_checkpoint": recovered,
+                           "dataset_uri": info.uri, "splits": splits, "stream_rows": stream_rows,
+                           "recovered_checkpoint": recovered,
                            "faults": os.environ.get(FAULTS_ENV), "launched_at": started_at or time.time()},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),

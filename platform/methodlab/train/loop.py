@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 import ray.train  # [ray]
@@ -37,8 +38,8 @@ from methodlab.methods.base import Batch, Method
 from methodlab.models import build_model
 from methodlab.registry import get_method
 from methodlab.spool import SpoolFile
-from methodlab.train.core import (STATE_FILE, Checkpoint, Hooks, LoopState, Loop, PhaseTimer, chunk_minibatches,
-                                  load_bundle, memory_batches, seed_everything)
+from methodlab.train.core import (STATE_FILE, Checkpoint, Hooks, LoopState, Loop, PhaseTimer, Stream,
+                                  chunk_minibatches, load_bundle, memory_batches, seed_everything)
 from methodlab.train.faults import Faults
 
 SCORE_KEY = "checkpoint_score"   # the method's metric, higher = better: what Ray ranks checkpoints by
@@ -60,18 +61,37 @@ def local_fallback_dir(cfg: RunConfig) -> Path | None:
 # Data
 
 
-# Ray Data hands the stream over in chunks of this many batches; the minibatches are cut and
-# shuffled in torch by the same code as the memory loader's (core.minibatches).
+# Ray Data hands the stream over in chunks of this many batches (one Python hand-over per chunk,
+# not per batch); the minibatches are cut in torch by the memory loader's code (core.minibatches).
 STREAM_CHUNK_BATCHES = 32
 
 
-def stream_batches(cfg: RunConfig, seed: int, device: torch.device, skip: int) -> Iterator[Batch]:
-    """One epoch of this worker's shard of the streamed train split (`data.loader=stream`)."""
+def stream_batches(cfg: RunConfig, shard, seed: int, device: torch.device, skip: int) -> Iterator[Batch]:
+    """One epoch of this worker's `shard` (a Ray DataIterator, `ray.train.get_dataset_shard`) of a
+    streamed source (`data.loader=stream`), in the stored dtypes, pinned (CUDA) and on `device`,
+    Ray Data prefetching 2 chunks in the background.
+
+    The order: the dataset's seeded block order (`launch.stream_dataset`), then Ray Data's local
+    shuffle buffer of `data.shuffle_buffer_rows` rows seeded by the epoch's `seed` (a function of
+    train.seed, stage and epoch): a row leaves the buffer at a random time, so it moves about a
+    buffer's length from its place in the block order; it is not a full permutation. The same
+    seed gives the same order, so a resumed epoch skips the `skip` batches it had trained.
+    (CPU-side decoding or augmentation belongs in a `map_batches` of the dataset, on Ray Data's
+    CPUs; the device-side kind stays in the method's step.)"""
     bs = cfg.train.batch_size
-    shard = ray.train.get_dataset_shard("train")  # [ray]
-    chunks = shard.iter_batches(batch_size=STREAM_CHUNK_BATCHES * bs, batch_format="numpy",  # [ray]
-                                prefetch_batches=2)
-    yield from itertools.islice(chunk_minibatches(chunks, bs, device, torch.Generator().manual_seed(seed)), skip, None)
+    chunks = shard.iter_batches(  # [ray]
+        batch_size=STREAM_CHUNK_BATCHES * bs, batch_format="numpy", prefetch_batches=2,
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None, local_shuffle_seed=seed % 2**32)
+    yield from itertools.islice(chunk_minibatches(chunks, bs, device), skip, None)
+
+
+def stream_pass(source: str, batch_size: int, device: torch.device) -> Iterator[Batch]:
+    """One unshuffled pass over this worker's shard of a streamed source, every row once (a
+    method's evaluation over its train split, `Method.split_batches`); every rank must take it."""
+    shard = ray.train.get_dataset_shard(source)  # [ray]
+    for chunk in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):  # [ray]
+        yield {k: torch.from_numpy(np.require(v, requirements=["C", "W"])).to(device, non_blocking=True)
+               for k, v in chunk.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,17 +121,22 @@ def train_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()  # [ray]
     seed_everything(cfg.train.seed + rank)
 
-    method: Method = get_method(cfg.method_name)(cfg, load_bundle(cfg, info, loop_config["splits"]))
+    data = load_bundle(cfg, info, loop_config["splits"])
+    stream = None
+    if cfg.data.loader == "stream":
+        data.stream = stream_pass
+        stream = Stream(rows=loop_config["stream_rows"],
+                        batches=lambda source, seed, skip: stream_batches(
+                            cfg, ray.train.get_dataset_shard(source), seed, device, skip))  # [ray]
+    method: Method = get_method(cfg.method_name)(cfg, data)
     state = _restore(loop_config.get("recovered_checkpoint")) or LoopState(mlflow_run_id=run_id)
     hooks = RayHooks(cfg, method, run_id, rank, state, Faults.parse(loop_config.get("faults")))
-    if cfg.data.loader == "stream":
-        batches = lambda split, seed, skip: stream_batches(cfg, seed, device, skip)  # noqa: E731
-    else:
-        batches = lambda split, seed, skip: memory_batches(  # noqa: E731
-            cfg, split, seed, rank, context.get_world_size(), device, skip)  # [ray]
+    batches = lambda split, seed, skip: memory_batches(  # noqa: E731
+        cfg, split, seed, rank, context.get_world_size(), device, skip)  # [ray]
     wrap = lambda m: ray.train.torch.prepare_model(  # noqa: E731  # [ray] DDP wrap
         m, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters})
-    loop = Loop(cfg, method, device, hooks=hooks, batches=batches, wrap=wrap, started_at=loop_config.get("launched_at"))
+    loop = Loop(cfg, method, device, hooks=hooks, batches=batches, wrap=wrap, started_at=loop_config.get("launched_at"),
+                stream=stream)
     try:
         loop.fit(state)
     except BaseException:
