@@ -101,7 +101,8 @@ def train_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()  # [ray]
     seed_everything(cfg.train.seed + rank)
 
-    method: Method = get_method(cfg.method_name)(cfg, load_bundle(cfg, info, loop_config["splits"]))
+    method: Method = get_method(cfg.method_name)(cfg, load_bundle(cfg, info, loop_config["splits"],
+                                                                   loop_config["shared"]))  # [ray] object refs
     state = _restore(loop_config.get("recovered_checkpoint")) or LoopState(mlflow_run_id=run_id)
     hooks = RayHooks(cfg, method, run_id, rank, state, Faults.parse(loop_config.get("faults")))
     if cfg.data.loader == "stream":
