@@ -61,7 +61,7 @@ class DataConfig(Section):
         "store and each worker draws a seeded shard per epoch (bit-exact resume); stream: Ray Data "
         "streams a train split shard (datasets beyond memory); auto: memory when the splits fit "
         "data.memory_budget_mb, else stream")
-    memory_budget_mb: int | None = Field(
+    memory_budget_mb: float | None = Field(
         None, gt=0, description="memory/auto: the MB per node the held splits (and tables) may take; "
         "default half the smallest node's object store")
     limit_rows: int | None = Field(None, gt=0, description="use only the first N training rows")
