@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 
 from common import Figure, write_results  # noqa: E402
 import methodlab.methods  # noqa: E402,F401  (fills the registries)
@@ -58,6 +59,9 @@ def make_dataset(root: str) -> tuple[str, int]:
                   "label": rng.integers(0, 10, n, dtype=np.int64)} for s, n in ROWS.items()}
     nbytes = sum(v.nbytes for cols in splits.values() for v in cols.values())
     info = write_dataset(root, "memory_bench", splits, {"num_classes": 10}, rows_per_file=50_000)
+    # Writing left Arrow buffers in its pool: given back now, so they neither inflate the
+    # baseline nor vanish from it during a measurement.
+    pa.default_memory_pool().release_unused()
     return info.uri, nbytes
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from methodlab import storage
@@ -72,7 +73,10 @@ def _put_columns(uri: str, columns: list[str], limit: int | None) -> dict:
         if limit:
             table = table.slice(0, limit)
         refs[column] = ray.put(to_numpy(table[column]))  # [ray] copied into shared memory once
-        del table                                        # (the heap copy goes before the next column)
+        del table
+        # Arrow's allocator keeps freed pages for reuse; measured, the driver then held a freed
+        # split's worth (bench/memory_loader.py). Given back, the heap copy is gone.
+        pa.default_memory_pool().release_unused()
     return refs
 
 
