@@ -82,6 +82,8 @@ CASES = [
     ("not key=value", ["lr0.1"], "override 'lr0.1' is not key=value"),
     ("value under a value", ["train.lr.x=1"], "train.lr"),
     ("missing dataset", ["data.dataset=/no/such/data"], "dataset /no/such/data does not exist"),
+    ("memory over budget", ["data.loader=memory", "data.memory_budget_mb=0.01"],
+     "over the 10.2 KB budget (data.memory_budget_mb=0.01 per node); set data.loader=stream"),
     ("unsupported tracking uri", ["tracking.uri=ftp://host/x"], "tracking.uri 'ftp://host/x' is not a supported MLflow URI"),
 ]
 DATA_CASES = [

@@ -56,9 +56,14 @@ class DataConfig(Section):
     dataset: str = Field("", description="built-in name (see `methodlab data list`) or a dataset "
                          "directory / s3:// URI; empty means the method's default dataset")
     root: str = Field("", description="where built-in datasets are prepared; default $METHODLAB_HOME/data")
-    loader: Literal["memory", "stream"] = Field(
-        "memory", description="memory: each worker holds the dataset and draws a seeded shard per "
-        "epoch (bit-exact resume); stream: Ray Data streams a split shard (datasets beyond memory)")
+    loader: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: every split is held once per node in Ray's shared-memory object "
+        "store and each worker draws a seeded shard per epoch (bit-exact resume); stream: Ray Data "
+        "streams a train split shard (datasets beyond memory); auto: memory when the splits fit "
+        "data.memory_budget_mb, else stream")
+    memory_budget_mb: float | None = Field(
+        None, gt=0, description="memory/auto: the MB per node the held splits (and tables) may take; "
+        "default half the smallest node's object store")
     limit_rows: int | None = Field(None, gt=0, description="use only the first N training rows")
     normalize: bool = Field(False, description="standardize scaled (uint8 image) columns per channel "
                             "with the manifest's train mean/std, on the device; the exported model then "
@@ -159,6 +164,8 @@ class RunConfig(Section):
                                   "checkpoint_every_s", "checkpoint_every_steps", "checkpoint_upload",
                                   "log_every_steps"},
                         "scaling": {"wait_for_nodes_s"},
+                        # where the loader may hold data, not what is trained (see identity())
+                        "data": {"memory_budget_mb"},
                         # a name for values that the resolved config holds anyway
                         "method": {"preset"}}
 
@@ -168,6 +175,12 @@ class RunConfig(Section):
         for section, keys in self._NOT_HASHED_KEYS.items():
             for k in keys:
                 d[section].pop(k, None)
+        # `auto` hashes as `memory`: the loader it picks whenever the data fits, and the default
+        # before auto existed, so names derived then stay valid. The driver pins this name on the
+        # config it ships with the loader resolved (launch.choose_loader), so a run auto sends to
+        # stream keeps the name too (its params record data.loader=stream).
+        if d["data"]["loader"] == "auto":
+            d["data"]["loader"] = "memory"
         return d
 
     def fingerprint(self) -> str:
@@ -300,7 +313,7 @@ def resolve(method_name: str, layers: list[tuple[str, dict]]) -> RunConfig:
         cfg = cls.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_describe(e.errors()[0], cls, origins)) from None
-    for dotted, supported in (("train.optimizer", method.optimizers), ("data.loader", method.loaders)):
+    for dotted, supported in (("train.optimizer", method.optimizers), ("data.loader", ("auto", *method.loaders))):
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value not in supported:

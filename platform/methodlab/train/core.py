@@ -28,6 +28,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,6 +40,7 @@ from methodlab import distributed
 from methodlab.config import RunConfig
 from methodlab.data.dataset import DatasetInfo, read_split, read_table
 from methodlab.data.decode import column_decoders, decode_batch
+from methodlab.data.shared import SharedSplits, limit_rows, memory_splits
 from methodlab.methods.base import Batch, DataBundle, Method, SplitData, StepContext, trainable
 
 STATE_FILE = "state.pt"
@@ -130,21 +132,31 @@ def epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
 # Data
 
 
-def load_bundle(cfg: RunConfig, info: DatasetInfo, splits: list[str]) -> DataBundle:
-    """Every split whole in memory, read straight from Parquet (local or S3) and converted to
-    tensors without copies; with `data.loader=stream` the train split is streamed by Ray Data."""
-    tensors = {}
-    for split in splits:
-        if split == "train" and cfg.data.loader == "stream":
-            continue
-        limit = cfg.data.limit_rows if split == "train" else None
-        arrays = read_split(info, split, limit_rows=limit)
-        # Arrow's zero-copy views are read-only; torch wants writable memory (copied only if needed).
-        tensors[split] = SplitData({k: torch.from_numpy(np.require(v, requirements=["C", "W"]))
-                                    for k, v in arrays.items()}, column_decoders(info.columns, cfg.data.normalize))
-    tables = {t: {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in read_table(info, t).items()}
-              for t in info.tables}
-    return DataBundle(info=info, splits=tensors, tables=tables, normalize=cfg.data.normalize)
+def load_bundle(cfg: RunConfig, info: DatasetInfo, splits: list[str], shared: SharedSplits | None = None) -> DataBundle:
+    """Every held split (`memory_splits`: with `data.loader=stream` Ray Data streams train) and
+    every table, as tensors that view the arrays without a copy. In a Ray Train worker the arrays
+    come from `shared`: read-only views of the node's object store, one copy per node however
+    many workers read it (methodlab.data.shared). Without Ray (tests, benchmarks) they are read
+    from Parquet here and are Arrow's buffers as they are."""
+    if shared is None:
+        split_arrays = lambda s: read_split(info, s, limit_rows=limit_rows(cfg, s))  # noqa: E731
+        table_arrays = lambda t: read_table(info, t)  # noqa: E731
+    else:
+        split_arrays, table_arrays = shared.split, shared.table
+    return DataBundle(info=info,
+                      splits={s: SplitData(read_only_tensors(split_arrays(s)), column_decoders(info.columns, cfg.data.normalize))
+                              for s in memory_splits(cfg, splits)},
+                      tables={t: read_only_tensors(table_arrays(t)) for t in info.tables}, normalize=cfg.data.normalize)
+
+
+def read_only_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Tensors viewing `arrays` ({column: [rows, ...]}), read-only memory included. torch warns
+    that it cannot enforce read-only; it is deliberate: a writable copy per worker is what the
+    memory loader exists to avoid, and nothing writes into a split (batches are gathered copies,
+    `minibatches`; a method that changes a split replaces its tensors, e.g. D3GZSL's scaling)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:

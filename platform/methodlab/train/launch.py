@@ -17,6 +17,7 @@ import methodlab.methods  # noqa: F401  (fills the registries for library caller
 from methodlab import storage
 from methodlab.config import RunConfig
 from methodlab.data import DatasetInfo, resolve_dataset, split_nbytes
+from methodlab.data.shared import fmt_bytes, held_nbytes, memory_budget, memory_splits, put_splits
 from methodlab.errors import ConfigError, DataError, ServiceError, TrainingError
 from methodlab.registry import get_method
 
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "RAY_USAGE_STATS_ENABLED": "0",
                     # Without the patch a worker print() shows once, not twice.
                     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+SPLITS = ["train", "val", "test"]      # the splits every run reads (train streamed with data.loader=stream)
 
 
 @dataclass
@@ -74,7 +78,33 @@ def preflight(cfg: RunConfig) -> DatasetInfo:
     if missing:
         raise DataError(f"dataset {info.uri} lacks column(s) {', '.join(missing)} that method "
                         f"{cfg.method_name} needs; pick a dataset with them (data.dataset)")
+    if memory_budget(cfg) is not None:
+        choose_loader(cfg, info)     # refuses an over-budget memory run here; else after ensure_ray
     return info
+
+
+def choose_loader(cfg: RunConfig, info: DatasetInfo) -> tuple[RunConfig, str]:
+    """The config to ship, with `data.loader` concrete and the run name pinned to the one `cfg`
+    derives (`RunConfig.identity`), and why that loader (for the run header). auto: memory when
+    the held splits fit the per-node budget (`shared.memory_budget`), else stream. Refuses, with
+    one line, data.loader=memory over budget. Needs Ray up unless data.memory_budget_mb is set."""
+    names = "+".join(memory_splits(cfg, SPLITS) + (["tables"] if info.tables else []))
+    if cfg.data.loader == "stream":
+        return cfg, "stream (data.loader=stream)"
+    budget, of = memory_budget(cfg)
+    need = held_nbytes(cfg, info, SPLITS)
+    fits = need <= budget
+    can_stream = "stream" in get_method(cfg.method_name).loaders
+    if not fits and (cfg.data.loader == "memory" or not can_stream):
+        fix = "set data.loader=stream (or raise data.memory_budget_mb)" if can_stream else \
+            f"{cfg.method_name} trains from memory only: raise data.memory_budget_mb"
+        raise DataError(f"data.loader={cfg.data.loader}: {info.name}'s {names} take {fmt_bytes(need)}, over the "
+                        f"{fmt_bytes(budget)} budget ({of}); {fix}")
+    chosen = cfg.model_copy(deep=True)
+    chosen.train.run_name = cfg.run_name
+    chosen.data.loader = "memory" if fits else "stream"
+    verb = "fit" if fits else "exceed"
+    return chosen, f"{chosen.data.loader} ({names} {fmt_bytes(need)} {verb} {fmt_bytes(budget)}: {of})"
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -217,12 +247,14 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
     from methodlab.train.faults import ENV as FAULTS_ENV
     from methodlab.train.loop import SCORE_KEY, train_worker
 
-    splits = ["train", "val", "test"]
-    # memory (default): every worker reads every split whole from Parquet and draws its own seeded
-    # shard, so resumes are bit-exact. stream: Ray Data reads what the stages train on (the train
-    # split, side tables: `stream_sources`) and splits it between workers, for datasets larger
-    # than a worker's memory; preserve_order keeps the seeded order (`stream_dataset`) and makes
-    # each worker's equal shard the same every time.
+    if cfg.data.loader == "auto":       # (a sweep's trial: `train` resolved it before)
+        cfg, _ = choose_loader(cfg, info)
+    # memory: the driver puts every split once into Ray's object store; every worker maps it
+    # (one copy per node) and draws its own seeded shard, so resumes are bit-exact. stream: Ray
+    # Data reads what the stages train on (the train split, side tables: `stream_sources`) and
+    # splits it between workers, for datasets larger than a worker's memory; preserve_order keeps
+    # the seeded order (`stream_dataset`) and makes each worker's equal shard the same every time.
+    shared = put_splits(cfg, info, SPLITS)
     datasets, data_config, stream_rows = None, None, {}
     if cfg.data.loader == "stream":
         datasets = {source: stream_dataset(cfg, info, source) for source in stream_sources(cfg)}
@@ -236,7 +268,7 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
         train_worker,
         # `faults` is the tests' fault injection ($METHODLAB_FAULTS), never part of the config.
         train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
-                           "dataset_uri": info.uri, "splits": splits, "stream_rows": stream_rows,
+                           "dataset_uri": info.uri, "splits": SPLITS, "shared": shared, "stream_rows": stream_rows,
                            "recovered_checkpoint": recovered,
                            "faults": os.environ.get(FAULTS_ENV), "launched_at": started_at or time.time()},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -306,11 +338,12 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
 
     recovered = upload_local_fallback(cfg) if resume else None
     ensure_ray()
+    cfg, loader = choose_loader(cfg, info)
     check_capacity(cfg)
     run_id = start_or_resume(tracker, cfg, info, existing, parent_run_id=parent_run_id)
     sc = cfg.scaling
     print(f"[{name}] {cfg.method_name} on {sc.num_workers} worker(s) ({'GPU' if sc.use_gpu else 'CPU'}), "
-          f"global batch {cfg.train.batch_size} x {sc.num_workers} = {global_batch(cfg)}", flush=True)
+          f"global batch {cfg.train.batch_size} x {sc.num_workers} = {global_batch(cfg)}, loader: {loader}", flush=True)
     fit(tracker, cfg, info, run_id, recovered=recovered, started_at=started_at)
     finish(tracker, run_id)
     return _summary(tracker, cfg, run_id, resumed=existing is not None, already=False)

@@ -121,7 +121,7 @@ def train_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()  # [ray]
     seed_everything(cfg.train.seed + rank)
 
-    data = load_bundle(cfg, info, loop_config["splits"])
+    data = load_bundle(cfg, info, loop_config["splits"], loop_config["shared"])  # [ray] object refs
     stream = None
     if cfg.data.loader == "stream":
         data.stream = stream_pass

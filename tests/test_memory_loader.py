@@ -1,0 +1,94 @@
+"""The memory loader holds each split once per node (Ray's object store), and data.loader=auto
+picks it when the splits fit the per-node budget (data.memory_budget_mb), stream otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from methodlab.config import load_config
+from methodlab.data import resolve_dataset
+
+SPLITS = ["train", "val", "test"]
+
+
+def _mapping_of(address: int) -> str:
+    """The /proc/self/maps path of the mapping that holds `address` ('' for anonymous memory)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= address < hi:
+                return parts[5].strip() if len(parts) > 5 else ""
+    return ""
+
+
+def _report_tensors(loop_config: dict) -> None:
+    """A Ray Train worker: load the bundle as train_worker does and write, per tensor, where its
+    memory lives."""
+    import ray.train
+
+    from methodlab.config import from_dict
+    from methodlab.data.dataset import open_dataset
+    from methodlab.train.core import load_bundle
+
+    cfg = from_dict(loop_config["config"])
+    bundle = load_bundle(cfg, open_dataset(loop_config["dataset_uri"]), SPLITS, loop_config["shared"])
+    found = {f"{split}.{k}": _mapping_of(t.data_ptr()) for split, data in bundle.splits.items()
+             for k, t in data.tensors.items()}
+    rank = ray.train.get_context().get_world_rank()
+    with open(os.path.join(loop_config["out"], f"rank{rank}.json"), "w") as f:
+        json.dump(found, f)
+
+
+@pytest.mark.slow
+def test_two_workers_view_the_same_shared_memory_not_private_copies(ray_cluster, home, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from methodlab.data.shared import put_splits
+
+    cfg = load_config("supervised", None, ["data.loader=memory"])
+    info = resolve_dataset("digits", cfg.data.root)
+    shared = put_splits(cfg, info, SPLITS)
+    TorchTrainer(_report_tensors, train_loop_config={"config": cfg.model_dump(mode="json"), "dataset_uri": info.uri,
+                                                     "shared": shared, "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shared-views")).fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for found in ranks:
+        assert set(found) == {f"{s}.{k}" for s in SPLITS for k in ("image", "label")}
+        for name, mapping in found.items():
+            # A private copy (np.require, .contiguous()) would be anonymous heap memory.
+            assert "plasma" in mapping or mapping.startswith("/dev/shm"), (name, mapping)
+
+
+def test_auto_picks_memory_when_the_splits_fit_and_stream_under_a_tiny_budget(ray_cluster, home):
+    from methodlab.train.launch import choose_loader
+
+    auto = load_config("supervised", None, [])
+    info = resolve_dataset("digits", auto.data.root)
+    assert auto.data.loader == "auto"
+    # auto hashes as memory, so run names derived before auto existed stay valid
+    assert auto.run_name == load_config("supervised", None, ["data.loader=memory"]).run_name
+
+    chosen, why = choose_loader(auto, info)
+    assert chosen.data.loader == "memory" and chosen.run_name == auto.run_name
+    assert why.startswith("memory (train+val+test ") and " fit " in why and "object store per node" in why
+
+    tiny = load_config("supervised", None, ["data.memory_budget_mb=0.01"])
+    chosen, why = choose_loader(tiny, info)
+    assert chosen.data.loader == "stream" and " exceed " in why and "data.memory_budget_mb=0.01" in why
+    # the budget decides where data lives, not what is trained: same name, pinned on the shipped config
+    assert tiny.run_name == auto.run_name == chosen.run_name
+
+
+def test_auto_over_budget_refuses_a_method_that_cannot_stream(home):
+    from methodlab.errors import DataError
+    from methodlab.train.launch import choose_loader
+
+    cfg = load_config("d3gzsl", None, ["data.memory_budget_mb=0.01"])      # explicit: no Ray needed
+    with pytest.raises(DataError, match="data.loader=auto: .* d3gzsl trains from memory only: raise data.memory_budget_mb"):
+        choose_loader(cfg, resolve_dataset("digits_gzsl", cfg.data.root))
