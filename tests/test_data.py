@@ -1,4 +1,4 @@
-"""The Parquet dataset layout: round trips, the schema check, built-in and imported datasets."""
+"""The Parquet dataset layout: round trips, the schema check, built-in datasets (imports: test_import.py)."""
 
 from __future__ import annotations
 
@@ -124,25 +124,6 @@ def test_builtin_digits_is_fixed_and_idempotent(tmp_path):
     assert sizes == {"train": 1078, "val": 359, "test": 360} and again.columns == info.columns
     x = read_split(info, "train")["image"]
     assert x.shape[1:] == (1, 8, 8) and 0 <= x.min() and x.max() <= 1
-
-
-def test_import_image_folder(tmp_path):
-    from PIL import Image
-
-    from methodlab.data.imagefolder import import_image_folder
-
-    rng = np.random.default_rng(0)
-    for cls in ("cat", "dog"):
-        (tmp_path / "imgs" / cls).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
-    info = import_image_folder(str(tmp_path / "imgs"), str(tmp_path / "out"), size=8)
-    assert info.meta["classes"] == ["cat", "dog"] and info.columns["image"].shape == [3, 8, 8]
-    total = sum(len(read_split(info, s)["label"]) for s in info.splits)
-    assert total == 10
-    (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"nope")
-    with pytest.raises(DataError, match="broken.png is not a readable image"):
-        import_image_folder(str(tmp_path / "imgs"), str(tmp_path / "out2"))
 
 
 @pytest.mark.slow
