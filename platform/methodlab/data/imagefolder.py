@@ -72,8 +72,9 @@ def _decode(paths: list[str], size: int) -> _Chunk:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             bad.append((path, str(e).splitlines()[0][:120] if str(e) else type(e).__name__))
     images = images[ok]
-    wide = images.astype(np.int64)   # exact: 255^2 x pixels fits int64 for any realistic folder
-    return _Chunk(images, ok, bad, wide.sum(axis=(0, 2, 3)), (wide * wide).sum(axis=(0, 2, 3)), os.getpid())
+    # Exact integers: 255^2 fits uint16, and 255^2 x pixels fits int64 for any realistic folder.
+    squares = np.square(images, dtype=np.uint16).sum(axis=(0, 2, 3), dtype=np.int64)
+    return _Chunk(images, ok, bad, images.sum(axis=(0, 2, 3), dtype=np.int64), squares, os.getpid())
 
 
 def list_image_folder(folder: str) -> tuple[list[str], list[str], np.ndarray]:
