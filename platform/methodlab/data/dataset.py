@@ -128,7 +128,6 @@ class DatasetWriter:
         self.tables: dict[str, dict[str, Column]] = {}
         self.rows = dict.fromkeys(self.splits, 0)
         self._schema = pa.schema([(k, _arrow_type(c)) for k, c in columns.items()])
-        self._dictionary = [k for k, c in columns.items() if not c.shape]
         parent, base = self.root.rsplit("/", 1) if "/" in self.root else (".", self.root)
         self._stage = f"{parent}/.tmp-{base}-{uuid.uuid4().hex[:8]}"
         self._open: dict[str, tuple[Any, pq.ParquetWriter, int]] = {}   # split -> (stream, writer, rows)
@@ -180,9 +179,7 @@ class DatasetWriter:
     def _new_part(self, split: str) -> tuple[Any, pq.ParquetWriter, int]:
         stream = storage.open_output(f"{self._stage}/{split}/part-{self._files[split]:05d}.parquet")
         self._files[split] += 1
-        # Dictionary encoding only for scalar columns: tried on tensor values (pixels, features) it
-        # doubles the write time and falls back to plain encoding anyway.
-        return stream, pq.ParquetWriter(stream, self._schema, use_dictionary=self._dictionary), 0
+        return stream, pq.ParquetWriter(stream, self._schema), 0
 
     def _close_part(self, split: str) -> None:
         stream, writer, _ = self._open.pop(split)
