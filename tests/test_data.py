@@ -1,4 +1,4 @@
-"""The Parquet dataset layout: round trips, the schema check, built-in and imported datasets."""
+"""The Parquet dataset layout: round trips, the schema check, built-in datasets (imports: test_import.py)."""
 
 from __future__ import annotations
 
@@ -126,25 +126,6 @@ def test_builtin_digits_is_fixed_and_idempotent(tmp_path):
     # Stored as sklearn's ink counts (uint8 0..16); decoded on the device with scale 1/16.
     assert x.dtype == np.uint8 and x.shape[1:] == (1, 8, 8) and x.max() == 16
     assert info.columns["image"].scale == 1 / 16
-
-
-def test_import_image_folder(tmp_path):
-    from PIL import Image
-
-    from methodlab.data.imagefolder import import_image_folder
-
-    rng = np.random.default_rng(0)
-    for cls in ("cat", "dog"):
-        (tmp_path / "imgs" / cls).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
-    info = import_image_folder(str(tmp_path / "imgs"), str(tmp_path / "out"), size=8)
-    assert info.meta["classes"] == ["cat", "dog"] and info.columns["image"].shape == [3, 8, 8]
-    total = sum(len(read_split(info, s)["label"]) for s in info.splits)
-    assert total == 10
-    (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"nope")
-    with pytest.raises(DataError, match="broken.png is not a readable image"):
-        import_image_folder(str(tmp_path / "imgs"), str(tmp_path / "out2"))
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
     methodlab train <method> [-c config.yaml] [key=value ...]
     methodlab sweep <method> [-c sweep.yaml] [key=value ...]
     methodlab promote <registered-model> [--metric test_acc] [--version N]
-    methodlab data prepare [name ...] | data import <image-folder> --out <path-or-s3> | data list
+    methodlab data prepare [name ...] | data list
+    methodlab data import <image-folder> --out <path-or-s3> [--size 32] [--workers N] [--skip-bad]
     methodlab data import-xlsa17 <dir with res101.mat and att_splits.mat> --out <path-or-s3>
     methodlab sync                      replay metrics kept while the MLflow server was down
     methodlab report                    HTML report of methods vs baselines, from MLflow
@@ -89,9 +90,16 @@ def _data(args) -> int:
     from methodlab.data.imagefolder import import_image_folder
 
     if len(args.names) != 1 or not args.out:
-        raise MethodlabError("usage: methodlab data import <image-folder> --out <path-or-s3-uri>")
-    info = import_image_folder(args.names[0], args.out, size=args.size)
-    print(f"imported {info.meta['num_classes']} classes into {info.uri}")
+        raise MethodlabError("usage: methodlab data import <image-folder> --out <path-or-s3-uri> "
+                             "[--size 32] [--workers N] [--skip-bad]")
+    done = import_image_folder(args.names[0], args.out, size=args.size, workers=args.workers,
+                               skip_bad=args.skip_bad)
+    if done.skipped:
+        shown = ", ".join(p for p, _ in done.skipped[:3]) + (", ..." if len(done.skipped) > 3 else "")
+        print(f"skipped {len(done.skipped)} unreadable image(s): {shown}")
+    info = done.info
+    print(f"imported {info.meta['num_classes']} classes into {info.uri} as uint8 {info.columns['image'].shape} "
+          f"with {len(done.worker_pids)} worker process(es)")
     return 0
 
 
@@ -163,12 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tracking-uri", help="default: the local SQLite store")
     pr.set_defaults(func=_promote)
 
-    d = sub.add_parser("data", help="prepare built-in datasets or import an image folder")
+    d = sub.add_parser("data", help="prepare built-in datasets or import an image folder (decoded in "
+                       "parallel, streamed to sharded Parquet)")
     d.add_argument("action", choices=["prepare", "import", "import-xlsa17", "list"])
     d.add_argument("names", nargs="*")
     d.add_argument("--root", help="where built-in datasets go (default .methodlab/data)")
     d.add_argument("--out", help="import: the output dataset path or s3:// URI")
-    d.add_argument("--size", type=int, default=32, help="import: images are resized to size x size")
+    d.add_argument("--size", type=int, default=32, help="import: images are resized to size x size and "
+                   "stored as uint8 (3, size, size)")
+    d.add_argument("--workers", type=int, help="import: decoding processes (default: every CPU this process may use)")
+    d.add_argument("--skip-bad", action="store_true", help="import: leave out unreadable or corrupt images "
+                   "(listed in a summary line) instead of failing on the first one")
     d.add_argument("--force", action="store_true", help="prepare: rebuild even if present")
     d.set_defaults(func=_data)
 

@@ -121,12 +121,37 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def open_output(uri: str):
+    """A writable stream to `uri` (a local file's directories are created first)."""
     fs, path = filesystem(uri)
     if not is_s3(uri):
         fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
+    return fs.open_output_stream(path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with open_output(uri) as f:
         f.write(data)
+
+
+def remove_dir(uri: str) -> None:
+    """Delete a directory (a local tree, or every object under an S3 prefix); nothing if absent."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Move directory `src` to `dst` on the same store, replacing whatever was at `dst`. Locally a rename; on S3
+    (which has no directory rename) server-side copies of each object, then `src` is deleted."""
+    remove_dir(dst)
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    if is_s3(src):
+        pafs.copy_files(src_path, dst_path, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src_path)
+    else:
+        fs.move(src_path, dst_path)
 
 
 def listdir(uri: str) -> list[tuple[str, bool]]:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,62 +114,132 @@ def channel_stats(raw: np.ndarray, scale: float) -> tuple[list[float], list[floa
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing (atomic for local roots: a temp directory renamed into place)
+# Writing: streamed into a staging directory next to the root, moved into place, manifest last
+
+
+def _arrow_type(col: Column) -> pa.DataType:
+    value = pa.from_numpy_dtype(np.dtype(col.dtype))
+    return pa.fixed_shape_tensor(value, col.shape) if col.shape else value
+
+
+class DatasetWriter:
+    """Writes a dataset split by split without holding it: each `append` goes straight to the
+    split's current part file (one row group per append), a new file starts every `rows_per_file`
+    rows, and the manifest is written last, on leaving the `with` block without an error.
+
+        with DatasetWriter(root, name, {"image": Column("uint8", [3, 32, 32], 1 / 255),
+                                        "label": Column("int64")}, ["train", "val", "test"]) as w:
+            w.append("train", {"image": x, "label": y})     # as often as needed, any split
+            w.meta["num_classes"] = 10                     # meta may be filled until the end
+        info = open_dataset(root)
+
+    Parts go to `<parent>/.tmp-<name>-<hex>` (local or S3) and replace `root` only when complete;
+    an error inside the block deletes them, so a failed write leaves nothing, and a dataset whose
+    manifest is missing does not open. Row-group bound: the size of one `append`.
+    """
+
+    def __init__(self, root: str, name: str, columns: dict[str, Column], splits: list[str],
+                 meta: dict[str, Any] | None = None, rows_per_file: int = 1_000_000):
+        self.root, self.name, self.columns, self.splits = root.rstrip("/"), name, columns, list(splits)
+        self.meta = dict(meta or {})
+        self.rows_per_file = rows_per_file
+        self.tables: dict[str, dict[str, Column]] = {}
+        self.rows = dict.fromkeys(self.splits, 0)
+        self._schema = pa.schema([(k, _arrow_type(c)) for k, c in columns.items()])
+        parent, base = self.root.rsplit("/", 1) if "/" in self.root else (".", self.root)
+        self._stage = f"{parent}/.tmp-{base}-{uuid.uuid4().hex[:8]}"
+        self._open: dict[str, tuple[Any, pq.ParquetWriter, int]] = {}   # split -> (stream, writer, rows)
+        self._files = dict.fromkeys(self.splits, 0)
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._commit()
+            return
+        for stream, writer, _ in self._open.values():
+            try:
+                writer.close()
+                stream.close()
+            except (OSError, pa.ArrowException):
+                pass   # the error being raised is the one to report
+        storage.remove_dir(self._stage)
+
+    def append(self, split: str, cols: dict[str, np.ndarray]) -> None:
+        if split not in self.rows:
+            raise DataError(f"dataset {self.name}: split {split!r} is not one of {self.splits}")
+        n = {len(v) for v in cols.values()}
+        if len(n) != 1:
+            raise DataError(f"dataset {self.name}: split {split!r} has columns of different lengths {sorted(n)}")
+        got = {k: (v.dtype.name, list(v.shape[1:])) for k, v in cols.items()}
+        if got != {k: (c.dtype, c.shape) for k, c in self.columns.items()}:
+            raise DataError(f"dataset {self.name}: split {split!r} has columns {got}, expected "
+                            f"{ {k: (c.dtype, c.shape) for k, c in self.columns.items()} }")
+        start, total = 0, n.pop()
+        while start < total:
+            stream, writer, rows = self._open.get(split) or self._new_part(split)
+            take = min(total - start, self.rows_per_file - rows)
+            writer.write_table(pa.Table.from_arrays([to_arrow(cols[k][start:start + take]) for k in self.columns],
+                                                    schema=self._schema))
+            start, rows = start + take, rows + take
+            self._open[split] = (stream, writer, rows)
+            if rows == self.rows_per_file:
+                self._close_part(split)
+        self.rows[split] += total
+
+    def write_table(self, name: str, cols: dict[str, np.ndarray]) -> None:
+        """A side table, written whole (class attributes and the like are small)."""
+        # A table column named like a scaled split column (TOAST's source images) decodes like it.
+        self.tables[name] = {k: Column(v.dtype.name, list(v.shape[1:]), *(
+            (self.columns[k].scale, self.columns[k].mean, self.columns[k].std)
+            if k in self.columns and self.columns[k].scale is not None and v.dtype.name == self.columns[k].dtype
+            else ())) for k, v in cols.items()}
+        with storage.open_output(f"{self._stage}/tables/{name}.parquet") as f:
+            pq.write_table(pa.table({k: to_arrow(v) for k, v in cols.items()}), f)
+
+    def _new_part(self, split: str) -> tuple[Any, pq.ParquetWriter, int]:
+        stream = storage.open_output(f"{self._stage}/{split}/part-{self._files[split]:05d}.parquet")
+        self._files[split] += 1
+        return stream, pq.ParquetWriter(stream, self._schema), 0
+
+    def _close_part(self, split: str) -> None:
+        stream, writer, _ = self._open.pop(split)
+        writer.close()
+        stream.close()
+
+    def _commit(self) -> None:
+        for split in self.splits:
+            if not self._files[split]:     # an empty split still has a (row-less) file to open
+                self._open[split] = self._new_part(split)
+            if split in self._open:
+                self._close_part(split)
+        info = DatasetInfo(uri=self.root, name=self.name, columns=self.columns, splits=self.splits,
+                           tables=self.tables, meta=self.meta)
+        storage.replace_dir(self._stage, self.root)
+        # Written last, after the parts are in place: its presence marks a whole dataset.
+        storage.write_bytes(f"{self.root}/{MANIFEST}", json.dumps(info.to_json(), indent=1).encode())
 
 
 def write_dataset(root: str, name: str, splits: dict[str, dict[str, np.ndarray]],
                   meta: dict[str, Any], tables: dict[str, dict[str, np.ndarray]] | None = None,
                   rows_per_file: int = 1_000_000, scales: dict[str, float] | None = None) -> DatasetInfo:
-    """`scales`: columns stored as integers standing for floats, e.g. {"image": 1/255} for uint8
-    images; their per-channel stats come from the train split (or the first)."""
-    tables = tables or {}
-    scales = scales or {}
+    """Arrays already in memory, written in one go through DatasetWriter. `scales`: columns
+    stored as integers standing for floats, e.g. {"image": 1/255} for uint8 images; their
+    per-channel stats come from the train split (or the first)."""
     first = next(iter(splits.values()))
     columns = {k: Column(v.dtype.name, list(v.shape[1:])) for k, v in first.items()}
-    for column, scale in scales.items():
+    for column, scale in (scales or {}).items():
         if np.dtype(columns[column].dtype).kind not in "ui":
             raise DataError(f"dataset {name}: column {column!r} has a scale but holds {columns[column].dtype}, "
                             "not integers; store it as uint8")
         mean, std = channel_stats(splits.get("train", first)[column], scale)
         columns[column] = Column(columns[column].dtype, columns[column].shape, scale, mean, std)
-    for split, cols in splits.items():
-        n = {len(v) for v in cols.values()}
-        if len(n) != 1:
-            raise DataError(f"dataset {name}: split {split!r} has columns of different lengths {sorted(n)}")
-        if {k: (v.dtype.name, list(v.shape[1:])) for k, v in cols.items()} != \
-                {k: (c.dtype, c.shape) for k, c in columns.items()}:
-            raise DataError(f"dataset {name}: split {split!r} has a different schema from the first split")
-    info = DatasetInfo(uri=root, name=name, columns=columns, splits=list(splits),
-                       tables={t: {k: Column(v.dtype.name, list(v.shape[1:]),
-                                             *((columns[k].scale, columns[k].mean, columns[k].std)
-                                               if k in scales else ())) for k, v in cols.items()}
-                               for t, cols in tables.items()}, meta=meta)
-
-    local = not storage.is_s3(root)
-    stage_dir = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(root))) if local \
-        else tempfile.mkdtemp(prefix="methodlab-dataset-")
-    try:
+    with DatasetWriter(root, name, columns, list(splits), meta, rows_per_file) as w:
         for split, cols in splits.items():
-            os.makedirs(f"{stage_dir}/{split}")
-            n = len(next(iter(cols.values())))
-            for i, start in enumerate(range(0, max(n, 1), rows_per_file)):
-                part = pa.table({k: to_arrow(v[start:start + rows_per_file]) for k, v in cols.items()})
-                pq.write_table(part, f"{stage_dir}/{split}/part-{i:05d}.parquet")
-        if tables:
-            os.makedirs(f"{stage_dir}/tables")
-        for t, cols in tables.items():
-            pq.write_table(pa.table({k: to_arrow(v) for k, v in cols.items()}), f"{stage_dir}/tables/{t}.parquet")
-        with open(f"{stage_dir}/{MANIFEST}", "w") as f:  # written last: its presence marks a whole dataset
-            json.dump(info.to_json(), f, indent=1)
-        if local:
-            if os.path.exists(root):
-                shutil.rmtree(root)
-            os.replace(stage_dir, root)
-        else:
-            storage.upload_dir(stage_dir, root)
-    finally:
-        if os.path.exists(stage_dir):
-            shutil.rmtree(stage_dir)
+            w.append(split, cols)
+        for t, cols in (tables or {}).items():
+            w.write_table(t, cols)
     return open_dataset(root)
 
 
