@@ -38,31 +38,64 @@ def _report_tensors(loop_config: dict) -> None:
     bundle = load_bundle(cfg, open_dataset(loop_config["dataset_uri"]), SPLITS, loop_config["shared"])
     found = {f"{split}.{k}": _mapping_of(t.data_ptr()) for split, data in bundle.splits.items()
              for k, t in data.tensors.items()}
+    sums = {f"{split}.{k}": float(t.double().sum()) for split, data in bundle.splits.items()
+            for k, t in data.tensors.items()}
     rank = ray.train.get_context().get_world_rank()
     with open(os.path.join(loop_config["out"], f"rank{rank}.json"), "w") as f:
-        json.dump(found, f)
+        json.dump({"maps": found, "sums": sums, "node": ray.get_runtime_context().get_node_id()}, f)
 
 
-@pytest.mark.slow
-def test_two_workers_view_the_same_shared_memory_not_private_copies(ray_cluster, home, tmp_path):
+def _run_reporting_workers(cfg, info, out) -> list[dict]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from methodlab.data.shared import put_splits
 
-    cfg = load_config("supervised", None, ["data.loader=memory"])
-    info = resolve_dataset("digits", cfg.data.root)
     shared = put_splits(cfg, info, SPLITS)
     TorchTrainer(_report_tensors, train_loop_config={"config": cfg.model_dump(mode="json"), "dataset_uri": info.uri,
-                                                     "shared": shared, "out": str(tmp_path)},
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shared-views")).fit()
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+                                                     "shared": shared, "out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=2,
+                                              resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                 run_config=RunConfig(storage_path=str(out / "ray"), name="shared-views")).fit()
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _assert_shared_views(ranks: list[dict]) -> None:
     for found in ranks:
-        assert set(found) == {f"{s}.{k}" for s in SPLITS for k in ("image", "label")}
-        for name, mapping in found.items():
+        assert set(found["maps"]) == {f"{s}.{k}" for s in SPLITS for k in ("image", "label")}
+        for name, mapping in found["maps"].items():
             # A private copy (np.require, .contiguous()) would be anonymous heap memory.
             assert "plasma" in mapping or mapping.startswith("/dev/shm"), (name, mapping)
+
+
+@pytest.mark.slow
+def test_two_workers_view_the_same_shared_memory_not_private_copies(ray_cluster, home, tmp_path):
+    cfg = load_config("supervised", None, ["data.loader=memory", "scaling.cpus_per_worker=0.5"])
+    _assert_shared_views(_run_reporting_workers(cfg, resolve_dataset("digits", cfg.data.root), tmp_path))
+
+
+@pytest.mark.slow
+def test_on_two_nodes_each_worker_maps_its_own_nodes_copy(home, tmp_path):
+    """Placement: one worker per node of a two-node cluster started here; each maps the split
+    from its own node's object store (Ray copies it across once per node) and sees the same rows."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # A cluster of its own (as tests/test_capacity.py): the session's Ray stops here, and the
+    # next test that needs it starts it again (the ray_cluster fixture).
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cfg = load_config("supervised", None, ["data.loader=memory", "scaling.cpus_per_worker=1"])
+        ranks = _run_reporting_workers(cfg, resolve_dataset("digits", cfg.data.root), tmp_path)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert ranks[0]["node"] != ranks[1]["node"], "both workers ran on one node"
+    _assert_shared_views(ranks)
+    assert ranks[0]["sums"] == ranks[1]["sums"]
 
 
 def test_auto_picks_memory_when_the_splits_fit_and_stream_under_a_tiny_budget(ray_cluster, home):
