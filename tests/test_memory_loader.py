@@ -125,3 +125,16 @@ def test_auto_over_budget_refuses_a_method_that_cannot_stream(home):
     cfg = load_config("d3gzsl", None, ["data.memory_budget_mb=0.01"])      # explicit: no Ray needed
     with pytest.raises(DataError, match="data.loader=auto: .* d3gzsl trains from memory only: raise data.memory_budget_mb"):
         choose_loader(cfg, resolve_dataset("digits_gzsl", cfg.data.root))
+
+
+def test_a_run_auto_sent_to_stream_is_found_again_under_auto():
+    """A run logs the loader auto chose (the shipped config); submitted again under `auto` it is
+    the same run, whichever loader that was, while an explicit other loader is a change."""
+    from methodlab.tracking import RunRecord, flatten_params
+    from methodlab.train.launch import changed_values
+
+    streamed = load_config("supervised", None, ["data.loader=stream", "train.run_name=same"])
+    logged = RunRecord("r", "FINISHED", {}, flatten_params(streamed.model_dump(mode="json")))
+    assert changed_values(load_config("supervised", None, ["train.run_name=same"]), logged) == {}
+    assert changed_values(load_config("supervised", None, ["data.loader=memory", "train.run_name=same"]),
+                          logged) == {"data.loader": "memory"}

@@ -183,6 +183,14 @@ class RunConfig(Section):
             d["data"]["loader"] = "memory"
         return d
 
+    def compared_identity(self) -> dict:
+        """`identity()` to compare with the params a run or sweep logged: `auto` matches whichever
+        loader that run was shipped with (logged resolved) or the sweep recorded (logged `auto`)."""
+        d = self.identity()
+        if self.data.loader == "auto":
+            d["data"].pop("loader")
+        return d
+
     def fingerprint(self) -> str:
         return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
 

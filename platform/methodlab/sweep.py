@@ -370,7 +370,7 @@ def _sweep_identity(space: dict, spec: SweepSpec, base: RunConfig) -> dict[str, 
     search = flatten_params(spec.search.model_dump(mode="json"), "search.")
     search.pop("search.max_concurrent_trials")
     return {**_space_params(space), **search,
-            **{f"base.{k}": v for k, v in flatten_params(base.identity()).items()
+            **{f"base.{k}": v for k, v in flatten_params(base.compared_identity()).items()
                if k.split(".")[0] in BASE_PARAM_SECTIONS}}
 
 

@@ -359,7 +359,7 @@ def changed_values(cfg: RunConfig, existing: RunRecord | None) -> dict[str, str]
     other values of. Only an explicit name can meet such a run (the derived name hashes them)."""
     from methodlab.tracking import differing_params, flatten_params
 
-    return differing_params(flatten_params(cfg.identity()), existing.params) if existing else {}
+    return differing_params(flatten_params(cfg.compared_identity()), existing.params) if existing else {}
 
 
 def start_or_resume(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, existing: RunRecord | None,
