@@ -156,3 +156,15 @@ def test_unknown_preset_fails_with_one_line_naming_the_choices():
         load_config("d3gzsl", None, ["method.preset=imagenet"])
     assert str(e.value) == ("method.preset: unknown preset 'imagenet' of d3gzsl (set by override "
                             "'method.preset=imagenet'); choose one of: cub, digits")
+
+
+def test_derived_run_names_survive_new_config_keys(monkeypatch):
+    """A run submitted again without a name resumes only if its derived name is unchanged. These
+    are the names the code of before uint8 storage, presets and the auto loader derived (issues
+    15-17) for the same home; a key added since is hashed only when set away from its default
+    (RunConfig._HASHED_WHEN_SET), and a key that changes training changes the name."""
+    monkeypatch.setenv("METHODLAB_HOME", "/srv/methodlab")
+    assert load_config("supervised").run_name == "supervised-ac54bd5478"
+    assert load_config("mmanet").run_name == "mmanet-9ab008946d"
+    assert load_config("supervised", None, ["data.normalize=true"]).run_name != "supervised-ac54bd5478"
+    assert load_config("supervised", None, ["data.shuffle_buffer_rows=64"]).run_name != "supervised-ac54bd5478"

@@ -168,6 +168,9 @@ class RunConfig(Section):
                         "data": {"memory_budget_mb"},
                         # a name for values that the resolved config holds anyway
                         "method": {"preset"}}
+    # Keys added after run names were first derived: hashed only when set away from their
+    # default, so the name of a config that does not use them stays what it was.
+    _HASHED_WHEN_SET = {"data": {"normalize", "shuffle_buffer_rows"}}
 
     def identity(self) -> dict:
         """The keys that decide what is trained: what the derived run name hashes."""
@@ -175,6 +178,11 @@ class RunConfig(Section):
         for section, keys in self._NOT_HASHED_KEYS.items():
             for k in keys:
                 d[section].pop(k, None)
+        for section, keys in self._HASHED_WHEN_SET.items():
+            fields = type(getattr(self, section)).model_fields
+            for k in keys:
+                if d[section].get(k) == fields[k].default:
+                    d[section].pop(k)
         # `auto` hashes as `memory`: the loader it picks whenever the data fits, and the default
         # before auto existed, so names derived then stay valid. The driver pins this name on the
         # config it ships with the loader resolved (launch.choose_loader), so a run auto sends to
