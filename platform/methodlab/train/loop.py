@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow.fs
 import torch
 
 import ray.train  # [ray]
@@ -152,8 +153,16 @@ def _restore(recovered_uri: str | None) -> LoopState | None:
     found = []
     checkpoint = ray.train.get_checkpoint()  # [ray]
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            found.append(LoopState.load(d))
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            with checkpoint.as_directory() as d:     # the directory itself: no copy  [ray]
+                found.append(LoopState.load(d))
+        else:
+            # A private download per rank, not as_directory(): ranks on one node share its
+            # download directory, and one that takes the lock after another has finished
+            # downloads again over the files the other is reading (Ray 2.60
+            # Checkpoint.to_directory); CI saw a resume read a half-rewritten state.pt.
+            with tempfile.TemporaryDirectory() as d:
+                found.append(LoopState.load(checkpoint.to_directory(d)))  # [ray]
     if recovered_uri:
         with tempfile.TemporaryDirectory() as d:
             storage.download_dir(recovered_uri, d)
