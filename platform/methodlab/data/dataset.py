@@ -306,6 +306,11 @@ def _check_schema(fs, path: str, expected: dict[str, Column], shown: str) -> Non
             raise DataError(f"{shown}: column {name!r} has shape {got.shape}, expected {col.shape}")
 
 
+def row_nbytes(columns: dict[str, Column]) -> int:
+    """Bytes one row of `columns` takes in memory, as stored."""
+    return sum(np.dtype(c.dtype).itemsize * int(np.prod(c.shape, dtype=np.int64)) for c in columns.values())
+
+
 def split_nbytes(info: DatasetInfo, split: str) -> int:
     """In-memory size of a split: rows from the Parquet footers times the manifest's row size."""
     fs, root = storage.filesystem(info.split_uri(split))
@@ -313,8 +318,7 @@ def split_nbytes(info: DatasetInfo, split: str) -> int:
     for path in _parquet_files(root, info.uri, split):
         with fs.open_input_file(path) as f:
             rows += pq.read_metadata(f).num_rows
-    row_bytes = sum(np.dtype(c.dtype).itemsize * int(np.prod(c.shape, dtype=np.int64)) for c in info.columns.values())
-    return rows * row_bytes
+    return rows * row_nbytes(info.columns)
 
 
 def read_table(info: DatasetInfo, name: str) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from methodlab import storage
 from methodlab.config import RunConfig
-from methodlab.data.dataset import DatasetInfo, split_nbytes, to_numpy
+from methodlab.data.dataset import DatasetInfo, row_nbytes, split_nbytes, to_numpy
 
 # The default budget (data.memory_budget_mb unset): this share of the smallest node's object
 # store; the rest stays for Ray Data's blocks, checkpoints in flight and other runs' objects.
@@ -97,13 +97,12 @@ def table_nbytes(info: DatasetInfo, name: str) -> int:
     fs, path = storage.filesystem(info.table_uri(name))
     with fs.open_input_file(path) as f:
         rows = pq.read_metadata(f).num_rows
-    return rows * sum(np.dtype(c.dtype).itemsize * int(np.prod(c.shape, dtype=np.int64))
-                      for c in info.tables[name].values())
+    return rows * row_nbytes(info.tables[name])
 
 
 def held_nbytes(cfg: RunConfig, info: DatasetInfo, splits: list[str]) -> int:
     """Bytes the held splits and tables take in memory (from the Parquet footers alone)."""
-    row = sum(np.dtype(c.dtype).itemsize * int(np.prod(c.shape, dtype=np.int64)) for c in info.columns.values())
+    row = row_nbytes(info.columns)
     total = sum(table_nbytes(info, t) for t in info.tables)
     for s in memory_splits(cfg, splits):
         limit = limit_rows(cfg, s)
