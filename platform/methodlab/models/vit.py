@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methodlab.models.layers import InputNormalization
 from methodlab.registry import register_model
 
 ValueBias = Literal["free", "faithful"]
@@ -101,20 +102,24 @@ class ViT(nn.Module):
     """A ViT classifier; `embed(x)` is the CLS feature (B, embed_dim), `forward(x)` the logits.
 
     `num_classes=0` makes the head the identity (a backbone without a classifier).
+    `input_mean`/`input_std`: the per-channel standardization an imported backbone was trained
+    with, applied to the [0, 1] images first (`methodlab.models.layers.InputNormalization`).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_channels: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0):
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
+                 input_mean: list[float] | None = None, input_std: list[float] | None = None):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.embed_dim, self.depth, self.num_classes = embed_dim, depth, num_classes
+        self.normalize = InputNormalization(input_mean, input_std)
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
         self.num_tokens = (img_size // patch_size) ** 2 + 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()   # stochastic depth grows with depth
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]   # stochastic depth grows with depth
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -135,7 +140,7 @@ class ViT(nn.Module):
 
     def tokens_in(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C_in, H, W) -> input tokens (B, N, C): CLS first, position embeddings added."""
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)                     # (B, N-1, C)
+        x = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)     # (B, N-1, C)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1) + self.pos_embed
 
@@ -259,7 +264,7 @@ class TopDownViT(nn.Module):
         self.decoders = nn.ModuleList(DecodeBlock(dim, lora_rank) for _ in range(self.backbone.depth))
         self.prompt = nn.Parameter(torch.randn(dim))                 # xi, the task prior
         self.top_down_transform = nn.Parameter(torch.eye(dim))      # P, identity at start
-        self.head = make_head(dim, num_classes)
+        self.head = make_head(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def bottom_up(self, tokens_in: torch.Tensor) -> torch.Tensor:
         """Pass 1 under no_grad: nothing upstream of it trains in a TOAST mode, so gradients are
