@@ -12,15 +12,31 @@ PY := $(VENV)/bin/python
 # or the torch pin changes, so a second `make demo` installs nothing.
 STAMP := $(VENV)/.installed-torch$(TORCH_VERSION)-$(shell cat pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 
+# The reference venv of the weights-import parity tests (tests/test_weights_import.py): timm and
+# torchvision build the networks whose state dicts `methodlab models import` converts. They live
+# apart from the main venv because PyPI's torchvision is a CUDA build that cannot import beside the
+# CPU torch wheel (`operator torchvision::nms does not exist`), so they bring a torch of their own.
+REF_VENV := .venv-ref
+REF_PACKAGES ?= torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors==0.8.0
+REF_STAMP := $(REF_VENV)/.installed-$(shell echo "$(REF_PACKAGES)" | cksum | cut -d' ' -f1)
+
 # Ray: no usage stats. Tests and the demo train epochs of a fraction of a second, so their
 # reports must not wait for Ray's health-check poll (methodlab's default is 1 s: launch.py).
 export RAY_USAGE_STATS_ENABLED ?= 0
 demo test test-fast test-load: export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast test-load bench report clean stack-up stack-down
+.PHONY: setup reference-venv demo test test-fast test-load bench report clean stack-up stack-down
 
 setup: $(STAMP)
+
+reference-venv: $(REF_STAMP)
+
+$(REF_STAMP):
+	@test -x $(REF_VENV)/bin/python || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -m pip install -q $(REF_PACKAGES)
+	@rm -f $(REF_VENV)/.installed-*
+	@touch $@
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +49,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/methodlab demo
 
-test: setup
+test: setup reference-venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not load" --durations=25
 
 test-fast: setup
@@ -47,7 +63,7 @@ bench: setup
 	$(PY) bench/run_all.py
 
 clean: stack-down
-	rm -rf .methodlab .pytest_cache .hypothesis
+	rm -rf .methodlab .pytest_cache .hypothesis $(REF_VENV)
 
 # The local stack (Ray head + job server, MLflow server, S3) on 127.0.0.1; see infra/README.md.
 stack-up: setup

@@ -8,7 +8,8 @@
     methodlab data import-xlsa17 <dir with res101.mat and att_splits.mat> --out <path-or-s3>
     methodlab sync                      replay metrics kept while the MLflow server was down
     methodlab report                    HTML report of methods vs baselines, from MLflow
-    methodlab methods | models
+    methodlab models import <weights file> --from timm:vit_base_patch16_224 [--register NAME] [--out F]
+    methodlab methods | models [list | sources]
     methodlab demo
 
 Every user error prints one line, `error: ...`, and exits non-zero before cluster resources are
@@ -131,9 +132,47 @@ def _methods(args) -> int:
 
 
 def _models(args) -> int:
+    from methodlab.models.sources import source_names
     from methodlab.registry import model_names
 
-    print("\n".join(model_names()))
+    if args.action == "list":
+        print("\n".join(model_names()))
+        return 0
+    if args.action == "sources":
+        print("\n".join(source_names()))
+        return 0
+    return _import_model(args)
+
+
+def _import_model(args) -> int:
+    import torch
+
+    from methodlab.models.hub import save_pretrained
+    from methodlab.models.sources import convert
+
+    if not args.file or not args.source or not (args.register or args.out):
+        raise MethodlabError("usage: methodlab models import <weights file> --from <library:model> "
+                             "(--register NAME | --out model.pt) [--license TEXT] [--img-size N] [--mean R G B --std R G B]")
+    # Everything that can be wrong with the file is found here, before MLflow is touched.
+    converted = convert(args.file, args.source, args.img_size, args.mean, args.std, args.license or "")
+    spec, model = converted.spec, converted.model
+    params = sum(p.numel() for p in model.parameters())
+    where = []
+    if args.out:
+        save_pretrained(model, spec, args.out)
+        where.append(args.out)
+    if args.register:
+        from methodlab.config import TrackingConfig, default_tracking_uri
+        from methodlab.tracking import Tracker
+
+        tracker = Tracker(args.tracking_uri or default_tracking_uri(), TrackingConfig().experiment)
+        example = torch.rand(1, *spec["input"]["shape"]).numpy()
+        version = tracker.register_import(args.register, model, spec, example)
+        where.append(f"models:/{args.register}/{version} (alias candidate)")
+    shown = spec["input"]
+    print(f"imported {args.source} as {spec['arch']} ({params / 1e6:.1f}M parameters, input "
+          f"{'x'.join(map(str, shown['shape']))} in [0, 1], normalized by the model with mean {shown['mean']} "
+          f"std {shown['std']}; {spec['kwargs']['num_classes']} classes) into {' and '.join(where)}")
     return 0
 
 
@@ -195,7 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_report)
 
     sub.add_parser("methods", help="list registered methods").set_defaults(func=_methods)
-    sub.add_parser("models", help="list registered architectures").set_defaults(func=_models)
+    mo = sub.add_parser("models", help="list architectures (list) or weights sources (sources), or import "
+                        "a timm/torchvision weights file (import)")
+    mo.add_argument("action", nargs="?", choices=["list", "sources", "import"], default="list")
+    mo.add_argument("file", nargs="?", help="import: a .pth, .pt, .bin or .safetensors state dict")
+    mo.add_argument("--from", dest="source", help="import: the network the file is, e.g. timm:vit_base_patch16_224 "
+                    "or torchvision:resnet50 (`methodlab models sources`)")
+    mo.add_argument("--register", help="import: register in MLflow under this name (alias candidate)")
+    mo.add_argument("--out", help="import: also write a methodlab model file (load it with method.backbone=<file>)")
+    mo.add_argument("--license", help="import: the weights' license, recorded with the version")
+    mo.add_argument("--img-size", type=int, help="import (ViT): another input size; position embeddings "
+                    "are interpolated (bicubic)")
+    mo.add_argument("--mean", type=float, nargs=3, help="import: the input mean the weights expect "
+                    "(default: the source's published one)")
+    mo.add_argument("--std", type=float, nargs=3, help="import: the input std the weights expect")
+    mo.add_argument("--tracking-uri", help="default: the local SQLite store")
+    mo.set_defaults(func=_models)
     dm = sub.add_parser("demo", help="train every method on built-in data and print the results")
     dm.add_argument("overrides", nargs="*")
     dm.set_defaults(func=_demo)

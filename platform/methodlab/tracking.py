@@ -51,6 +51,8 @@ TRIAL_EPOCHS_TAG = "methodlab.trial_epochs"
 BEST_RUN_ID_TAG = "methodlab.best_run_id"
 BEST_CONFIG_TAG = "methodlab.best_config"
 BENCHMARK_TAG = "methodlab.benchmark"            # on the runs bench/ logs its results to
+IMPORTED_FROM_TAG = "methodlab.imported_from"  # `methodlab models import`: the --from source
+LICENSE_TAG = "methodlab.license"                # the license string the importer passed
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_VALUE = 6000     # MLflow's limit on a param value
 MAX_PARAM_KEY = 250
@@ -225,8 +227,15 @@ class Tracker:
                   tags: dict[str, Any]) -> str | None:
         """Log `model` (torch.export "pt2" format, plus its spec and state dict as extra files so the
         platform can rebuild it with weights_only loads) and register a version with alias
-        `candidate`. Returns the version, or None when `registered_name` is None."""
+        `candidate`. Returns the version, or None when `registered_name` is None.
+
+        The MLmodel's metadata `input` documents what the model takes: the example's dtype and
+        shape (batch first, -1), and what the spec states beyond them (an imported backbone's
+        value range and the normalization it applies itself)."""
         import torch
+
+        metadata = {"input": {"dtype": str(input_example.dtype), "shape": [-1, *input_example.shape[1:]],
+                              **{k: v for k, v in spec.get("input", {}).items() if k not in ("dtype", "shape")}}}
 
         with tempfile.TemporaryDirectory() as tmp:
             spec_file, weights_file = f"{tmp}/model_spec.json", f"{tmp}/weights.pt"
@@ -237,7 +246,7 @@ class Tracker:
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pytorch.log_model(
                     model.eval().cpu(), name="model", input_example=input_example,
-                    serialization_format="pt2", extra_files=[spec_file, weights_file],
+                    serialization_format="pt2", extra_files=[spec_file, weights_file], metadata=metadata,
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
             # Leaving start_run() marks the run FINISHED; the run's owner decides its status.
             self.client.update_run(run_id, status=status)
@@ -258,6 +267,23 @@ class Tracker:
                                  {**version_tags, "git_commit": git_commit()})
         self.set_tags(run_id, {REGISTERED_VERSION_TAG: version or "none", MODEL_SPEC_TAG: json.dumps(spec),
                                **({REGISTERED_EPOCH_TAG: epoch} if epoch is not None else {})})
+        return version
+
+    def register_import(self, registered_name: str, model, spec: dict, input_example) -> str:
+        """A model no run trained (`methodlab models import`): a run of its own records where the
+        weights came from (source, file, sha256, license) and registers them with alias `candidate`."""
+        source = spec["source"]
+        run_id = self.start_run(f"import-{registered_name}", {f"source.{k}": str(v) for k, v in source.items()},
+                                {IMPORTED_FROM_TAG: source["from"], LICENSE_TAG: source["license"]},
+                                json.dumps(spec, indent=2))
+        try:
+            version = self.register(run_id, model, spec, input_example, registered_name,
+                                    {IMPORTED_FROM_TAG: source["from"], LICENSE_TAG: source["license"],
+                                     "sha256": source["sha256"]})
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
         return version
 
     def download_model_files(self, model_uri: str, dst: str) -> tuple[dict, str]:

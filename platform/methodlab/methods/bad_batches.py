@@ -247,7 +247,8 @@ class BadBatches(Method):
     def _load_extractor(self) -> nn.Module:
         from methodlab.models.hub import load_pretrained
 
-        model, spec = load_pretrained(self.mcfg.extractor_uri, self.cfg.tracking.uri)
+        model, spec = load_pretrained(self.mcfg.extractor_uri, self.cfg.tracking.uri, "method.extractor_uri",
+                                      self.cfg.data.normalize)
         if not hasattr(model, "embed"):
             raise ConfigError(f"method.extractor_uri {self.mcfg.extractor_uri!r} is a {spec['arch']!r} "
                               "model without `embed`; FRD needs a feature extractor")

@@ -167,7 +167,7 @@ class Canonicalization(Method):
             return build_model(spec), spec
         from methodlab.models.hub import load_pretrained
 
-        return load_pretrained(self.mcfg.predictor, self.cfg.tracking.uri)
+        return load_pretrained(self.mcfg.predictor, self.cfg.tracking.uri, "method.predictor", self.cfg.data.normalize)
 
     def _check_predictor(self, predictor: nn.Module) -> None:
         example = self.data.splits["val"].head(2)["image"]

@@ -170,8 +170,10 @@ class Toast(Method):
 
     # -- models ---------------------------------------------------------------------------------
 
-    def load_backbone(self) -> ViT:
-        """The pretrained ViT (with its source head), identical on every rank."""
+    def load_backbone(self) -> ViT | TopDownViT:
+        """The pretrained ViT (with its source head), identical on every rank; or a `toast_vit`
+        that is already pretuned (TOAST's released top-down ViT-B, `methodlab models import
+        --from toast:vit_topdown_base_patch16_224`), whose decoders and prompt the run starts from."""
         image_shape = self.data.info.columns["image"].shape
         if self.mcfg.backbone == "scratch":
             source = self.data.tables.get("source_train", {}).get("label")
@@ -182,11 +184,15 @@ class Toast(Method):
             model = build_model(spec)
         else:
             from methodlab.models.hub import load_pretrained
-            model, spec = load_pretrained(self.mcfg.backbone, self.cfg.tracking.uri)
-        if spec["arch"] != "vit":
+            model, spec = load_pretrained(self.mcfg.backbone, self.cfg.tracking.uri, "method.backbone",
+                                          self.cfg.data.normalize)
+        if spec["arch"] not in ("vit", "toast_vit"):
             raise ConfigError(f"method.backbone {self.mcfg.backbone} is a {spec['arch']!r} model; TOAST "
                               "needs a ViT (train one with `methodlab train supervised method.arch=vit`)")
-        kw = {**spec["kwargs"]}
+        if spec["arch"] == "toast_vit" and spec["kwargs"].get("value_bias", "free") != self.mcfg.value_bias:
+            raise ConfigError(f"method.backbone {self.mcfg.backbone} was pretuned with value_bias="
+                              f"{spec['kwargs'].get('value_bias', 'free')}; set method.value_bias to match")
+        kw = {**(spec["kwargs"]["vit"] if spec["arch"] == "toast_vit" else spec["kwargs"])}
         if [kw.get("in_channels", 3), kw.get("img_size", 224)] != [image_shape[0], image_shape[-1]]:
             raise ConfigError(f"method.backbone takes {kw.get('in_channels', 3)}x{kw.get('img_size', 224)} "
                               f"images but dataset {self.data.info.name} has {image_shape}")
@@ -210,6 +216,8 @@ class Toast(Method):
 
     def _pretune_model(self) -> TopDownViT:
         vit = self.load_backbone()
+        if isinstance(vit, TopDownViT):          # already pretuned: pretune further or go on
+            return _set_trainable(vit, "pretune")
         if vit.num_classes == 0 and self.stage_epochs("pretune"):
             raise ConfigError("the pretune stage needs the backbone's source head; this backbone has none "
                               "(num_classes=0): set method.pretune_epochs=0")

@@ -12,6 +12,7 @@ from methodlab.models import canonicalizer  # noqa: F401  (canonicalized, group_
 from methodlab.models import gzsl  # noqa: F401  (gzsl_classifier)
 from methodlab.models import resnet  # noqa: F401  (resnet)
 from methodlab.models import vit  # noqa: F401  (vit, toast_vit)
+from methodlab.models import sources  # noqa: F401  (weights sources for `methodlab models import`)
 from methodlab.models import mmanet  # noqa: F401  (mmanet)
 from methodlab.models.factory import build_model
 

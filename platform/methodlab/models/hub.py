@@ -75,8 +75,22 @@ def latest_checkpoint(root: str) -> str:
     return f"{root.rstrip('/')}/{ckpts[-1]}"
 
 
-def load_pretrained(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict]:
-    """(model, spec) for a models:/ URI, a runs:/ URI, a checkpoint directory or a model file."""
+def load_pretrained(uri: str, tracking_uri: str | None = None, field: str = "model",
+                    data_normalized: bool = False) -> tuple[nn.Module, dict]:
+    """(model, spec) for a models:/ URI, a runs:/ URI, a checkpoint directory or a model file.
+
+    A model that standardizes its own input (an imported timm/torchvision one carries
+    `input_mean`/`input_std`) must get the decoded [0, 1] images, not a dataset standardized
+    already: with `data_normalized` (data.normalize=true) it is refused, naming `field`."""
+    model, spec = _load(uri, tracking_uri)
+    kwargs = spec.get("kwargs", {})
+    mean = kwargs.get("vit", kwargs).get("input_mean")
+    if data_normalized and mean:
+        raise ConfigError(f"{field} {uri} standardizes its input itself (mean {mean}); set data.normalize=false")
+    return model, spec
+
+
+def _load(uri: str, tracking_uri: str | None) -> tuple[nn.Module, dict]:
     if uri.startswith(("models:/", "runs:/")):
         from methodlab.config import TrackingConfig, default_tracking_uri
         from methodlab.tracking import CHECKPOINT_ROOT_TAG, Tracker
