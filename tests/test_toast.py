@@ -300,3 +300,45 @@ def test_two_worker_toast_run_loads_a_registered_backbone(ray_cluster, home):
     for k, v in backbone.state_dict().items():
         if not k.startswith("head."):
             assert torch.equal(model.backbone.state_dict()[k], v), k
+
+
+# ----------------------------------------------------------------------------------------------
+# A backbone that is already pretuned (TOAST's released weights, imported as toast_vit)
+
+
+def _pretuned_file(tmp_path, bias: str = "faithful", normalized: bool = True) -> str:
+    from methodlab.models.hub import save_pretrained
+
+    vit = {**TINY, **({"input_mean": [0.5], "input_std": [0.25]} if normalized else {})}
+    spec = {"arch": "toast_vit", "kwargs": {"vit": vit, "num_classes": 5, "value_bias": bias}}
+    model = _tiny_model(bias=bias, seed=3, **vit)
+    save_pretrained(model, spec, str(tmp_path / "pretuned.pt"))
+    return str(tmp_path / "pretuned.pt")
+
+
+def test_a_pretuned_toast_vit_backbone_starts_the_transfer_with_its_decoders(tmp_path):
+    cfg = load_config("toast", None, [f"method.backbone={_pretuned_file(tmp_path)}", "method.value_bias=faithful",
+                                      "method.pretune_epochs=0"])
+    shared = _bundle()
+    method = Toast(cfg, DataBundle(shared.info, dict(shared.splits), shared.tables))
+    pre, _, _ = _stage(method, "pretune", {})
+    models, _, _ = _stage(method, "transfer", pre)
+    loaded = _tiny_model(bias="faithful", seed=3)
+    assert torch.equal(models["model"].decoders[1].linear2.weight, loaded.decoders[1].linear2.weight)
+    assert torch.equal(models["model"].prompt, loaded.prompt)
+    assert models["model"].value_bias == "faithful"
+    # its input normalization came along: the transferred model standardizes what it gets
+    assert models["model"].backbone.normalize.enabled
+
+
+def test_a_pretuned_backbone_refuses_another_value_bias_and_a_normalizing_one_refuses_data_normalize(tmp_path):
+    from methodlab.errors import ConfigError
+
+    shared = _bundle()
+    for overrides, words in [(["method.value_bias=free"], "value_bias=faithful"),
+                             (["method.value_bias=faithful", "data.normalize=true"], "data.normalize=false")]:
+        cfg = load_config("toast", None, [f"method.backbone={_pretuned_file(tmp_path)}", "method.pretune_epochs=0",
+                                          *overrides])
+        method = Toast(cfg, DataBundle(shared.info, dict(shared.splits), shared.tables))
+        with pytest.raises(ConfigError, match=words):
+            method.build_models("pretune", {})

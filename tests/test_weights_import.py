@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from methodlab.cli import main
 from methodlab.models.hub import load_pretrained
@@ -295,3 +297,38 @@ def test_a_registered_timm_vit_b_trains_with_toast_at_32px(references, ray_clust
     model, exported = load_pretrained("models:/toast-vit-b16@candidate", cfg.tracking.uri)
     assert exported["arch"] == "toast_vit" and exported["kwargs"]["vit"]["embed_dim"] == 768
     assert exported["kwargs"]["vit"]["input_mean"] == [0.5, 0.5, 0.5]      # the normalization came along
+
+
+# ----------------------------------------------------------------------------------------------
+# Invariants of the pieces
+
+
+@settings(max_examples=30, deadline=None)
+@given(old=st.integers(1, 14), new=st.integers(1, 14), dim=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_resampled_position_embeddings_keep_cls_shape_and_constants(old, new, dim, seed):
+    from methodlab.models.sources import resample_pos_embed
+
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(1, 1 + old * old, dim, generator=g)
+    out = resample_pos_embed(pos, new)
+    assert out.shape == (1, 1 + new * new, dim) and torch.equal(out[:, 0], pos[:, 0])   # CLS untouched
+    if old == new:
+        assert torch.equal(out, pos)
+    # a position field constant over the grid stays that constant (the resampler is a mean)
+    flat = torch.cat([pos[:, :1], pos[:, 1:2].expand(1, old * old, dim)], dim=1)
+    torch.testing.assert_close(resample_pos_embed(flat, new)[:, 1:], pos[:, 1:2].expand(1, new * new, dim),
+                               rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_input_normalization_is_the_per_channel_standardization(c, seed):
+    from methodlab.models.layers import InputNormalization
+
+    g = torch.Generator().manual_seed(seed)
+    mean, std = torch.rand(c, generator=g).tolist(), (torch.rand(c, generator=g) + 0.1).tolist()
+    x = torch.rand(3, c, 5, 5, generator=g)
+    expected = (x - torch.tensor(mean).view(1, c, 1, 1)) / torch.tensor(std).view(1, c, 1, 1)
+    torch.testing.assert_close(InputNormalization(mean, std)(x), expected)
+    assert torch.equal(InputNormalization()(x), x)
+    assert not InputNormalization(mean, std).state_dict()          # not persistent: spec-borne
