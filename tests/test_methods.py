@@ -108,3 +108,34 @@ def test_place_model_keeps_cpu_models_contiguous_and_moves_them():
     if torch.cuda.is_available():
         model = place_model(model, torch.device("cuda"))
         assert conv.weight.is_cuda and conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_supervised_fine_tunes_an_imported_backbone_with_a_fresh_head(tmp_path):
+    """method.init: the pretrained body (and the normalization its spec carries) with a new head."""
+    import torch
+
+    from methodlab.config import load_config
+    from methodlab.data import resolve_dataset
+    from methodlab.errors import ConfigError
+    from methodlab.methods.base import DataBundle
+    from methodlab.methods.supervised import Supervised
+    from methodlab.models import build_model
+    from methodlab.models.hub import save_pretrained
+    from methodlab.train.core import load_bundle
+
+    spec = {"arch": "resnet", "kwargs": {"in_channels": 1, "num_classes": 1000, "width": 4, "blocks": [1, 1],
+                                         "input_mean": [0.2], "input_std": [0.3]}}
+    torch.manual_seed(1)
+    source = build_model(spec)
+    save_pretrained(source, spec, str(tmp_path / "r.pt"))
+    cfg = load_config("supervised", None, [f"method.init={tmp_path / 'r.pt'}"])
+    bundle = load_bundle(cfg, resolve_dataset("digits", cfg.data.root), ["train", "val", "test"])
+    net = Supervised(cfg, bundle).build_models("train", {})["net"]
+    assert net.head.out_features == 10 and net.normalize.enabled
+    for k, v in source.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(net.state_dict()[k], v), k
+    # a normalizing backbone on standardized data is refused, before any step
+    cfg = load_config("supervised", None, [f"method.init={tmp_path / 'r.pt'}", "data.normalize=true"])
+    with pytest.raises(ConfigError, match="data.normalize=false"):
+        Supervised(cfg, DataBundle(bundle.info, bundle.splits, bundle.tables)).build_models("train", {})
