@@ -29,31 +29,17 @@ import os
 
 import numpy as np
 
-from methodlab.data.builtin import load_digits, stratified_split
+from methodlab.data.builtin import SPLIT_SEED, heldout_rows, load_digits, stratified_split
 from methodlab.data.dataset import DatasetInfo, write_dataset
+from methodlab.data.importing import load_mat, mat_field, require_files
 from methodlab.errors import DataError
 from methodlab.registry import register_dataset
 
-SPLIT_SEED = 0
 LOC_FIELDS = ("trainval_loc", "train_loc", "val_loc", "test_seen_loc", "test_unseen_loc")
 
 
 # ----------------------------------------------------------------------------------------------
 # Assembling the layout (shared by all three sources)
-
-
-def heldout_rows(labels: np.ndarray, fraction: float, seed: int = SPLIT_SEED) -> np.ndarray:
-    """A boolean mask holding out `fraction` of each class's rows (at least one when a class has
-    two or more rows), fixed by `seed`."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(fraction * len(idx)))
-        if len(idx) > 1:
-            k = min(max(k, 1), len(idx) - 1)
-        mask[idx[:k]] = True
-    return mask
 
 
 def gzsl_layout(features: np.ndarray, labels: np.ndarray, attributes: np.ndarray,
@@ -123,15 +109,9 @@ def check_disjoint(seen: np.ndarray, unseen: np.ndarray, test_seen: np.ndarray, 
 # the Ugly", TPAMI 2018): res101.mat + att_splits.mat
 
 
-def _field(mat: dict, name: str, path: str) -> np.ndarray:
-    if name not in mat:
-        raise DataError(f"{path} lacks field {name!r} (has {', '.join(k for k in mat if not k.startswith('__'))})")
-    return np.asarray(mat[name])
-
-
 def _locs(mat: dict, name: str, path: str, n: int) -> np.ndarray:
     """1-based MATLAB row indices -> 0-based, checked against the N feature rows."""
-    raw = _field(mat, name, path).ravel()
+    raw = mat_field(mat, name, path).ravel()
     if raw.size == 0:
         raise DataError(f"{path}: field {name!r} is empty")
     if not np.all(np.equal(np.mod(raw, 1), 0)):
@@ -161,21 +141,13 @@ def load_xlsa17(mat_dir: str, val_fraction: float = 0.1) -> dict:
     field for missing fields, wrong sizes, out-of-range or 0-based indices, overlapping rows and
     classes that break the seen/unseen rules.
     """
-    from scipy.io import loadmat
+    paths = require_files(mat_dir, ("res101.mat", "att_splits.mat"),
+                          f"xlsa17 needs res101.mat and att_splits.mat in {mat_dir}")
+    res_path, att_path = paths["res101.mat"], paths["att_splits.mat"]
+    res, att_mat = load_mat(res_path), load_mat(att_path)
 
-    res_path, att_path = os.path.join(mat_dir, "res101.mat"), os.path.join(mat_dir, "att_splits.mat")
-    mats = {}
-    for path in (res_path, att_path):
-        if not os.path.isfile(path):
-            raise DataError(f"{path} does not exist; xlsa17 needs res101.mat and att_splits.mat in {mat_dir}")
-        try:
-            mats[path] = loadmat(path)
-        except (ValueError, OSError, TypeError) as e:
-            raise DataError(f"{path} is not a readable MATLAB file ({str(e).splitlines()[0][:80]})") from None
-    res, att_mat = mats[res_path], mats[att_path]
-
-    feats = _field(res, "features", res_path)
-    labels_raw = _field(res, "labels", res_path).ravel()
+    feats = mat_field(res, "features", res_path)
+    labels_raw = mat_field(res, "labels", res_path).ravel()
     if feats.ndim != 2:
         raise DataError(f"{res_path}: field 'features' must be 2-D (d x N), got shape {feats.shape}")
     n = len(labels_raw)
@@ -186,7 +158,7 @@ def load_xlsa17(mat_dir: str, val_fraction: float = 0.1) -> dict:
         raise DataError(f"{res_path}: field 'labels' must be 1-based class ids (found {labels_raw.min() if n else 'none'})")
     labels = labels_raw.astype(np.int64) - 1
 
-    att = _field(att_mat, "att", att_path).astype(np.float32)
+    att = mat_field(att_mat, "att", att_path).astype(np.float32)
     if att.ndim != 2:
         raise DataError(f"{att_path}: field 'att' must be 2-D (A x C), got shape {att.shape}")
     attributes = att.T                                   # (C, A)
