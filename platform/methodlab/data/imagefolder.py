@@ -26,8 +26,7 @@ import numpy as np
 
 from methodlab.data.builtin import stratified_split
 from methodlab.data.dataset import Column, DatasetInfo, open_dataset
-from methodlab.data.importing import (ImportWriter, chunks, decode_in_order, default_workers, image_column,
-                                     image_pool)
+from methodlab.data.importing import DecodePool, ImportWriter, chunks, image_column
 from methodlab.errors import DataError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -70,22 +69,18 @@ def import_image_folder(folder: str, out: str, size: int = 32, workers: int | No
     splits = stratified_split(labels)
     skipped: list[tuple[str, str]] = []
     pids: set[int] = set()
-    workers = default_workers(workers)
-    pool = image_pool(workers)
     meta = {"num_classes": len(classes), "classes": classes, "source": str(Path(folder).resolve()),
             "split": "stratified 60/20/20, seed 0"}
-    try:
-        with ImportWriter(out, Path(folder).name, columns, list(splits), meta, rows_per_file) as writer:
-            for split, rows in splits.items():
-                tasks = ((idx, [files[i] for i in idx], "RGB") for idx in chunks(rows, chunk_files))
-                for idx, chunk in decode_in_order(pool, tasks, size, 2 * workers):
-                    pids.add(chunk.pid)
-                    if chunk.bad and not skip_bad:
-                        path, why = chunk.bad[0]
-                        raise DataError(f"{path} is not a readable image ({why}); remove it or pass --skip-bad")
-                    skipped += chunk.bad
-                    writer.append(split, {"image": chunk.images, "label": labels[idx[chunk.ok]]})
-            writer.meta["skipped"] = [p for p, _ in skipped]
-    finally:
-        pool.shutdown(cancel_futures=True)
+    with DecodePool(workers) as pool, \
+            ImportWriter(out, Path(folder).name, columns, list(splits), meta, rows_per_file) as writer:
+        for split, rows in splits.items():
+            tasks = ((idx, [files[i] for i in idx], "RGB") for idx in chunks(rows, chunk_files))
+            for idx, chunk in pool.decode(tasks, size):
+                pids.add(chunk.pid)
+                if chunk.bad and not skip_bad:
+                    path, why = chunk.bad[0]
+                    raise DataError(f"{path} is not a readable image ({why}); remove it or pass --skip-bad")
+                skipped += chunk.bad
+                writer.append(split, {"image": chunk.images, "label": labels[idx[chunk.ok]]})
+        writer.meta["skipped"] = [p for p, _ in skipped]
     return ImageImport(open_dataset(out), skipped, pids)

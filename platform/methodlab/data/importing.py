@@ -19,7 +19,7 @@ import os
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -172,41 +172,47 @@ def decode_files(paths: list[str], size: int, mode: str = "RGB") -> Decoded:
     return Decoded(images[ok], ok, bad, os.getpid())
 
 
-def default_workers(workers: int | None) -> int:
-    """Decoding processes: `workers`, or every CPU this process may use."""
-    return workers or len(os.sched_getaffinity(0))
+class DecodePool:
+    """`workers` decoding processes (default: every CPU this process may use), shut down on
+    leaving the `with` block.
 
+        with DecodePool(workers) as pool:
+            for key, chunk in pool.decode(((key, paths, "RGB") for ...), size): ...
+    """
 
-def image_pool(workers: int) -> ProcessPoolExecutor:
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(workers, mp_context=ctx)
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or len(os.sched_getaffinity(0))
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
 
+    def __enter__(self) -> "DecodePool":
+        return self
 
-def decode_in_order(pool: ProcessPoolExecutor, tasks: Iterable[tuple[Hashable, list[str], str]], size: int,
-                    window: int) -> Iterator[tuple[Hashable, Decoded]]:
-    """(key, decoded chunk) for tasks (key, paths, mode), in submission order, with at most
-    `window` chunks in flight: results the writer has not taken yet would otherwise pile up."""
-    pending: deque = deque()
-    for key, paths, mode in tasks:
-        pending.append((key, pool.submit(decode_files, paths, size, mode)))
-        if len(pending) >= window:
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    def decode(self, tasks: Iterable[tuple[Any, list[str], str]], size: int) -> Iterator[tuple[Any, Decoded]]:
+        """(key, decoded chunk) for tasks (key, paths, mode), in submission order, with at most
+        2 x workers chunks in flight: results the writer has not taken yet would otherwise pile up."""
+        pending: deque = deque()
+        for key, paths, mode in tasks:
+            pending.append((key, self.pool.submit(decode_files, paths, size, mode)))
+            if len(pending) >= 2 * self.workers:
+                key0, future = pending.popleft()
+                yield key0, future.result()
+        while pending:
             key0, future = pending.popleft()
             yield key0, future.result()
-    while pending:
-        key0, future = pending.popleft()
-        yield key0, future.result()
 
-
-def decode_strict(pool: ProcessPoolExecutor, tasks: Iterable[tuple[Hashable, list[str], str]], size: int,
-                  window: int) -> Iterator[tuple[Hashable, np.ndarray]]:
-    """`decode_in_order` for formats whose rows all must decode: the first unreadable file is a
-    DataError naming it."""
-    for key, chunk in decode_in_order(pool, tasks, size, window):
-        if chunk.bad:
-            path, why = chunk.bad[0]
-            raise DataError(f"{path} is not a readable image ({why}); replace it or fix the list")
-        yield key, chunk.images
+    def decode_strict(self, tasks: Iterable[tuple[Any, list[str], str]], size: int) -> Iterator[tuple[Any, np.ndarray]]:
+        """`decode` for formats whose rows all must decode: the first unreadable file is a
+        DataError naming it."""
+        for key, chunk in self.decode(tasks, size):
+            if chunk.bad:
+                path, why = chunk.bad[0]
+                raise DataError(f"{path} is not a readable image ({why}); replace it or fix the list")
+            yield key, chunk.images
 
 
 def chunks(rows: np.ndarray, n: int) -> list[np.ndarray]:
