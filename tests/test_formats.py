@@ -463,3 +463,53 @@ def test_a_mat_file_missing_a_key_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("action", sorted(IMPORTERS))
 def test_every_importer_refuses_a_missing_source_in_one_line(tmp_path, capsys, action):
     _refused(capsys, tmp_path, [action, str(tmp_path / "nowhere")], "does not exist")
+
+
+# ----------------------------------------------------------------------------------------------
+# xlsa17: the documented shapes of CUB, AWA2 and SUN
+
+
+def write_xlsa17_cub(root) -> None:
+    """xlsa17/data/CUB at its real shapes: res101.mat features (2048, 11788) float32, labels
+    (11788, 1) 1-based; att_splits.mat att (312, 200), the *_loc fields (n, 1) 1-based with the
+    proposed split's sizes (150 seen classes, 100 of them train_loc and 50 val_loc; 50 unseen),
+    allclasses_names (200, 1) cells."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    seen_per_class = np.full(150, 8821 // 150) + (np.arange(150) < 8821 % 150)      # 8,821 seen images
+    unseen_per_class = np.full(50, 2967 // 50) + (np.arange(50) < 2967 % 50)
+    labels = np.repeat(np.arange(200), np.r_[seen_per_class, unseen_per_class])
+    rows = rng.permutation(len(labels))
+    seen_rows = rows[labels[rows] < 150]                                         # in random order
+    trainval, test_seen = np.sort(seen_rows[:7057]), np.sort(seen_rows[7057:])
+    test_unseen = np.flatnonzero(labels >= 150)
+    root.mkdir(parents=True)
+    savemat(root / "res101.mat", {"features": rng.random((2048, len(labels)), dtype=np.float32),
+                                  "labels": (labels + 1)[:, None].astype(np.float64),
+                                  "image_files": np.array([[f"img{i}.jpg"] for i in range(3)], dtype=object)})
+    att = rng.random((312, 200))
+    col = lambda r: (r + 1)[:, None].astype(np.float64)  # noqa: E731
+    savemat(root / "att_splits.mat", {
+        "att": att, "original_att": att * 100, "trainval_loc": col(trainval),
+        "train_loc": col(trainval[labels[trainval] < 100]), "val_loc": col(trainval[labels[trainval] >= 100]),
+        "test_seen_loc": col(test_seen), "test_unseen_loc": col(test_unseen),
+        "allclasses_names": np.array([[f"{i + 1:03d}.bird"] for i in range(200)], dtype=object)})
+
+
+def test_xlsa17_cub_at_its_real_shapes_imports(tmp_path, capsys):
+    write_xlsa17_cub(tmp_path / "xlsa17" / "data" / "CUB")
+    code, out, _ = _cli(capsys, "import-xlsa17", str(tmp_path / "xlsa17" / "data" / "CUB"), "--out", str(tmp_path / "out"))
+    info = open_dataset(str(tmp_path / "out"))
+    assert code == 0 and "200 classes" in out and "test 4,731 rows" in out        # 1,764 + 2,967
+    assert len(info.meta["seen_classes"]) == 150 and len(info.meta["unseen_classes"]) == 50
+    assert info.columns["features"].shape == [2048] and info.meta["attribute_dim"] == 312
+
+
+def test_a_folder_named_cub_with_other_shapes_is_one_line(tmp_path, capsys):
+    from tests.test_d3gzsl import _write_xlsa17
+
+    (tmp_path / "CUB").mkdir()
+    _write_xlsa17(tmp_path / "CUB")
+    _refused(capsys, tmp_path, ["import-xlsa17", str(tmp_path / "CUB")],
+             "res101.mat: 'features' has shape (5, 36), expected (2048, 11788) for xlsa17 CUB")

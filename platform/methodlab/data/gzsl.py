@@ -133,6 +133,39 @@ def _names(mat: dict) -> list[str] | None:
     return [str(np.asarray(v).ravel()[0]) if np.asarray(v).size else "" for v in np.asarray(mat["allclasses_names"]).ravel()]
 
 
+# The shapes xlsa17 documents for its datasets (Xian et al., TPAMI 2018, Table 1 and the
+# "proposed split" counts; the class and attribute counts match the xlsa17 README's and the GZSL
+# papers' configs, e.g. CE-GZSL: nclass_all 200/50/717, nclass_seen 150/40/645, attSize 312/85/102,
+# 2048-d ResNet-101 features). A folder named like one (xlsa17/data/CUB, ...) must match them.
+XLSA17_SHAPES = {
+    #        images  attributes classes seen unseen trainval test_seen test_unseen
+    "CUB": (11788, 312, 200, 150, 50, 7057, 1764, 2967),
+    "AWA2": (37322, 85, 50, 40, 10, 23527, 5882, 7913),
+    "SUN": (14340, 102, 717, 645, 72, 10320, 2580, 1440),
+}
+FEATURE_DIM = 2048
+
+
+def check_xlsa17_shapes(dataset: str, feats: np.ndarray, att: np.ndarray, locs: dict[str, np.ndarray],
+                        labels: np.ndarray, res_path: str, att_path: str) -> None:
+    """A DataError naming the file, key and expected shape where a folder named CUB, AWA2 or SUN
+    departs from what xlsa17 documents for it (a wrong or partial download, another split)."""
+    n, a, c, seen, unseen, trainval, test_seen, test_unseen = XLSA17_SHAPES[dataset]
+    expected = [(res_path, "features", feats.shape, (FEATURE_DIM, n)),
+                (att_path, "att", att.shape, (a, c)),
+                (att_path, "trainval_loc", locs["trainval_loc"].shape, (trainval,)),
+                (att_path, "test_seen_loc", locs["test_seen_loc"].shape, (test_seen,)),
+                (att_path, "test_unseen_loc", locs["test_unseen_loc"].shape, (test_unseen,)),
+                (att_path, "trainval_loc", (len(np.unique(labels[locs["trainval_loc"]])),), (seen,)),
+                (att_path, "test_unseen_loc", (len(np.unique(labels[locs["test_unseen_loc"]])),), (unseen,))]
+    for i, (path, key, got, want) in enumerate(expected):
+        if tuple(got) != want:
+            what = "classes" if i >= 5 else "shape"
+            raise DataError(f"{path}: {key!r} has {what} {tuple(got) if what == 'shape' else got[0]}, expected "
+                            f"{want if what == 'shape' else want[0]} for xlsa17 {dataset}; download xlsa17 again, "
+                            f"or rename the folder if it is not {dataset}")
+
+
 def load_xlsa17(mat_dir: str, val_fraction: float = 0.1) -> dict:
     """Read `res101.mat` and `att_splits.mat` (scipy) into the builder dict of `gzsl_layout`.
 
@@ -177,6 +210,9 @@ def load_xlsa17(mat_dir: str, val_fraction: float = 0.1) -> dict:
     if len(both):
         raise DataError(f"{att_path}: classes {both[:10].tolist()} appear in both 'train_loc' and "
                         "'val_loc'; the validation classes must be disjoint from the train classes")
+    dataset = os.path.basename(os.path.normpath(mat_dir)).upper()
+    if dataset in XLSA17_SHAPES:
+        check_xlsa17_shapes(dataset, feats, att, locs, labels, res_path, att_path)
     names = _names(att_mat)
     if names is not None and len(names) != len(attributes):
         raise DataError(f"{att_path}: 'allclasses_names' has {len(names)} names for {len(attributes)} classes")
