@@ -5,7 +5,8 @@
     methodlab promote <registered-model> [--metric test_acc] [--version N]
     methodlab data prepare [name ...] | data list
     methodlab data import <image-folder> --out <path-or-s3> [--size 32] [--workers N] [--skip-bad]
-    methodlab data import-xlsa17 <dir with res101.mat and att_splits.mat> --out <path-or-s3>
+    methodlab data import-<format> <source> --out <path-or-s3>   cifar10, cifar100, stl10, flowers102,
+                                        casia-surf, nyuv2, xlsa17 (methodlab.data.importers)
     methodlab sync                      replay metrics kept while the MLflow server was down
     methodlab report                    HTML report of methods vs baselines, from MLflow
     methodlab models import <weights file> --from timm:vit_base_patch16_224 [--register NAME] [--out F]
@@ -65,6 +66,7 @@ def _promote(args) -> int:
 
 def _data(args) -> int:
     from methodlab.config import methodlab_home
+    from methodlab.data.importers import IMPORTERS
     from methodlab.data import prepare_builtin
     from methodlab.registry import dataset_names
 
@@ -79,28 +81,34 @@ def _data(args) -> int:
             sizes = ", ".join(f"{s}" for s in info.splits)
             print(f"{name}: {info.uri} ({sizes}; columns {', '.join(info.columns)})")
         return 0
-    if args.action == "import-xlsa17":
-        from methodlab.data.gzsl import import_xlsa17
+    from methodlab.data.importing import summary
 
-        if len(args.names) != 1 or not args.out:
-            raise MethodlabError("usage: methodlab data import-xlsa17 <dir with res101.mat, att_splits.mat> --out <path-or-s3-uri>")
-        info = import_xlsa17(args.names[0], args.out)
-        print(f"imported {info.name} into {info.uri} ({len(info.meta['seen_classes'])} seen, "
-              f"{len(info.meta['unseen_classes'])} unseen classes)")
-        return 0
+    if args.action in IMPORTERS:
+        return _import(args, IMPORTERS[args.action])
     from methodlab.data.imagefolder import import_image_folder
 
     if len(args.names) != 1 or not args.out:
         raise MethodlabError("usage: methodlab data import <image-folder> --out <path-or-s3-uri> "
                              "[--size 32] [--workers N] [--skip-bad]")
-    done = import_image_folder(args.names[0], args.out, size=args.size, workers=args.workers,
+    done = import_image_folder(args.names[0], args.out, size=args.size or 32, workers=args.workers,
                                skip_bad=args.skip_bad)
     if done.skipped:
         shown = ", ".join(p for p, _ in done.skipped[:3]) + (", ..." if len(done.skipped) > 3 else "")
         print(f"skipped {len(done.skipped)} unreadable image(s): {shown}")
-    info = done.info
-    print(f"imported {info.meta['num_classes']} classes into {info.uri} as uint8 {info.columns['image'].shape} "
-          f"with {len(done.worker_pids)} worker process(es)")
+    print(f"{summary(done.info)} (uint8 {done.info.columns['image'].shape}, "
+          f"{len(done.worker_pids)} worker process(es))")
+    return 0
+
+
+def _import(args, importer) -> int:
+    """`data import-<format>`: the table's function with the options it takes, then the summary."""
+    from methodlab.data.importing import summary
+
+    if not 1 <= len(args.names) <= importer.max_sources or not args.out:
+        raise MethodlabError(f"usage: methodlab data {args.action} {importer.sources} --out <path-or-s3-uri>")
+    options = {k: getattr(args, k) for k in importer.options if getattr(args, k) is not None}
+    sources = args.names if importer.max_sources > 1 else args.names[0]
+    print(summary(importer.run(sources, args.out, **options)))
     return 0
 
 
@@ -210,17 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tracking-uri", help="default: the local SQLite store")
     pr.set_defaults(func=_promote)
 
-    d = sub.add_parser("data", help="prepare built-in datasets or import an image folder (decoded in "
-                       "parallel, streamed to sharded Parquet)")
-    d.add_argument("action", choices=["prepare", "import", "import-xlsa17", "list"])
+    from methodlab.data.importers import IMPORTERS
+
+    d = sub.add_parser("data", help="prepare built-in datasets, or import an image folder or a paper's dataset "
+                       "(decoded in parallel, streamed to sharded Parquet)")
+    d.add_argument("action", choices=["prepare", "list", "import", *IMPORTERS],
+                   help="import: a class-per-subfolder image folder; " + "; ".join(
+                       f"{a}: {i.sources}" for a, i in IMPORTERS.items()))
     d.add_argument("names", nargs="*")
-    d.add_argument("--root", help="where built-in datasets go (default .methodlab/data)")
+    d.add_argument("--root", help="prepare: where built-in datasets go (default .methodlab/data); "
+                   "import-casia-surf: the directory the list's paths are relative to (default: the list's)")
     d.add_argument("--out", help="import: the output dataset path or s3:// URI")
-    d.add_argument("--size", type=int, default=32, help="import: images are resized to size x size and "
-                   "stored as uint8 (3, size, size)")
+    d.add_argument("--size", type=int, help="import, import-flowers102, import-casia-surf, import-nyuv2: images are "
+                   "resized to size x size and stored as uint8 (default 32; 64 for the papers' formats)")
     d.add_argument("--workers", type=int, help="import: decoding processes (default: every CPU this process may use)")
     d.add_argument("--skip-bad", action="store_true", help="import: leave out unreadable or corrupt images "
                    "(listed in a summary line) instead of failing on the first one")
+    d.add_argument("--no-unlabeled", dest="unlabeled", action="store_false", default=None,
+                   help="import-stl10: leave out the 100,000 unlabeled images (a labelled-only train split)")
+    d.add_argument("--splits", dest="splits_file", help="import-nyuv2: the standard splits.mat "
+                   "(trainNdxs/testNdxs); default: a seeded stratified split")
     d.add_argument("--force", action="store_true", help="prepare: rebuild even if present")
     d.set_defaults(func=_data)
 

@@ -47,6 +47,20 @@ def stratified_split(labels: np.ndarray, fractions=(0.6, 0.2, 0.2), seed: int = 
     return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
 
 
+def heldout_rows(labels: np.ndarray, fraction: float, seed: int = SPLIT_SEED) -> np.ndarray:
+    """A boolean mask holding out `fraction` of each class's rows (at least one when a class has
+    two or more rows), fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(fraction * len(idx)))
+        if len(idx) > 1:
+            k = min(max(k, 1), len(idx) - 1)
+        mask[idx[:k]] = True
+    return mask
+
+
 @register_dataset("digits")
 def digits() -> dict:
     images, labels = load_digit_counts()

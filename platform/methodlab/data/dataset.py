@@ -311,14 +311,19 @@ def row_nbytes(columns: dict[str, Column]) -> int:
     return sum(np.dtype(c.dtype).itemsize * int(np.prod(c.shape, dtype=np.int64)) for c in columns.values())
 
 
-def split_nbytes(info: DatasetInfo, split: str) -> int:
-    """In-memory size of a split: rows from the Parquet footers times the manifest's row size."""
+def split_rows(info: DatasetInfo, split: str) -> int:
+    """Rows of a split, from the Parquet footers alone."""
     fs, root = storage.filesystem(info.split_uri(split))
     rows = 0
     for path in _parquet_files(root, info.uri, split):
         with fs.open_input_file(path) as f:
             rows += pq.read_metadata(f).num_rows
-    return rows * row_nbytes(info.columns)
+    return rows
+
+
+def split_nbytes(info: DatasetInfo, split: str) -> int:
+    """In-memory size of a split: its rows times the manifest's row size."""
+    return split_rows(info, split) * row_nbytes(info.columns)
 
 
 def read_table(info: DatasetInfo, name: str) -> dict[str, np.ndarray]:

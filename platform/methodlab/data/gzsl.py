@@ -29,31 +29,17 @@ import os
 
 import numpy as np
 
-from methodlab.data.builtin import load_digits, stratified_split
+from methodlab.data.builtin import SPLIT_SEED, heldout_rows, load_digits, stratified_split
 from methodlab.data.dataset import DatasetInfo, write_dataset
+from methodlab.data.importing import load_mat, mat_field, require_files
 from methodlab.errors import DataError
 from methodlab.registry import register_dataset
 
-SPLIT_SEED = 0
 LOC_FIELDS = ("trainval_loc", "train_loc", "val_loc", "test_seen_loc", "test_unseen_loc")
 
 
 # ----------------------------------------------------------------------------------------------
 # Assembling the layout (shared by all three sources)
-
-
-def heldout_rows(labels: np.ndarray, fraction: float, seed: int = SPLIT_SEED) -> np.ndarray:
-    """A boolean mask holding out `fraction` of each class's rows (at least one when a class has
-    two or more rows), fixed by `seed`."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(fraction * len(idx)))
-        if len(idx) > 1:
-            k = min(max(k, 1), len(idx) - 1)
-        mask[idx[:k]] = True
-    return mask
 
 
 def gzsl_layout(features: np.ndarray, labels: np.ndarray, attributes: np.ndarray,
@@ -123,15 +109,9 @@ def check_disjoint(seen: np.ndarray, unseen: np.ndarray, test_seen: np.ndarray, 
 # the Ugly", TPAMI 2018): res101.mat + att_splits.mat
 
 
-def _field(mat: dict, name: str, path: str) -> np.ndarray:
-    if name not in mat:
-        raise DataError(f"{path} lacks field {name!r} (has {', '.join(k for k in mat if not k.startswith('__'))})")
-    return np.asarray(mat[name])
-
-
 def _locs(mat: dict, name: str, path: str, n: int) -> np.ndarray:
     """1-based MATLAB row indices -> 0-based, checked against the N feature rows."""
-    raw = _field(mat, name, path).ravel()
+    raw = mat_field(mat, name, path).ravel()
     if raw.size == 0:
         raise DataError(f"{path}: field {name!r} is empty")
     if not np.all(np.equal(np.mod(raw, 1), 0)):
@@ -153,6 +133,39 @@ def _names(mat: dict) -> list[str] | None:
     return [str(np.asarray(v).ravel()[0]) if np.asarray(v).size else "" for v in np.asarray(mat["allclasses_names"]).ravel()]
 
 
+# The shapes xlsa17 documents for its datasets (Xian et al., TPAMI 2018, Table 1 and the
+# "proposed split" counts; the class and attribute counts match the xlsa17 README's and the GZSL
+# papers' configs, e.g. CE-GZSL: nclass_all 200/50/717, nclass_seen 150/40/645, attSize 312/85/102,
+# 2048-d ResNet-101 features). A folder named like one (xlsa17/data/CUB, ...) must match them.
+XLSA17_SHAPES = {
+    #        images  attributes classes seen unseen trainval test_seen test_unseen
+    "CUB": (11788, 312, 200, 150, 50, 7057, 1764, 2967),
+    "AWA2": (37322, 85, 50, 40, 10, 23527, 5882, 7913),
+    "SUN": (14340, 102, 717, 645, 72, 10320, 2580, 1440),
+}
+FEATURE_DIM = 2048
+
+
+def check_xlsa17_shapes(dataset: str, feats: np.ndarray, att: np.ndarray, locs: dict[str, np.ndarray],
+                        labels: np.ndarray, res_path: str, att_path: str) -> None:
+    """A DataError naming the file, key and expected shape where a folder named CUB, AWA2 or SUN
+    departs from what xlsa17 documents for it (a wrong or partial download, another split)."""
+    n, a, c, seen, unseen, trainval, test_seen, test_unseen = XLSA17_SHAPES[dataset]
+    expected = [(res_path, "features", feats.shape, (FEATURE_DIM, n)),
+                (att_path, "att", att.shape, (a, c)),
+                (att_path, "trainval_loc", locs["trainval_loc"].shape, (trainval,)),
+                (att_path, "test_seen_loc", locs["test_seen_loc"].shape, (test_seen,)),
+                (att_path, "test_unseen_loc", locs["test_unseen_loc"].shape, (test_unseen,)),
+                (att_path, "trainval_loc", (len(np.unique(labels[locs["trainval_loc"]])),), (seen,)),
+                (att_path, "test_unseen_loc", (len(np.unique(labels[locs["test_unseen_loc"]])),), (unseen,))]
+    for i, (path, key, got, want) in enumerate(expected):
+        if tuple(got) != want:
+            what = "classes" if i >= 5 else "shape"
+            raise DataError(f"{path}: {key!r} has {what} {tuple(got) if what == 'shape' else got[0]}, expected "
+                            f"{want if what == 'shape' else want[0]} for xlsa17 {dataset}; download xlsa17 again, "
+                            f"or rename the folder if it is not {dataset}")
+
+
 def load_xlsa17(mat_dir: str, val_fraction: float = 0.1) -> dict:
     """Read `res101.mat` and `att_splits.mat` (scipy) into the builder dict of `gzsl_layout`.
 
@@ -161,21 +174,13 @@ def load_xlsa17(mat_dir: str, val_fraction: float = 0.1) -> dict:
     field for missing fields, wrong sizes, out-of-range or 0-based indices, overlapping rows and
     classes that break the seen/unseen rules.
     """
-    from scipy.io import loadmat
+    paths = require_files(mat_dir, ("res101.mat", "att_splits.mat"),
+                          f"xlsa17 needs res101.mat and att_splits.mat in {mat_dir}")
+    res_path, att_path = paths["res101.mat"], paths["att_splits.mat"]
+    res, att_mat = load_mat(res_path), load_mat(att_path)
 
-    res_path, att_path = os.path.join(mat_dir, "res101.mat"), os.path.join(mat_dir, "att_splits.mat")
-    mats = {}
-    for path in (res_path, att_path):
-        if not os.path.isfile(path):
-            raise DataError(f"{path} does not exist; xlsa17 needs res101.mat and att_splits.mat in {mat_dir}")
-        try:
-            mats[path] = loadmat(path)
-        except (ValueError, OSError, TypeError) as e:
-            raise DataError(f"{path} is not a readable MATLAB file ({str(e).splitlines()[0][:80]})") from None
-    res, att_mat = mats[res_path], mats[att_path]
-
-    feats = _field(res, "features", res_path)
-    labels_raw = _field(res, "labels", res_path).ravel()
+    feats = mat_field(res, "features", res_path)
+    labels_raw = mat_field(res, "labels", res_path).ravel()
     if feats.ndim != 2:
         raise DataError(f"{res_path}: field 'features' must be 2-D (d x N), got shape {feats.shape}")
     n = len(labels_raw)
@@ -186,7 +191,7 @@ def load_xlsa17(mat_dir: str, val_fraction: float = 0.1) -> dict:
         raise DataError(f"{res_path}: field 'labels' must be 1-based class ids (found {labels_raw.min() if n else 'none'})")
     labels = labels_raw.astype(np.int64) - 1
 
-    att = _field(att_mat, "att", att_path).astype(np.float32)
+    att = mat_field(att_mat, "att", att_path).astype(np.float32)
     if att.ndim != 2:
         raise DataError(f"{att_path}: field 'att' must be 2-D (A x C), got shape {att.shape}")
     attributes = att.T                                   # (C, A)
@@ -205,6 +210,9 @@ def load_xlsa17(mat_dir: str, val_fraction: float = 0.1) -> dict:
     if len(both):
         raise DataError(f"{att_path}: classes {both[:10].tolist()} appear in both 'train_loc' and "
                         "'val_loc'; the validation classes must be disjoint from the train classes")
+    dataset = os.path.basename(os.path.normpath(mat_dir)).upper()
+    if dataset in XLSA17_SHAPES:
+        check_xlsa17_shapes(dataset, feats, att, locs, labels, res_path, att_path)
     names = _names(att_mat)
     if names is not None and len(names) != len(attributes):
         raise DataError(f"{att_path}: 'allclasses_names' has {len(names)} names for {len(attributes)} classes")

@@ -7,6 +7,11 @@ Layout (the platform's Parquet layout, `methodlab.data.dataset`):
                  in `meta["modalities"]` order, the single-tensor input of an exported model
     label        int64
 
+Imported image modalities (`uint8_columns`: CASIA-SURF, NYUv2) are stored as uint8 with scale
+1/255, `packed` too (uint8, the same scale): decoded on the device, packed equals the decoded
+modalities concatenated, at a quarter of float32's bytes. (With data.normalize the modality
+columns are standardized and packed, which has no channels, is not.)
+
 `meta["modalities"]` lists the modality columns in order and `meta["packed_column"]` names the
 packed column. `multimodal_splits` builds that layout from per-modality arrays; a user dataset
 written with it (and `write_dataset`) can be trained on by any multimodal method.
@@ -34,15 +39,30 @@ import numpy as np
 import torch
 
 from methodlab.data.builtin import load_digits, stratified_split
+from methodlab.data.dataset import Column
 from methodlab.registry import register_dataset
 
 PACKED = "packed"
 DIGITS_MODALITIES = ("image", "edges", "profiles")
 
 
-def pack(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """(N, *shape_m) per modality -> (N, sum_m prod(shape_m)) float32, in the given order."""
-    return np.concatenate([np.asarray(a, np.float32).reshape(len(a), -1) for a in arrays], axis=1)
+def pack(arrays: Sequence[np.ndarray], dtype=np.float32) -> np.ndarray:
+    """(N, *shape_m) per modality -> (N, sum_m prod(shape_m)) `dtype`, in the given order."""
+    return np.concatenate([np.asarray(a, dtype).reshape(len(a), -1) for a in arrays], axis=1)
+
+
+def uint8_columns(shapes: dict[str, Sequence[int]]) -> dict[str, Column]:
+    """The stored layout of imported multimodal images (`data.casia`, `data.nyuv2`): one uint8
+    column per modality with scale 1/255, `packed` uint8 with that same scale (so it decodes to
+    exactly the concatenation of the decoded modalities, what the network takes), and `label`."""
+    columns = {name: Column("uint8", list(shape), 1 / 255) for name, shape in shapes.items()}
+    size = sum(int(np.prod(c.shape)) for c in columns.values())
+    return {**columns, PACKED: Column("uint8", [size], 1 / 255), "label": Column("int64")}
+
+
+def uint8_rows(arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+    """A chunk of rows for `uint8_columns`: the modalities (N, C, H, W) uint8, packed, labels."""
+    return {**arrays, PACKED: pack(list(arrays.values()), np.uint8), "label": labels.astype(np.int64)}
 
 
 def multimodal_splits(modalities: dict[str, np.ndarray], labels: np.ndarray,
@@ -56,8 +76,9 @@ def multimodal_splits(modalities: dict[str, np.ndarray], labels: np.ndarray,
     return out
 
 
-def multimodal_meta(modalities: Sequence[str], num_classes: int, **provenance) -> dict:
-    return {"num_classes": num_classes, "classes": [str(c) for c in range(num_classes)],
+def multimodal_meta(modalities: Sequence[str], num_classes: int, classes: Sequence[str] | None = None,
+                    **provenance) -> dict:
+    return {"num_classes": num_classes, "classes": list(classes or [str(c) for c in range(num_classes)]),
             "modalities": list(modalities), "packed_column": PACKED, **provenance}
 
 

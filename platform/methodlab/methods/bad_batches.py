@@ -26,7 +26,8 @@ and takes the same decision; the NT-Xent negatives are the global batch's too (`
 BatchNorm is global (`scaling.sync_batchnorm`), as in SimCLR's global BN. The scheduler counts accepted
 batches only. Each batch's FRD and every rank's decision are logged per epoch as a CSV, with an
 FRD histogram (PNG). Evaluation: a linear probe and k-NN on the frozen encoder's features of the
-labelled train split. The registered model is the encoder with the linear probe as its head (a
+labelled rows of the train split (rows labelled -1 are for pretraining only: STL-10's unlabeled
+images). The registered model is the encoder with the linear probe as its head (a
 registered `resnet`), so it classifies images and other methods load it as a backbone.
 """
 
@@ -342,12 +343,18 @@ class BadBatches(Method):
 
     @torch.no_grad()
     def _features(self, backbone: nn.Module, split: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder features and labels of this rank's shard of `split`."""
+        """Encoder features and labels of the labelled rows of this rank's shard of `split`. A
+        train split may also hold unlabeled images for pretraining, with label -1 (STL-10's
+        train+unlabeled, `data.stl10`); they are not embedded and never reach the probe."""
         backbone.eval()
-        feats, labels = [], []
+        # A rank's shard may hold no labelled row (the unlabeled images come last): empty, not absent.
+        feats = [torch.empty(0, backbone.embed_dim, device=device)]
+        labels = [torch.empty(0, dtype=torch.int64, device=device)]
         for b in self.split_batches(split, 512, device):
-            feats.append(backbone.embed(b["image"].float()).float())
-            labels.append(b["label"])
+            labelled = b["label"] >= 0
+            if labelled.any():
+                feats.append(backbone.embed(b["image"][labelled].float()).float())
+                labels.append(b["label"][labelled])
         return torch.cat(feats), torch.cat(labels)
 
     def evaluate(self, stage, models, split, device):
