@@ -170,7 +170,7 @@ class RunConfig(Section):
                         "method": {"preset"}}
     # Keys added after run names were first derived: hashed only when set away from their
     # default, so the name of a config that does not use them stays what it was.
-    _HASHED_WHEN_SET = {"data": {"normalize", "shuffle_buffer_rows"}}
+    _HASHED_WHEN_SET = {"data": {"normalize", "shuffle_buffer_rows"}, "method": {"init"}}
 
     def identity(self) -> dict:
         """The keys that decide what is trained: what the derived run name hashes."""
@@ -180,7 +180,7 @@ class RunConfig(Section):
                 d[section].pop(k, None)
         for section, keys in self._HASHED_WHEN_SET.items():
             fields = type(getattr(self, section)).model_fields
-            for k in keys:
+            for k in keys & fields.keys():          # method keys exist for some methods only
                 if d[section].get(k) == fields[k].default:
                     d[section].pop(k)
         # `auto` hashes as `memory`: the loader it picks whenever the data fits, and the default
