@@ -334,6 +334,20 @@ def test_stack_up_refuses_busy_or_clashing_ports_in_one_line(tmp_path):
         "error: port(s) dashboard=15000 fall in Ray's worker port range 10002-19999; pick others")
 
 
+def test_stack_down_stops_only_the_stack_never_its_caller(tmp_path):
+    """A shell that exported METHODLAB_STACK_DIR (as `up` tells it to) runs `down`: the shell, its
+    other children and `down` itself carry the stack's directory but are not the stack's."""
+    (tmp_path / "stack").mkdir()
+    script = ROOT / "infra" / "local" / "stack.py"
+    shell = (f"sleep 120 & child=$!; {shlex.quote(sys.executable)} {shlex.quote(str(script))} down; rc=$?; "
+             "kill -0 $child && echo child-alive; kill $child; echo shell-alive; exit $rc")
+    proc = subprocess.run(["bash", "-c", shell], env={**os.environ, "METHODLAB_STACK_DIR": str(tmp_path / "stack")},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "child-alive" in proc.stdout and "shell-alive" in proc.stdout
+    assert "ray (not running)" in proc.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: infra/local stack + ray job submit
 
