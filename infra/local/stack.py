@@ -32,6 +32,7 @@ Only the Python standard library and boto3 are used, so the script runs with the
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -371,11 +372,12 @@ def spawn_ray(s: Settings) -> int:
         s.token_file.write_text(secrets.token_hex(32))
     s.token_file.chmod(0o600)
     s.home.mkdir(parents=True, exist_ok=True)
-    # Ray replaces a loopback --node-ip-address by the host's address and binds its gRPC ports (GCS,
-    # raylet, object manager) on all interfaces, token-authenticated; the job server and dashboard
-    # listen on --dashboard-host only.
+    # Every Ray listener on the stack's host: Ray binds its gRPC servers (GCS, raylet, object
+    # manager, workers), agents, metrics and client server to the node IP, and keeps a loopback
+    # --node-ip-address (instead of replacing it by the host's address) only in its single-machine
+    # mode, which the `ray start` process and its children read from the environment below.
     argv = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-            "--port", str(s.ports["gcs"]),
+            "--node-ip-address", s.host, "--port", str(s.ports["gcs"]),
             "--dashboard-host", s.host, "--dashboard-port", str(s.ports["dashboard"]),
             "--ray-client-server-port", str(s.ports["client"]),
             "--dashboard-agent-listen-port", str(s.ports["agent"]),
@@ -387,6 +389,7 @@ def spawn_ray(s: Settings) -> int:
     env = {
         **s.s3_env(),
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(s.token_file),
+        **({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if ipaddress.ip_address(s.host).is_loopback else {}),
         # Ray processes that look their cluster up (Ray Train's PlacementGroupCleaner uses the state
         # API) would otherwise scan the machine and fail on "multiple active Ray instances".
         "RAY_ADDRESS": f"127.0.0.1:{s.ports['gcs']}",

@@ -108,19 +108,32 @@ def choose_loader(cfg: RunConfig, info: DatasetInfo) -> tuple[RunConfig, str]:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS if set (a cluster or `ray job submit`), else start a local Ray."""
-    import ray
+    """Connect to RAY_ADDRESS if set (a cluster or `ray job submit`), else start a local Ray whose
+    every listener is on 127.0.0.1.
 
+    Ray binds its gRPC servers (GCS, raylet, object manager, workers), agents and metrics export
+    on loopback only when the node's IP is loopback, and it replaces a loopback
+    `_node_ip_address` by the host's address unless it runs in its single-machine mode
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported and inherited by the
+    processes ray.init starts). A local Ray is this machine's alone, so that mode is set here,
+    before ray is imported; a cluster (RAY_ADDRESS) keeps its own addresses."""
     for k, v in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if not local:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         # The dashboard process also hosts the state API that Ray Train's placement-group cleaner
-        # needs; without it a stopped trial leaks its CPUs. It listens on 127.0.0.1 only.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # needs; without it a stopped trial leaks its CPUs. address="local": a new instance, never
+        # a cluster that happens to run on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def data_cpus(cfg: RunConfig) -> float:
