@@ -7,6 +7,8 @@ resources and leaves no run behind.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import time
@@ -19,6 +21,7 @@ from methodlab.config import RunConfig
 from methodlab.data import DatasetInfo, resolve_dataset, split_nbytes
 from methodlab.data.shared import fmt_bytes, held_nbytes, memory_budget, memory_splits, put_splits
 from methodlab.errors import ConfigError, DataError, ServiceError, TrainingError
+from methodlab.redact import redact_value
 from methodlab.registry import get_method
 
 if TYPE_CHECKING:
@@ -393,11 +396,16 @@ def start_or_resume(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, existin
             print(f"[{cfg.run_name}] resuming with other values than it started with: {resumed_with}", flush=True)
         return existing.run_id
     method = get_method(cfg.method_name)
-    return tracker.start_run(cfg.run_name, {**flatten_params(cfg.model_dump(mode="json")),
-                                            "train.global_batch_size": str(global_batch(cfg))},
-                             {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
-                              CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}", **(tags or {})},
-                             cfg.to_yaml(), parent_run_id=parent_run_id)
+    run_id = tracker.start_run(cfg.run_name, {**flatten_params(cfg.model_dump(mode="json")),
+                                              "train.global_batch_size": str(global_batch(cfg)),
+                                              "data.uri": redact_value(info.uri)},
+                               {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
+                                CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}", **(tags or {})},
+                               cfg.to_yaml(), parent_run_id=parent_run_id)
+    # The manifest's hash: columns, splits and provenance; a re-import with other content differs.
+    digest = hashlib.sha256(json.dumps(info.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    tracker.log_dataset(run_id, info.name, redact_value(info.uri), digest)
+    return run_id
 
 
 def fit(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, run_id: str, what: str = "run", callbacks=None,
