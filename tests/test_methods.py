@@ -55,7 +55,7 @@ def test_smoke_overrides_resolve(name):
     assert cfg.run_name.startswith(name)
 
 
-CHARTED = {"supervised", "bad_batches", "mmanet"}
+CHARTED = {"supervised", "bad_batches", "mmanet", "d3gzsl"}
 
 
 @pytest.mark.slow
