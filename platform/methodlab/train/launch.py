@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -409,21 +410,21 @@ def fit(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, run_id: str, what: 
     holds the run's lease). Any failure ends the MLflow run FAILED and raises one line that names
     the `what` ("run", "trial") and its checkpoints; SIGINT or SIGTERM stops the workers, ends it
     KILLED and raises `Interrupted` with the line to show."""
-    controller = []
+    controller, fired = [], []
     try:
         checkpoints.repair(run_dir(cfg), cfg.train.num_to_keep)
         trainer = build_trainer(cfg, info, run_id, callbacks=callbacks, recovered=recovered, started_at=started_at)
         # [ray] Ray's own SIGINT handler (registered inside fit) exits the driver with sys.exit and
         # leaves the MLflow run RUNNING; keep its controller instead, to stop the workers ourselves.
         trainer._register_sigint_handler = controller.append
-        with stop_on_signals():
+        with stop_on_signals() as fired:
             result = trainer.fit()
         if getattr(result, "error", None) is not None:
             raise result.error
-    except KeyboardInterrupt as exc:      # (Interrupted too: a signal)
+    except KeyboardInterrupt:      # (a signal's Interrupted too, or the plain one Ray makes of it)
         _abort(controller)
         _end_quietly(tracker, run_id, "KILLED")
-        signum = exc.signum if isinstance(exc, Interrupted) else 2
+        signum = fired[0] if fired else signal.SIGINT
         latest = checkpoints.latest(run_dir(cfg))
         raise Interrupted(signum, f"{what} {cfg.run_name} interrupted by {Interrupted.name(signum)}: workers "
                           f"stopped, MLflow run {run_id} KILLED; last checkpoint "

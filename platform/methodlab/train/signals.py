@@ -32,15 +32,16 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def stop_on_signals():
     """Turn the first SIGINT/SIGTERM into `Interrupted`; a second one exits at once, also while
-    the caller cleans up after the first (that handler stays). Only in the main thread (where Python runs signal handlers; a Tune trial's thread leaves them alone)."""
+    the caller cleans up after the first (that handler stays). Yields the list the signal's
+    number is put in: Ray's blocking calls turn any KeyboardInterrupt raised inside them into a
+    plain one, losing which signal it was. Only in the main thread (where Python runs signal handlers; a Tune trial's thread leaves them alone)."""
+    fired: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield fired
         return
 
     def again(signum, frame):
         os._exit(128 + signum)
-
-    fired = []
 
     def first(signum, frame):
         fired.append(signum)
@@ -50,7 +51,7 @@ def stop_on_signals():
 
     previous = {s: signal.signal(s, first) for s in SIGNALS}
     try:
-        yield
+        yield fired
     finally:
         if not fired:
             for s, handler in previous.items():
