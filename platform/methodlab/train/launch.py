@@ -12,6 +12,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import methodlab.methods  # noqa: F401  (fills the registries for library callers of train())
@@ -300,9 +301,9 @@ def worker_error_line(exc: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
 
 
-def upload_local_fallback(cfg: RunConfig) -> str:
-    """`methodlab train ... resume`: put the checkpoint rank 0 kept on local disk during an S3
-    outage back into storage, next to Ray's own; returns its URI for the workers to compare."""
+def local_fallback_to_upload(cfg: RunConfig) -> Path:
+    """`methodlab train ... resume`: the checkpoint rank 0 kept on local disk during an S3 outage,
+    or one line saying why there is none (checked before anything is written)."""
     from methodlab.train.loop import STATE_FILE, local_fallback_dir
 
     local = local_fallback_dir(cfg)
@@ -312,6 +313,12 @@ def upload_local_fallback(cfg: RunConfig) -> str:
     if not (local / STATE_FILE).exists():
         raise ConfigError(f"resume: no local checkpoint of run {cfg.run_name} in {local}; submit without "
                           f"`resume` to continue from {cfg.storage.path}")
+    return local
+
+
+def upload_local_fallback(cfg: RunConfig, local: Path) -> str:
+    """Put the checkpoint `local_fallback_to_upload` found back into storage, next to Ray's own;
+    returns its URI for the workers to compare."""
     target = f"{run_dir(cfg)}/recovered"
     try:
         storage.upload_dir(str(local), target)
@@ -327,13 +334,14 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
     checkpoint kept on local disk when S3 went away (see `upload_local_fallback`)."""
     started_at = started_at or time.time()
     info = preflight(cfg)
+    local = local_fallback_to_upload(cfg) if resume else None
     # Held from before the MLflow run is looked up until the run ends: a second submission of the
     # name is refused before it creates or resumes anything (`train.lease`).
     with Lease(run_dir(cfg), "run", cfg.run_name, cfg.train.lease_timeout_s):
-        return _train_leased(cfg, info, parent_run_id, resume, started_at)
+        return _train_leased(cfg, info, parent_run_id, local, started_at)
 
 
-def _train_leased(cfg: RunConfig, info: DatasetInfo, parent_run_id: str | None, resume: bool,
+def _train_leased(cfg: RunConfig, info: DatasetInfo, parent_run_id: str | None, local: Path | None,
                   started_at: float) -> RunSummary:
     from methodlab.tracking import Tracker
 
@@ -348,7 +356,7 @@ def _train_leased(cfg: RunConfig, info: DatasetInfo, parent_run_id: str | None, 
                               "train.run_name, or leave it unset (the derived name follows the config)")
         return _summary(tracker, cfg, existing.run_id, resumed=False, already=True)
 
-    recovered = upload_local_fallback(cfg) if resume else None
+    recovered = upload_local_fallback(cfg, local) if local else None
     ensure_ray()
     cfg, loader = choose_loader(cfg, info)
     check_capacity(cfg)
