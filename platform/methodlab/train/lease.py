@@ -9,7 +9,8 @@ they run on. A driver-side thread renews its heartbeat every third of the timeou
 on the training path); a lease whose heartbeat is older than `train.lease_timeout_s` belongs to
 a driver that died without releasing it (SIGKILL, a lost host) and is taken over, atomically
 too (replace-if-unchanged), with one line saying whose it was; so is one whose holder was a
-process of this host that is gone (no need to wait out the timeout there).
+process of this host that is gone (no need to wait out the timeout there), or this process's
+own, left behind by a release that storage refused.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from methodlab import storage
 from methodlab.errors import ConfigError
 
 LEASE_FILE = "lease.json"
+_HELD: set[str] = set()     # tokens of the leases this process holds now
 
 
 def _job_id() -> str:
@@ -79,7 +81,10 @@ class Lease:
             data, tag = current
             held = json.loads(data)
             age = time.time() - float(held.get("heartbeat", 0))
-            gone = held.get("host") == self.holder["host"] and not _alive(held.get("pid"))
+            # Its holder is gone: a dead process of this host, or this very process, whose release
+            # failed (storage was away at the end of the run) and which holds it no more.
+            gone = held.get("host") == self.holder["host"] and (
+                not _alive(held.get("pid")) or (held.get("pid") == os.getpid() and held.get("token") not in _HELD))
             if age <= self.timeout_s and not gone:
                 raise ConfigError(
                     f"{self.what} {self.name} is already running: leased by {held.get('owner')}@{held.get('host')} "
@@ -93,6 +98,7 @@ class Lease:
                    f"its last heartbeat was {age:.0f}s ago (over train.lease_timeout_s={self.timeout_s:g})")
             self.log(f"[{self.name}] took over the lease of {held.get('owner')}@{held.get('host')} "
                      f"({held.get('job')}): {why}", flush=True)
+        _HELD.add(self.holder["token"])
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.name}", daemon=True)
         self._thread.start()
 
@@ -110,13 +116,20 @@ class Lease:
             self.tag = tag
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease, if it is still this one."""
+        """Stop the heartbeat and delete the lease, if it is still this one. Best effort: with
+        storage away it stays, and is taken over once its heartbeat is stale (at once from this
+        host when this process is gone or no longer holds it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        current = storage.read_tagged(self.uri)
-        if current is not None and json.loads(current[0]).get("token") == self.holder["token"]:
-            storage.remove_file(self.uri)
+        _HELD.discard(self.holder["token"])
+        try:
+            current = storage.read_tagged(self.uri)
+            if current is not None and json.loads(current[0]).get("token") == self.holder["token"]:
+                storage.remove_file(self.uri)
+        except Exception as e:  # noqa: BLE001 — the run's own outcome is what the user needs
+            self.log(f"[{self.name}] could not release the lease {self.uri} ({type(e).__name__}); the next "
+                     f"submission takes it over", flush=True)
 
     def __enter__(self) -> "Lease":
         self.acquire()
