@@ -403,7 +403,7 @@ def start_or_resume(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, existin
     return tracker.start_run(cfg.run_name, {**flatten_params(cfg.model_dump(mode="json")),
                                             "train.global_batch_size": str(global_batch(cfg))},
                              {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
-                              CHECKPOINT_ROOT_TAG: run_dir(cfg), **(tags or {})},
+                              CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}", **(tags or {})},
                              cfg.to_yaml(), parent_run_id=parent_run_id)
 
 
