@@ -290,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     except MethodlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; submit the same run again to resume it", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # A signal during a run (`train.signals.Interrupted`) says what became of the run and exits
+        # 128 + its number; a bare Ctrl-C elsewhere has nothing to add.
+        print(f"error: {e or 'interrupted; submit the same run again to resume it'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

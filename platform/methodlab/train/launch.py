@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import methodlab.methods  # noqa: F401  (fills the registries for library callers of train())
@@ -23,6 +25,9 @@ from methodlab.data.shared import fmt_bytes, held_nbytes, memory_budget, memory_
 from methodlab.errors import ConfigError, DataError, ServiceError, TrainingError
 from methodlab.redact import redact_value
 from methodlab.registry import get_method
+from methodlab.train import checkpoints
+from methodlab.train.lease import Lease
+from methodlab.train.signals import Interrupted, stop_on_signals
 
 if TYPE_CHECKING:
     from methodlab.tracking import RunRecord, Tracker
@@ -312,9 +317,9 @@ def worker_error_line(exc: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
 
 
-def upload_local_fallback(cfg: RunConfig) -> str:
-    """`methodlab train ... resume`: put the checkpoint rank 0 kept on local disk during an S3
-    outage back into storage, next to Ray's own; returns its URI for the workers to compare."""
+def local_fallback_to_upload(cfg: RunConfig) -> Path:
+    """`methodlab train ... resume`: the checkpoint rank 0 kept on local disk during an S3 outage,
+    or one line saying why there is none (checked before anything is written)."""
     from methodlab.train.loop import STATE_FILE, local_fallback_dir
 
     local = local_fallback_dir(cfg)
@@ -324,7 +329,13 @@ def upload_local_fallback(cfg: RunConfig) -> str:
     if not (local / STATE_FILE).exists():
         raise ConfigError(f"resume: no local checkpoint of run {cfg.run_name} in {local}; submit without "
                           f"`resume` to continue from {cfg.storage.path}")
-    target = f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}/recovered"
+    return local
+
+
+def upload_local_fallback(cfg: RunConfig, local: Path) -> str:
+    """Put the checkpoint `local_fallback_to_upload` found back into storage, next to Ray's own;
+    returns its URI for the workers to compare."""
+    target = f"{run_dir(cfg)}/recovered"
     try:
         storage.upload_dir(str(local), target)
     except OSError as e:
@@ -337,10 +348,19 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
           started_at: float | None = None) -> RunSummary:
     """Run `cfg` to completion (or resume it) and return its summary. `resume` also picks up the
     checkpoint kept on local disk when S3 went away (see `upload_local_fallback`)."""
-    from methodlab.tracking import Tracker
-
     started_at = started_at or time.time()
     info = preflight(cfg)
+    local = local_fallback_to_upload(cfg) if resume else None
+    # Held from before the MLflow run is looked up until the run ends: a second submission of the
+    # name is refused before it creates or resumes anything (`train.lease`).
+    with Lease(run_dir(cfg), "run", cfg.run_name, cfg.train.lease_timeout_s):
+        return _train_leased(cfg, info, parent_run_id, local, started_at)
+
+
+def _train_leased(cfg: RunConfig, info: DatasetInfo, parent_run_id: str | None, local: Path | None,
+                  started_at: float) -> RunSummary:
+    from methodlab.tracking import Tracker
+
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     name = cfg.run_name
     existing = tracker.find_run(name)
@@ -352,7 +372,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
                               "train.run_name, or leave it unset (the derived name follows the config)")
         return _summary(tracker, cfg, existing.run_id, resumed=False, already=True)
 
-    recovered = upload_local_fallback(cfg) if resume else None
+    recovered = upload_local_fallback(cfg, local) if local else None
     ensure_ray()
     cfg, loader = choose_loader(cfg, info)
     check_capacity(cfg)
@@ -408,22 +428,63 @@ def start_or_resume(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, existin
     return run_id
 
 
+def run_dir(cfg: RunConfig) -> str:
+    """The run's own prefix in storage (Ray's experiment directory): checkpoints and the lease."""
+    return f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}"
+
+
 def fit(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, run_id: str, what: str = "run", callbacks=None,
         recovered: str | None = None, started_at: float | None = None) -> None:
-    """Train the run on Ray Train (`build_trainer`). Any failure ends the MLflow run FAILED (KILLED
-    on Ctrl-C) and raises one line that names the `what` ("run", "trial") and its checkpoints."""
+    """Train the run on Ray Train (`build_trainer`), its checkpoints checked first (the caller
+    holds the run's lease). Any failure ends the MLflow run FAILED and raises one line that names
+    the `what` ("run", "trial") and its checkpoints; SIGINT or SIGTERM stops the workers, ends it
+    KILLED and raises `Interrupted` with the line to show."""
+    controller, fired = [], []
     try:
-        result = build_trainer(cfg, info, run_id, callbacks=callbacks, recovered=recovered,
-                               started_at=started_at).fit()
+        checkpoints.repair(run_dir(cfg), cfg.train.num_to_keep)
+        trainer = build_trainer(cfg, info, run_id, callbacks=callbacks, recovered=recovered, started_at=started_at)
+        # [ray] Ray's own SIGINT handler (registered inside fit) exits the driver with sys.exit and
+        # leaves the MLflow run RUNNING; keep its controller instead, to stop the workers ourselves.
+        trainer._register_sigint_handler = controller.append
+        with stop_on_signals() as fired:
+            result = trainer.fit()
         if getattr(result, "error", None) is not None:
             raise result.error
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:      # (a signal's Interrupted too, or the plain one Ray makes of it)
+        _abort(controller)
         _end_quietly(tracker, run_id, "KILLED")
-        raise
+        signum = fired[0] if fired else signal.SIGINT
+        latest = checkpoints.latest(run_dir(cfg))
+        raise Interrupted(signum, f"{what} {cfg.run_name} interrupted by {Interrupted.name(signum)}: workers "
+                          f"stopped, MLflow run {run_id} KILLED; last checkpoint "
+                          f"{latest or 'none (it starts from the beginning)'}; resume with: "
+                          f"{resume_command(cfg)}") from None
     except Exception as exc:   # noqa: BLE001 — every failure marks the run FAILED, then one line
         _end_quietly(tracker, run_id, "FAILED")
         raise TrainingError(f"{what} {cfg.run_name} failed: {worker_error_line(exc)} (MLflow run {run_id}; "
                             f"{_where_checkpoints_are(cfg)})") from None
+
+
+def _abort(controller: list) -> None:
+    """Stop the run's workers (Ray Train's controller aborts its worker group); best effort: the
+    signal may have gone to the whole process group, local Ray included."""
+    import ray
+
+    for c in controller:
+        try:
+            ray.get(c.abort.remote(), timeout=30)  # [ray]
+        except Exception:  # noqa: BLE001 — Ray already gone: so are the workers
+            pass
+
+
+def resume_command(cfg: RunConfig) -> str:
+    """The command that resumes the run: the one that started it, when it was the CLI."""
+    import shlex
+    import sys
+
+    if os.path.basename(sys.argv[0]) in ("cli.py", "methodlab"):
+        return "methodlab " + shlex.join(sys.argv[1:])
+    return f"the same submission again (train.run_name={cfg.run_name})"
 
 
 def finish(tracker: Tracker, run_id: str, tags: dict[str, str] | None = None) -> None:
@@ -441,7 +502,7 @@ def global_batch(cfg: RunConfig) -> int:
 def _where_checkpoints_are(cfg: RunConfig) -> str:
     from methodlab.train.loop import STATE_FILE, local_fallback_dir
 
-    kept = f"the last checkpoint is kept under {cfg.storage.path.rstrip('/')}/{cfg.run_name}"
+    kept = f"the last checkpoint is kept under {run_dir(cfg)}"
     fallback = local_fallback_dir(cfg)
     if fallback is not None and (fallback / STATE_FILE).exists():
         # Whoever met the outage (rank 0's upload, or the controller's bookkeeping), the newest
