@@ -73,16 +73,20 @@ def test_no_credentials_in_logs_params_or_artifacts(ray_cluster, home, tmp_path)
 
 @pytest.mark.slow
 def test_a_local_ray_listens_on_loopback_only(tmp_path):
-    """`ensure_ray` (what `methodlab train` and `sweep` start when RAY_ADDRESS is unset): every
-    listener of every process it starts (GCS, raylet, agents, dashboard, workers, the driver's
-    core worker) is on 127.0.0.1, with tasks running on two workers."""
+    """What `methodlab train` starts when RAY_ADDRESS is unset (preflight, then `ensure_ray`):
+    every listener of every process it starts (GCS, raylet, agents, dashboard, workers, the
+    driver's core worker) is on 127.0.0.1, with tasks running on two workers. Preflight must not
+    import ray: the loopback mode is read when ray is imported."""
     from tests.conftest import ROOT
 
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import json, os, sys\n"
-        "from methodlab.train.launch import ensure_ray\n"
+        "from methodlab.config import load_config\n"
+        "from methodlab.train.launch import ensure_ray, preflight\n"
         "from tests.listeners import descendants, listening, off_loopback\n"
+        "preflight(load_config('supervised'))\n"
+        "assert 'ray' not in sys.modules, 'preflight imported ray'\n"
         "ensure_ray(num_cpus=2)\n"
         "import ray\n"
         "@ray.remote\n"

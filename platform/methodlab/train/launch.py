@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,11 +125,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     `_node_ip_address` by the host's address unless it runs in its single-machine mode
     (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported and inherited by the
     processes ray.init starts). A local Ray is this machine's alone, so that mode is set here,
-    before ray is imported; a cluster (RAY_ADDRESS) keeps its own addresses."""
+    before ray is imported; a cluster (RAY_ADDRESS) keeps its own addresses. A process that
+    imported ray before (a notebook, the test session) keeps Ray's default addresses: the mode
+    must hold in the driver and in the processes it starts alike."""
     for k, v in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     local = not os.environ.get("RAY_ADDRESS")
-    if local:
+    loopback = local and "ray" not in sys.modules
+    if loopback:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -141,7 +145,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # needs; without it a stopped trial leaks its CPUs. address="local": a new instance, never
         # a cluster that happens to run on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+                 log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
 
 
 def data_cpus(cfg: RunConfig) -> float:
