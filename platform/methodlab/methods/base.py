@@ -32,6 +32,7 @@ from methodlab import distributed
 from methodlab.config import RunConfig, Section
 from methodlab.data.dataset import DatasetInfo
 from methodlab.data.decode import Decoders, column_decoders, decode_batch
+from methodlab.metrics.confusion import confusion_chart, confusion_counts
 
 Batch = dict[str, torch.Tensor]
 
@@ -126,6 +127,22 @@ def classify_accuracy(model: nn.Module, split: SplitData, device, batch_size: in
     total = distributed.all_sum(torch.stack([correct, torch.tensor(float(len(rows)), dtype=torch.float64,
                                                                        device=device)]))
     return float(total[0] / total[1].clamp_min(1))
+
+
+def classify_confusion(model: nn.Module, split: SplitData, num_classes: int, device, batch_size: int = 512,
+                       key: str = "image") -> torch.Tensor:
+    """The (num_classes, num_classes) confusion counts on `split` (`metrics.confusion`), sharded
+    over the ranks and summed, on the CPU; its diagonal over its sum is the top-1 accuracy."""
+    model.eval()
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for b in distributed.shard(split).batches(batch_size, device):
+            counts += confusion_counts(model(b[key]).argmax(-1), b["label"], num_classes)
+    return distributed.all_sum(counts).cpu()
+
+
+def accuracy_of(confusion: torch.Tensor) -> float:
+    return float(confusion.diagonal().sum() / confusion.sum().clamp_min(1))
 
 
 class Method(ABC):
@@ -238,6 +255,17 @@ class Method(ABC):
     def epoch_artifacts(self, stage: str, epoch: int) -> dict[str, Any]:
         """Rank 0, after each epoch: {"file.png": matplotlib Figure, "file.csv": str} to log."""
         return {}
+
+    confusion: torch.Tensor | None = None      # a classifier's last test confusion counts (K, K)
+
+    def confusion_artifact(self, stage: str, epoch: int) -> dict[str, Any]:
+        """The chart of `confusion` after the final epoch of the last stage (a classifier's
+        diagnostic: which classes it confuses)."""
+        if stage != self.stages[-1] or epoch != self.stage_epochs(stage) - 1 or self.confusion is None:
+            return {}
+        classes = [str(c) for c in self.data.info.meta.get("classes", range(self.data.info.num_classes))]
+        return {"confusion_test.png": confusion_chart(self.confusion, classes,
+                                                      f"{self.name}, {self.data.info.name}, test")}
 
     @abstractmethod
     def export(self, models: dict[str, nn.Module]) -> tuple[nn.Module, dict]:

@@ -41,7 +41,7 @@ from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.losses.canonicalization import artifact_consistency_loss, group_contrast_loss, prior_loss
 from methodlab.methods.base import Method, StepContext, make_optimizer
-from methodlab.metrics.group import group_accuracy_from_counts, group_counts
+from methodlab.metrics.group import group_accuracy_from_counts, group_chart, group_counts
 from methodlab.models import build_model
 from methodlab.models.canonicalizer import act, element_names, group_copies, group_elements
 from methodlab.registry import register_method
@@ -141,6 +141,7 @@ class CanonicalizationObjective(nn.Module):
 @register_method("canonicalization")
 class Canonicalization(Method):
     Config = CanonicalizationConfig
+    test_counts: torch.Tensor | None = None      # group_counts of the last test evaluation, summed
     defaults = {"train": {"epochs": 10, "batch_size": 64, "lr": 1e-3}}
     metric = "val_group_acc"
     test_metric = "test_group_acc"
@@ -248,10 +249,19 @@ class Canonicalization(Method):
             if canonicalizes:
                 upright += (model.canonicalize(x)["weights"].argmax(-1) == 0).sum()
         totals = distributed.all_sum(torch.cat([counts, upright[None]]))
+        if split == "test":
+            self.test_counts = totals[:-1].cpu()           # charted after the last epoch
         metrics = group_accuracy_from_counts(totals[:-1], element_names(m.num_rotations, m.reflections), split)
         if canonicalizes:    # how often upright images are left upright (the prior's target)
             metrics[f"{split}_identity_rate"] = float(totals[-1] / totals[-2].clamp_min(1))
         return metrics
+
+    def epoch_artifacts(self, stage, epoch):
+        if epoch != self.stage_epochs(stage) - 1 or self.test_counts is None:
+            return {}
+        m = self.mcfg
+        return {"group_accuracy_test.png": group_chart(self.test_counts, element_names(m.num_rotations, m.reflections),
+                                                       f"canonicalization ({m.mode}), {self.data.info.name}")}
 
     def export(self, models):
         return models["model"].model, self._spec

@@ -47,7 +47,8 @@ from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.losses.toast import variational_loss
-from methodlab.methods.base import Method, StepContext, classify_accuracy, make_optimizer
+from methodlab.methods.base import (Method, StepContext, accuracy_of, classify_accuracy, classify_confusion,
+                                    make_optimizer)
 from methodlab.models.vit import TopDownViT, ViT, make_head
 from methodlab.registry import register_method
 
@@ -310,7 +311,14 @@ class Toast(Method):
         if stage == "pretune":   # the source head on held-out source images
             return {f"{split}_source_acc": classify_accuracy(
                 models["model"], self.data.table_split("source_val"), device)}
+        if split == "test":       # the target task's confusion matrix, charted after the last epoch
+            self.confusion = classify_confusion(models["model"], self.data.splits[split], self.data.info.num_classes,
+                                                device)
+            return {"test_acc": accuracy_of(self.confusion)}
         return {f"{split}_acc": classify_accuracy(models["model"], self.data.splits[split], device)}
+
+    def epoch_artifacts(self, stage, epoch):
+        return self.confusion_artifact(stage, epoch)
 
     def export(self, models):
         model, k = models["model"], self.data.info.num_classes

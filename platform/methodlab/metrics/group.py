@@ -39,3 +39,25 @@ def group_accuracy_from_counts(counts: torch.Tensor, names: list[str], prefix: s
     out[f"{prefix}_group_acc"] = float(per.mean())
     out[f"{prefix}_invariance_error"] = float(counts[-2] / n)
     return out
+
+
+def group_chart(counts: torch.Tensor, names: list[str], title: str):
+    """Test accuracy under each group element (a bar per rotation/reflection), with the
+    invariance error in the title: an invariant model's bars are level. A matplotlib Figure.
+
+    Shape:
+        counts (G + 2,) as `group_counts` gives them (summed over shards), names G strings.
+    """
+    from matplotlib.figure import Figure
+
+    counts = counts.double().cpu()
+    per = (counts[:-2] / counts[-1].clamp_min(1)).numpy()
+    fig = Figure(figsize=(max(4.5, 0.6 * len(names) + 2), 3.5))
+    ax = fig.add_subplot()
+    ax.bar(range(len(names)), per, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{title} (invariance error {float(counts[-2] / counts[-1].clamp_min(1)):.3f})")
+    fig.tight_layout()
+    return fig
