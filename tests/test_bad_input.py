@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +56,16 @@ def _dataset(tmp_path, damage: str) -> str:
         m = json.loads((root / "dataset.json").read_text())
         del m["columns"]
         (root / "dataset.json").write_text(json.dumps(m))
+    elif damage == "manifest_list":
+        (root / "dataset.json").write_text(json.dumps([1, 2]))
+    elif damage == "columns_list":
+        m = json.loads((root / "dataset.json").read_text())
+        m["columns"] = list(m["columns"])
+        (root / "dataset.json").write_text(json.dumps(m))
+    elif damage == "column_dtype":
+        m = json.loads((root / "dataset.json").read_text())
+        m["columns"]["image"]["dtype"] = "float99"
+        (root / "dataset.json").write_text(json.dumps(m))
     elif damage == "no_val":
         m = json.loads((root / "dataset.json").read_text())
         m["splits"] = ["train", "test"]
@@ -76,7 +87,7 @@ CASES = [
     ("zero cpus", ["scaling.cpus_per_worker=0"], "scaling.cpus_per_worker: Input should be greater than 0"),
     ("bad choice", ["train.optimizer=lion"], "train.optimizer: Input should be 'adam', 'adamw' or 'sgd'"),
     ("bad precision", ["train.precision=fp8"], "train.precision: Input should be 'auto', 'fp32' or 'bf16'"),
-    ("bad run name", ["train.run_name=../escape"], "train.run_name: Value error"),
+    ("bad run name", ["train.run_name=../escape"], "train.run_name: use letters, digits"),
     ("method field range", ["method.label_smoothing=1.5"], "method.label_smoothing: Input should be less than 1"),
     ("zero limit rows", ["data.limit_rows=0"], "data.limit_rows: Input should be greater than 0"),
     ("not key=value", ["lr0.1"], "override 'lr0.1' is not key=value"),
@@ -85,6 +96,28 @@ CASES = [
     ("memory over budget", ["data.loader=memory", "data.memory_budget_mb=0.01"],
      "over the 10.2 KB budget (data.memory_budget_mb=0.01 per node); set data.loader=stream"),
     ("unsupported tracking uri", ["tracking.uri=ftp://host/x"], "tracking.uri 'ftp://host/x' is not a supported MLflow URI"),
+    ("tracking uri with a password", ["tracking.uri=postgresql://user:hunter2@db/mlflow"],
+     "tracking.uri 'postgresql://user:***@db/mlflow' is not a supported MLflow URI"),
+    ("sqlite store under a file", ["tracking.uri=sqlite:///{tmp}/a-file/db/mlflow.db"],
+     "tracking.uri sqlite:///{tmp}/a-file/db/mlflow.db: cannot create {tmp}/a-file/db (Not a directory); "
+     "point tracking.uri at a writable place"),
+    ("dataset is a file", ["data.dataset={tmp}/a-file"],
+     "dataset {tmp}/a-file is a file, not a dataset directory; point data.dataset at the directory"),
+    # Locations: a local path or a lowercase s3://bucket/prefix, nothing else (issue 21, item 6).
+    ("empty s3 uri", ["data.dataset=s3://"], "data.dataset: use a local path or s3://bucket/prefix"),
+    ("s3 uri without bucket", ["storage.path=s3:///runs"], "storage.path: use a local path or s3://bucket/prefix"),
+    ("s3 uri with one slash", ["storage.path=s3:/bucket/x"], "storage.path: use a local path or s3://bucket/prefix"),
+    ("uppercase s3 uri", ["storage.path=S3://Bad_Bucket/runs"], "storage.path: use a local path or s3://bucket/prefix"),
+    ("bucket with underscore", ["storage.path=s3://bad_bucket/runs"], "storage.path: use a local path"),
+    ("other scheme", ["data.root=gs://bucket/data"], "data.root: use a local path or s3://bucket/prefix"),
+    ("s3 uri with credentials", ["storage.path=s3://AKIAX:hunter2@bucket/runs"],
+     "storage.path: an S3 URI carries no credentials; put them in AWS_ACCESS_KEY_ID"),
+    # YAML in an override: no aliases (an alias bomb), and a mapping where a value goes is the
+    # override's fault, not the defaults' it replaces.
+    ("alias in an override", ["method.arch_kwargs={a: &x [1, 2], b: *x}"],
+     "override 'method.arch_kwargs={a: &x [1, 2], b: *x}': anchors and aliases (&name, *name) are not supported"),
+    ("mapping for a value", ["train.epochs={a: 1}"],
+     "train.epochs: Input should be a valid integer (set by override 'train.epochs={a: 1}')"),
 ]
 DATA_CASES = [
     ("truncated", "train/part-00000.parquet is not a readable Parquet file"),
@@ -98,6 +131,9 @@ DATA_CASES = [
     ("no_manifest", "has no dataset.json"),
     ("bad_manifest", "dataset.json is not valid JSON"),
     ("manifest_field", "dataset.json lacks field 'columns'"),
+    ("manifest_list", "dataset.json: the manifest must be a JSON object, not list; re-create the dataset"),
+    ("columns_list", "dataset.json: 'columns' must be a JSON object, not list; re-create the dataset"),
+    ("column_dtype", "dataset.json: 'columns'['image'] is not {dtype, shape}"),
     ("no_val", "has no 'val' split"),
 ]
 
@@ -121,17 +157,23 @@ def _run(capsys, argv) -> tuple[int, list[str]]:
     return code, err
 
 
+SECRET = "hunter2"    # the password the cases write into URIs: never shown
+
+
 def _assert_refused(code, err, fragment, home):
     assert code != 0
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert fragment in err[0], err[0]
+    assert SECRET not in err[0]
     assert not (home / "runs").exists()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_config(case, home, capsys):
+def test_bad_config(case, home, tmp_path, capsys):
     _, argv, fragment = case
-    _assert_refused(*_run(capsys, ["train", "supervised", *argv]), fragment, home)
+    (tmp_path / "a-file").write_text("not a directory")
+    fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731
+    _assert_refused(*_run(capsys, ["train", "supervised", *map(fill, argv)]), fill(fragment), home)
 
 
 @pytest.mark.parametrize("damage,fragment", DATA_CASES, ids=[c[0] for c in DATA_CASES])
@@ -140,13 +182,81 @@ def test_bad_dataset(damage, fragment, home, tmp_path, capsys):
     _assert_refused(*_run(capsys, ["train", "supervised", f"data.dataset={root}"]), fragment, home)
 
 
+# A "billion laughs" bomb under method.arch_kwargs: 9 ** 7 (4.8 million) strings from 350 bytes.
+ALIAS_BOMB = "method:\n  arch_kwargs:\n    a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"    {n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg"))
+CONFIG_FILES = [
+    # (file name, contents, overrides, fragment of the one-line message)
+    ("bad.yaml", "train: {lr: [\n", [], "bad.yaml is not valid YAML"),
+    ("list.yaml", "- a\n", [], "must be a mapping of sections"),
+    ("binary.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", [], "binary.yaml is binary, not YAML text"),
+    ("nul.yaml", "train:\n  lr: 0.1\x00\n", [], "nul.yaml is binary, not YAML text"),
+    ("dup.yaml", "train:\n  lr: 0.1\n  lr: 0.2\n", [], "dup.yaml is not valid YAML at line 3: duplicate key 'lr'"),
+    ("dup-section.yaml", "train: {lr: 0.1}\ntrain: {epochs: 2}\n", [], "duplicate key 'train'"),
+    ("bomb.yaml", ALIAS_BOMB, [], "bomb.yaml is not valid YAML at line 3: anchors and aliases"),
+    ("merge.yaml", "base: &b {lr: 0.1}\ntrain:\n  <<: *b\n", [], "anchors and aliases"),
+    # An override of a section the YAML sets to a value would silently drop the YAML's value.
+    ("five.yaml", "train: 5\n", ["train.epochs=3"],
+     "override 'train.epochs=3': train is a value (5) in {path}, not a section; write train as a mapping there"),
+    ("kwargs.yaml", "method:\n  arch_kwargs: 3\n", ["method.arch_kwargs.depth=2"],
+     "method.arch_kwargs is a value (3) in {path}, not a section"),
+]
+
+
 def test_config_file_problems(home, tmp_path, capsys):
-    (tmp_path / "bad.yaml").write_text("train: {lr: [\n")
-    (tmp_path / "list.yaml").write_text("- a\n")
-    for argv, fragment in [(["-c", str(tmp_path / "nope.yaml")], "nope.yaml does not exist"),
-                           (["-c", str(tmp_path / "bad.yaml")], "bad.yaml is not valid YAML"),
-                           (["-c", str(tmp_path / "list.yaml")], "must be a mapping of sections")]:
-        _assert_refused(*_run(capsys, ["train", "supervised", *argv]), fragment, home)
+    _assert_refused(*_run(capsys, ["train", "supervised", "-c", str(tmp_path / "nope.yaml")]),
+                    "nope.yaml does not exist", home)
+    for name, text, overrides, fragment in CONFIG_FILES:
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        started = time.monotonic()
+        _assert_refused(*_run(capsys, ["train", "supervised", "-c", str(path), *overrides]),
+                        fragment.format(path=path), home)
+        assert time.monotonic() - started < 5, f"{name} took {time.monotonic() - started:.0f}s to refuse"
+
+
+def test_yaml_values_under_a_section_override_are_kept(tmp_path):
+    """A `train.*` override merges into the YAML's `train:` section; it never replaces it."""
+    from methodlab.config import load_config
+
+    (tmp_path / "c.yaml").write_text("train: {lr: 0.25, epochs: 7}\n")
+    cfg = load_config("supervised", str(tmp_path / "c.yaml"), ["train.epochs=3", "train={batch_size: 8}"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size) == (0.25, 3, 8)
+
+
+COMMANDS = [
+    # (id, argv with {tmp} for the test's folder, fragment); the folder has imgs/a/ (a class
+    # folder), x/res101.mat and x/att_splits.mat (not MATLAB files), a corrupt spool line.
+    ("import size 0", ["data", "import", "{tmp}/imgs", "--out", "{tmp}/out", "--size", "0"],
+     "--size 0: must be at least 1 (e.g. --size 32)"),
+    ("import workers 0", ["data", "import", "{tmp}/imgs", "--out", "{tmp}/out", "--workers", "0"],
+     "--workers 0: must be at least 1"),
+    ("import out s3://", ["data", "import", "{tmp}/imgs", "--out", "s3://"],
+     "--out s3://: use a local path or s3://bucket/prefix"),
+    ("import out with credentials", ["data", "import", "{tmp}/imgs", "--out", "s3://AK:hunter2@bucket/x"],
+     "--out s3://AK:***@bucket/x: an S3 URI carries no credentials"),
+    ("format import out s3:/", ["data", "import-cifar10", "{tmp}/imgs", "--out", "s3:/bucket"],
+     "--out s3:/bucket: use a local path or s3://bucket/prefix"),
+    ("xlsa17 not MATLAB", ["data", "import-xlsa17", "{tmp}/x", "--out", "{tmp}/out"],
+     "x/res101.mat is not a readable MATLAB file"),
+    ("sync corrupt spool line", ["sync", "--spool", "{tmp}/spool"],
+     "metric spool {tmp}/spool/r1.jsonl line 2 is not a spooled metrics line; move the file aside"),
+]
+
+
+@pytest.mark.parametrize("case", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_bad_commands(case, home, tmp_path, capsys):
+    _, argv, fragment = case
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "res101.mat").write_bytes(b"hello")
+    (tmp_path / "x" / "att_splits.mat").write_bytes(bytes(range(50)))
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "r1.jsonl").write_text(
+        json.dumps({"uri": "sqlite:///x.db", "run_id": "r1", "step": 0, "metrics": {}}) + "\n{\"uri\": \"sqli\n")
+    fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731
+    _assert_refused(*_run(capsys, [fill(a) for a in argv]), fill(fragment), home)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_method(home, capsys):

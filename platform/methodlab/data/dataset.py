@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from methodlab import storage
@@ -251,8 +252,12 @@ def open_dataset(uri: str) -> DatasetInfo:
     """Read the manifest and check every Parquet footer against it. Raises DataError."""
     fs, root = storage.filesystem(uri)
     manifest_path = f"{root}/{MANIFEST}"
-    if not storage.exists(uri):
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.NotFound:
         raise DataError(f"dataset {uri} does not exist; run `methodlab data prepare` or fix data.dataset")
+    if kind == pafs.FileType.File:
+        raise DataError(f"dataset {uri} is a file, not a dataset directory; point data.dataset at the "
+                        f"directory that holds {MANIFEST}")
     try:
         with fs.open_input_stream(manifest_path) as f:
             raw = json.loads(f.read())
@@ -261,14 +266,7 @@ def open_dataset(uri: str) -> DatasetInfo:
                         "or methodlab.data.write_dataset") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{uri}/{MANIFEST} is not valid JSON; re-create the dataset") from None
-    try:
-        info = DatasetInfo(uri=uri, name=raw["name"], splits=list(raw["splits"]),
-                           columns={k: Column(**c) for k, c in raw["columns"].items()},
-                           tables={t: {k: Column(**c) for k, c in cols.items()}
-                                   for t, cols in raw.get("tables", {}).items()},
-                           meta=raw.get("meta", {}))
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{uri}/{MANIFEST} lacks field {e}; re-create the dataset") from None
+    info = _manifest(uri, raw)
     for split in info.splits:
         files = _parquet_files(f"{root}/{split}", uri, split)
         for path in files:
@@ -276,6 +274,40 @@ def open_dataset(uri: str) -> DatasetInfo:
     for t, cols in info.tables.items():
         _check_schema(fs, f"{root}/tables/{t}.parquet", cols, info.table_uri(t))
     return info
+
+
+def _manifest(uri: str, raw: Any) -> DatasetInfo:
+    """The manifest's JSON as a DatasetInfo; DataError naming the field that has the wrong form."""
+    shown = f"{uri}/{MANIFEST}"
+
+    def mapping(value: Any, what: str) -> dict:
+        if not isinstance(value, dict):
+            raise DataError(f"{shown}: {what} must be a JSON object, not {type(value).__name__}; "
+                            "re-create the dataset")
+        return value
+
+    def columns(value: Any, what: str) -> dict[str, Column]:
+        out = {}
+        for k, c in mapping(value, what).items():
+            spec = mapping(c, f"{what}[{k!r}]")
+            try:
+                out[k] = Column(**spec)
+                np.dtype(out[k].dtype)
+            except TypeError as e:
+                raise DataError(f"{shown}: {what}[{k!r}] is not {{dtype, shape}} ({e}); re-create the dataset") from None
+        return out
+
+    mapping(raw, "the manifest")
+    missing = [k for k in ("name", "splits", "columns") if k not in raw]
+    if missing:
+        raise DataError(f"{shown} lacks field {missing[0]!r}; re-create the dataset")
+    if not isinstance(raw["splits"], list) or not all(isinstance(x, str) for x in raw["splits"]):
+        raise DataError(f"{shown}: 'splits' must be a list of split names; re-create the dataset")
+    return DatasetInfo(uri=uri, name=str(raw["name"]), splits=list(raw["splits"]),
+                       columns=columns(raw["columns"], "'columns'"),
+                       tables={t: columns(cols, f"'tables'[{t!r}]")
+                               for t, cols in mapping(raw.get("tables", {}), "'tables'").items()},
+                       meta=mapping(raw.get("meta", {}), "'meta'"))
 
 
 def _parquet_files(path: str, uri: str, split: str) -> list[str]:
