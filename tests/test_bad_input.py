@@ -264,7 +264,7 @@ def test_unknown_method(home, capsys):
 
 
 def test_unreachable_services(home, capsys, bucket):
-    endpoint, _ = bucket
+    endpoint, name = bucket
     port = _closed_port()
     for argv, fragment in [
         ([f"tracking.uri=http://127.0.0.1:{port}"], f"MLflow tracking server http://127.0.0.1:{port} is unreachable"),
@@ -272,6 +272,12 @@ def test_unreachable_services(home, capsys, bucket):
          f"S3 endpoint http://127.0.0.1:{port} is unreachable"),
         (["storage.path=s3://missing-bucket/runs", f"storage.endpoint_url={endpoint}"],
          "S3 bucket 'missing-bucket' does not exist"),
+        (["storage.path=s3://bkt/runs", f"storage.endpoint_url=http://AK:{SECRET}@127.0.0.1:{port}"],
+         f"S3 endpoint http://AK:***@127.0.0.1:{port} is unreachable"),
+        ([f"data.dataset=s3://{name}/no-dataset", f"storage.endpoint_url={endpoint}"],
+         f"dataset s3://{name}/no-dataset does not exist"),
+        ([f"tracking.uri=http://user:{SECRET}@127.0.0.1:{port}"],
+         f"MLflow tracking server http://user:***@127.0.0.1:{port} is unreachable"),
     ]:
         _assert_refused(*_run(capsys, ["train", "supervised", *argv]), fragment, home)
 

@@ -437,7 +437,7 @@ def flush_spool_file(tracker: Tracker, path: Path) -> bool:
                     tracker.log_metrics(line["run_id"], line["metrics"], line["step"])
                     done.add(line["step"])
     except (MlflowException, OSError) as e:
-        print(f"[methodlab] MLflow at {tracker.uri} unreachable ({type(e).__name__}); "
+        print(f"[methodlab] MLflow at {redact_value(tracker.uri)} unreachable ({type(e).__name__}); "
               f"{len(lines)} epoch(s) of metrics kept in {path} and retried later", flush=True)
         return False
     drop(path, len(lines))       # only what was sent: the loop may have appended meanwhile
@@ -453,5 +453,6 @@ def sync_spool(spool_dir: str | os.PathLike) -> list[str]:
             continue
         first = lines[0]
         ok = flush_spool_file(Tracker(first["uri"], None), path)
-        done.append(f"{path.name}: {'synced to ' + first['uri'] if ok else 'still unreachable: ' + first['uri']}")
+        shown = redact_value(first["uri"])
+        done.append(f"{path.name}: {'synced to ' + shown if ok else 'still unreachable: ' + shown}")
     return done

@@ -252,7 +252,11 @@ def open_dataset(uri: str) -> DatasetInfo:
     """Read the manifest and check every Parquet footer against it. Raises DataError."""
     fs, root = storage.filesystem(uri)
     manifest_path = f"{root}/{MANIFEST}"
-    kind = fs.get_file_info(root).type
+    try:
+        kind = fs.get_file_info(root).type
+    except OSError as e:      # pyarrow's S3 errors: endpoint down, no such bucket, access denied
+        raise DataError(f"dataset {uri} cannot be read ({str(e).splitlines()[0][:160]}); check the bucket "
+                        "and storage.endpoint_url / AWS_ENDPOINT_URL") from None
     if kind == pafs.FileType.NotFound:
         raise DataError(f"dataset {uri} does not exist; run `methodlab data prepare` or fix data.dataset")
     if kind == pafs.FileType.File:
