@@ -22,6 +22,11 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+LABELS = {"label_99": pa.array([0, 1, 2, 99, 4, 5], pa.int64()), "label_negative": pa.array([0, 1, -1, 3, 4, 5], pa.int64()),
+          "label_null": pa.array([0, 1, None, 3, 4, 5], pa.int64()),
+          "float_labels": pa.array(np.arange(6, dtype=np.float32))}
+
+
 def _dataset(tmp_path, damage: str) -> str:
     from methodlab.data import write_dataset
     from methodlab.data.dataset import to_arrow
@@ -66,6 +71,17 @@ def _dataset(tmp_path, damage: str) -> str:
         m = json.loads((root / "dataset.json").read_text())
         m["columns"]["image"]["dtype"] = "float99"
         (root / "dataset.json").write_text(json.dumps(m))
+    elif damage in LABELS:
+        pq.write_table(pa.table({"image": to_arrow(x), "label": LABELS[damage]}), part)
+    elif damage in ("nan", "inf"):
+        x[3, 0, 2, 2] = np.nan if damage == "nan" else np.inf
+        pq.write_table(pa.table({"image": to_arrow(x), "label": y}), part)
+    elif damage in ("no_num_classes", "string_num_classes"):
+        m = json.loads((root / "dataset.json").read_text())
+        m["meta"] = {} if damage == "no_num_classes" else {"num_classes": "10"}
+        (root / "dataset.json").write_text(json.dumps(m))
+    elif damage == "no_train_rows":
+        pq.write_table(pq.read_table(part).slice(0, 0), part)
     elif damage == "no_val":
         m = json.loads((root / "dataset.json").read_text())
         m["splits"] = ["train", "test"]
@@ -116,6 +132,10 @@ CASES = [
     # override's fault, not the defaults' it replaces.
     ("alias in an override", ["method.arch_kwargs={a: &x [1, 2], b: *x}"],
      "override 'method.arch_kwargs={a: &x [1, 2], b: *x}': anchors and aliases (&name, *name) are not supported"),
+    ("model name with a slash", ["tracking.registered_model=bad/name"],
+     "tracking.registered_model: MLflow model names cannot contain '/' or ':'"),
+    ("seed too large for torch", ["train.seed=99999999999999999999"],
+     "train.seed: Input should be less than or equal to 9223372036854775807"),
     ("mapping for a value", ["train.epochs={a: 1}"],
      "train.epochs: Input should be a valid integer (set by override 'train.epochs={a: 1}')"),
 ]
@@ -135,6 +155,18 @@ DATA_CASES = [
     ("columns_list", "dataset.json: 'columns' must be a JSON object, not list; re-create the dataset"),
     ("column_dtype", "dataset.json: 'columns'['image'] is not {dtype, shape}"),
     ("no_val", "has no 'val' split"),
+    # What the data holds (issue 22, item 6), from the Parquet footers before Ray starts.
+    ("label_99", "split 'train': labels span 0..99 but meta.num_classes is 10 (labels 0..9)"),
+    ("label_negative", "split 'train': labels span -1..5 but meta.num_classes is 10"),
+    ("label_null", "split 'train': 1 label(s) are missing (null); every row needs a label"),
+    ("float_labels", "column 'label' has dtype float32, expected int64"),
+    ("nan", "split 'train': column 'image' holds NaN or inf"),
+    ("inf", "split 'train': column 'image' holds NaN or inf"),
+    ("no_num_classes", "dataset.json: meta.num_classes must be a positive integer (got None)"),
+    ("string_num_classes", "dataset.json: meta.num_classes must be a positive integer (got '10')"),
+    ("no_train_rows", "the train split has no rows"),
+    ("none", "the train split has 6 row(s), fewer than one global batch of 128 (train.batch_size=64 x "
+             "scaling.num_workers=2); lower the batch size, use more data, or set data.allow_tiny=true"),
 ]
 
 
@@ -201,6 +233,20 @@ CONFIG_FILES = [
     ("kwargs.yaml", "method:\n  arch_kwargs: 3\n", ["method.arch_kwargs.depth=2"],
      "method.arch_kwargs is a value (3) in {path}, not a section"),
 ]
+
+
+def test_a_single_class_train_split_is_warned_about_in_one_line(home, tmp_path, capsys):
+    from methodlab.config import load_config
+    from methodlab.data.dataset import to_arrow
+    from methodlab.train.launch import preflight
+
+    root = _dataset(tmp_path, "none")
+    pq.write_table(pa.table({"image": to_arrow(np.zeros((6, 1, 8, 8), np.float32)), "label": np.zeros(6, np.int64)}),
+                   f"{root}/train/part-00000.parquet")
+    preflight(load_config("supervised", None, [f"data.dataset={root}", "data.allow_tiny=true"]))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"[methodlab] warning: dataset {root}, split 'train' has a single class (0); "
+                   "the model cannot learn to tell classes apart"]
 
 
 def test_config_file_problems(home, tmp_path, capsys):

@@ -87,6 +87,8 @@ class DataConfig(Section):
         None, gt=0, description="memory/auto: the MB per node the held splits (and tables) may take; "
         "default half the smallest node's object store")
     limit_rows: int | None = Field(None, gt=0, description="use only the first N training rows")
+    allow_tiny: bool = Field(False, description="train on a train split smaller than one global batch "
+                             "(train.batch_size x scaling.num_workers), which is otherwise refused")
     normalize: bool = Field(False, description="standardize scaled (uint8 image) columns per channel "
                             "with the manifest's train mean/std, on the device; the exported model then "
                             "takes standardized inputs. Default: the decoded values in [0, 1]")
@@ -110,7 +112,8 @@ class TrainConfig(Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    seed: int = Field(0, ge=0)
+    # torch.manual_seed takes at most 2**64 - 1; epoch seeds are derived modulo 2**63.
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     run_name: str | None = Field(None, description="default: <method>-<hash of the config>; "
                                  "submitting the same name again resumes that run")
@@ -178,6 +181,16 @@ class TrackingConfig(Section):
         "best", description="best: the final stage's best evaluated epoch by the method's metric (its test "
         "metrics are what is reported); last: the last epoch's model")
 
+    @field_validator("registered_model")
+    @classmethod
+    def _mlflow_model_name(cls, v: str) -> str:
+        # MLflow's rules (mlflow.utils.validation._validate_model_name), checked here so a bad
+        # name is refused before training rather than when the model is registered at its end.
+        if any(c in v for c in "/:") or v != v.strip() or v.startswith(".."):
+            raise ValueError("MLflow model names cannot contain '/' or ':', start with '..' or have "
+                             "surrounding spaces; e.g. methodlab-supervised")
+        return v
+
 
 class RunConfig(Section):
     """The resolved config of one run. `method` is replaced by the method's own class."""
@@ -197,7 +210,7 @@ class RunConfig(Section):
                                   "log_every_steps"},
                         "scaling": {"wait_for_nodes_s"},
                         # where the loader may hold data, not what is trained (see identity())
-                        "data": {"memory_budget_mb"},
+                        "data": {"memory_budget_mb", "allow_tiny"},
                         # a name for values that the resolved config holds anyway
                         "method": {"preset"}}
     # Keys added after run names were first derived: hashed only when set away from their

@@ -357,6 +357,65 @@ def split_rows(info: DatasetInfo, split: str) -> int:
     return rows
 
 
+# Parquet statistics leave NaN out of min/max, so NaN is looked for by reading float columns,
+# at most this many bytes of each per split (the loop's non-finite loss check covers the rest).
+NAN_SCAN_BYTES = 64 * 2**20
+
+
+@dataclass
+class ColumnRange:
+    """A column's values over a split: min and max (None when it has no non-null values), how
+    many are null, and whether a NaN was seen in the scanned part (float columns)."""
+
+    min: float | None = None
+    max: float | None = None
+    nulls: int = 0
+    nan: bool = False
+
+
+def column_ranges(info: DatasetInfo, split: str, names: list[str]) -> dict[str, ColumnRange]:
+    """The `ColumnRange` of each named column over a split, from the Parquet row-group statistics
+    in the footers; a row group without statistics for a column has that one column read, and
+    float columns are read for NaN up to NAN_SCAN_BYTES."""
+    fs, root = storage.filesystem(info.split_uri(split))
+    out = {n: ColumnRange() for n in names}
+    scanned = dict.fromkeys(names, 0)
+    for path in _parquet_files(root, info.uri, split):
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            meta = pf.metadata
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for j in range(group.num_columns):
+                    chunk = group.column(j)
+                    name = chunk.path_in_schema.split(".")[0]
+                    if name not in out:
+                        continue
+                    float_column = np.dtype(info.columns[name].dtype).kind == "f"
+                    stats = chunk.statistics
+                    if stats is not None and stats.has_min_max:
+                        _widen(out[name], stats.min, stats.max)
+                        out[name].nulls += stats.null_count or 0
+                    no_stats = stats is None or not stats.has_min_max
+                    if no_stats or (float_column and scanned[name] < NAN_SCAN_BYTES):
+                        column = pf.read_row_group(g, columns=[name])[name]
+                        values = to_numpy(column.drop_null())
+                        scanned[name] += values.nbytes
+                        if float_column:
+                            out[name].nan |= bool(np.isnan(values).any())
+                            values = values[~np.isnan(values)]
+                        if no_stats:
+                            out[name].nulls += column.null_count
+                            if values.size:
+                                _widen(out[name], values.min(), values.max())
+    return out
+
+
+def _widen(r: ColumnRange, lo, hi) -> None:
+    r.min = lo if r.min is None else min(r.min, lo)
+    r.max = hi if r.max is None else max(r.max, hi)
+
+
 def split_nbytes(info: DatasetInfo, split: str) -> int:
     """In-memory size of a split: its rows times the manifest's row size."""
     return split_rows(info, split) * row_nbytes(info.columns)
