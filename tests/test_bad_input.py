@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from methodlab.cli import main
 
@@ -371,8 +372,6 @@ def test_random_configs_give_validation_errors_never_tracebacks(pairs, home, cap
 def test_overrides_after_the_config_file_are_overrides(capsys):
     """`train supervised -c file.yaml key=value`, as the README and job docstrings write it: the
     overrides after -c are read as overrides (argparse alone would call them unrecognized)."""
-    from pathlib import Path
-
     jobs = Path(__file__).resolve().parents[1] / "jobs"
     code, err = _run(capsys, ["train", "supervised", "-c", str(jobs / "configs" / "supervised.yaml"), "train.lr=abc"])
     assert code == 2 and len(err) == 1 and "(set by override 'train.lr=abc')" in err[0]
@@ -382,3 +381,71 @@ def test_overrides_after_the_config_file_are_overrides(capsys):
     with pytest.raises(SystemExit) as refused:       # an unknown option is still argparse's error
         main(["train", "supervised", "-c", str(jobs / "configs" / "supervised.yaml"), "--bogus"])
     assert refused.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+# The front door fuzzed: a YAML file, overrides and a dataset manifest, each mutated.
+YAML_SECTIONS = st.dictionaries(
+    st.sampled_from(["train", "data", "scaling", "method", "tracking", "storage", "nonsense"]),
+    st.one_of(VALUES, st.dictionaries(st.sampled_from(["epochs", "lr", "batch_size", "seed", "path", "dataset",
+                                                       "arch_kwargs", "num_workers", "registered_model"]),
+                                      VALUES, max_size=3)), max_size=3)
+YAML_MUTATIONS = st.lists(st.tuples(st.integers(0, 200), st.sampled_from(
+    ["&a ", "*a", ": ", "\n", "\x00", "- ", "{", "<<: *a\n", "\ntrain: 1\n", "\ntrain:\n  lr: 2\n"])), max_size=3)
+LOCATIONS = st.sampled_from(["s3://", "s3:///runs", "s3:/x", "S3://Bad_Bucket/x", "gs://b/x",
+                             "s3://K:hunter2@bucket/x", "rel/dir", "{tmp}/a-file", ""])
+LOCATION_KEYS = st.sampled_from(["storage.path", "data.root", "tracking.uri"])
+MANIFEST_MUTATIONS = st.sampled_from([None, ("columns", []), ("columns", {"image": "x"}), ("meta", {}),
+                                      ("meta", {"num_classes": "10"}), ("meta", {"num_classes": 2}),
+                                      ("splits", "train"), ("name", None), ("whole", [1])])
+
+
+def _maybe(strategy):
+    """Half the time nothing, so that enough examples get past the config to preflight."""
+    return st.one_of(st.just([]), strategy)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sections=st.one_of(st.just({}), YAML_SECTIONS), mutations=_maybe(YAML_MUTATIONS),
+       pairs=_maybe(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=3)),
+       locations=_maybe(st.lists(st.tuples(LOCATION_KEYS, LOCATIONS), max_size=2)), manifest=MANIFEST_MUTATIONS)
+def test_front_door_fuzz(sections, mutations, pairs, locations, manifest, home, tmp_path_factory, capsys):
+    """Either the config is valid (and preflight passes or refuses in one line), or the command
+    exits non-zero with exactly one `error:` line; never a traceback, never Ray, nothing written
+    under the MLflow store or the storage path."""
+    import ray
+    import yaml
+
+    from methodlab.config import load_config
+    from methodlab.errors import MethodlabError
+    from methodlab.train.launch import preflight
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    (tmp / "a-file").write_text("x")
+    text = yaml.safe_dump(sections)
+    for at, piece in mutations:
+        text = text[:at] + piece + text[at:]
+    (tmp / "c.yaml").write_text(text)
+    root = _dataset(tmp, "none")
+    if manifest:
+        m = json.loads(Path(root, "dataset.json").read_text())
+        field, value = manifest
+        m = value if field == "whole" else {**m, field: value}
+        Path(root, "dataset.json").write_text(json.dumps(m))
+    overrides = [f"{k}={v}" for k, v in pairs] + [f"{k}={v}".replace("{tmp}", str(tmp)) for k, v in locations]
+    overrides += [f"data.dataset={root}", "data.allow_tiny=true", f"storage.local_fallback={tmp}/fallback"]
+    argv = ["train", "supervised", "-c", str(tmp / "c.yaml"), *overrides]
+    code, err = _run(capsys, [*argv, "--print-config"])
+    event("config valid" if code == 0 else "refused by the config")
+    if code == 0:
+        try:
+            preflight(load_config("supervised", str(tmp / "c.yaml"), overrides))
+        except MethodlabError as e:
+            err = [f"error: {e}"]
+        event("refused by preflight" if err else "passed preflight")
+        capsys.readouterr()
+    if err:
+        assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+        assert "hunter2" not in err[0]
+    assert not ray.is_initialized()
+    written = [p for p in (home / "mlflow.db", home / "runs", tmp / "rel", Path("rel"), tmp / "fallback") if p.exists()]
+    assert not written, written

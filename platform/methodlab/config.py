@@ -4,7 +4,10 @@
 
 Sections: `method` (the method's own config class), `data`, `train`, `scaling`, `storage`,
 `tracking`. Every section forbids unknown keys; a misspelled key fails with the closest valid key,
-a bad value with its dotted path and the layer that set it. The resolved config is what runs, what
+a bad value with its dotted path and the layer that set it. YAML (files and override values) is
+read with duplicate keys and anchors/aliases refused (`StrictLoader`); an override under a key
+the YAML sets to a value is refused rather than dropping it; locations are a local path or a
+lowercase s3://bucket/prefix (`check_location`). The resolved config is what runs, what
 MLflow records (as params and as `config.yaml`) and what the run name is derived from.
 """
 

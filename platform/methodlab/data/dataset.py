@@ -7,7 +7,9 @@
 Tensor columns use Arrow's canonical `fixed_shape_tensor` extension type, so an image column is
 (N, C, H, W) on disk and converts to a tensor without per-row Python. The schema is checked when a
 dataset is opened, from the Parquet footers alone: a missing column, a wrong dtype or a wrong shape
-is a DataError naming the file and the column, before any cluster resources are spent.
+is a DataError naming the file and the column, before any cluster resources are spent. What the
+columns hold (label range, nulls, NaN/inf) is read from the footers' statistics too
+(`column_ranges`), for the driver's preflight.
 """
 
 from __future__ import annotations
