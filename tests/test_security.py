@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,7 +157,6 @@ def test_reachability_check_uses_the_uris_credentials_without_showing_them(auth_
 
 
 def test_sync_never_shows_the_spooled_uris_password(home, tmp_path, capsys):
-    import json
     import socket
 
     from methodlab.cli import main
@@ -168,3 +170,41 @@ def test_sync_never_shows_the_spooled_uris_password(home, tmp_path, capsys):
     out = capsys.readouterr()
     assert f"still unreachable: http://user:***@127.0.0.1:{port}" in out.out
     assert SECRET not in out.out + out.err
+
+
+@pytest.mark.slow
+def test_a_local_ray_listens_on_loopback_only(tmp_path):
+    """What `methodlab train` starts when RAY_ADDRESS is unset (preflight, then `ensure_ray`):
+    every listener of every process it starts (GCS, raylet, agents, dashboard, workers, the
+    driver's core worker) is on 127.0.0.1, with tasks running on two workers. Preflight must not
+    import ray: the loopback mode is read when ray is imported."""
+    from tests.conftest import ROOT
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, os, sys\n"
+        "from methodlab.config import load_config\n"
+        "from methodlab.train.launch import ensure_ray, preflight\n"
+        "from tests.listeners import descendants, listening, off_loopback\n"
+        "preflight(load_config('supervised'))\n"
+        "assert 'ray' not in sys.modules, 'preflight imported ray'\n"
+        "ensure_ray(num_cpus=2)\n"
+        "import ray\n"
+        "@ray.remote\n"
+        "def pid():\n"
+        "    return os.getpid()\n"
+        "workers = set(ray.get([pid.remote() for _ in range(4)]))\n"
+        "procs = descendants(os.getpid())\n"
+        "print(json.dumps({'workers': sorted(workers), 'in_tree': sorted(workers & procs),\n"
+        "                  'listeners': len(listening(procs)),\n"
+        "                  'exposed': [f'{a}:{p}' for (a, p) in off_loopback(procs)]}))\n"
+        "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(ROOT) / "platform"), ROOT])
+    out = subprocess.run([sys.executable, str(probe)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["workers"] and seen["in_tree"] == seen["workers"]      # the scan covered the workers
+    assert seen["listeners"] >= 5, seen                                 # ... and found Ray's servers
+    assert seen["exposed"] == [], seen

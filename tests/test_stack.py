@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.listeners import listening, off_loopback
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,6 +336,20 @@ def test_stack_up_refuses_busy_or_clashing_ports_in_one_line(tmp_path):
         "error: port(s) dashboard=15000 fall in Ray's worker port range 10002-19999; pick others")
 
 
+def test_stack_down_stops_only_the_stack_never_its_caller(tmp_path):
+    """A shell that exported METHODLAB_STACK_DIR (as `up` tells it to) runs `down`: the shell, its
+    other children and `down` itself carry the stack's directory but are not the stack's."""
+    (tmp_path / "stack").mkdir()
+    script = ROOT / "infra" / "local" / "stack.py"
+    shell = (f"sleep 120 & child=$!; {shlex.quote(sys.executable)} {shlex.quote(str(script))} down; rc=$?; "
+             "kill -0 $child && echo child-alive; kill $child; echo shell-alive; exit $rc")
+    proc = subprocess.run(["bash", "-c", shell], env={**os.environ, "METHODLAB_STACK_DIR": str(tmp_path / "stack")},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "child-alive" in proc.stdout and "shell-alive" in proc.stdout
+    assert "ray (not running)" in proc.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: infra/local stack + ray job submit
 
@@ -515,6 +531,14 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
 
     _wait(checkpointed, 420, "the first checkpoint in s3://methodlab/runs/e2e/", poll=0.5)
     assert s.job_status("e2e-first") == "RUNNING"
+    # While a job trains (its driver, controller and workers up), every listener of the stack,
+    # Ray's included, is on loopback, but one: torch's c10d TCPStore, which rank 0 serves for the
+    # process group, binds the wildcard address whatever MASTER_ADDR says (torch has no option
+    # for its listen address; README, "What survives what").
+    exposed = {addr: s.mod._cmdline(pid)[:100]
+               for addr, pid in off_loopback([p for sid in s.sessions() for p in s.mod.session_members(sid)]).items()}
+    store = {addr: cmd for addr, cmd in exposed.items() if addr[0] in ("::", "0.0.0.0") and "RayTrainWorker" in cmd}
+    assert len(store) <= 1 and exposed == store, exposed
     phase("first checkpoint in S3; stopping e2e-first")
     stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", s.url("DASHBOARD"), "e2e-first"],
                           env=s.client_env(), capture_output=True, text=True, timeout=180)
@@ -594,28 +618,8 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
 
 
 def _listening_ports(pids: list[int]) -> dict[int, int]:
-    """{port: pid} of the TCP sockets these processes listen on (from /proc, as `ss -ltnp` does)."""
-    inodes = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                cols = line.split()
-                if cols[3] == "0A":                          # TCP_LISTEN
-                    inodes[cols[9]] = int(cols[1].rsplit(":", 1)[1], 16)
-    found = {}
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                found[inodes[target[8:-1]]] = pid
-    return found
+    """{port: pid} of the TCP sockets these processes listen on."""
+    return {port: pid for (_, port), pid in listening(pids).items()}
 
 
 @pytest.mark.slow

@@ -122,3 +122,27 @@ def test_two_first_commands_on_a_fresh_sqlite_store_both_succeed(tmp_path):
     for rc, err in results:
         assert (rc, err.strip()) == (2, "error: registered model 'm' has no candidate; train a run first "
                                         "or pass --version")
+
+
+def test_a_run_opens_as_a_training_run_with_its_dataset_as_input(home):
+    """MLflow's UI: the experiment is a training one (not the GenAI overview), and the run's
+    Dataset column comes from the dataset logged as its input (name, digest, source)."""
+    from methodlab.config import load_config
+    from methodlab.data import resolve_dataset
+    from methodlab.train.launch import start_or_resume
+
+    cfg = load_config("supervised")
+    info = resolve_dataset("digits", cfg.data.root)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    run_id = start_or_resume(tracker, cfg, info, None)
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"]
+    run = tracker.client.get_run(run_id)
+    (logged,) = run.inputs.dataset_inputs
+    assert logged.dataset.name == "digits" and len(logged.dataset.digest) == 16
+    assert info.uri in logged.dataset.source and run.data.params["data.uri"] == info.uri
+    assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == "training"
+    # the same manifest gives the same digest: a second run of the dataset is comparable
+    again = start_or_resume(tracker, load_config("supervised", None, ["train.lr=1e-2"]), info, None)
+    assert tracker.client.get_run(again).inputs.dataset_inputs[0].dataset.digest == logged.dataset.digest

@@ -32,6 +32,7 @@ Only the Python standard library and boto3 are used, so the script runs with the
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -180,29 +181,29 @@ def session_members(sid: int) -> list[int]:
 
 
 def stack_processes(s: Settings, service: str) -> list[int]:
-    """Everything that belongs to `service`: its session, and any process that inherited this stack's
-    METHODLAB_STACK_DIR and looks like the service (children that left the session, or a stack
-    whose pid files were deleted by `make clean`, are still found)."""
+    """Everything that belongs to `service`: its session, and any process that inherited the
+    marker `spawn` gives the service's environment (children that left the session, or a stack
+    whose pid files were deleted by `make clean`, are still found). Never this process or its
+    ancestors: a shell that exported METHODLAB_STACK_DIR has this stack's directory too, but not
+    the marker, and `make stack-down` must not stop its own caller."""
     pids = set()
     sid = _read_pid(s, service)
     if sid is not None:
         pids.update(session_members(sid))
     for pid in _all_pids():
-        if pid not in pids and _alive(pid) and _stack_dir_of(pid) == str(s.dir) and _service_of(pid) == service:
+        if pid not in pids and _alive(pid) and _stack_marker(pid) == (str(s.dir), service):
             pids.add(pid)
-    pids.discard(os.getpid())
-    return sorted(pids)
+    return sorted(pids - _ancestors())
 
 
-def _service_of(pid: int) -> str:
-    """Which service a process of the stack belongs to; Ray's are everything else (its daemons,
-    workers and job drivers)."""
-    cmd = _cmdline(pid)
-    if "moto_server" in cmd:
-        return "s3"
-    if (" server " in cmd and "/mlflow " in cmd) or "mlflow/server" in cmd:
-        return "mlflow"
-    return "ray"
+def _ancestors() -> set[int]:
+    """This process and every process above it."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        st = _stat(pid)
+        pid = int(st[1]) if st is not None else 0
+    return out
 
 
 def _read_pid(s: Settings, service: str) -> int | None:
@@ -214,17 +215,19 @@ def _read_pid(s: Settings, service: str) -> int | None:
 
 def running(s: Settings, service: str) -> bool:
     pid = _read_pid(s, service)
-    return pid is not None and _alive(pid) and _stack_dir_of(pid) == str(s.dir)
+    return pid is not None and _alive(pid) and _stack_marker(pid) == (str(s.dir), service)
 
 
-def _stack_dir_of(pid: int) -> str | None:
-    """The METHODLAB_STACK_DIR `pid` was started with by these scripts (guards against a reused pid)."""
+def _stack_marker(pid: int) -> tuple[str | None, str | None]:
+    """(METHODLAB_STACK_DIR, METHODLAB_STACK_SERVICE) of `pid`'s environment: what `spawn` gives
+    a service and its children inherit (guards against a reused pid, and tells services apart)."""
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
-        return None
-    return next((e.decode(errors="replace").partition("=")[2] for e in env
-                 if e.startswith(b"METHODLAB_STACK_DIR=")), None)
+        return None, None
+    found = dict(e.decode(errors="replace").partition("=")[::2] for e in env
+                 if e.startswith((b"METHODLAB_STACK_DIR=", b"METHODLAB_STACK_SERVICE=")))
+    return found.get("METHODLAB_STACK_DIR"), found.get("METHODLAB_STACK_SERVICE")
 
 
 def port_free(host: str, port: int) -> bool:
@@ -240,7 +243,7 @@ def port_free(host: str, port: int) -> bool:
 def spawn(s: Settings, service: str, argv: list[str], env: dict[str, str]) -> int:
     """Start `argv` in a new session (its own process group), output to the service's log."""
     s.log_file(service).parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **env, "METHODLAB_STACK_DIR": str(s.dir)}
+    full_env = {**os.environ, **env, "METHODLAB_STACK_DIR": str(s.dir), "METHODLAB_STACK_SERVICE": service}
     # A profile or session token from the user's shell would override the local dummies.
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         full_env.pop(k, None)
@@ -369,11 +372,12 @@ def spawn_ray(s: Settings) -> int:
         s.token_file.write_text(secrets.token_hex(32))
     s.token_file.chmod(0o600)
     s.home.mkdir(parents=True, exist_ok=True)
-    # Ray replaces a loopback --node-ip-address by the host's address and binds its gRPC ports (GCS,
-    # raylet, object manager) on all interfaces, token-authenticated; the job server and dashboard
-    # listen on --dashboard-host only.
+    # Every Ray listener on the stack's host: Ray binds its gRPC servers (GCS, raylet, object
+    # manager, workers), agents, metrics and client server to the node IP, and keeps a loopback
+    # --node-ip-address (instead of replacing it by the host's address) only in its single-machine
+    # mode, which the `ray start` process and its children read from the environment below.
     argv = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-            "--port", str(s.ports["gcs"]),
+            "--node-ip-address", s.host, "--port", str(s.ports["gcs"]),
             "--dashboard-host", s.host, "--dashboard-port", str(s.ports["dashboard"]),
             "--ray-client-server-port", str(s.ports["client"]),
             "--dashboard-agent-listen-port", str(s.ports["agent"]),
@@ -385,6 +389,7 @@ def spawn_ray(s: Settings) -> int:
     env = {
         **s.s3_env(),
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(s.token_file),
+        **({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if ipaddress.ip_address(s.host).is_loopback else {}),
         # Ray processes that look their cluster up (Ray Train's PlacementGroupCleaner uses the state
         # API) would otherwise scan the machine and fail on "multiple active Ray instances".
         "RAY_ADDRESS": f"127.0.0.1:{s.ports['gcs']}",

@@ -309,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     except MethodlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; submit the same run again to resume it", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # A signal during a run (`train.signals.Interrupted`) says what became of the run and exits
+        # 128 + its number; a bare Ctrl-C elsewhere has nothing to add.
+        print(f"error: {e or 'interrupted; submit the same run again to resume it'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception:
         # A bug, not bad input: the whole traceback, but an exception's text may quote a URI
         # with credentials in it (pyarrow's, botocore's, MLflow's), so it is redacted first.

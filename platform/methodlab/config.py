@@ -136,6 +136,8 @@ class TrainConfig(Section):
                             "epoch are always evaluated)")
     log_every_steps: int = Field(50, gt=0, description="steps between reads of the losses (one host sync "
                                  "each: the NaN check and the wall-clock checkpoint decision happen there)")
+    lease_timeout_s: float = Field(120.0, gt=0, description="a run's lease (one submission per run name) "
+                                   "whose heartbeat is older than this is taken over; renewed every third of it")
 
     @field_validator("run_name")
     @classmethod
@@ -210,7 +212,7 @@ class RunConfig(Section):
     _NOT_HASHED = {"storage", "tracking"}
     _NOT_HASHED_KEYS = {"train": {"run_name", "max_failures", "num_to_keep", "checkpoint_every",
                                   "checkpoint_every_s", "checkpoint_every_steps", "checkpoint_upload",
-                                  "log_every_steps"},
+                                  "log_every_steps", "lease_timeout_s"},
                         "scaling": {"wait_for_nodes_s"},
                         # where the loader may hold data, not what is trained (see identity())
                         "data": {"memory_budget_mb", "allow_tiny"},

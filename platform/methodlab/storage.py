@@ -151,6 +151,7 @@ def replace_dir(src: str, dst: str) -> None:
         pafs.copy_files(src_path, dst_path, source_filesystem=fs, destination_filesystem=fs)
         fs.delete_dir(src_path)
     else:
+        fs.create_dir(os.path.dirname(dst_path), recursive=True)
         fs.move(src_path, dst_path)
 
 
@@ -169,3 +170,95 @@ def upload_dir(local_dir: str, uri: str) -> None:
 def download_dir(uri: str, local_dir: str) -> None:
     fs, path = filesystem(uri)
     pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def digest(uri: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of one file, read in chunks."""
+    import hashlib
+
+    fs, path = filesystem(uri)
+    h, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def remove_file(uri: str) -> None:
+    """Delete one file; nothing if absent."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+# Conditional writes, for the run lease (`train.lease`): the one place two submissions of a run
+# can race, so these are atomic on the store itself. S3: conditional puts (If-None-Match: * to
+# create, If-Match: <ETag> to replace; pyarrow has neither). Locally: a hard link (fails if the
+# name exists, and the file is complete before it appears) and an flock around compare-and-replace.
+# A "tag" identifies the version read or written: the ETag on S3, the content's sha256 locally.
+
+
+def read_tagged(uri: str) -> tuple[bytes, str] | None:
+    """The file's content and tag, or None if it does not exist."""
+    import hashlib
+
+    if is_s3(uri):
+        import botocore.exceptions as bexc
+
+        bucket, key = split_s3(uri)
+        try:
+            got = s3_client().get_object(Bucket=bucket, Key=key)
+        except bexc.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return None
+            raise
+        return got["Body"].read(), got["ETag"]
+    try:
+        data = open(uri, "rb").read()
+    except FileNotFoundError:
+        return None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def put_if(uri: str, data: bytes, match: str | None = None) -> str | None:
+    """Write `data` to `uri` only if it does not exist (`match` None) or still has tag `match`;
+    returns the new tag, or None when the condition failed (someone else wrote first)."""
+    import hashlib
+
+    if is_s3(uri):
+        import botocore.exceptions as bexc
+
+        bucket, key = split_s3(uri)
+        condition = {"IfNoneMatch": "*"} if match is None else {"IfMatch": match}
+        try:
+            return s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except bexc.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                           "NoSuchKey", "412", "409"):
+                return None
+            raise
+    import fcntl
+    import tempfile
+
+    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(uri)), prefix=".put-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if match is None:
+            try:
+                os.link(tmp, uri)
+            except FileExistsError:
+                return None
+        else:
+            with open(uri + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                current = read_tagged(uri)
+                if current is None or current[1] != match:
+                    return None
+                os.replace(tmp, uri)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return hashlib.sha256(data).hexdigest()

@@ -54,6 +54,7 @@ from methodlab.config import (RunConfig, Section, check_name, deep_merge, nest, 
                               resolve, run_config_class, set_path, yaml_number)
 from methodlab.errors import ConfigError, TrainingError
 from methodlab.registry import get_method
+from methodlab.train.lease import Lease
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
 TRIAL_CPU = 0.01          # the Tune function only waits on its TorchTrainer; 0 is rejected by Tune
@@ -268,15 +269,24 @@ def trial_run_name(sweep_name: str, trial_id: str) -> str:
 def run_trial(params: dict, ctx: dict) -> None:
     """The Tune function of one trial (runs in a Tune actor, on 0.01 CPU)."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from methodlab.tracking import STOPPED_TAG, SWEEP_NAME_TAG, TRIAL_PARAM_TAG, Tracker
-    from methodlab.train.launch import dataset_for, finish, fit, start_or_resume
+    from methodlab.train.launch import dataset_for, run_dir
 
     name = trial_run_name(ctx["sweep_name"], tune.get_context().get_trial_id())
     cfg = trial_config(ctx, params, name)
     storage.configure(cfg.storage)
-    info = dataset_for(cfg)
+    with Lease(run_dir(cfg), "trial", name, cfg.train.lease_timeout_s):
+        _trial_leased(cfg, params, ctx, dataset_for(cfg))
+
+
+def _trial_leased(cfg: RunConfig, params: dict, ctx: dict, info) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from methodlab.tracking import STOPPED_TAG, SWEEP_NAME_TAG, TRIAL_PARAM_TAG, Tracker
+    from methodlab.train.launch import finish, fit, start_or_resume
+
+    name = cfg.run_name
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     existing = tracker.find_run(name)
     if existing is not None and existing.status == "FINISHED":
@@ -394,9 +404,7 @@ def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
 
 def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[str] = ()) -> SweepSummary:
     """Run (or resume) a sweep of `method_name` and return its summary."""
-    from methodlab.tracking import (METHOD_TAG, METRIC_TAG, MODE_TAG, SCHEDULER_TAG, SWEEP_TAG, Tracker,
-                                    differing_params, flatten_params)
-    from methodlab.train.launch import check_capacity, ensure_ray, preflight
+    from methodlab.train.launch import preflight
 
     method = get_method(method_name)
     spec, base_layers = load_spec(method_name, yaml_path, list(overrides))
@@ -408,6 +416,18 @@ def run_sweep(method_name: str, yaml_path: str | None = None, overrides: list[st
     base_layers = [("as resolved for the sweep", base.model_dump(mode="json", exclude={"method_name"}))]
 
     info = preflight(base)
+    # As for runs (`launch.train`): one submission of a sweep name at a time; each trial holds
+    # its own run's lease too (`run_trial`).
+    with Lease(f"{base.storage.path.rstrip('/')}/{name}", "sweep", name, base.train.lease_timeout_s):
+        return _sweep_leased(method_name, method, spec, base, base_layers, space, name, info)
+
+
+def _sweep_leased(method_name: str, method, spec: SweepSpec, base: RunConfig, base_layers: list, space: dict,
+                  name: str, info) -> SweepSummary:
+    from methodlab.tracking import (METHOD_TAG, METRIC_TAG, MODE_TAG, SCHEDULER_TAG, SWEEP_TAG, Tracker,
+                                    differing_params, flatten_params)
+    from methodlab.train.launch import check_capacity, ensure_ray
+
     tracker = Tracker(base.tracking.uri, base.tracking.experiment)
     existing = tracker.find_run(name)
     if existing is not None and existing.status == "FINISHED":

@@ -57,6 +57,10 @@ BENCHMARK_TAG = "methodlab.benchmark"            # on the runs bench/ logs its r
 IMPORTED_FROM_TAG = "methodlab.imported_from"  # `methodlab models import`: the --from source
 LICENSE_TAG = "methodlab.license"                # the license string the importer passed
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment on its GenAI overview unless its kind says otherwise.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   "mlflow.note.content": "methodlab training runs: one run per config (params = the resolved "
+                   "config), metrics per epoch, the dataset as the run's input; sweeps nest their trials."}
 MAX_PARAM_VALUE = 6000     # MLflow's limit on a param value
 MAX_PARAM_KEY = 250
 
@@ -206,7 +210,7 @@ class Tracker:
             # Next to the database, not wherever the process happens to run.
             artifact_location = (sqlite_path(self.uri).parent / "artifacts").as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            return self.client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
         except MlflowException:   # created concurrently by another process
             return self.client.get_experiment_by_name(name).experiment_id
 
@@ -233,6 +237,19 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i:i + 100])
         self.client.log_text(run_id, redact_value(config_yaml), "config.yaml")
         return run_id
+
+    def log_dataset(self, run_id: str, name: str, uri: str, digest: str, context: str = "training") -> None:
+        """The run's dataset as an MLflow input (name, digest, source URI: the Dataset column)."""
+        from mlflow.data.dataset_source_registry import get_registered_sources
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        # By type, not resolve_dataset_source(uri): MLflow registers its local source twice and
+        # warns that a path "can be interpreted in multiple ways".
+        kinds = {cls._get_source_type(): cls for cls in get_registered_sources()}
+        source = kinds["s3" if uri.startswith("s3://") else "local"](uri)
+        dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     def resume_run(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")

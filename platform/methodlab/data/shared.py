@@ -16,6 +16,7 @@ at most, never a whole split; the workers hold none of it privately.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,9 +124,10 @@ def memory_budget(cfg: RunConfig) -> tuple[int, str] | None:
     object store and Ray is not up yet."""
     if cfg.data.memory_budget_mb is not None:
         return cfg.data.memory_budget_mb * 2**20, f"data.memory_budget_mb={cfg.data.memory_budget_mb} per node"
-    import ray
-
-    if not ray.is_initialized():
+    # Ray cannot be up unless it was imported; not importing it here keeps a local Ray's
+    # addresses for `launch.ensure_ray` to choose.
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
         return None
     store = object_store_per_node()
     return int(store * MEMORY_BUDGET_FRACTION), (f"{MEMORY_BUDGET_FRACTION:.0%} of the {fmt_bytes(store)} "

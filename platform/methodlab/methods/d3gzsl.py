@@ -57,7 +57,7 @@ from methodlab.errors import ConfigError, DataError
 from methodlab.losses.d3gzsl import (Variant, critic_terms, embedding_distillation, kl_distillation,
                                      ood_distillation, teacher_confidence)
 from methodlab.methods.base import Method, SplitData, StepContext, freeze
-from methodlab.metrics.gzsl import gzsl_counts, gzsl_scores
+from methodlab.metrics.gzsl import gzsl_counts, gzsl_scores, per_class_chart
 from methodlab.models.d3gzsl import Critic, Generator, LearnSigmoid, Student, Teacher
 from methodlab.models.gzsl import GZSLClassifier
 from methodlab.registry import register_method
@@ -189,6 +189,7 @@ class D3GZSL(Method):
             raise DataError(f"dataset {data.info.uri}: protocol {self.mcfg.protocol} leaves "
                             f"{len(self.seen)} seen and {len(self.unseen)} unseen classes; need both")
         self.mapping = label_mapping(self.seen, self.unseen)
+        self.test_counts: tuple[torch.Tensor, torch.Tensor] | None = None   # ((3, C), unseen) of the last test
         # The shared loop iterates `data.splits["train"]` of this same bundle, so dropping the
         # validation-unseen rows here removes them from training; the min-max scaling is fit on
         # exactly the rows trained on (DATA_LOADER's MinMaxScaler on trainval; the code's extra
@@ -430,7 +431,17 @@ class D3GZSL(Method):
         for i, kind in enumerate(kinds):
             prefix = f"{split}_" if i == 0 else f"{split}_{'e2e' if kind == 'end_to_end' else 'fresh'}_"
             out.update({prefix + k: v for k, v in gzsl_scores(counts[i], unseen).items()})
+        if split == "test":
+            self.test_counts = (counts[0].cpu(), unseen.cpu())   # the final epoch charts them
         return out
+
+    def epoch_artifacts(self, stage, epoch):
+        if stage != self.stages[-1] or epoch != self.stage_epochs(stage) - 1 or self.test_counts is None:
+            return {}
+        counts, unseen = self.test_counts
+        classes = [str(c) for c in self.data.info.meta.get("classes", range(self.data.info.num_classes))]
+        return {"per_class_test.png": per_class_chart(counts, unseen, classes,
+                                                      f"D3GZSL ({self.mcfg.eval_protocol}), {self.data.info.name}")}
 
     # -- export ---------------------------------------------------------------------------------
 

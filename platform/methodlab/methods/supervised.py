@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.methods.base import Method, StepContext, classify_accuracy
+from methodlab.metrics.confusion import confusion_chart, confusion_counts
 from methodlab.models import build_model
 from methodlab.registry import register_method
 
@@ -47,6 +49,7 @@ class Supervised(Method):
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
         self._init: tuple | None = None          # (model, spec) of method.init, loaded once
+        self.confusion: torch.Tensor | None = None     # (K, K) counts of the last test evaluation
 
     def pretrained(self) -> tuple:
         if self._init is None:
@@ -92,7 +95,24 @@ class Supervised(Method):
         return {"loss": loss.detach()}
 
     def evaluate(self, stage, models, split, device):
-        return {f"{split}_acc": classify_accuracy(models["net"], self.data.splits[split], device)}
+        if split != "test":
+            return {f"{split}_acc": classify_accuracy(models["net"], self.data.splits[split], device)}
+        # The test split's confusion matrix, counted on each rank's shard and summed: its
+        # diagonal is the accuracy, and the final epoch charts it (epoch_artifacts).
+        net, k = models["net"].eval(), self.data.info.num_classes
+        counts = torch.zeros(k, k, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for b in distributed.shard(self.data.splits[split]).batches(512, device):
+                counts += confusion_counts(net(b["image"]).argmax(-1), b["label"], k)
+        self.confusion = distributed.all_sum(counts).cpu()
+        return {"test_acc": float(self.confusion.diagonal().sum() / self.confusion.sum().clamp_min(1))}
+
+    def epoch_artifacts(self, stage, epoch):
+        if epoch != self.stage_epochs(stage) - 1 or self.confusion is None:
+            return {}
+        classes = [str(c) for c in self.data.info.meta.get("classes", range(self.data.info.num_classes))]
+        return {"confusion_test.png": confusion_chart(self.confusion, classes,
+                                                      f"{self.name}, {self.data.info.name}, test")}
 
     def export(self, models):
         return models["net"], self.spec()

@@ -74,3 +74,31 @@ def gzsl_scores(counts: torch.Tensor, unseen_classes: torch.Tensor) -> dict[str,
     u = per_class_accuracy(counts[:2], unseen_classes.to(counts.device))
     zsl = per_class_accuracy(torch.stack([counts[2], counts[1]]), unseen_classes.to(counts.device))
     return {"S": s, "U": u, "H": harmonic_mean(s, u), "ZSL": zsl}
+
+
+def per_class_chart(counts: torch.Tensor, unseen_classes: torch.Tensor, classes: list[str], title: str):
+    """Per-class GZSL accuracy (argmax over all classes), seen and unseen classes in two colours,
+    with S, U and H in the title: the chart that shows which unseen classes transfer at all.
+
+    Shape:
+        counts (3, C) as `gzsl_counts` gives them (summed over shards), unseen_classes (|U|,).
+    """
+    from matplotlib.figure import Figure
+
+    counts = counts.double().cpu()
+    unseen = torch.isin(torch.arange(counts.shape[1]), unseen_classes.cpu())
+    rate = (counts[0] / counts[1].clamp_min(1)).numpy()
+    scores = gzsl_scores(counts, unseen_classes.cpu())
+    fig = Figure(figsize=(max(6.0, 0.25 * len(classes) + 2), 3.8))
+    ax = fig.add_subplot()
+    for mask, label, colour in ((~unseen, "seen", "tab:blue"), (unseen, "unseen", "tab:orange")):
+        idx = torch.nonzero(mask).flatten().numpy()
+        ax.bar(idx, rate[idx], color=colour, label=label)
+    if len(classes) <= 40:
+        ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (GZSL)")
+    ax.set_title(f"{title}: S {scores['S']:.3f}, U {scores['U']:.3f}, H {scores['H']:.3f}")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig

@@ -7,10 +7,15 @@ resources and leaves no run behind.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import signal
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +27,11 @@ from methodlab.data import DatasetInfo, resolve_dataset, split_nbytes
 from methodlab.data.dataset import column_ranges, split_rows
 from methodlab.data.shared import fmt_bytes, held_nbytes, memory_budget, memory_splits, put_splits
 from methodlab.errors import ConfigError, DataError, ServiceError, TrainingError
+from methodlab.redact import redact_value
 from methodlab.registry import get_method
+from methodlab.train import checkpoints
+from methodlab.train.lease import Lease
+from methodlab.train.signals import Interrupted, stop_on_signals
 
 if TYPE_CHECKING:
     from methodlab.tracking import RunRecord, Tracker
@@ -161,19 +170,35 @@ def choose_loader(cfg: RunConfig, info: DatasetInfo) -> tuple[RunConfig, str]:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS if set (a cluster or `ray job submit`), else start a local Ray."""
-    import ray
+    """Connect to RAY_ADDRESS if set (a cluster or `ray job submit`), else start a local Ray whose
+    every listener is on 127.0.0.1.
 
+    Ray binds its gRPC servers (GCS, raylet, object manager, workers), agents and metrics export
+    on loopback only when the node's IP is loopback, and it replaces a loopback
+    `_node_ip_address` by the host's address unless it runs in its single-machine mode
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported and inherited by the
+    processes ray.init starts). A local Ray is this machine's alone, so that mode is set here,
+    before ray is imported; a cluster (RAY_ADDRESS) keeps its own addresses. A process that
+    imported ray before (a notebook, the test session) keeps Ray's default addresses: the mode
+    must hold in the driver and in the processes it starts alike."""
     for k, v in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    local = not os.environ.get("RAY_ADDRESS")
+    loopback = local and "ray" not in sys.modules
+    if loopback:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if not local:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         # The dashboard process also hosts the state API that Ray Train's placement-group cleaner
-        # needs; without it a stopped trial leaks its CPUs. It listens on 127.0.0.1 only.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # needs; without it a stopped trial leaks its CPUs. address="local": a new instance, never
+        # a cluster that happens to run on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
 
 
 def data_cpus(cfg: RunConfig) -> float:
@@ -349,9 +374,9 @@ def worker_error_line(exc: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
 
 
-def upload_local_fallback(cfg: RunConfig) -> str:
-    """`methodlab train ... resume`: put the checkpoint rank 0 kept on local disk during an S3
-    outage back into storage, next to Ray's own; returns its URI for the workers to compare."""
+def local_fallback_to_upload(cfg: RunConfig) -> Path:
+    """`methodlab train ... resume`: the checkpoint rank 0 kept on local disk during an S3 outage,
+    or one line saying why there is none (checked before anything is written)."""
     from methodlab.train.loop import STATE_FILE, local_fallback_dir
 
     local = local_fallback_dir(cfg)
@@ -361,7 +386,13 @@ def upload_local_fallback(cfg: RunConfig) -> str:
     if not (local / STATE_FILE).exists():
         raise ConfigError(f"resume: no local checkpoint of run {cfg.run_name} in {local}; submit without "
                           f"`resume` to continue from {cfg.storage.path}")
-    target = f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}/recovered"
+    return local
+
+
+def upload_local_fallback(cfg: RunConfig, local: Path) -> str:
+    """Put the checkpoint `local_fallback_to_upload` found back into storage, next to Ray's own;
+    returns its URI for the workers to compare."""
+    target = f"{run_dir(cfg)}/recovered"
     try:
         storage.upload_dir(str(local), target)
     except OSError as e:
@@ -374,10 +405,19 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
           started_at: float | None = None) -> RunSummary:
     """Run `cfg` to completion (or resume it) and return its summary. `resume` also picks up the
     checkpoint kept on local disk when S3 went away (see `upload_local_fallback`)."""
-    from methodlab.tracking import Tracker
-
     started_at = started_at or time.time()
     info = preflight(cfg)
+    local = local_fallback_to_upload(cfg) if resume else None
+    # Held from before the MLflow run is looked up until the run ends: a second submission of the
+    # name is refused before it creates or resumes anything (`train.lease`).
+    with Lease(run_dir(cfg), "run", cfg.run_name, cfg.train.lease_timeout_s):
+        return _train_leased(cfg, info, parent_run_id, local, started_at)
+
+
+def _train_leased(cfg: RunConfig, info: DatasetInfo, parent_run_id: str | None, local: Path | None,
+                  started_at: float) -> RunSummary:
+    from methodlab.tracking import Tracker
+
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     name = cfg.run_name
     existing = tracker.find_run(name)
@@ -389,7 +429,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, resume: bool = False
                               "train.run_name, or leave it unset (the derived name follows the config)")
         return _summary(tracker, cfg, existing.run_id, resumed=False, already=True)
 
-    recovered = upload_local_fallback(cfg) if resume else None
+    recovered = upload_local_fallback(cfg, local) if local else None
     ensure_ray()
     cfg, loader = choose_loader(cfg, info)
     check_capacity(cfg)
@@ -433,29 +473,75 @@ def start_or_resume(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, existin
             print(f"[{cfg.run_name}] resuming with other values than it started with: {resumed_with}", flush=True)
         return existing.run_id
     method = get_method(cfg.method_name)
-    return tracker.start_run(cfg.run_name, {**flatten_params(cfg.model_dump(mode="json")),
-                                            "train.global_batch_size": str(global_batch(cfg))},
-                             {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
-                              CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}", **(tags or {})},
-                             cfg.to_yaml(), parent_run_id=parent_run_id)
+    run_id = tracker.start_run(cfg.run_name, {**flatten_params(cfg.model_dump(mode="json")),
+                                              "train.global_batch_size": str(global_batch(cfg)),
+                                              "data.uri": redact_value(info.uri)},
+                               {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
+                                CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}", **(tags or {})},
+                               cfg.to_yaml(), parent_run_id=parent_run_id)
+    # The manifest's hash: columns, splits and provenance; a re-import with other content differs.
+    digest = hashlib.sha256(json.dumps(info.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    tracker.log_dataset(run_id, info.name, redact_value(info.uri), digest)
+    return run_id
+
+
+def run_dir(cfg: RunConfig) -> str:
+    """The run's own prefix in storage (Ray's experiment directory): checkpoints and the lease."""
+    return f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}"
 
 
 def fit(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, run_id: str, what: str = "run", callbacks=None,
         recovered: str | None = None, started_at: float | None = None) -> None:
-    """Train the run on Ray Train (`build_trainer`). Any failure ends the MLflow run FAILED (KILLED
-    on Ctrl-C) and raises one line that names the `what` ("run", "trial") and its checkpoints."""
+    """Train the run on Ray Train (`build_trainer`), its checkpoints checked first (the caller
+    holds the run's lease). Any failure ends the MLflow run FAILED and raises one line that names
+    the `what` ("run", "trial") and its checkpoints; SIGINT or SIGTERM stops the workers, ends it
+    KILLED and raises `Interrupted` with the line to show."""
+    controller, fired = [], []
     try:
-        result = build_trainer(cfg, info, run_id, callbacks=callbacks, recovered=recovered,
-                               started_at=started_at).fit()
+        checkpoints.repair(run_dir(cfg), cfg.train.num_to_keep)
+        trainer = build_trainer(cfg, info, run_id, callbacks=callbacks, recovered=recovered, started_at=started_at)
+        # [ray] Ray's own SIGINT handler (registered inside fit) exits the driver with sys.exit and
+        # leaves the MLflow run RUNNING; keep its controller instead, to stop the workers ourselves.
+        trainer._register_sigint_handler = controller.append
+        with stop_on_signals() as fired:
+            result = trainer.fit()
         if getattr(result, "error", None) is not None:
             raise result.error
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:      # (a signal's Interrupted too, or the plain one Ray makes of it)
+        _abort(controller)
         _end_quietly(tracker, run_id, "KILLED")
-        raise
+        signum = fired[0] if fired else signal.SIGINT
+        latest = checkpoints.latest(run_dir(cfg))
+        raise Interrupted(signum, f"{what} {cfg.run_name} interrupted by {Interrupted.name(signum)}: workers "
+                          f"stopped, MLflow run {run_id} KILLED; last checkpoint "
+                          f"{latest or 'none (it starts from the beginning)'}; resume with: "
+                          f"{resume_command(cfg)}") from None
     except Exception as exc:   # noqa: BLE001 — every failure marks the run FAILED, then one line
         _end_quietly(tracker, run_id, "FAILED")
         raise TrainingError(f"{what} {cfg.run_name} failed: {worker_error_line(exc)} (MLflow run {run_id}; "
                             f"{_where_checkpoints_are(cfg)})") from None
+
+
+def _abort(controller: list) -> None:
+    """Stop the run's workers (Ray Train's controller aborts its worker group); best effort: the
+    signal may have gone to the whole process group, local Ray included."""
+    import ray
+
+    for c in controller:
+        try:
+            ray.get(c.abort.remote(), timeout=30)  # [ray]
+        except Exception:  # noqa: BLE001 — Ray already gone: so are the workers
+            pass
+
+
+def resume_command(cfg: RunConfig) -> str:
+    """The command that resumes the run: the one that started it, when it was the CLI."""
+    import shlex
+    import sys
+
+    if os.path.basename(sys.argv[0]) in ("cli.py", "methodlab"):
+        return "methodlab " + shlex.join(sys.argv[1:])
+    return f"the same submission again (train.run_name={cfg.run_name})"
 
 
 def finish(tracker: Tracker, run_id: str, tags: dict[str, str] | None = None) -> None:
@@ -473,7 +559,7 @@ def global_batch(cfg: RunConfig) -> int:
 def _where_checkpoints_are(cfg: RunConfig) -> str:
     from methodlab.train.loop import STATE_FILE, local_fallback_dir
 
-    kept = f"the last checkpoint is kept under {cfg.storage.path.rstrip('/')}/{cfg.run_name}"
+    kept = f"the last checkpoint is kept under {run_dir(cfg)}"
     fallback = local_fallback_dir(cfg)
     if fallback is not None and (fallback / STATE_FILE).exists():
         # Whoever met the outage (rank 0's upload, or the controller's bookkeeping), the newest

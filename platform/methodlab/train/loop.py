@@ -41,6 +41,7 @@ from methodlab.registry import get_method
 from methodlab.spool import SpoolFile
 from methodlab.train.core import (STATE_FILE, Checkpoint, Hooks, LoopState, Loop, PhaseTimer, Stream,
                                   chunk_minibatches, load_bundle, memory_batches, seed_everything)
+from methodlab.train.checkpoints import MANIFEST_FILE, write_manifest
 from methodlab.train.faults import Faults
 
 SCORE_KEY = "checkpoint_score"   # the method's metric, higher = better: what Ray ranks checkpoints by
@@ -294,9 +295,10 @@ class RayHooks(Hooks):
             directory = Path(tempfile.mkdtemp(dir=uploads))
         state.save(directory)
         (directory / "config.yaml").write_text(self.cfg.to_yaml())
+        write_manifest(directory)
         if fallback is not None:
             fallback.mkdir(parents=True, exist_ok=True)
-            for name in (STATE_FILE, "config.yaml"):
+            for name in (STATE_FILE, "config.yaml", MANIFEST_FILE):
                 link = fallback / f".{name}.link"
                 link.unlink(missing_ok=True)
                 os.link(directory / name, link)

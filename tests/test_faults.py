@@ -1,0 +1,228 @@
+"""The fault matrix: external faults against real runs (a real local Ray cluster, a real MLflow
+store, real S3 where named), each ending with the run resumable and, resumed, bit-identical to a
+run that never stopped, in one MLflow run with every epoch step once.
+
+    fault                                   test
+    two submissions of one run name         test_lease_*, test_signal_*  (the second is refused)
+    a driver that died holding the lease    test_lease_is_taken_over_once_its_heartbeat_is_stale
+    a truncated latest checkpoint           test_truncated_latest_checkpoint_*
+    SIGINT / SIGTERM of the driver's group  test_signal_*
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from methodlab import storage
+from methodlab.cli import main
+from methodlab.config import load_config
+from methodlab.errors import ConfigError, TrainingError
+from methodlab.tracking import Tracker
+from methodlab.train.checkpoints import CHECKPOINT_PREFIX, MANIFEST_FILE, SET_ASIDE, SNAPSHOT_FILE
+from methodlab.train.core import STATE_FILE, read_checkpoint
+from methodlab.train.lease import LEASE_FILE, Lease
+from tests.test_train import _weights
+
+EPOCHS = 30      # (long enough that a driver is still training when the signal comes)
+BASE = [f"train.epochs={EPOCHS}", "train.batch_size=64", "data.limit_rows=512", "scaling.num_workers=2"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The lease, on a local path and on S3 (no Ray)
+
+
+@pytest.fixture(params=["local", "s3"])
+def prefix(request, tmp_path, monkeypatch):
+    if request.param == "local":
+        return str(tmp_path / "runs" / "r")
+    endpoint, name = request.getfixturevalue("bucket")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    storage.configure(None)
+    return f"s3://{name}/runs/r"
+
+
+def test_lease_refuses_a_second_holder_in_one_line_until_released(prefix):
+    first = Lease(prefix, "run", "r", timeout_s=30)
+    first.acquire()
+    try:
+        with pytest.raises(ConfigError) as refused:
+            Lease(prefix, "run", "r", timeout_s=30).acquire()
+        line = str(refused.value)
+        assert "\n" not in line
+        assert line.startswith("run r is already running: leased by ") and " since 20" in line, line
+        assert first.holder["host"] in line and "last heartbeat 0s ago" in line, line
+    finally:
+        first.release()
+    assert not storage.exists(f"{prefix}/{LEASE_FILE}")
+    with Lease(prefix, "run", "r", timeout_s=30):       # free again
+        pass
+
+
+def test_lease_heartbeat_keeps_it_and_a_stale_one_is_taken_over(prefix):
+    lines = []
+    live = Lease(prefix, "run", "r", timeout_s=0.6)
+    live.acquire()
+    time.sleep(1.5)                       # past the timeout: only the heartbeat keeps it
+    with pytest.raises(ConfigError, match="already running"):
+        Lease(prefix, "run", "r", timeout_s=0.6).acquire()
+    live._stop.set()                      # the driver hangs or its host is lost: no heartbeats, no release
+    live._thread.join()
+    time.sleep(1.0)
+    taker = Lease(prefix, "run", "r", timeout_s=0.6, log=lambda line, **_: lines.append(line))
+    taker.acquire()
+    taker.release()
+    assert len(lines) == 1 and lines[0].startswith("[r] took over the lease of ") and \
+        ": its last heartbeat was 1s ago (over train.lease_timeout_s=0.6)" in lines[0], lines
+
+
+def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(prefix):
+    """A driver killed with SIGKILL: its resubmission on the same host need not wait out the timeout."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lines = []
+    killed = Lease(prefix, "run", "r", timeout_s=300)
+    killed.holder["pid"] = dead.pid
+    killed.acquire()
+    killed._stop.set()
+    taker = Lease(prefix, "run", "r", timeout_s=300, log=lambda line, **_: lines.append(line))
+    taker.acquire()
+    taker.release()
+    assert len(lines) == 1 and f": its process {dead.pid} on this host is gone" in lines[0], lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Real runs
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The weights of the run that never stopped (its own METHODLAB_HOME), for every test here."""
+    from methodlab.train.launch import ensure_ray, train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METHODLAB_HOME", str(tmp_path_factory.mktemp("straight") / "home"))
+        ensure_ray(num_cpus=2)
+        cfg = load_config("supervised", None, [*BASE, "train.run_name=straight"])
+        summary = train(cfg)
+        return _weights(cfg, summary.run_id)
+
+
+def _assert_resumed_like_straight(cfg, run_id: str, straight: dict) -> None:
+    """One MLflow run, FINISHED, every epoch step once, and the weights of the straight run."""
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id])
+            if r.info.run_name == cfg.run_name] == [run_id]
+    for key in ("epoch", "val_acc", "train_loss"):
+        steps = [m.step for m in tracker.client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(EPOCHS)), f"{key} logged at steps {steps}"
+    resumed = _weights(cfg, run_id)
+    assert resumed.keys() == straight.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
+
+
+def _run_dir(cfg) -> Path:
+    return Path(cfg.storage.path) / cfg.run_name
+
+
+def _snapshot(cfg) -> dict:
+    return json.loads((_run_dir(cfg) / SNAPSHOT_FILE).read_text())
+
+
+def _assert_no_orphans(cfg) -> None:
+    listed = {r["checkpoint_dir_name"] for r in _snapshot(cfg)["checkpoint_results"]}
+    folders = {p.name for p in _run_dir(cfg).iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)}
+    assert folders == listed, f"folders {sorted(folders)}, Ray lists {sorted(listed)}"
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_resumes_from_the_one_before(ray_cluster, home, monkeypatch, straight, capsys):
+    from methodlab.train.launch import train
+
+    cfg = load_config("supervised", None, [*BASE, "train.run_name=truncated"])
+    monkeypatch.setenv("METHODLAB_FAULTS", "crash_after_epoch=4")
+    with pytest.raises(TrainingError, match="run truncated failed"):
+        train(cfg)
+    monkeypatch.delenv("METHODLAB_FAULTS")
+    snap = _snapshot(cfg)
+    latest = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+    assert len(snap["checkpoint_results"]) >= 2
+    for name in (r["checkpoint_dir_name"] for r in snap["checkpoint_results"]):
+        assert (_run_dir(cfg) / name / MANIFEST_FILE).exists()
+    state = _run_dir(cfg) / latest / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])    # a disk that filled up
+    orphan = _run_dir(cfg) / f"{CHECKPOINT_PREFIX}2000-01-01_00-00-00.000000"   # an upload cut short
+    orphan.mkdir()
+    (orphan / STATE_FILE).write_bytes(b"half")
+    capsys.readouterr()
+
+    resumed = train(load_config("supervised", None, [*BASE, "train.run_name=truncated"]))
+    out = capsys.readouterr().out
+    bad = [line for line in out.splitlines() if "is unusable" in line]
+    assert len(bad) == 1 and f"{latest} is unusable: {STATE_FILE} has " in bad[0] and \
+        f"moved to {_run_dir(cfg)}/{SET_ASIDE}/{latest}" in bad[0], out
+    assert (_run_dir(cfg) / SET_ASIDE / latest / STATE_FILE).exists()       # moved aside, never deleted
+    assert resumed.resumed
+    _assert_resumed_like_straight(cfg, resumed.run_id, straight)
+    _assert_no_orphans(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_driver_kills_the_run_keeps_its_checkpoint_and_it_resumes(ray_cluster, home, straight, signum,
+                                                                                 tmp_path, capsys):
+    """The driver (`methodlab train`, its own process group, on the session's cluster) is
+    signalled once it has a checkpoint; meanwhile a second submission of the name is refused."""
+    from methodlab.train.launch import train
+
+    name = f"signal-{signum}"
+    args = ["train", "supervised", *BASE, f"train.run_name={name}"]
+    cfg = load_config("supervised", None, args[2:])
+    os.environ["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address
+    try:
+        log = tmp_path / "driver.err"
+        with open(log, "w") as err_file:     # (a file, not a pipe: Ray's log lines must never block it)
+            driver = subprocess.Popen([sys.executable, "-m", "methodlab.cli", *args], start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=err_file)
+        deadline = time.monotonic() + 240
+        while not ((_run_dir(cfg) / SNAPSHOT_FILE).exists() and _snapshot(cfg)["latest_checkpoint_result"]):
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        capsys.readouterr()
+        assert main(args) == 2            # (in-process: refused in well under a second)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: run {name} is already running: leased by "), lines
+        os.killpg(driver.pid, signum)
+        driver.wait(timeout=120)
+    finally:
+        del os.environ["RAY_ADDRESS"]
+    err = log.read_text()
+    assert driver.returncode == 128 + signum, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: run {name} interrupted by {signal.Signals(signum).name}: workers stopped"), err
+    kept = re.search(r"; last checkpoint (\S+);", errors[0])
+    assert kept and kept.group(1).startswith(f"{_run_dir(cfg)}/{CHECKPOINT_PREFIX}"), err
+    assert read_checkpoint(kept.group(1))["history_step"] < EPOCHS       # stopped mid-run, checkpoint kept
+    assert "resume with: methodlab train supervised " in errors[0] and f"train.run_name={name}" in errors[0], err
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    killed = tracker.find_run(name)
+    assert killed.status == "KILLED"
+    assert not (_run_dir(cfg) / LEASE_FILE).exists()
+
+    resumed = train(cfg)
+    assert resumed.run_id == killed.run_id and resumed.resumed
+    _assert_resumed_like_straight(cfg, resumed.run_id, straight)
+    _assert_no_orphans(cfg)
