@@ -71,6 +71,107 @@ def test_no_credentials_in_logs_params_or_artifacts(ray_cluster, home, tmp_path)
         assert FAKE_SECRET not in t
 
 
+SECRET = "hunter2"
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("postgresql://user:hunter2@db:5432/mlflow", "postgresql://user:***@db:5432/mlflow"),
+    ("tracking.uri http://admin:hunter2@host:5000 is unreachable", "tracking.uri http://admin:***@host:5000 is unreachable"),
+    ("s3://AKIAX:hunter2@bucket/runs", "s3://AKIAX:***@bucket/runs"),
+    ("https://host/x?token=hunter2&experiment=3", "https://host/x?token=***&experiment=3"),
+    ("https://b.s3.amazonaws.com/k?X-Amz-Credential=hunter2&X-Amz-Signature=hunter2",
+     "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***"),
+    ("http://host:5000/api?api_key=hunter2", "http://host:5000/api?api_key=***"),
+    # Nothing secret: unchanged.
+    ("http://host:5000/#/experiments/3?searchFilter=x", "http://host:5000/#/experiments/3?searchFilter=x"),
+    ("train.lr=0.1 set in c.yaml", "train.lr=0.1 set in c.yaml"),
+])
+def test_redact_masks_userinfo_and_secret_query_parameters(text, shown):
+    from methodlab.redact import redact_value
+
+    assert redact_value(text) == shown
+
+
+def test_every_methodlab_error_is_redacted():
+    """Wherever an error is shown (the CLI's line, a traceback, a Ray worker's log), it has no
+    password: the message is redacted when the error is made, and survives pickling (Ray)."""
+    import pickle
+
+    from methodlab.errors import ServiceError
+
+    e = ServiceError(f"MLflow tracking server http://u:{SECRET}@h is unreachable")
+    assert SECRET not in str(e) and SECRET not in str(pickle.loads(pickle.dumps(e)))
+
+
+def test_a_bugs_traceback_is_redacted(monkeypatch, capsys):
+    """Not bad input but a bug: the CLI shows the traceback (exit 1), its URIs redacted."""
+    from methodlab import cli
+
+    def bug(args):
+        raise RuntimeError(f"could not open postgresql://user:{SECRET}@db/mlflow")
+
+    monkeypatch.setattr(cli, "_methods", bug)
+    assert cli.main(["methods"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "postgresql://user:***@db/mlflow" in err and SECRET not in err
+
+
+@pytest.fixture
+def auth_server():
+    """A tracking server's /health behind Basic auth (as MLflow's basic-auth app or a proxy puts
+    it): 200 for user:hunter2, 401 otherwise. Yields the port and the Authorization headers seen."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+    good = "Basic " + base64.b64encode(f"user:{SECRET}".encode()).decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200 if self.path == "/health" and seen[-1] == good else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_reachability_check_uses_the_uris_credentials_without_showing_them(auth_server):
+    from methodlab.errors import ServiceError
+    from methodlab.tracking import check_reachable
+
+    port, seen = auth_server
+    check_reachable(f"http://user:{SECRET}@127.0.0.1:{port}")        # healthy: no error
+    assert seen[-1].startswith("Basic ")
+    with pytest.raises(ServiceError) as refused:
+        check_reachable(f"http://user:wrong-{SECRET}@127.0.0.1:{port}")
+    assert str(refused.value) == (f"MLflow server http://user:***@127.0.0.1:{port} answered /health with 401; "
+                                  "check it (401/403: check the credentials)")
+
+
+def test_sync_never_shows_the_spooled_uris_password(home, tmp_path, capsys):
+    import socket
+
+    from methodlab.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "r1.jsonl").write_text(json.dumps(
+        {"uri": f"http://user:{SECRET}@127.0.0.1:{port}", "run_id": "r1", "step": 0, "metrics": {"a": 1.0}}) + "\n")
+    assert main(["sync", "--spool", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert f"still unreachable: http://user:***@127.0.0.1:{port}" in out.out
+    assert SECRET not in out.out + out.err
+
+
 @pytest.mark.slow
 def test_a_local_ray_listens_on_loopback_only(tmp_path):
     """What `methodlab train` starts when RAY_ADDRESS is unset (preflight, then `ensure_ray`):

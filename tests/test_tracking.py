@@ -100,6 +100,30 @@ def test_promote_moves_champion_only_when_better(tmp_path):
     assert version.tags["test_acc"] == "0.9"
 
 
+def test_two_first_commands_on_a_fresh_sqlite_store_both_succeed(tmp_path):
+    """MLflow creates a fresh SQLite store's tables on first use; two commands doing that at
+    once crashed one of them (`table _alembic_tmp_experiments already exists`). Both processes
+    here wait for the same instant, then run `methodlab promote` (which opens the store and
+    refuses: no candidate yet), so both reach that one-line refusal."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    start_at = time.time() + 6           # after both interpreters have imported methodlab and MLflow
+    code = ("import sys, time; from methodlab.cli import main; import mlflow; "
+            f"time.sleep(max(0.0, {start_at} - time.time())); "
+            f"sys.exit(main(['promote', 'm', '--tracking-uri', {uri!r}]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    for rc, err in results:
+        assert (rc, err.strip()) == (2, "error: registered model 'm' has no candidate; train a run first "
+                                        "or pass --version")
+
+
 def test_a_run_opens_as_a_training_run_with_its_dataset_as_input(home):
     """MLflow's UI: the experiment is a training one (not the GenAI overview), and the run's
     Dataset column comes from the dataset logged as its input (name, digest, source)."""

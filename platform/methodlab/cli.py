@@ -14,7 +14,7 @@
     methodlab demo
 
 Every user error prints one line, `error: ...`, and exits non-zero before cluster resources are
-spent; tracebacks are for bugs.
+spent; tracebacks are for bugs, and are printed with credentials in URIs masked (`redact`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 
 from methodlab.errors import MethodlabError
+from methodlab.redact import redact_value
 
 STARTED_AT = time.time()     # the command's start: the run logs start-up to its first step (startup_s)
 
@@ -83,6 +85,7 @@ def _data(args) -> int:
         return 0
     from methodlab.data.importing import summary
 
+    _check_import_args(args)
     if args.action in IMPORTERS:
         return _import(args, IMPORTERS[args.action])
     from methodlab.data.imagefolder import import_image_folder
@@ -98,6 +101,22 @@ def _data(args) -> int:
     print(f"{summary(done.info)} (uint8 {done.info.columns['image'].shape}, "
           f"{len(done.worker_pids)} worker process(es))")
     return 0
+
+
+def _check_import_args(args) -> None:
+    """The options every `data import*` shares, refused in one line before anything is read."""
+    from methodlab.config import check_location
+
+    for option in ("size", "workers"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise MethodlabError(f"--{option} {value}: must be at least 1 (e.g. --{option} "
+                                 f"{32 if option == 'size' else 2})")
+    if args.out:
+        try:
+            check_location(args.out)
+        except ValueError as e:
+            raise MethodlabError(f"--out {args.out}: {e}") from None
 
 
 def _import(args, importer) -> int:
@@ -295,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         # 128 + its number; a bare Ctrl-C elsewhere has nothing to add.
         print(f"error: {e or 'interrupted; submit the same run again to resume it'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    except Exception:
+        # A bug, not bad input: the whole traceback, but an exception's text may quote a URI
+        # with credentials in it (pyarrow's, botocore's, MLflow's), so it is redacted first.
+        print(redact_value(traceback.format_exc()), end="", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@
 
 Sections: `method` (the method's own config class), `data`, `train`, `scaling`, `storage`,
 `tracking`. Every section forbids unknown keys; a misspelled key fails with the closest valid key,
-a bad value with its dotted path and the layer that set it. The resolved config is what runs, what
+a bad value with its dotted path and the layer that set it. YAML (files and override values) is
+read with duplicate keys and anchors/aliases refused (`StrictLoader`); an override under a key
+the YAML sets to a value is refused rather than dropping it; locations are a local path or a
+lowercase s3://bucket/prefix (`check_location`). The resolved config is what runs, what
 MLflow records (as params and as `config.yaml`) and what the run name is derived from.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import hashlib
@@ -18,6 +22,8 @@ import os
 import re
 import warnings
 from pathlib import Path
+from collections.abc import Hashable
+from collections.abc import Hashable
 from typing import Any, Literal
 
 import yaml
@@ -39,6 +45,25 @@ def default_tracking_uri() -> str:
     # Deliberately not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable
     # process-wide, so a later run would silently track into an earlier run's server.
     return f"sqlite:///{methodlab_home() / 'mlflow.db'}"
+
+
+# A location (storage.path, data.dataset, data.root, `data import --out`): a local path or a
+# lowercase s3://bucket/prefix. A bucket name follows S3's rules (3-63 lowercase letters,
+# digits, '.', '-'); the prefix has no empty segments. Anything with a scheme-like start (`s3:/x`,
+# `S3://`, `gs://`) would otherwise be taken as a relative local path or fail deep in pyarrow.
+S3_URI = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^/?#@\s]+)*/?")
+SCHEME_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def check_location(value: str) -> str:
+    """A local path or a well-formed s3://bucket/prefix; ValueError (one line) otherwise."""
+    if SCHEME_LIKE.match(value) and not S3_URI.fullmatch(value):
+        if value.lower().startswith("s3:") and "@" in value:
+            raise ValueError("an S3 URI carries no credentials; put them in AWS_ACCESS_KEY_ID / "
+                             "AWS_SECRET_ACCESS_KEY and write s3://bucket/prefix")
+        raise ValueError("use a local path or s3://bucket/prefix (a lowercase bucket name of 3-63 letters, "
+                         "digits, '.', '-'); write ./ before a local path with ':'")
+    return value
 
 
 def check_name(value: str | None, max_len: int) -> str | None:
@@ -65,6 +90,8 @@ class DataConfig(Section):
         None, gt=0, description="memory/auto: the MB per node the held splits (and tables) may take; "
         "default half the smallest node's object store")
     limit_rows: int | None = Field(None, gt=0, description="use only the first N training rows")
+    allow_tiny: bool = Field(False, description="train on a train split smaller than one global batch "
+                             "(train.batch_size x scaling.num_workers), which is otherwise refused")
     normalize: bool = Field(False, description="standardize scaled (uint8 image) columns per channel "
                             "with the manifest's train mean/std, on the device; the exported model then "
                             "takes standardized inputs. Default: the decoded values in [0, 1]")
@@ -76,6 +103,11 @@ class DataConfig(Section):
         10_000, ge=0, description="stream: rows of Ray Data's local shuffle buffer, reseeded every "
         "epoch, on top of a seeded block order (see README, Data); 0 = block order only")
 
+    @field_validator("dataset", "root")
+    @classmethod
+    def _location(cls, v: str) -> str:
+        return check_location(v)
+
 
 class TrainConfig(Section):
     epochs: int = Field(5, gt=0)
@@ -83,7 +115,8 @@ class TrainConfig(Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    seed: int = Field(0, ge=0)
+    # torch.manual_seed takes at most 2**64 - 1; epoch seeds are derived modulo 2**63.
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     run_name: str | None = Field(None, description="default: <method>-<hash of the config>; "
                                  "submitting the same name again resumes that run")
@@ -133,6 +166,11 @@ class StorageConfig(Section):
                                 "here, so `methodlab train ... resume` can pick it up after an S3 outage; "
                                 "default $METHODLAB_HOME/checkpoints")
 
+    @field_validator("path")
+    @classmethod
+    def _location(cls, v: str) -> str:
+        return check_location(v)
+
 
 # `tracking.register` shares its name with ABCMeta.register of pydantic's metaclass; instances
 # read the field (the metaclass method is not visible on them), so pydantic's warning is moot.
@@ -147,6 +185,16 @@ class TrackingConfig(Section):
     register: Literal["best", "last"] = Field(
         "best", description="best: the final stage's best evaluated epoch by the method's metric (its test "
         "metrics are what is reported); last: the last epoch's model")
+
+    @field_validator("registered_model")
+    @classmethod
+    def _mlflow_model_name(cls, v: str) -> str:
+        # MLflow's rules (mlflow.utils.validation._validate_model_name), checked here so a bad
+        # name is refused before training rather than when the model is registered at its end.
+        if any(c in v for c in "/:") or v != v.strip() or v.startswith(".."):
+            raise ValueError("MLflow model names cannot contain '/' or ':', start with '..' or have "
+                             "surrounding spaces; e.g. methodlab-supervised")
+        return v
 
 
 class RunConfig(Section):
@@ -167,7 +215,7 @@ class RunConfig(Section):
                                   "log_every_steps", "lease_timeout_s"},
                         "scaling": {"wait_for_nodes_s"},
                         # where the loader may hold data, not what is trained (see identity())
-                        "data": {"memory_budget_mb"},
+                        "data": {"memory_budget_mb", "allow_tiny"},
                         # a name for values that the resolved config holds anyway
                         "method": {"preset"}}
     # Keys added after run names were first derived: hashed only when set away from their
@@ -223,7 +271,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
         raise ConfigError(f"override {text!r} is not key=value with a dotted key, e.g. train.lr=3e-4")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml(raw) if raw != "" else None
+    except StrictYAMLError as e:
+        raise ConfigError(f"override {text!r}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), yaml_number(value)
@@ -251,15 +301,53 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def set_path(tree: dict, path: list[str], value: Any, origin: str) -> None:
+def set_path(tree: dict, path: list[str], value: Any, origin: str, set_in: str = "") -> None:
+    """Set a dotted key in `tree`, refusing a key under a value. `set_in`: where that value was
+    set, when not by an earlier override (the YAML file)."""
     node = tree
     for i, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{origin}: {'.'.join(path[:i + 1])} is a value, not a section; "
-                              f"drop '.{'.'.join(path[i + 1:])}'")
+            head, rest = ".".join(path[:i + 1]), ".".join(path[i + 1:])
+            if set_in:
+                raise ConfigError(f"{origin}: {head} is a value ({child!r}) {set_in}, not a section; "
+                                  f"write {head} as a mapping there, or drop '.{rest}'")
+            raise ConfigError(f"{origin}: {head} is a value, not a section; drop '.{rest}'")
         node = child
     node[path[-1]] = value
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML for configs: a duplicate key is an error (not the last one silently winning), and
+    anchors and aliases are refused, so a few hundred bytes cannot expand into gigabytes
+    (a "billion laughs" alias bomb). Write repeated values out; configs are short."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            raise StrictYAMLError("anchors and aliases (&name, *name) are not supported; write the value out",
+                                  self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue        # SafeLoader's own error ("found unhashable key") follows
+            if key in seen:
+                raise StrictYAMLError(f"duplicate key {key!r}; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class StrictYAMLError(yaml.YAMLError):
+    def __init__(self, problem: str, mark):
+        self.problem, self.problem_mark = problem, mark
+
+
+def load_yaml(text: str) -> Any:
+    """`text` parsed by `StrictLoader`."""
+    return yaml.load(text, Loader=StrictLoader)
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -267,11 +355,18 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass an existing YAML file with -c")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+        if "\0" in text:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is binary, not YAML text; pass a YAML file with -c") from None
+    try:
+        data = load_yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {p} is not valid YAML{where}; fix the syntax") from None
+        problem = f": {e.problem}" if isinstance(e, StrictYAMLError) else "; fix the syntax"
+        raise ConfigError(f"config file {p} is not valid YAML{where}{problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must be a mapping of sections (method:, train:, ...)")
     return data
@@ -306,7 +401,8 @@ def _describe(err: dict, cls: type[BaseModel], origins: dict[str, str]) -> str:
         return f"unknown config key {dotted}{where}; {hint}"
     got = err.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{dotted}: {err['msg']}{got_s}{where}"
+    msg = err["msg"].removeprefix("Value error, ")      # a field validator's own one-line message
+    return f"{dotted}: {msg}{got_s}{where}"
 
 
 def resolve(method_name: str, layers: list[tuple[str, dict]]) -> RunConfig:
@@ -320,6 +416,11 @@ def resolve(method_name: str, layers: list[tuple[str, dict]]) -> RunConfig:
     for origin, layer in layers:
         merged = deep_merge(merged, layer)
         for dotted in _flatten_keys(layer):
+            # A value an earlier layer set where this one puts a section (`train.epochs={a: 1}`)
+            # was replaced: an error there is this layer's, not the earlier one's.
+            parts = dotted.split(".")
+            for i in range(1, len(parts)):
+                origins.pop(".".join(parts[:i]), None)
             origins[dotted] = origin
     if method.presets:
         name, preset = _preset(method, merged, origins)
@@ -391,10 +492,15 @@ def load_config(method_name: str, yaml_path: str | None = None, overrides: list[
         data = read_yaml(yaml_path)
         data.pop("method_name", None)
         layers.append((f"in {yaml_path}", data))
-    override_tree: dict = {}
+    # The YAML's values with the overrides set into them: a key under a value is refused, so an
+    # override never replaces (drops) the YAML's value of a section without a word.
+    tree: dict = copy.deepcopy(data) if yaml_path else {}
+    overridden: set[str] = set()
     for text in overrides:
         path, value = parse_override(text)
-        set_path(override_tree, path, value, f"override {text!r}")
+        set_by = "" if any(".".join(path[:i]) in overridden for i in range(1, len(path))) else f"in {yaml_path}"
+        set_path(tree, path, value, f"override {text!r}", set_by)
+        overridden.add(".".join(path))
         layers.append((f"by override {text!r}", nest(path, value)))
     return resolve(method_name, layers)
 

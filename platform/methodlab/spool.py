@@ -17,6 +17,9 @@ import os
 import threading
 from pathlib import Path
 
+from methodlab.errors import DataError
+
+SPOOL_KEYS = {"uri", "run_id", "step", "metrics"}     # what SpoolFile.append writes on every line
 _FILE_LOCK = threading.Lock()    # one per process: the appender and the sender are threads of one
 
 
@@ -54,4 +57,16 @@ def drop(path: Path, sent: int) -> None:
 def _read(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict) or not SPOOL_KEYS <= entry.keys():
+            raise DataError(f"metric spool {path} line {n} is not a spooled metrics line; move the file "
+                            "aside (or delete that line) and run `methodlab sync` again")
+        lines.append(entry)
+    return lines

@@ -7,7 +7,9 @@ MLflow URI works: the default SQLite file under `.methodlab/`, or a tracking ser
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,20 +114,72 @@ def git_commit() -> str:
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
-    """Preflight for a tracking server; a SQLite or file store only needs its directory."""
+    """Preflight for a tracking server; a SQLite or file store only needs a writable directory.
+    Messages show the URI redacted; a server's credentials (in the URI, or MLFLOW_TRACKING_USERNAME
+    and MLFLOW_TRACKING_PASSWORD, as MLflow reads them) are sent, never shown."""
+    shown = redact_value(uri)
     if uri.startswith(("http://", "https://")):
+        url, headers = _split_credentials(uri)
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            request = urllib.request.Request(f"{url.rstrip('/')}/health", headers=headers)
+            with urllib.request.urlopen(request, timeout=timeout) as r:
                 if r.status != 200:
-                    raise ServiceError(f"MLflow server {uri} answered /health with {r.status}; check it")
-        except (urllib.error.URLError, OSError, TimeoutError):
-            raise ServiceError(f"MLflow tracking server {uri} is unreachable; start it "
+                    raise ServiceError(f"MLflow server {shown} answered /health with {r.status}; check it")
+        except urllib.error.HTTPError as e:
+            raise ServiceError(f"MLflow server {shown} answered /health with {e.code}; check it "
+                               "(401/403: check the credentials)") from None
+        except (urllib.error.URLError, OSError, TimeoutError, ValueError):
+            raise ServiceError(f"MLflow tracking server {shown} is unreachable; start it "
                                "(make stack-up) or fix tracking.uri") from None
     elif uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_path(uri)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"tracking.uri {shown}: cannot create {db.parent} ({e.strerror}); "
+                              "point tracking.uri at a writable place") from None
+        target = db if db.exists() else db.parent
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"tracking.uri {shown}: {target} is not writable; "
+                              "point tracking.uri at a writable place")
     elif "://" in uri and not uri.startswith(("file://", "databricks")):
-        raise ConfigError(f"tracking.uri {uri!r} is not a supported MLflow URI; use http(s)://, "
+        raise ConfigError(f"tracking.uri {shown!r} is not a supported MLflow URI; use http(s)://, "
                           "sqlite:/// or file://")
+
+
+def _split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """A server URI without its userinfo, and the Basic-auth header it (or the environment) carries."""
+    parsed = urllib.parse.urlsplit(uri)
+    user = urllib.parse.unquote(parsed.username or "") or os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    password = urllib.parse.unquote(parsed.password or "") or os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    host = parsed.netloc.rpartition("@")[2]
+    url = urllib.parse.urlunsplit(parsed._replace(netloc=host))
+    if not user:
+        return url, {}
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return url, {"Authorization": f"Basic {token}"}
+
+
+def sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):])
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Held while a SQLite store is opened: MLflow creates and migrates a fresh store's tables on
+    first use, and two processes doing that at once crash one of them (`table
+    _alembic_tmp_experiments already exists`). Other stores need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = sqlite_path(uri).with_name(sqlite_path(uri).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +197,9 @@ class Tracker:
     def __init__(self, uri: str, experiment: str | None):
         """`experiment=None` only addresses existing runs (e.g. `methodlab sync`)."""
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._experiment(experiment) if experiment else None
+        with store_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)     # creates a fresh store's tables
+            self.experiment_id = self._experiment(experiment) if experiment else None
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -152,7 +208,7 @@ class Tracker:
         artifact_location = None
         if self.uri.startswith("sqlite:///"):
             # Next to the database, not wherever the process happens to run.
-            artifact_location = (Path(self.uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+            artifact_location = (sqlite_path(self.uri).parent / "artifacts").as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
         except MlflowException:   # created concurrently by another process
@@ -398,7 +454,7 @@ def flush_spool_file(tracker: Tracker, path: Path) -> bool:
                     tracker.log_metrics(line["run_id"], line["metrics"], line["step"])
                     done.add(line["step"])
     except (MlflowException, OSError) as e:
-        print(f"[methodlab] MLflow at {tracker.uri} unreachable ({type(e).__name__}); "
+        print(f"[methodlab] MLflow at {redact_value(tracker.uri)} unreachable ({type(e).__name__}); "
               f"{len(lines)} epoch(s) of metrics kept in {path} and retried later", flush=True)
         return False
     drop(path, len(lines))       # only what was sent: the loop may have appended meanwhile
@@ -414,5 +470,6 @@ def sync_spool(spool_dir: str | os.PathLike) -> list[str]:
             continue
         first = lines[0]
         ok = flush_spool_file(Tracker(first["uri"], None), path)
-        done.append(f"{path.name}: {'synced to ' + first['uri'] if ok else 'still unreachable: ' + first['uri']}")
+        shown = redact_value(first["uri"])
+        done.append(f"{path.name}: {'synced to ' + shown if ok else 'still unreachable: ' + shown}")
     return done

@@ -7,7 +7,9 @@
 Tensor columns use Arrow's canonical `fixed_shape_tensor` extension type, so an image column is
 (N, C, H, W) on disk and converts to a tensor without per-row Python. The schema is checked when a
 dataset is opened, from the Parquet footers alone: a missing column, a wrong dtype or a wrong shape
-is a DataError naming the file and the column, before any cluster resources are spent.
+is a DataError naming the file and the column, before any cluster resources are spent. What the
+columns hold (label range, nulls, NaN/inf) is read from the footers' statistics too
+(`column_ranges`), for the driver's preflight.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from methodlab import storage
@@ -251,8 +254,16 @@ def open_dataset(uri: str) -> DatasetInfo:
     """Read the manifest and check every Parquet footer against it. Raises DataError."""
     fs, root = storage.filesystem(uri)
     manifest_path = f"{root}/{MANIFEST}"
-    if not storage.exists(uri):
+    try:
+        kind = fs.get_file_info(root).type
+    except OSError as e:      # pyarrow's S3 errors: endpoint down, no such bucket, access denied
+        raise DataError(f"dataset {uri} cannot be read ({str(e).splitlines()[0][:160]}); check the bucket "
+                        "and storage.endpoint_url / AWS_ENDPOINT_URL") from None
+    if kind == pafs.FileType.NotFound:
         raise DataError(f"dataset {uri} does not exist; run `methodlab data prepare` or fix data.dataset")
+    if kind == pafs.FileType.File:
+        raise DataError(f"dataset {uri} is a file, not a dataset directory; point data.dataset at the "
+                        f"directory that holds {MANIFEST}")
     try:
         with fs.open_input_stream(manifest_path) as f:
             raw = json.loads(f.read())
@@ -261,14 +272,7 @@ def open_dataset(uri: str) -> DatasetInfo:
                         "or methodlab.data.write_dataset") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{uri}/{MANIFEST} is not valid JSON; re-create the dataset") from None
-    try:
-        info = DatasetInfo(uri=uri, name=raw["name"], splits=list(raw["splits"]),
-                           columns={k: Column(**c) for k, c in raw["columns"].items()},
-                           tables={t: {k: Column(**c) for k, c in cols.items()}
-                                   for t, cols in raw.get("tables", {}).items()},
-                           meta=raw.get("meta", {}))
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{uri}/{MANIFEST} lacks field {e}; re-create the dataset") from None
+    info = _manifest(uri, raw)
     for split in info.splits:
         files = _parquet_files(f"{root}/{split}", uri, split)
         for path in files:
@@ -276,6 +280,40 @@ def open_dataset(uri: str) -> DatasetInfo:
     for t, cols in info.tables.items():
         _check_schema(fs, f"{root}/tables/{t}.parquet", cols, info.table_uri(t))
     return info
+
+
+def _manifest(uri: str, raw: Any) -> DatasetInfo:
+    """The manifest's JSON as a DatasetInfo; DataError naming the field that has the wrong form."""
+    shown = f"{uri}/{MANIFEST}"
+
+    def mapping(value: Any, what: str) -> dict:
+        if not isinstance(value, dict):
+            raise DataError(f"{shown}: {what} must be a JSON object, not {type(value).__name__}; "
+                            "re-create the dataset")
+        return value
+
+    def columns(value: Any, what: str) -> dict[str, Column]:
+        out = {}
+        for k, c in mapping(value, what).items():
+            spec = mapping(c, f"{what}[{k!r}]")
+            try:
+                out[k] = Column(**spec)
+                np.dtype(out[k].dtype)
+            except TypeError as e:
+                raise DataError(f"{shown}: {what}[{k!r}] is not {{dtype, shape}} ({e}); re-create the dataset") from None
+        return out
+
+    mapping(raw, "the manifest")
+    missing = [k for k in ("name", "splits", "columns") if k not in raw]
+    if missing:
+        raise DataError(f"{shown} lacks field {missing[0]!r}; re-create the dataset")
+    if not isinstance(raw["splits"], list) or not all(isinstance(x, str) for x in raw["splits"]):
+        raise DataError(f"{shown}: 'splits' must be a list of split names; re-create the dataset")
+    return DatasetInfo(uri=uri, name=str(raw["name"]), splits=list(raw["splits"]),
+                       columns=columns(raw["columns"], "'columns'"),
+                       tables={t: columns(cols, f"'tables'[{t!r}]")
+                               for t, cols in mapping(raw.get("tables", {}), "'tables'").items()},
+                       meta=mapping(raw.get("meta", {}), "'meta'"))
 
 
 def _parquet_files(path: str, uri: str, split: str) -> list[str]:
@@ -319,6 +357,65 @@ def split_rows(info: DatasetInfo, split: str) -> int:
         with fs.open_input_file(path) as f:
             rows += pq.read_metadata(f).num_rows
     return rows
+
+
+# Parquet statistics leave NaN out of min/max, so NaN is looked for by reading float columns,
+# at most this many bytes of each per split (the loop's non-finite loss check covers the rest).
+NAN_SCAN_BYTES = 64 * 2**20
+
+
+@dataclass
+class ColumnRange:
+    """A column's values over a split: min and max (None when it has no non-null values), how
+    many are null, and whether a NaN was seen in the scanned part (float columns)."""
+
+    min: float | None = None
+    max: float | None = None
+    nulls: int = 0
+    nan: bool = False
+
+
+def column_ranges(info: DatasetInfo, split: str, names: list[str]) -> dict[str, ColumnRange]:
+    """The `ColumnRange` of each named column over a split, from the Parquet row-group statistics
+    in the footers; a row group without statistics for a column has that one column read, and
+    float columns are read for NaN up to NAN_SCAN_BYTES."""
+    fs, root = storage.filesystem(info.split_uri(split))
+    out = {n: ColumnRange() for n in names}
+    scanned = dict.fromkeys(names, 0)
+    for path in _parquet_files(root, info.uri, split):
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            meta = pf.metadata
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for j in range(group.num_columns):
+                    chunk = group.column(j)
+                    name = chunk.path_in_schema.split(".")[0]
+                    if name not in out:
+                        continue
+                    float_column = np.dtype(info.columns[name].dtype).kind == "f"
+                    stats = chunk.statistics
+                    if stats is not None and stats.has_min_max:
+                        _widen(out[name], stats.min, stats.max)
+                        out[name].nulls += stats.null_count or 0
+                    no_stats = stats is None or not stats.has_min_max
+                    if no_stats or (float_column and scanned[name] < NAN_SCAN_BYTES):
+                        column = pf.read_row_group(g, columns=[name])[name]
+                        values = to_numpy(column.drop_null())
+                        scanned[name] += values.nbytes
+                        if float_column:
+                            out[name].nan |= bool(np.isnan(values).any())
+                            values = values[~np.isnan(values)]
+                        if no_stats:
+                            out[name].nulls += column.null_count
+                            if values.size:
+                                _widen(out[name], values.min(), values.max())
+    return out
+
+
+def _widen(r: ColumnRange, lo, hi) -> None:
+    r.min = lo if r.min is None else min(r.min, lo)
+    r.max = hi if r.max is None else max(r.max, hi)
 
 
 def split_nbytes(info: DatasetInfo, split: str) -> int:

@@ -121,7 +121,7 @@ def load_mat(path: str) -> dict:
         raise DataError(f"{path} does not exist")
     try:
         return loadmat(path)
-    except (ValueError, OSError, TypeError, NotImplementedError) as e:
+    except Exception as e:      # noqa: BLE001  scipy raises a different type per way a file is not MATLAB (MatReadError, IndexError, ...)
         raise DataError(f"{path} is not a readable MATLAB file ({str(e).splitlines()[0][:80]})") from None
 
 

@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 import methodlab.methods  # noqa: F401  (fills the registries for library callers of train())
 from methodlab import storage
 from methodlab.config import RunConfig
 from methodlab.data import DatasetInfo, resolve_dataset, split_nbytes
+from methodlab.data.dataset import column_ranges, split_rows
 from methodlab.data.shared import fmt_bytes, held_nbytes, memory_budget, memory_splits, put_splits
 from methodlab.errors import ConfigError, DataError, ServiceError, TrainingError
 from methodlab.redact import redact_value
@@ -87,9 +90,59 @@ def preflight(cfg: RunConfig) -> DatasetInfo:
     if missing:
         raise DataError(f"dataset {info.uri} lacks column(s) {', '.join(missing)} that method "
                         f"{cfg.method_name} needs; pick a dataset with them (data.dataset)")
+    check_contents(cfg, info)
     if memory_budget(cfg) is not None:
         choose_loader(cfg, info)     # refuses an over-budget memory run here; else after ensure_ray
     return info
+
+
+def check_contents(cfg: RunConfig, info: DatasetInfo) -> None:
+    """What the data holds, from the Parquet footers (`column_ranges`): num_classes, labels in
+    range, no null labels, no NaN or inf in float columns, a train split of at least one global
+    batch (of at least one row with data.allow_tiny). Raises a one-line DataError; warns about a single-class train
+    split. Without this a bad label failed ~25 s into the run with a raw torch error."""
+    n = info.meta.get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise DataError(f"{info.uri}/dataset.json: meta.num_classes must be a positive integer (got {n!r}); "
+                        "fix the manifest")
+    label = info.columns.get("label")
+    if label is not None and label.shape == [] and np.dtype(label.dtype).kind not in "iu":
+        raise DataError(f"dataset {info.uri}: column 'label' holds {label.dtype}; class labels are "
+                        "integers 0..num_classes-1, re-create the dataset with integer labels")
+    floats = [c for c, col in info.columns.items() if np.dtype(col.dtype).kind == "f"]
+    checked = floats + (["label"] if label is not None and label.shape == [] else [])
+    for split in SPLITS:
+        ranges = column_ranges(info, split, checked)
+        where = f"dataset {info.uri}, split {split!r}"
+        for c in floats:
+            r = ranges[c]
+            if r.nan or (r.min is not None and not np.isfinite([r.min, r.max]).all()):
+                raise DataError(f"{where}: column {c!r} holds NaN or inf; clean the data and re-create the dataset")
+        if "label" not in ranges:
+            continue
+        r = ranges["label"]
+        # STL-10's train split marks its unlabeled images with meta.unlabeled_label (-1).
+        low = min(0, info.meta.get("unlabeled_label", 0)) if split == "train" else 0
+        if r.nulls:
+            raise DataError(f"{where}: {r.nulls} label(s) are missing (null); every row needs a label")
+        if r.min is not None and (r.min < low or r.max >= n):
+            raise DataError(f"{where}: labels span {r.min}..{r.max} but meta.num_classes is {n} (labels "
+                            f"0..{n - 1}); fix the labels or num_classes in dataset.json")
+        if split == "train" and r.min is not None and r.min == r.max:
+            print(f"[methodlab] warning: {where} has a single class ({r.min}); the model cannot learn "
+                  "to tell classes apart", flush=True)
+    method = get_method(cfg.method_name)
+    if any(method.train_source(cfg, stage) == "train" for stage in method.stages):
+        rows = split_rows(info, "train")
+        used = min(rows, cfg.data.limit_rows or rows)
+        if used == 0:
+            raise DataError(f"dataset {info.uri}: the train split has no rows; re-create the dataset with "
+                            "training data")
+        if used < global_batch(cfg) and not cfg.data.allow_tiny:
+            raise DataError(f"dataset {info.uri}: the train split has {used} row(s), fewer than one global batch "
+                            f"of {global_batch(cfg)} (train.batch_size={cfg.train.batch_size} x "
+                            f"scaling.num_workers={cfg.scaling.num_workers}); lower the batch size, use more "
+                            "data, or set data.allow_tiny=true")
 
 
 def choose_loader(cfg: RunConfig, info: DatasetInfo) -> tuple[RunConfig, str]:
