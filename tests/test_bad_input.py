@@ -306,6 +306,33 @@ def test_bad_commands(case, home, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method, field, made_by", [
+    ("toast", "backbone", "methodlab train supervised data.dataset=digits_source method.arch=vit"),
+    ("canonicalization", "predictor", "methodlab train supervised`"),
+])
+def test_a_fresh_store_names_the_command_that_creates_a_missing_default_model(method, field, made_by, home, capsys):
+    """TOAST's and canonicalization's default backbone/predictor exist only once the run that
+    registers it has run (make demo runs it first): refused before Ray, naming that run, and
+    asking does not create the store."""
+    code, err = _run(capsys, ["train", method])
+    _assert_refused(code, err, f"method.{field} models:/", home)
+    assert "does not exist" in err[0] and f"create it with `{made_by}" in err[0] and f"or set method.{field}" in err[0]
+    assert not (home / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("uri, why", [("{tmp}/nope.pt", "no such file or directory"),
+                                      ("models:/never-registered@candidate", "")])
+def test_a_missing_pretrained_model_is_one_line(uri, why, home, tmp_path, capsys):
+    from methodlab.config import default_tracking_uri
+    from methodlab.tracking import Tracker
+
+    Tracker(default_tracking_uri(), "methodlab")          # an existing store, without the model
+    uri = uri.replace("{tmp}", str(tmp_path))
+    code, err = _run(capsys, ["train", "toast", f"method.backbone={uri}"])
+    _assert_refused(code, err, f"method.backbone {uri} does not exist", home)
+    assert why in err[0] and "set method.backbone to a model that exists" in err[0]
+
+
 def test_unknown_method(home, capsys):
     _assert_refused(*_run(capsys, ["train", "supervize"]), "unknown method 'supervize'; did you mean 'supervised'?", home)
 

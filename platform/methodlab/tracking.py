@@ -359,6 +359,26 @@ class Tracker:
         self.end_run(run_id, "FINISHED")
         return version
 
+    def missing_model(self, uri: str) -> str | None:
+        """Why the models:/ or runs:/ `uri` names nothing in this store, or None when it exists.
+        Looks the name up only (no download)."""
+        try:
+            if uri.startswith("runs:/"):
+                self.client.get_run(uri[len("runs:/"):].strip("/").split("/")[0])
+                return None
+            name, _, which = uri[len("models:/"):].strip("/").partition("@")
+            if which:
+                self.client.get_model_version_by_alias(name, which)
+                return None
+            name, _, version = name.partition("/")
+            if version:
+                self.client.get_model_version(name, version)
+            else:
+                self.client.get_registered_model(name)
+            return None
+        except MlflowException as e:
+            return str(e).splitlines()[0][:160]
+
     def download_model_files(self, model_uri: str, dst: str) -> tuple[dict, str]:
         """(spec, path of weights.pt) of a model logged by `log_model`, e.g. models:/name@alias."""
         mlflow.set_tracking_uri(self.uri)

@@ -203,6 +203,7 @@ def build_augment(cfg: BadBatchesConfig, size: tuple[int, int]) -> nn.Module:
 @register_method("bad_batches")
 class BadBatches(Method):
     Config = BadBatchesConfig
+    pretrained_fields = ("extractor_uri",)
     defaults = {"train": {"epochs": 30, "batch_size": 64, "lr": 2e-3}}
     metric = "val_linear_acc"
     test_metric = "test_linear_acc"

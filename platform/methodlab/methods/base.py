@@ -166,6 +166,9 @@ class Method(ABC):
     # backbone registered by another method.
     demo_overrides: ClassVar[list[str]] = []
     demo_prerequisites: ClassVar[list[tuple[str, list[str]]]] = []
+    # The `method.*` fields that name a pretrained model to load (models:/, runs:/, a checkpoint
+    # or a file; "" and "scratch" load nothing): preflight checks each exists before Ray starts.
+    pretrained_fields: ClassVar[tuple[str, ...]] = ()
     # Overrides that make a run take seconds (tests, `make demo --quick`); also smoke-tested.
     smoke_overrides: ClassVar[list[str]] = ["train.epochs=1"]
     # The `train.optimizer` values `build_optimizers` honours; a config asking for another fails

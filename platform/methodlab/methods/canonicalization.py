@@ -141,6 +141,7 @@ class CanonicalizationObjective(nn.Module):
 @register_method("canonicalization")
 class Canonicalization(Method):
     Config = CanonicalizationConfig
+    pretrained_fields = ("predictor",)
     test_counts: torch.Tensor | None = None      # group_counts of the last test evaluation, summed
     defaults = {"train": {"epochs": 10, "batch_size": 64, "lr": 1e-3}}
     metric = "val_group_acc"

@@ -37,6 +37,7 @@ class SupervisedConfig(Section):
 @register_method("supervised")
 class Supervised(Method):
     Config = SupervisedConfig
+    pretrained_fields = ("init",)
     defaults = {"train": {"epochs": 5, "batch_size": 64, "lr": 2e-3}}
     search_space = {
         "train.lr": {"loguniform": [1e-4, 1e-2]},

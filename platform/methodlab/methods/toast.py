@@ -138,6 +138,7 @@ class ToastConfig(Section):
 @register_method("toast")
 class Toast(Method):
     Config = ToastConfig
+    pretrained_fields = ("backbone",)
     # The transfer stage is few-shot (digits_transfer's target train split has 50 rows): a train
     # split smaller than one global batch is the setting, not a mistake (launch.check_contents).
     defaults = {"train": {"epochs": 60, "batch_size": 32, "optimizer": "adamw", "lr": 1e-2,

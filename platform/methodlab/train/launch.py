@@ -91,9 +91,45 @@ def preflight(cfg: RunConfig) -> DatasetInfo:
         raise DataError(f"dataset {info.uri} lacks column(s) {', '.join(missing)} that method "
                         f"{cfg.method_name} needs; pick a dataset with them (data.dataset)")
     check_contents(cfg, info)
+    check_pretrained(cfg)
     if memory_budget(cfg) is not None:
         choose_loader(cfg, info)     # refuses an over-budget memory run here; else after ensure_ray
     return info
+
+
+def check_pretrained(cfg: RunConfig) -> None:
+    """Every model the method is told to load (`Method.pretrained_fields`) exists: a file or
+    directory, a run, a registered version or alias. A missing one is refused in one line before
+    Ray starts; where it is what one of the method's `demo_prerequisites` registers (TOAST's and
+    canonicalization's defaults on a fresh store), the line gives the command that creates it."""
+    from methodlab.tracking import Tracker
+
+    method = get_method(cfg.method_name)
+    for field in method.pretrained_fields:
+        uri = getattr(cfg.method, field)
+        if uri in ("", "scratch"):
+            continue
+        store = cfg.tracking.uri[len("sqlite:///"):] if cfg.tracking.uri.startswith("sqlite:///") else None
+        if uri.startswith(("models:/", "runs:/")) and store is not None and not os.path.exists(store):
+            why = "the store does not exist yet"      # and asking must not create it
+        elif uri.startswith(("models:/", "runs:/")):
+            why = Tracker(cfg.tracking.uri, None).missing_model(uri)
+        elif storage.is_s3(uri):
+            why = None if storage.exists(uri) or storage.listdir(uri) else "no such object or prefix"
+        else:
+            why = None if os.path.exists(uri) else "no such file or directory"
+        if why is None:
+            continue
+        fix = f"set method.{field} to a model that exists"
+        for prerequisite, overrides in method.demo_prerequisites:
+            from methodlab.config import load_config
+
+            made = load_config(prerequisite, None, overrides).tracking.registered_model
+            if uri.startswith(f"models:/{made}@") or uri.startswith(f"models:/{made}/"):
+                command = " ".join(["methodlab", "train", prerequisite, *(f"'{o}'" if " " in o else o for o in overrides)])
+                fix = f"create it with `{command}` (what make demo runs first), or {fix}"
+        raise ConfigError(f"method.{field} {redact_value(uri)} does not exist in {redact_value(cfg.tracking.uri)} "
+                          f"({why}); {fix}")
 
 
 def check_contents(cfg: RunConfig, info: DatasetInfo) -> None:
