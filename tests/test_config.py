@@ -168,3 +168,22 @@ def test_derived_run_names_survive_new_config_keys(monkeypatch):
     assert load_config("mmanet").run_name == "mmanet-9ab008946d"
     assert load_config("supervised", None, ["data.normalize=true"]).run_name != "supervised-ac54bd5478"
     assert load_config("supervised", None, ["data.shuffle_buffer_rows=64"]).run_name != "supervised-ac54bd5478"
+
+
+def test_train_help_lists_every_config_key_of_the_method_with_type_value_and_description(capsys):
+    from methodlab.cli import main
+    from methodlab.registry import get_method
+
+    assert main(["train", "toast", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: methodlab train" in out
+    cfg = load_config("toast")
+    for section in ("method", "data", "train", "scaling", "storage", "tracking"):
+        for name in type(getattr(cfg, section)).model_fields:
+            assert f"  {section}.{name} " in out, f"{section}.{name} missing from the help"
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("method.mode "))
+    assert "toast|toast-lite|linear|finetune" in line and " toast " in line           # type, value
+    assert next(ln for ln in out.splitlines() if ln.strip().startswith("train.epochs ")).split()[2] == \
+        str(get_method("toast").defaults["train"]["epochs"])                          # the method's default
+    assert main(["train", "supervize", "--help"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: method: unknown method 'supervize'")

@@ -152,9 +152,13 @@ def _report(args) -> int:
 def _methods(args) -> int:
     from methodlab.registry import get_method, method_names
 
+    rows = [("method", "stages", "metric", "dataset")]
     for name in method_names():
         m = get_method(name)
-        print(f"{name:18s} stages={'>'.join(m.stages):28s} metric={m.metric} ({m.mode})  dataset={m.default_dataset}")
+        rows.append((name, " > ".join(m.stages), f"{m.metric} ({m.mode})", m.default_dataset))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]}")
     return 0
 
 
@@ -289,11 +293,35 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="train every method on built-in data and print the results")
     dm.add_argument("overrides", nargs="*")
     dm.set_defaults(func=_demo)
+    p.subcommands = sub.choices           # name -> parser, for `train <method> --help`
     return p
+
+
+def _config_help(argv: list[str], parser: argparse.ArgumentParser) -> int | None:
+    """`train <method> --help` / `sweep <method> --help`: the command's options, then every config
+    key of that method with its type, value and description (from the pydantic models)."""
+    if len(argv) < 2 or argv[0] not in ("train", "sweep") or argv[1].startswith("-") \
+            or not {"-h", "--help"} & set(argv[2:]):
+        return None
+    import methodlab.methods  # noqa: F401
+    from methodlab.config import config_keys_help
+
+    keys = config_keys_help(argv[1])      # an unknown method fails here, before anything prints
+    print(parser.subcommands[argv[0]].format_help())
+    print(keys)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        shown = _config_help(argv, parser)
+    except MethodlabError as e:          # an unknown method: its one line
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    if shown is not None:
+        return shown
     # argparse stops filling a `nargs="*"` positional at the first option, so in
     # `train supervised -c x.yaml train.lr=3e-3` the overrides after -c come back as "unknown";
     # they are overrides all the same, wherever they stand.

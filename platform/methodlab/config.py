@@ -509,3 +509,41 @@ def from_dict(d: dict) -> RunConfig:
     """Rebuild a resolved config (e.g. in a Ray worker, or from a checkpoint)."""
     d = dict(d)
     return resolve(d.pop("method_name"), [("as resolved", d)])
+
+
+def _type_name(annotation) -> str:
+    """A field's type as a user types it: `auto|memory|stream` for a Literal, `int?` for Optional."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return "|".join(named) + ("?" if type(None) in args else "")
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def config_keys_help(method_name: str) -> str:
+    """Every config key of a run of `method_name`, its type, the value it has with nothing set
+    (the platform's defaults under the method's) and its description: what `methodlab train
+    <method> --help` lists, generated from the pydantic models so it cannot drift."""
+    cfg = load_config(method_name)
+    rows = []
+    for section in ("method", "data", "train", "scaling", "storage", "tracking"):
+        values = getattr(cfg, section)
+        for name, field in type(values).model_fields.items():
+            value = getattr(values, name)
+            shown = "''" if value == "" else ("null" if value is None else yaml_dump_inline(value))
+            rows.append((f"{section}.{name}", _type_name(field.annotation), shown, field.description or ""))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"config keys of {method_name} (set with key=value, or in the -c YAML by section):"]
+    lines += [f"  {k:<{width[0]}}  {t:<{width[1]}}  {v:<{width[2]}}  {d}".rstrip() for k, t, v, d in rows]
+    return "\n".join(lines)
+
+
+def yaml_dump_inline(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
