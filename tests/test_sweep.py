@@ -19,6 +19,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from methodlab.config import load_config
 from methodlab.errors import ConfigError
 from methodlab.registry import get_method, method_names
 from methodlab.sweep import (SweepSpec, Trial, epoch_bound, load_spec, merged_space, metric_plot, run_sweep,
@@ -358,3 +359,52 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     assert "methodlab.resumed_at_epoch" in cont.data.tags, out.stdout[-3000:] + out.stderr[-5000:]
     assert int(cont.data.tags["methodlab.resumed_at_epoch"]) >= 1
     assert [m.step for m in client.get_metric_history(cont.info.run_id, "epoch")] == list(range(epochs))
+
+
+@settings(max_examples=200, deadline=None)
+@given(cpus=st.floats(0, 64), gpus=st.floats(0, 16), workers=st.integers(1, 8),
+       cpw=st.sampled_from([0.25, 0.5, 1.0, 2.0]), gpw=st.sampled_from([0.25, 0.5, 1.0]), use_gpu=st.booleans())
+def test_concurrent_trials_fit_every_resource_and_one_more_would_not(cpus, gpus, workers, cpw, gpw, use_gpu):
+    from methodlab.sweep import trial_resources, trials_that_fit
+
+    cfg = load_config("supervised", None, [f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpw}",
+                                           f"scaling.gpus_per_worker={gpw}", f"scaling.use_gpu={str(use_gpu).lower()}"])
+    need, total = trial_resources(cfg), {"CPU": cpus, "GPU": gpus}
+    assert ("GPU" in need) == use_gpu
+    n = trials_that_fit(total, need)
+    if all(total[k] + 1e-9 >= v for k, v in need.items()):          # at least one trial fits
+        assert all(n * v <= total[k] + 1e-6 for k, v in need.items())
+        assert any((n + 1) * v > total[k] + 1e-9 for k, v in need.items())
+    else:
+        assert n == 1          # refused by the capacity check, not by concurrency
+
+
+@pytest.mark.slow
+def test_sweep_concurrency_counts_fake_gpus_on_a_real_cluster(tmp_path):
+    """On a Ray cluster with 8 CPUs and 2 (fake) GPUs, 1-GPU trials run 2 at a time, not the 5 the
+    CPUs would allow, and asking for 3 is refused naming the GPUs."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import ray\n"
+        "import methodlab.methods\n"
+        "from methodlab.config import load_config\n"
+        "from methodlab.errors import ConfigError\n"
+        "from methodlab.sweep import _concurrency, load_spec\n"
+        "ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)\n"
+        "over = ['scaling.num_workers=1', 'scaling.use_gpu=true', 'scaling.cpus_per_worker=1']\n"
+        "spec, _ = load_spec('supervised', None, over)\n"
+        "print('fit', _concurrency(spec, load_config('supervised', None, over)))\n"
+        "spec, _ = load_spec('supervised', None, [*over, 'search.max_concurrent_trials=3'])\n"
+        "try:\n"
+        "    _concurrency(spec, load_config('supervised', None, over))\n"
+        "except ConfigError as e:\n"
+        "    print('refused', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.path.join(ROOT, "platform")
+    out = subprocess.run([sys.executable, str(probe)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert "fit 2" in lines
+    refused = next(ln for ln in lines if ln.startswith("refused"))
+    assert "3 GPUs (1 per trial) but the cluster has 2" in refused and "CPUs" not in refused

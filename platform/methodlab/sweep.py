@@ -384,21 +384,37 @@ def _sweep_identity(space: dict, spec: SweepSpec, base: RunConfig) -> dict[str, 
                if k.split(".")[0] in BASE_PARAM_SECTIONS}}
 
 
-def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
-    """Concurrent trials that fit: Ray Train worker groups that cannot be placed would wait on
-    each other, so more than fit is refused before the sweep starts."""
-    import ray
-
+def trial_resources(cfg: RunConfig) -> dict[str, float]:
+    """What one trial holds while it runs: its Tune actor's CPU, its workers' CPUs (and Ray
+    Data's, `launch.run_cpus`) and, with scaling.use_gpu, its workers' GPUs."""
     from methodlab.train.launch import run_cpus
 
-    cpus = ray.cluster_resources().get("CPU", 0)
-    per_trial = run_cpus(cfg) + TRIAL_CPU
-    fit = max(1, int((cpus + 1e-9) // per_trial))
+    need = {"CPU": run_cpus(cfg) + TRIAL_CPU}
+    if cfg.scaling.use_gpu:
+        need["GPU"] = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
+    return need
+
+
+def trials_that_fit(total: dict[str, float], need: dict[str, float]) -> int:
+    """How many trials of `need` the cluster's `total` resources hold at once (at least 1, so a
+    sweep of trials bigger than the cluster is refused by the capacity check, not here)."""
+    return max(1, min(int((total.get(k, 0.0) + 1e-9) // v) for k, v in need.items() if v > 0))
+
+
+def _concurrency(spec: SweepSpec, cfg: RunConfig) -> int:
+    """Concurrent trials that fit, counting CPUs and GPUs: Ray Train worker groups that cannot be
+    placed would wait on each other, so more than fit is refused before the sweep starts."""
+    import ray
+
+    total = ray.cluster_resources()  # [ray]
+    need = trial_resources(cfg)
+    fit = trials_that_fit(total, need)
     asked = spec.search.max_concurrent_trials
     if asked is not None and asked > fit:
-        raise ConfigError(f"search.max_concurrent_trials={asked} needs {asked * per_trial:g} CPUs "
-                          f"({per_trial:g} per trial: scaling.num_workers x scaling.cpus_per_worker) but the "
-                          f"cluster has {cpus:g}; lower it or the per-trial scaling")
+        short = ", ".join(f"{asked * v:g} {k}s ({v:g} per trial) but the cluster has {total.get(k, 0):g}"
+                          for k, v in need.items() if asked * v > total.get(k, 0) + 1e-9)
+        raise ConfigError(f"search.max_concurrent_trials={asked} needs {short}; lower it or the per-trial "
+                          "scaling (scaling.num_workers, cpus_per_worker, gpus_per_worker)")
     return asked or fit
 
 
