@@ -55,6 +55,15 @@ def _when(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _missing_parents(uri: str) -> list[str]:
+    """The folders above the local file `uri` that do not exist yet, deepest first."""
+    missing, folder = [], os.path.dirname(os.path.abspath(uri))
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
 class Lease:
     def __init__(self, prefix: str, what: str, name: str, timeout_s: float, log=print):
         self.uri = f"{prefix.rstrip('/')}/{LEASE_FILE}"
@@ -64,6 +73,7 @@ class Lease:
         self.tag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made: list[str] = []
 
     def _body(self, since: float) -> bytes:
         return json.dumps({**self.holder, "since": since, "heartbeat": time.time()}).encode()
@@ -72,6 +82,9 @@ class Lease:
         """Take the lease or raise ConfigError naming its holder; then start the heartbeat."""
         now = time.time()
         self.since = now
+        # Local folders that taking the lease creates: a run refused right after it (the cluster
+        # too small, say) must leave no run folder behind, so release removes them while empty.
+        self._made = [] if storage.is_s3(self.uri) else _missing_parents(self.uri)
         self.tag = storage.put_if(self.uri, self._body(now))
         while self.tag is None:
             current = storage.read_tagged(self.uri)
@@ -127,6 +140,11 @@ class Lease:
             current = storage.read_tagged(self.uri)
             if current is not None and json.loads(current[0]).get("token") == self.holder["token"]:
                 storage.remove_file(self.uri)
+                for folder in self._made:            # deepest first; stops at the first one in use
+                    try:
+                        os.rmdir(folder)
+                    except OSError:
+                        break
         except Exception as e:  # noqa: BLE001 — the run's own outcome is what the user needs
             self.log(f"[{self.name}] could not release the lease {self.uri} ({type(e).__name__}); the next "
                      f"submission takes it over", flush=True)
