@@ -390,7 +390,7 @@ def test_sweep_concurrency_counts_fake_gpus_on_a_real_cluster(tmp_path):
         "from methodlab.config import load_config\n"
         "from methodlab.errors import ConfigError\n"
         "from methodlab.sweep import _concurrency, load_spec\n"
-        "ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)\n"
+        "ray.init(address='local', num_cpus=8, num_gpus=2, include_dashboard=False)\n"
         "over = ['scaling.num_workers=1', 'scaling.use_gpu=true', 'scaling.cpus_per_worker=1']\n"
         "spec, _ = load_spec('supervised', None, over)\n"
         "print('fit', _concurrency(spec, load_config('supervised', None, over)))\n"
