@@ -287,7 +287,7 @@ for _size, _name in (("base", "vit_b_16"), ("large", "vit_l_16")):
 
 # TOAST's released top-down ViT-B/16 (bfshi/TOAST, visual_classification/README "Model Zoo",
 # ViT-B-in1k / ViT-B-in21k "top-down", pre-tuned on ImageNet-1k). The official loader
-# (src/models/vit/vit_top_down.py, `vit_topdown_base_patch16_224`) reads `torch.load(f)["model"]`,
+# (src/models/vit/vit_top_down.py, `vit_topdown_base_patch16_224`) takes the "model" entry of
 # the DeiT/AbSViT training checkpoint {"model", "optimizer", ..., "args"}: a timm-layout ViT plus
 # `decoders.{i}.linear/linear2.weight` (C, C), `prompt` (C,) and `top_down_transform` (C, C), all
 # in our layout (P applied as x @ P). The value path runs td through the whole qkv layer, so the
