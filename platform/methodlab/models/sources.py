@@ -23,7 +23,6 @@ with `torch.load(weights_only=True)`. A checkpoint that nests its state dict und
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import pickle
 import re
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methodlab import storage
 from methodlab.errors import ConfigError
 from methodlab.models.factory import build_model
 from methodlab.registry import Table
@@ -96,14 +96,6 @@ def source_names() -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # Reading a weights file
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -219,7 +211,7 @@ def convert(path: str, source_name: str, img_size: int | None = None, mean: list
     spec = {"arch": source.arch, "kwargs": kwargs,
             "input": {"dtype": "float32", "shape": [3, size, size], "range": [0.0, 1.0],
                       "mean": norm["input_mean"], "std": norm["input_std"], "normalized_by": "the model"},
-            "source": {"from": source.name, "file": Path(path).name, "sha256": _sha256(Path(path)),
+            "source": {"from": source.name, "file": Path(path).name, "sha256": storage.digest(path)[1],
                        "license": license or "unspecified"}}
 
     with torch.device("meta"):              # shapes only: no memory for a ViT-L we may refuse

@@ -102,6 +102,7 @@ def check_pretrained(cfg: RunConfig) -> None:
     directory, a run, a registered version or alias. A missing one is refused in one line before
     Ray starts; where it is what one of the method's `demo_prerequisites` registers (TOAST's and
     canonicalization's defaults on a fresh store), the line gives the command that creates it."""
+    from methodlab.config import load_config
     from methodlab.tracking import Tracker
 
     method = get_method(cfg.method_name)
@@ -122,8 +123,6 @@ def check_pretrained(cfg: RunConfig) -> None:
             continue
         fix = f"set method.{field} to a model that exists"
         for prerequisite, overrides in method.demo_prerequisites:
-            from methodlab.config import load_config
-
             made = load_config(prerequisite, None, overrides).tracking.registered_model
             if uri.startswith(f"models:/{made}@") or uri.startswith(f"models:/{made}/"):
                 command = " ".join(["methodlab", "train", prerequisite, *(f"'{o}'" if " " in o else o for o in overrides)])
