@@ -44,8 +44,14 @@ def mad_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, teacher_l
     KD (Tung & Mori, ICCV 2019) on the batch Gram matrices, weighted by teacher entropy.
 
     G = F F^T (B, B), each row divided by max(||row||_2, 1e-12); E_ij = (G~s_ij - G~t_ij)^2;
-    `column`: sum_ij E_ij w_j (classification code, the default); `row`: sum_ij w_i E_ij
-    (segmentation code). A sum, not a mean, as in the code. The teacher gets no gradient.
+    `column`: sum_ij E_ij w_j, the classification code's value (the default): its
+    `torch.sum(loss * H_teacher_prob)` broadcasts the (B,) weights against the last axis of the
+    (B, B) error. `row`: sum_ij w_i E_ij, the axis of the segmentation code
+    (`segmentation/loss/kd/mad.py`, `sum(loss, dim=1)` then times the weights), which reads as the
+    paper's per-sample margin weighting. It is not that code's value: the segmentation code
+    normalises the rows of each half of G's columns separately (a split it makes for memory on
+    dense features); here every row is normalised whole, as in the classification code.
+    A sum, not a mean, as in both codes. The teacher gets no gradient.
 
     Shape:
         student_feats (B, D_s), teacher_feats (B, D_t), teacher_logits (B, K) -> ().
@@ -61,16 +67,22 @@ def mad_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, teacher_l
 
 
 def mar_loss(aux_logits: torch.Tensor, labels: torch.Tensor, weak: torch.Tensor,
-             variant: Literal["paper", "code"] = "paper") -> torch.Tensor:
+             variant: Literal["paper", "segmentation", "code"] = "paper") -> torch.Tensor:
     """Modality-aware regularization (paper Eq. 14; `classification/lib/model_develop.py::
-    train_knowledge_distill_patch_feature_auxi_weak`).
+    train_knowledge_distill_patch_feature_auxi_weak`, `segmentation/train_missing_mmanet.py`).
 
     aux_logits come from the regularization network; weak_i = 1 when sample i's modality
-    combination is in the mined weak set W.
-    `paper`: (1/B) sum_i weak_i CE_i — the regularization network learns from weak samples only.
+    combination is in the mined weak set W; n_W = sum_i weak_i. The three differ in the normaliser:
+    `paper`: (1/B) sum_i weak_i CE_i, what the classification code writes
+      (`torch.sum(x_loss_batch * weak_index) / p.shape[0]`, p.shape[0] = B) read with a (B,)
+      indicator: the regularization network learns from weak samples only, and the term grows with
+      the share of weak samples in the batch.
+    `segmentation`: (1/n_W) sum_i weak_i CE_i, the segmentation code's: it selects the weak samples
+      (`auxi_out[ii][index]`) and its `CrossEntropyLoss2d` averages over them (over their pixels,
+      class-weighted, there), so the term is a mean CE whatever the share of weak samples.
     `code`: n_W * mean_i CE_i, the value of the classification code's broadcast
-    sum((B,) * (B, 1, 1, 1)) / B — every sample, scaled by the number of weak ones.
-    Both are 0 when no sample in the batch is weak.
+      sum((B,) * (B, 1, 1, 1)) / B: every sample, scaled by the number of weak ones.
+    All are 0 when no sample in the batch is weak.
 
     Shape:
         aux_logits (B, K), labels (B,), weak (B,) 0/1 -> ().
@@ -79,4 +91,6 @@ def mar_loss(aux_logits: torch.Tensor, labels: torch.Tensor, weak: torch.Tensor,
     weak = weak.to(ce.dtype)
     if variant == "paper":
         return (ce * weak).sum() / len(ce)
+    if variant == "segmentation":
+        return (ce * weak).sum() / weak.sum().clamp_min(1)
     return weak.sum() * ce.mean()

@@ -3,25 +3,37 @@ modality-aware regularization (MAR).
 
 Wei, Luo, Luo, "MMANet: Margin-aware Distillation and Modality-aware Regularization for
 Incomplete Multimodal Learning", CVPR 2023, arXiv 2304.08028. Reproduced from the official
-classification code (`shicaiwei123/MMANet-CVPR2023`, `classification/`), with the two places
-where it departs from the paper behind options:
+classification code (`shicaiwei123/MMANet-CVPR2023`, `classification/`), with the places where
+it departs from the paper or from the segmentation code behind options:
 
 * `mad_weighting`: the classification code (`classification/loss/kd/mad.py`) multiplies the
   teacher-entropy weights along the **column** axis of the (B, B) error matrix (a (B, B) matrix
   broadcast against (B,)); the segmentation code weights **rows**, which reads as the paper's
-  "each sample weighted by its margin". Default `column`, the classification code.
-* `mar_variant`: `paper` (default) applies the regularization network's cross-entropy to the
-  samples whose modality combination is weak, (1/B) sum_i 1[c_i in W] CE_i, as the paper and the
-  segmentation code do. `code` reproduces the classification code, where a (B,) loss times a
-  (B, 1, 1, 1) indicator broadcasts to (B, 1, 1, B): the regularization head is trained on every
-  sample with weight n_W (the number of weak samples in the batch).
+  "each sample weighted by its margin" (see `losses.mmanet.mad_loss` for how its Gram
+  normalisation differs). Default `column`, the classification code.
+* `mar_variant`: three normalisers of the regularization network's cross-entropy on the samples
+  whose modality combination is weak (`losses.mmanet.mar_loss`). `paper` (default):
+  (1/B) sum_i 1[c_i in W] CE_i, the expression the classification code writes (divided by the
+  batch size B). `segmentation`: the mean CE over the weak samples, (1/n_W) sum_i 1[c_i in W] CE_i,
+  as the segmentation code computes it. `code`: the classification code's actual value, where a
+  (B,) loss times a (B, 1, 1, 1) indicator broadcasts to (B, 1, 1, B): the regularization head is
+  trained on every sample with weight n_W (the number of weak samples in the batch).
+* `mining_distance`: how far a combination's predictions on val are from the complete set's.
+  `histogram_kl` is the classification code's KL between predicted-label histograms; it cannot
+  see accuracy (a combination that is often wrong but predicts every class equally often looks
+  like the complete set), and it picked the known weak set of `synthetic_multimodal` in few seeds
+  (counts in bench/results/mmanet_mining.json). `accuracy_gap` (default), (acc_full - acc_c)^2,
+  is the segmentation code's criterion (it ranks combinations by their mIoU gap) applied to
+  accuracy.
 
 Stages: `teacher` trains the network on complete data; `student` trains the deployment network
 from scratch with per-sample feature-level modality dropout against the frozen teacher. After
-the task-only epochs a mining window on the validation split picks the weakest modality
-combination; MAD and MAR are active from epoch `begin_epoch` (0-based, i.e. after `begin_epoch`
-task-only epochs). Evaluation runs the deployment network once per combination with that
-combination's mask fixed for the whole split.
+each of the task-only epochs `mining_from` .. `begin_epoch` - 1 (counted as completed epochs;
+the official 2 .. 4 for begin_epoch 5, see `mining_epochs`) a mining pass on the validation split
+accumulates each combination's distance, and the weakest combination is picked from the sum; MAD
+and MAR are active from epoch `begin_epoch` (0-based, i.e. after `begin_epoch` task-only epochs).
+Evaluation runs the deployment network once per combination with that combination's mask fixed
+for the whole split.
 """
 
 from __future__ import annotations
@@ -137,22 +149,34 @@ class MMANetConfig(Section):
     hidden: int = Field(128, gt=0, description="trunk width; MAD distils the trunk output")
     lambda_mad: float = Field(30.0, ge=0, description="MAD weight (official classification: 30)")
     lambda_mar: float = Field(0.5, ge=0, description="MAR weight (official classification: 0.5)")
-    begin_epoch: int = Field(5, ge=1, description="task-only student epochs; MAD and MAR from then on")
-    mining_epochs: int = Field(3, ge=1, description="mining after each of the last N task-only epochs")
+    begin_epoch: int = Field(5, ge=1, description="task-only student epochs; MAD and MAR from then on "
+                             "(official classification: 5)")
+    mining_from: int = Field(2, ge=0, description="mine after each completed student epoch from this one to "
+                             "begin_epoch - 1 (official: 2, `epoch > 1 and epoch < begin_epoch`)")
     mad_weighting: Literal["column", "row"] = Field(
-        "column", description="column: classification code (default); row: segmentation code")
-    mar_variant: Literal["paper", "code"] = Field(
-        "paper", description="paper: CE on weak samples only; code: classification code's broadcast")
+        "column", description="column: classification code (default); row: segmentation code's axis")
+    mar_variant: Literal["paper", "segmentation", "code"] = Field(
+        "paper", description="paper: sum of CE on weak samples / B (default); segmentation: mean CE over the "
+        "weak samples; code: classification code's broadcast")
     mining_distance: Literal["histogram_kl", "accuracy_gap"] = Field(
-        "histogram_kl", description="histogram_kl: classification code; accuracy_gap: (acc_full - "
-        "acc_c)^2, the segmentation code's metric gap")
+        "accuracy_gap", description="accuracy_gap: (acc_full - acc_c)^2, the segmentation code's metric gap "
+        "(default: it finds the weak set, bench/results/mmanet_mining.json); histogram_kl: classification code")
 
     @model_validator(mode="after")
     def _window_fits(self):
-        if self.mining_epochs > self.begin_epoch:
-            raise ValueError(f"mining_epochs ({self.mining_epochs}) must be <= begin_epoch "
-                             f"({self.begin_epoch}): mining uses the task-only epochs")
+        if self.mining_from >= self.begin_epoch:
+            raise ValueError(f"mining_from ({self.mining_from}) must be < begin_epoch ({self.begin_epoch}): "
+                             "mining uses the task-only epochs before MAD and MAR start")
         return self
+
+
+def mining_epochs(mining_from: int, begin_epoch: int) -> list[int]:
+    """The completed student epochs after which the weak combination is mined: mining_from ..
+    begin_epoch - 1. The official loop (`model_develop.py`, `if epoch > 1 and epoch < begin_epoch`
+    after epoch `epoch`'s batches) skips every batch of its epoch 0, so its epoch e ends with e
+    trained epochs: it mines after 2, 3, 4 trained epochs for begin_epoch 5 and turns MAD and MAR
+    on (`epoch > begin_epoch`) after 5. Here `on_epoch_start(e)` runs after e completed epochs."""
+    return list(range(mining_from, begin_epoch))
 
 
 @register_method("mmanet")
@@ -173,7 +197,7 @@ class MMANet(Method):
         "method.begin_epoch": {"choice": [3, 5, 8]},
     }
     smoke_overrides = ["method.teacher_epochs=1", "train.epochs=2", "method.begin_epoch=1",
-                       "method.mining_epochs=1", "method.width=8", "method.feat_dim=16", "method.hidden=32"]
+                       "method.mining_from=0", "method.width=8", "method.feat_dim=16", "method.hidden=32"]
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
@@ -254,9 +278,8 @@ class MMANet(Method):
 
     def on_epoch_start(self, stage, models, ctx: StepContext) -> dict[str, Any]:
         c = self.mcfg
-        first = c.begin_epoch - c.mining_epochs + 1
-        if stage == "student" and self.weak is None and first <= ctx.epoch <= c.begin_epoch \
-                and ctx.epoch > self.mined_upto:
+        if stage == "student" and self.weak is None and ctx.epoch > self.mined_upto \
+                and ctx.epoch in mining_epochs(c.mining_from, c.begin_epoch):
             student = distributed.unwrap(models["student"])
             # Each rank's last forward left its own BatchNorm statistics: mine with rank 0's, as
             # DDP's next forward would use, so every rank picks the same weak set.
@@ -264,8 +287,8 @@ class MMANet(Method):
             step = self.mining_distances(student, ctx.device)
             self.distances = [d + s for d, s in zip(self.distances, step)]
             self.mined_upto = ctx.epoch
-            if ctx.epoch == c.begin_epoch:
-                _, self.weak = mine_weak_set(torch.tensor(self.distances), self.masks)
+        if stage == "student" and self.weak is None and ctx.epoch >= c.begin_epoch:
+            _, self.weak = mine_weak_set(torch.tensor(self.distances), self.masks)
         if stage != "student" or self.weak is None:
             return {}
         weakest = max(self.weak, key=lambda i: self.masks[i].sum().item())   # w*: the largest in W
