@@ -1,21 +1,30 @@
-"""MMANet on digits_multimodal: accuracy per modality combination and its mean, over 3 seeds, of
+"""MMANet: accuracy per modality combination and its mean, over 5 seeds, of
   (a) the teacher on complete data (and, for reference, on each combination with the missing
       modalities' features zeroed),
   (b) plain modality-dropout training (the deployment network, lambda_mad = lambda_mar = 0),
   (c) + MAD (lambda_mar = 0),
   (d) + MAR (lambda_mad = 0),
-  (e) full MMANet (defaults: lambda_mad = 30, lambda_mar = 0.5).
+  (e) full MMANet (defaults: lambda_mad = 30, lambda_mar = 0.5),
+on `--dataset` (default the method's, digits_multimodal). Also recorded:
+  * the precondition "missing modalities hurt": the dropout baseline's test accuracy with every
+    modality minus its accuracy with the worst single modality, per seed (MAD and MAR can only
+    matter where dropping modalities costs accuracy);
+  * which weak set each mining distance picks per seed, against the expected one: the set of the
+    two-modality combination without the most informative modality where the dataset declares
+    `meta.informativeness` (synthetic_multimodal), else the combination missing one modality that
+    the dropout baseline scores lowest (mean over seeds), with its sub-combinations.
 Everything runs in this process with the method's own hooks (build_models, on_epoch_start,
 train_step, evaluate) and the platform's data order, on one worker and without Ray: the figures are
 about the method, not the platform. The teacher of a seed is trained once and shared by (b)-(e).
 Ratios are mean test accuracy over all combinations against (b), measured in this same process.
 The final epoch is scored (no best-checkpoint selection).
 
-    .venv/bin/python bench/mmanet.py
+    .venv/bin/python bench/mmanet.py [--dataset shapes_multimodal] [--seeds 5] [--name mmanet]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import statistics
@@ -31,19 +40,20 @@ import torch  # noqa: E402
 from common import Figure, mean_std, train_stage, write_results  # noqa: E402
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import resolve_dataset  # noqa: E402
-from methodlab.methods.mmanet import MMANet  # noqa: E402
+from methodlab.methods.mmanet import MMANet, mine_weak_set  # noqa: E402
 from methodlab.train.core import load_bundle, seed_everything  # noqa: E402
 
-SEEDS = (0, 1, 2)
-# Shorter than the method's defaults (teacher 10, student 20 epochs of batch 64) so that 3 seeds x
-# 5 models fit in a few minutes on a shared 2-core CPU; MAD and MAR are still on for 12 epochs.
-BENCH = ["method.teacher_epochs=8", "train.epochs=16", "train.batch_size=128", "method.begin_epoch=4"]
+# Shorter than the method's defaults (teacher 10, student 20 epochs of batch 64) so that 5 seeds x
+# 5 models fit in 10 minutes on a shared 2-core CPU. begin_epoch and the mining window keep their
+# official defaults (mining after epochs 2-4, MAD and MAR from epoch 5 on: 5 epochs of them).
+BENCH = ["method.teacher_epochs=5", "train.epochs=10", "train.batch_size=128"]
 VARIANTS = {
     "dropout": ["method.lambda_mad=0", "method.lambda_mar=0"],
     "dropout+MAD": ["method.lambda_mar=0"],
     "dropout+MAR": ["method.lambda_mad=0"],
     "MMANet": [],
 }
+MINING = ("histogram_kl", "accuracy_gap")
 
 
 def teacher_per_combination(method: MMANet, teacher) -> list[float]:
@@ -52,16 +62,50 @@ def teacher_per_combination(method: MMANet, teacher) -> list[float]:
             for mask in method.masks]
 
 
-def main() -> None:
+def weak_set_name(method: MMANet, weak: list[int]) -> str:
+    return ",".join(method.names[i] for i in weak)
+
+
+def mined_with(data, overrides: list[str]) -> str:
+    """The weak set a task-only student run picks (stopped once it is fixed, at begin_epoch)."""
+    begin = load_config("mmanet", None, overrides).method.begin_epoch
+    cfg = load_config("mmanet", None, [*overrides, "method.lambda_mad=0", "method.lambda_mar=0",
+                                       f"train.epochs={begin + 1}"])
+    method = MMANet(cfg, data)
+    train_stage(method, "student", method.build_models("teacher", {}))
+    return weak_set_name(method, method.weak)
+
+
+def expected_weak_set(method: MMANet, meta: dict, dropout_mean: list[float]) -> tuple[str, str]:
+    """(weak set, how it was derived)."""
+    if "informativeness" in meta:
+        scores = torch.tensor(meta["informativeness"], dtype=torch.float64)
+        # A combination's distance from the complete set grows with the informativeness it lacks.
+        missing = torch.stack([(1 - m.double()) @ scores for m in method.masks])
+        _, weak = mine_weak_set(missing, method.masks)
+        return weak_set_name(method, weak), "meta.informativeness: the set without the most informative modality"
+    _, weak = mine_weak_set(-torch.tensor(dropout_mean), method.masks)
+    return weak_set_name(method, weak), "lowest dropout-baseline test accuracy among combinations missing one modality"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default=MMANet.default_dataset)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--name", default="mmanet", help="bench/results/<name>.json")
+    args = parser.parse_args(argv)
+    seeds = list(range(args.seeds))
     torch.set_num_threads(1)   # tiny tensors: intra-op threads only add contention on a small CPU box
     t_start = time.perf_counter()
-    base = load_config("mmanet", None, BENCH)
-    info = resolve_dataset(MMANet.default_dataset, base.data.root)
+    bench = [f"data.dataset={args.dataset}", *BENCH]
+    base = load_config("mmanet", None, bench)
+    info = resolve_dataset(args.dataset, base.data.root)
     results: dict[str, list[list[float]]] = {"teacher": [], **{v: [] for v in VARIANTS}}
-    weak_sets: list[str] = []
+    mined: dict[str, list[str]] = {mode: [] for mode in MINING}
     names: list[str] = []
-    for seed in SEEDS:
-        cfg = load_config("mmanet", None, [*BENCH, f"train.seed={seed}"])
+    method = None
+    for seed in seeds:
+        cfg = load_config("mmanet", None, [*bench, f"train.seed={seed}"])
         data = load_bundle(cfg, info, ["train", "val", "test"])
         seed_everything(seed)
         method = MMANet(cfg, data)
@@ -69,35 +113,59 @@ def main() -> None:
         teacher = train_stage(method, "teacher", {})
         results["teacher"].append(teacher_per_combination(method, teacher["teacher"]))
         for variant, overrides in VARIANTS.items():
-            vcfg = load_config("mmanet", None, [*BENCH, f"train.seed={seed}", *overrides])
+            vcfg = load_config("mmanet", None, [*bench, f"train.seed={seed}", *overrides])
             vmethod = MMANet(vcfg, data)
             seed_everything(seed)
             models = train_stage(vmethod, "student", {"teacher": copy.deepcopy(teacher["teacher"])})
             test = vmethod.evaluate("student", models, "test", torch.device("cpu"))
             results[variant].append([test[f"test_acc_{n}"] for n in names])
-            if variant == "MMANet":
-                weak_sets.append(",".join(vmethod.names[i] for i in vmethod.weak))
+            if variant == "MMANet":   # the default mining distance: the full method's own pick
+                mined[vcfg.method.mining_distance].append(weak_set_name(vmethod, vmethod.weak))
             print(f"seed {seed} {variant:12s} test_mean_acc={test['test_mean_acc']:.4f} "
                   f"({time.perf_counter() - t_start:.0f}s)", flush=True)
+        for mode in MINING:
+            if mode != base.method.mining_distance:
+                seed_everything(seed)
+                mined[mode].append(mined_with(data, [*bench, f"train.seed={seed}", f"method.mining_distance={mode}"]))
+        print(f"seed {seed} mined " + " ".join(f"{m}={v[-1]}" for m, v in mined.items()), flush=True)
 
     def mean_of(variant):
         return [statistics.mean(row) for row in results[variant]]
+
+    singles = [i for i, m in enumerate(method.masks) if m.sum() == 1]
+    hurt = [row[-1] - min(row[i] for i in singles) for row in results["dropout"]]
+    dropout_mean = [statistics.mean(r[i] for r in results["dropout"]) for i in range(len(names))]
+    expected, derived = expected_weak_set(method, info.meta, dropout_mean)
+    mining = {mode: {"picked": picks, "expected": expected, "hits": sum(p == expected for p in picks),
+                     "seeds": len(picks)} for mode, picks in mined.items()}
 
     baseline = statistics.mean(mean_of("dropout"))
     figures = [Figure("teacher_complete_test_acc", ratio=statistics.mean(r[-1] for r in results["teacher"]),
                       baseline="score (teacher on complete data)",
                       detail={"acc": mean_std([r[-1] for r in results["teacher"]]),
-                              "mean_acc_over_combinations_zero_filled": mean_std(mean_of("teacher"))})]
+                              "mean_acc_over_combinations_zero_filled": mean_std(mean_of("teacher"))}),
+               Figure("precondition_missing_modalities_hurt", ratio=statistics.mean(hurt),
+                      baseline="score (dropout baseline: all-modality minus worst single-modality test acc)",
+                      detail={"per_seed": mean_std(hurt)})]
     for variant in VARIANTS:
         detail = {"mean_acc": mean_std(mean_of(variant))}
         detail.update({f"acc_{n}": mean_std([r[i] for r in results[variant]]) for i, n in enumerate(names)})
-        figures.append(Figure(f"{variant}_test_mean_acc", ratio=statistics.mean(mean_of(variant)) / baseline,
+        figures.append(Figure(f"{variant.replace('+', '_plus_')}_test_mean_acc", ratio=statistics.mean(mean_of(variant)) / baseline,
                               baseline="plain modality dropout (same process)", detail=detail))
-    write_results("mmanet", figures, {
-        "dataset": "digits_multimodal", "seeds": list(SEEDS), "combinations": names,
-        "overrides": BENCH, "config": base.method.model_dump(),
+    for mode, m in mining.items():
+        figures.append(Figure(f"mining_{mode}_hits", ratio=m["hits"] / m["seeds"],
+                              baseline=f"score (seeds whose weak set is {expected})",
+                              detail={"picked": ";".join(m["picked"])}))
+    write_results(args.name, figures, {
+        "dataset": args.dataset, "seeds": seeds, "combinations": names,
+        "overrides": bench, "config": base.method.model_dump(),
         "train": {"epochs": base.train.epochs, "lr": base.train.lr, "batch_size": base.train.batch_size},
-        "per_seed_test_acc": results, "mined_weak_sets": weak_sets,
+        "per_seed_test_acc": results,
+        "precondition": {"claim": "missing modalities hurt", "value": statistics.mean(hurt), "per_seed": hurt,
+                         "definition": "dropout baseline: test acc with all modalities minus the worst "
+                                       "single modality's"},
+        "mining": mining, "expected_weak_set_from": derived,
+        "mined_weak_sets": mined[base.method.mining_distance],
         "setup": "in-process, 1 worker, no Ray; final epoch scored; CPU",
         "wall_seconds": time.perf_counter() - t_start,
     })
