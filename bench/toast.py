@@ -1,17 +1,30 @@
 """TOAST benchmark: trainable-parameter fraction per mode, step time of TOAST vs full fine-tuning,
-and target test accuracy of linear / finetune / toast / toast-lite on the built-in transfer task
-(digits 0-4 -> 5-9, 10 labelled images per class) over 3 seeds.
+and target test accuracy of linear / finetune / toast / toast-lite on a transfer task over seeds.
+
+The backbone is a small ViT pretrained here with the supervised method on `--source` (default
+digits_source, digits 0-4); the transfer runs on `--dataset` (default digits_transfer: digits 5-9,
+10 labelled images per class, whose `source_train` table is what TOAST pretunes on). Every mode
+gets its learning rate (and optimizer, with several `--optimizers`; `sgd` is the official
+SGD + momentum 0.9) chosen on the target val split per seed from `--lrs` (default 1e-3, 1e-2, 1e-1).
+
+Precondition "the backbone transfers at all": the linear probe on the pretrained backbone against
+the same probe on a random-init backbone of the same architecture (method.backbone=scratch), each
+with its learning rate chosen on val. Where the pretrained probe is not above the random one,
+pretuning and steering have nothing to transfer and the accuracy comparison says nothing.
 
 Runs in-process on one worker, without Ray (so it fits the time budget on a 2-core CPU): the
 method's own hooks (build_models, build_optimizers, build_schedulers, train_step, evaluate) are
-driven by a minimal single-worker loop over the platform's seeded batches. The source backbone is
-the demo's ViT, pretrained here with the supervised method on digits_source.
+driven by a minimal single-worker loop over the platform's seeded batches.
 
-    .venv/bin/python bench/toast.py
+    .venv/bin/python bench/toast.py                                   # digits, 3 seeds
+    .venv/bin/python bench/toast.py --source shapes_source --dataset shapes_transfer --patch-size 4 \
+        --seeds 5 --optimizers adamw,sgd                              # the richer source task
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
 import sys
@@ -26,15 +39,14 @@ from common import Figure, mean_std, timeit, train_stage, write_results  # noqa:
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import resolve_dataset  # noqa: E402
 from methodlab.methods.base import DataBundle, StepContext  # noqa: E402
-from methodlab.methods.toast import SOURCE_VIT, expected_trainable, trains  # noqa: E402
+from methodlab.methods.toast import SCRATCH_VIT, SOURCE_VIT, Toast, expected_trainable, trains  # noqa: E402
 from methodlab.models.hub import save_pretrained  # noqa: E402
 from methodlab.models.vit import TopDownViT  # noqa: E402
 from methodlab.registry import get_method  # noqa: E402
 from methodlab.train.core import load_bundle, seed_everything  # noqa: E402
 
 MODES = ["linear", "finetune", "toast", "toast-lite"]
-LRS = [1e-3, 1e-2]
-SEEDS = [0, 1, 2]
+LRS = [1e-3, 1e-2, 1e-1]
 CPU = torch.device("cpu")
 
 
@@ -57,9 +69,9 @@ def run_inprocess(cfg) -> tuple[object, dict, dict]:
     return method, models, metrics
 
 
-def step_time(backbone: str, mode: str) -> float:
+def step_time(overrides: list[str], mode: str) -> float:
     """Median seconds of one transfer train_step (batch 32) in `mode`."""
-    cfg = load_config("toast", None, [f"method.backbone={backbone}", f"method.mode={mode}"])
+    cfg = load_config("toast", None, [*overrides, f"method.mode={mode}"])
     data = bundle(cfg)
     method = get_method("toast")(cfg, data)
     models = method.build_models("transfer", method.build_models("pretune", {}))
@@ -71,12 +83,54 @@ def step_time(backbone: str, mode: str) -> float:
     return timeit(lambda: method.train_step("transfer", models, opts, batch, ctx), repeat=30, warmup=3)
 
 
-def main() -> None:
+def flow(kwargs: dict) -> str:
+    """A dict as the one-line YAML flow mapping a config override takes."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in kwargs.items()) + "}"
+
+
+def tuned(base: list[str], lrs, optimizers, log: str, t_start: float) -> tuple[float, dict, list]:
+    """The final-epoch target test accuracy of the (lr, optimizer) with the best target val
+    accuracy, that choice, and every run's (val, test)."""
+    runs = []
+    for optimizer in optimizers:
+        for lr in lrs:
+            cfg = load_config("toast", None, [*base, f"train.lr={lr}", f"train.optimizer={optimizer}"])
+            t0 = time.time()
+            _, _, metrics = run_inprocess(cfg)
+            runs.append({"val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"], "lr": lr,
+                         "optimizer": optimizer})
+            print(f"[{time.time() - t_start:.0f}s] {log} {optimizer} lr={lr:g} test_acc={metrics['test_acc']:.4f} "
+                  f"val_acc={metrics['val_acc']:.4f} ({time.time() - t0:.1f}s)", flush=True)
+    best = max(runs, key=lambda r: r["val_acc"])
+    return best["test_acc"], {"lr": best["lr"], "optimizer": best["optimizer"]}, runs
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="TOAST transfer benchmark")
+    parser.add_argument("--source", default="digits_source", help="dataset the backbone is pretrained on")
+    parser.add_argument("--dataset", default=Toast.default_dataset, help="the transfer task (with source_train)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--lrs", type=floats, default=LRS)
+    parser.add_argument("--optimizers", default="adamw", help="comma list of adamw, adam, sgd (official)")
+    parser.add_argument("--patch-size", type=int, default=SCRATCH_VIT["patch_size"])
+    parser.add_argument("--embed-dim", type=int, default=SCRATCH_VIT["embed_dim"])
+    parser.add_argument("--depth", type=int, default=SCRATCH_VIT["depth"])
+    parser.add_argument("--source-epochs", type=int, default=30)
+    parser.add_argument("--pretune-epochs", type=int, default=None, help="default: the method's")
+    parser.add_argument("--transfer-epochs", type=int, default=None, help="default: the method's")
+    parser.add_argument("--name", default="toast", help="bench/results/<name>.json")
+    args = parser.parse_args(argv)
+    modes, optimizers, seeds = args.modes.split(","), args.optimizers.split(","), list(range(args.seeds))
     # One thread: the tiny models gain nothing from more, and a shared CPU punishes oversubscription.
     torch.set_num_threads(1)
     t_start = time.time()
     figures: list[Figure] = []
-    extra: dict = {}
+    extra: dict = {"argv": sys.argv[1:] if argv is None else list(argv)}
 
     # 1. trainable-parameter fraction per mode, ViT-B/16 (formula, checked against a built model)
     for name, vit, k in [("vit_b16_1000cls", {}, 1000), ("demo_vit_5cls", {**SOURCE_VIT, "in_channels": 1}, 5)]:
@@ -99,54 +153,75 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("METHODLAB_HOME", os.path.join(tmp, "home"))
         backbone = os.path.join(tmp, "vit_source.pt")
-        kwargs = "{" + ", ".join(f"{k}: {v}" for k, v in SOURCE_VIT.items()) + "}"
-        sup_cfg = load_config("supervised", None, ["data.dataset=digits_source", "method.arch=vit",
-                                                   f"method.arch_kwargs={kwargs}", "train.epochs=30",
-                                                   "train.lr=1e-3"])
+        vit = {"patch_size": args.patch_size, "embed_dim": args.embed_dim, "depth": args.depth,
+               "num_heads": SCRATCH_VIT["num_heads"]}
+        probe = load_config("supervised", None, [f"data.dataset={args.source}"])
+        image_shape = resolve_dataset(args.source, probe.data.root).columns["image"].shape
+        sup_cfg = load_config("supervised", None, [f"data.dataset={args.source}", "method.arch=vit",
+                                                   f"method.arch_kwargs={flow({'img_size': image_shape[-1], **vit})}",
+                                                   f"train.epochs={args.source_epochs}", "train.lr=1e-3"])
         t0 = time.time()
         sup, sup_models, source_metrics = run_inprocess(sup_cfg)
         save_pretrained(sup_models["net"], sup.spec(), backbone)
-        extra["source_backbone"] = {**source_metrics, "spec": sup.spec(), "seconds": round(time.time() - t0, 1)}
-        print(f"source backbone on digits_source: {source_metrics}", flush=True)
+        extra["source_backbone"] = {"dataset": args.source, **source_metrics, "spec": sup.spec(),
+                                    "epochs": args.source_epochs, "seconds": round(time.time() - t0, 1)}
+        print(f"source backbone on {args.source}: {source_metrics}", flush=True)
 
-        times = {mode: step_time(backbone, mode) for mode in ("toast", "finetune")}
+        common = [f"data.dataset={args.dataset}"]
+        if args.pretune_epochs is not None:
+            common.append(f"method.pretune_epochs={args.pretune_epochs}")
+        if args.transfer_epochs is not None:
+            common.append(f"train.epochs={args.transfer_epochs}")
+        pretrained = [*common, f"method.backbone={backbone}"]
+        times = {mode: step_time(pretrained, mode) for mode in ("toast", "finetune")}
         figures.append(Figure("step_time_toast_vs_finetune", ratio=times["toast"] / times["finetune"],
                               baseline="full fine-tune train_step, same ViT, batch 32, CPU",
                               detail={"toast_ms": 1e3 * times["toast"], "finetune_ms": 1e3 * times["finetune"]}))
 
-        results: dict[str, list[float]] = {m: [] for m in MODES}
-        chosen: dict[str, list[float]] = {m: [] for m in MODES}
-        for seed in SEEDS:
-            for mode in MODES:
-                # Each mode gets its learning rate picked on the target val split (final epoch).
-                runs = []
-                for lr in LRS:
-                    cfg = load_config("toast", None, [f"method.backbone={backbone}", f"method.mode={mode}",
-                                                      f"train.seed={seed}", f"train.lr={lr}"])
-                    t0 = time.time()
-                    _, _, metrics = run_inprocess(cfg)
-                    runs.append((metrics["val_acc"], lr, metrics["test_acc"]))
-                    print(f"[{time.time() - t_start:.0f}s] seed {seed} {mode:10s} lr={lr:g} "
-                          f"test_acc={metrics['test_acc']:.4f} val_acc={metrics['val_acc']:.4f} "
-                          f"({time.time() - t0:.1f}s)", flush=True)
-                _, lr, test_acc = max(runs)
-                results[mode].append(test_acc)
-                chosen[mode].append(lr)
-        base = statistics.mean(results["finetune"])
-        for mode in MODES:
+        # The same ViT, randomly initialised: what the linear probe reaches without pretraining.
+        random_init = [*common, "method.backbone=scratch", f"method.scratch_kwargs={flow(vit)}"]
+        results: dict[str, list[float]] = {m: [] for m in modes}
+        chosen: dict[str, list[dict]] = {m: [] for m in modes}
+        runs: dict[str, list] = {m: [] for m in [*modes, "linear_random_init"]}
+        random_probe: list[float] = []
+        for seed in seeds:
+            for mode in modes:
+                acc, choice, all_runs = tuned([*pretrained, f"method.mode={mode}", f"train.seed={seed}"],
+                                              args.lrs, optimizers, f"seed {seed} {mode:10s}", t_start)
+                results[mode].append(acc)
+                chosen[mode].append(choice)
+                runs[mode].append(all_runs)
+            acc, _, all_runs = tuned([*random_init, "method.mode=linear", f"train.seed={seed}"], args.lrs,
+                                     optimizers, f"seed {seed} linear (random-init backbone)", t_start)
+            random_probe.append(acc)
+            runs["linear_random_init"].append(all_runs)
+        base_mode = "finetune" if "finetune" in modes else modes[0]
+        base = statistics.mean(results[base_mode])
+        for mode in modes:
             figures.append(Figure(f"target_test_acc_{mode}", ratio=statistics.mean(results[mode]) / base,
-                                  baseline="full fine-tune (mean target test accuracy, same seeds)",
+                                  baseline=f"{base_mode} (mean target test accuracy, same seeds)",
                                   detail={"test_acc": mean_std(results[mode]), "per_seed": results[mode],
-                                          "lr_chosen_on_val": chosen[mode]}))
-        extra["accuracy"] = {m: {"mean": statistics.mean(v), "std": statistics.stdev(v), "per_seed": v}
-                             for m, v in results.items()}
-    extra["setup"] = ("in-process single worker, no Ray; digits_transfer (10 shots/class); defaults of "
-                      "`methodlab train toast` (adamw wd 1e-4, 60 transfer epochs, batch 32, pretune 10 epochs "
-                      f"for toast modes) with lr in {LRS} chosen per mode and seed on target val_acc of "
-                      "the final-epoch model; "
-                      f"seeds {SEEDS}")
+                                          "chosen_on_val": json.dumps(chosen[mode])}))
+        extra["accuracy"] = {m: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                                 "per_seed": v, "chosen_on_val": chosen[m]} for m, v in results.items()}
+        if "linear" in modes:
+            gain = [p - r for p, r in zip(results["linear"], random_probe)]
+            figures.append(Figure("precondition_backbone_transfers", ratio=statistics.mean(gain),
+                                  baseline="score (linear probe: pretrained minus random-init backbone, "
+                                  "target test acc)", detail={"per_seed": mean_std(gain)}))
+            extra["precondition"] = {"claim": "the backbone transfers at all", "value": statistics.mean(gain),
+                                     "per_seed": gain, "pretrained_linear": results["linear"],
+                                     "random_init_linear": random_probe,
+                                     "definition": "target test acc of the linear probe on the pretrained "
+                                                   "backbone minus on a random-init one (lr chosen on val)"}
+        extra["runs"] = runs
+    extra["setup"] = (f"in-process single worker, no Ray; backbone pretrained on {args.source} "
+                      f"({args.source_epochs} epochs, ViT {vit}); transfer on {args.dataset}; defaults of "
+                      "`methodlab train toast` (wd 1e-4, batch 32) with overrides "
+                      f"{common}; lr in {args.lrs} x optimizer in {optimizers} chosen per mode and seed on "
+                      f"target val_acc of the final-epoch model; seeds {seeds}")
     extra["seconds"] = round(time.time() - t_start, 1)
-    write_results("toast", figures, extra)
+    write_results(args.name, figures, extra)
 
 
 if __name__ == "__main__":

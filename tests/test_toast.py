@@ -78,6 +78,39 @@ EXPECTED_COUNT = {
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_sgd_is_the_official_setting_for_every_mode(mode):
+    """train.optimizer=sgd builds what bfshi/TOAST's `src/solver/optimizer.py` builds from
+    `configs/base.yaml`: SGD with momentum 0.9 and weight decay 1e-4 on every trainable parameter
+    but the classifier's bias (weight decay 0), at the configured lr; and one SGD step moves the
+    parameters by -lr * (grad + wd * p) on the first step (momentum buffer = the gradient)."""
+    method = _method(f"method.mode={mode}", "train.optimizer=sgd", "train.lr=0.03", "train.weight_decay=1e-4")
+    pre, _, _ = _stage(method, "pretune", {})
+    models, opts, ctx = _stage(method, "transfer", pre)
+    opt = opts["opt"]
+    assert type(opt) is torch.optim.SGD
+    named = dict(models["model"].named_parameters())
+    for group in opt.param_groups:
+        assert group["momentum"] == 0.9 and group["nesterov"] is False and group["dampening"] == 0
+        assert group["initial_lr"] == 0.03          # the lr before the warm-up factor
+        is_bias = [p is named["head.bias"] for p in group["params"]]
+        assert group["weight_decay"] == (0.0 if all(is_bias) else 1e-4) and (all(is_bias) or not any(is_bias))
+    head = named["head.weight"]
+    before = head.detach().clone()
+    lr = opt.param_groups[0]["lr"]
+    batch = next(method.train_split("transfer").batches(32))
+    method.train_step("transfer", models, opts, batch, ctx)
+    expected = before - lr * (head.grad + 1e-4 * before)
+    assert torch.allclose(head.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_search_space_widens_lr_to_1e_1_and_offers_sgd():
+    space = Toast.search_space
+    assert space["train.lr"] == {"loguniform": [1e-3, 1e-1]}
+    assert set(space["train.optimizer"]["choice"]) == {"adamw", "sgd"}
+    assert "method.mode" not in space          # one sweep per mode: each baseline gets the same search
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_step_keeps_backbone_frozen_and_optimizer_holds_the_mode(mode):
     method = _method(f"method.mode={mode}")
     pre, opts, ctx = _stage(method, "pretune", {})
