@@ -150,7 +150,9 @@ def main(argv=None) -> None:
     for variant in VARIANTS:
         detail = {"mean_acc": mean_std(mean_of(variant))}
         detail.update({f"acc_{n}": mean_std([r[i] for r in results[variant]]) for i, n in enumerate(names)})
-        figures.append(Figure(f"{variant.replace('+', '_plus_')}_test_mean_acc", ratio=statistics.mean(mean_of(variant)) / baseline,
+        # MLflow metric names take no '+'.
+        figures.append(Figure(f"{variant.replace('+', '_plus_')}_test_mean_acc",
+                              ratio=statistics.mean(mean_of(variant)) / baseline,
                               baseline="plain modality dropout (same process)", detail=detail))
     for mode, m in mining.items():
         figures.append(Figure(f"mining_{mode}_hits", ratio=m["hits"] / m["seeds"],
