@@ -127,7 +127,7 @@ def toast(d: dict):
     pre = Precondition("the pretrained backbone's linear probe beats a random-init backbone's",
                        f"{by['linear']['mean']:.4f} vs {_mean(random_init):.4f}" if random_init
                        else "random-init probe not measured",
-                       bool(random_init) and (welch_interval(by["linear"]["values"], random_init) or (0, 0))[0] > 0)
+                       bool(random_init) and bool((welch_interval(by["linear"]["values"], random_init) or (0, 0))[0] > 0))
     return rows, [claim(f"TOAST beats full fine-tuning ({task})", by["toast"], by["finetune"], pre),
                   claim(f"TOAST beats a linear probe ({task})", by["toast"], by["linear"], pre)]
 
