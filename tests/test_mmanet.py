@@ -21,7 +21,8 @@ from methodlab.data.multimodal import PACKED, digit_views, make_synthetic_multim
 from methodlab.errors import ConfigError
 from methodlab.losses.mmanet import entropy_weights, mad_loss, mar_loss
 from methodlab.methods.mmanet import (
-    all_masks, combination_name, histogram_distance, label_histogram, mine_weak_set, mining_epochs, sample_masks)
+    all_masks, combination_name, declared_weak_set, histogram_distance, label_histogram, mine_weak_set, mining_epochs,
+    sample_masks)
 from methodlab.metrics.acer import acer_counts, acer_from_counts
 from methodlab.models import build_model
 
@@ -539,15 +540,27 @@ def mined_weak_sets(dataset: str, seeds, overrides=()) -> list[str]:
     return picks
 
 
+def expected_weak_set(dataset: str) -> str:
+    from methodlab.data import resolve_dataset
+
+    meta = resolve_dataset(dataset, load_config("mmanet", None, []).data.root).meta
+    masks = all_masks(len(meta["modalities"]))
+    return ",".join(combination_name(masks[i], meta["modalities"]) for i in declared_weak_set(meta, masks))
+
+
+def test_declared_weak_set_of_the_synthetic_tasks():
+    masks = all_masks(3)
+    assert declared_weak_set({"modalities": ["a", "b", "c"], "informativeness": [0.9, 0.6, 0.2]}, masks) == [1, 2, 5]
+    assert declared_weak_set({"modalities": ["a", "b", "c"], "informativeness": [0.1, 0.6, 0.2]}, masks) == [0, 2, 4]
+    assert declared_weak_set({"modalities": ["a", "b", "c"], "weakest_combination": ["a", "b"]}, masks) == [0, 1, 3]
+    assert declared_weak_set({"modalities": ["a", "b", "c"]}, masks) is None
+
+
 def test_default_mining_finds_the_known_weak_set_of_synthetic_multimodal(home):
     """synthetic_multimodal's informativeness is (0.9, 0.6, 0.2): the pair without m0 is the
     weakest two-modality combination, W = {m1, m2, m1-m2}. Issue 19 asks >= 4 of 5 seeds."""
-    from methodlab.data import resolve_dataset
-
-    meta = resolve_dataset("synthetic_multimodal", load_config("mmanet", None, []).data.root).meta
-    strongest = int(np.argmax(meta["informativeness"]))
-    rest = [m for i, m in enumerate(meta["modalities"]) if i != strongest]
-    expected = ",".join([*rest, "-".join(rest)])
+    expected = expected_weak_set("synthetic_multimodal")
+    assert expected == "m1,m2,m1-m2"
     picks = mined_weak_sets("synthetic_multimodal", range(5))
     assert sum(p == expected for p in picks) >= 4, picks
 

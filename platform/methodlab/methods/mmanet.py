@@ -116,6 +116,23 @@ def mine_weak_set(distances: torch.Tensor, masks: torch.Tensor) -> tuple[int, li
     return best, sorted(int(i) for i in inside)
 
 
+def declared_weak_set(meta: dict, masks: torch.Tensor) -> list[int] | None:
+    """The weak set W a dataset declares for checking the mining (sorted indices into `masks`), or
+    None: `meta.weakest_combination` (modality names, `shapes_multimodal`), else the combination
+    missing only the most informative modality of `meta.informativeness` (`synthetic_multimodal`),
+    with its sub-combinations as `mine_weak_set` forms them."""
+    modalities = meta.get("modalities", [])
+    if "weakest_combination" in meta:
+        target = torch.tensor([float(m in meta["weakest_combination"]) for m in modalities])
+        distances = (masks == target).all(dim=1).double()
+    elif "informativeness" in meta:
+        # The informativeness a combination lacks orders the candidates as the mining should.
+        distances = (1 - masks.double()) @ torch.tensor(meta["informativeness"], dtype=torch.float64)
+    else:
+        return None
+    return mine_weak_set(distances, masks)[1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Charts
 
