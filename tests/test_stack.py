@@ -286,7 +286,7 @@ def test_every_manifest_image_is_pinned_and_matches_the_pinned_ray():
                 assert c["image"] == _ray_image("gpu"), (path, group["groupName"])
     # MLflow's: infra/ built the same server for the compose file (PostgreSQL the same release).
     compose = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())["services"]
-    mlflow_images = {c["name"]: c["image"] for c in _walk(_docs(MLFLOW_MANIFEST), "containers") for c in c}
+    mlflow_images = {c["name"]: c["image"] for cs in _walk(_docs(MLFLOW_MANIFEST), "containers") for c in cs}
     assert mlflow_images["postgres"] == compose["postgres"]["image"]
     assert mlflow_images["mlflow"] in _image_tags(MLFLOW_DOCKERFILE)
     assert mlflow_images["mlflow"].endswith(f":{_pinned('mlflow')}")
@@ -507,13 +507,20 @@ def test_rayjob_entrypoint_config_and_runtime_env_exist_and_agree():
     cfg = load_config(method, str(ROOT / config_file), overrides)
     assert cfg.scaling.use_gpu and cfg.storage.path.startswith("s3://") and cfg.train.max_failures > 0
 
+    from ray.runtime_env import RuntimeEnv
+
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip")
     shared = yaml.safe_load((KUBERAY / "runtime-env.yaml").read_text())
     assert runtime_env["env_vars"] == shared["env_vars"]
-    # Nothing is installed when a job starts: the image has the dependencies, the job the code.
     for env in (runtime_env, shared):
+        # Ray's own validation of a runtime env (it would take an unknown key for a plugin's).
+        RuntimeEnv(**env)
+        assert set(env) <= RuntimeEnv.known_fields
+        # Nothing is installed when a job starts: the image has the dependencies, the job the code.
         assert not {"pip", "uv", "conda", "container", "image_uri"} & set(env)
+    with pytest.raises(TypeError):
+        RuntimeEnv(**{**shared, "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": 0}})   # values are strings
 
 
 def test_cluster_docs_name_files_that_exist():
