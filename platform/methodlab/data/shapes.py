@@ -276,8 +276,16 @@ def make_shapes(per_class: int = SHAPES_PER_CLASS, seed: int = 0) -> dict:
 
 @register_dataset("shapes")
 def shapes() -> dict:
-    """12 shapes x 500 = 6,000 images (3,600 train). Measured precondition (test_shapes.py
-    checks its core): see the module's PRECONDITIONS."""
+    """12 shapes x 500 = 6,000 images (3,600 train).
+
+    Precondition, measured on the test split (seed 0) with the platform's linear probe
+    (`bad_batches.linear_probe`, standardised L-BFGS logistic regression, weight decay 1e-3):
+    raw pixels 0.139 (chance 0.083); one-hots of the nuisance factors 0.085; the pose-free
+    hand-made `gzsl_features` 0.965. The platform's `cnn` (models.cnn.SmallCNN, Adam 3e-3,
+    batch 128, CPU) trained supervised: 0.34 after 5 epochs, 0.43 after 8, still rising. So a
+    representation that discards colour, texture, position and background is linearly
+    separable while raw pixels are not (tests/test_shapes.py checks raw < 3 x chance and the
+    features > raw + 0.5)."""
     return make_shapes()
 
 
@@ -511,7 +519,12 @@ def shapes_multimodal() -> dict:
     apart): silhouette (shape) 1/6, rgb (colour) 1/8, texture 1/12; pairs 1/2 (rgb+silhouette),
     1/3 (silhouette+texture), 1/4 (rgb+texture); all three 1. Upright (angle 0, offsets +-3 px)
     so that a linear probe can read the silhouette. The weakest combination that misses exactly
-    one modality (MMANet's mining candidates) is rgb+texture: `meta.weakest_combination`."""
+    one modality (MMANet's mining candidates) is rgb+texture: `meta.weakest_combination`.
+
+    Measured (test split, the platform's linear probe as for `shapes`): rgb 0.138,
+    silhouette 0.154, texture 0.093; rgb+silhouette 0.463, rgb+texture 0.268,
+    silhouette+texture 0.308; all three 0.903 (tests/test_shapes.py checks each combination
+    against its cap and the weakest pair and modality against the meta)."""
     from methodlab.data.multimodal import multimodal_meta, multimodal_splits
 
     rng = np.random.default_rng(40)
@@ -562,7 +575,14 @@ def gzsl_roles() -> tuple[np.ndarray, np.ndarray]:
 def shapes_gzsl() -> dict:
     """72 classes = 6 shapes x 4 colours x 3 textures, 50 images each (random size, angle,
     position and background); attributes the 13 true one-hot factors; 18 unseen classes, 9
-    validation-unseen (`gzsl_roles`); features `gzsl_features` (38-d, fixed, pose-free)."""
+    validation-unseen (`gzsl_roles`); features `gzsl_features` (38-d, fixed, pose-free).
+
+    Measured (features standardised on train): Spearman correlation between the classes'
+    attribute distances and class-mean feature distances 0.59 (digits_gzsl: 0.28); a ridge
+    map from attributes to seen class means, scored by the nearest predicted mean among the 18
+    unseen classes, 0.96 on test-unseen (chance 0.056); a linear probe on the seen classes
+    0.98 on test-seen. Zero-shot transfer is possible by construction, so a GZSL method that
+    fails here fails on its own account."""
     from methodlab.data.gzsl import gzsl_layout
 
     rng = np.random.default_rng(50)
