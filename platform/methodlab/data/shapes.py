@@ -38,7 +38,7 @@ Datasets (measured preconditions are in each builder's docstring):
                     uniformly random nuisances. For SimCLR / Bad Batches and supervised: raw
                     pixels must fail where a small CNN does not.
 `shapes_upright`    the same 12 shapes at angle 0 (position jitter of +-2 px only, sizes
-                    small/medium so any rotation stays in frame), plain or noisy background.
+                    medium/large, any rotation stays in frame), random background.
                     For canonicalization, which rotates the test images itself: a classifier
                     trained upright fails on rotated copies, a canonicalizer can restore it.
 `shapes_source`     shapes 0-7 x 4 textures = 32 classes, 150 images each: a rich source task
@@ -396,15 +396,15 @@ def hu_moments(m, dx, dy, area):
 # ----------------------------------------------------------------------------------------------
 # shapes_upright (canonicalization)
 
-UPRIGHT_SIZES = (0, 1)          # 6.5 and 8.5 px units: a turned shape (+-2 px) stays in frame
+UPRIGHT_SIZES = (1, 2)          # 8.5 and 10.5 px units: a turned shape (+-2 px) stays in frame
 UPRIGHT_JITTER = 2
 UPRIGHT_PER_CLASS = 400
 
 
 @register_dataset("shapes_upright", aliases=("shapes-upright",))
 def shapes_upright() -> dict:
-    """12 shapes x 400 = 4,800 images at angle 0; offsets +-2 px and sizes 6.5 / 8.5 px so that
-    the shape (radius <= 1.2 x 8.5 px + 2.8 px of offset) stays inside the 16 px half-frame at any
+    """12 shapes x 400 = 4,800 images at angle 0; offsets +-2 px and sizes 8.5 / 10.5 px so that
+    the shape (radius <= 1.2 x 10.5 px + 2.8 px of offset) stays inside the 16 px half-frame at any
     angle, which canonicalization's own test-time rotation relies on. Colour, texture and
     background (all four) stay random nuisances."""
     rng = np.random.default_rng(10)
@@ -413,7 +413,7 @@ def shapes_upright() -> dict:
     images, _ = render(f, 11)
     return {"splits": image_splits(images, labels, f, stratified_split(labels)),
             "scales": {"image": IMAGE_SCALE},
-            "meta": image_meta(SHAPES, "label = shape, upright (angle 0), offsets +-2 px, sizes 6.5/8.5 px, seed 10",
+            "meta": image_meta(SHAPES, "label = shape, upright (angle 0), offsets +-2 px, sizes 8.5/10.5 px, seed 10",
                                upright=True)}
 
 
@@ -473,6 +473,12 @@ def transfer_task(shots: int) -> dict:
 
 @register_dataset("shapes_transfer", aliases=("shapes-transfer",))
 def shapes_transfer() -> dict:
+    """4 novel shapes x 300 images, 10 shots per class (40 train rows), 240 val, 240 test.
+
+    Measured (the platform's linear probe as for `shapes`): on the 40 shots, raw pixels reach
+    0.34 on test (chance 0.25) and the hand-made pose-free `gzsl_features` 0.93, so features
+    that know shapes transfer and pixels do not; on the source, raw pixels reach 0.12 on
+    source_val (32 classes, chance 0.03)."""
     return transfer_task(TRANSFER_SHOTS)
 
 
