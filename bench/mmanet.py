@@ -19,7 +19,8 @@ about the method, not the platform. The teacher of a seed is trained once and sh
 Ratios are mean test accuracy over all combinations against (b), measured in this same process.
 The final epoch is scored (no best-checkpoint selection).
 
-    .venv/bin/python bench/mmanet.py [--dataset shapes_multimodal] [--seeds 5] [--name mmanet]
+    .venv/bin/python bench/mmanet.py [--dataset shapes_multimodal] [--seeds 5] [--name mmanet] \
+        [--set method.width=8 ...]
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from methodlab.train.core import load_bundle, seed_everything  # noqa: E402
 # Shorter than the method's defaults (teacher 10, student 20 epochs of batch 64) so that 5 seeds x
 # 5 models fit in 10 minutes on a shared 2-core CPU. begin_epoch and the mining window keep their
 # official defaults (mining after epochs 2-4, MAD and MAR from epoch 5 on: 5 epochs of them).
-BENCH = ["method.teacher_epochs=5", "train.epochs=10", "train.batch_size=128"]
+# The final epoch is scored, so the loop evaluates at stage ends only (eval_every beyond the epochs).
+BENCH = ["method.teacher_epochs=5", "train.epochs=10", "train.batch_size=128", "train.eval_every=1000"]
 VARIANTS = {
     "dropout": ["method.lambda_mad=0", "method.lambda_mar=0"],
     "dropout+MAD": ["method.lambda_mar=0"],
@@ -90,11 +92,13 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", default=MMANet.default_dataset)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--name", default="mmanet", help="bench/results/<name>.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, after the bench's own (repeatable)")
     args = parser.parse_args(argv)
     seeds = list(range(args.seeds))
     torch.set_num_threads(1)   # tiny tensors: intra-op threads only add contention on a small CPU box
     t_start = time.perf_counter()
-    bench = [f"data.dataset={args.dataset}", *BENCH]
+    bench = [f"data.dataset={args.dataset}", *BENCH, *args.set]
     base = load_config("mmanet", None, bench)
     info = resolve_dataset(args.dataset, base.data.root)
     results: dict[str, list[list[float]]] = {"teacher": [], **{v: [] for v in VARIANTS}}
