@@ -15,13 +15,14 @@ from scipy.io import savemat
 
 from methodlab.config import load_config
 from methodlab.data.dataset import write_dataset
-from methodlab.data.gzsl import (DIGIT_ATTRIBUTE_TABLE, DIGITS_UNSEEN, DIGITS_VAL_UNSEEN, encode_seen_digits,
-                                 import_xlsa17, synthetic_gzsl)
+from methodlab.data.gzsl import (DIGIT_ATTRIBUTES, DIGITS_UNSEEN, DIGITS_VAL_UNSEEN, build_digits_gzsl, digit_attributes,
+                                 digits_gzsl, digits_gzsl_rows, encode_seen_digits, import_xlsa17, synthetic_gzsl)
 from methodlab.errors import ConfigError, DataError
 from methodlab.losses.d3gzsl import (critic_terms, embedding_distillation, kl_distillation, ood_distillation,
                                      pair_bce, teacher_confidence)
 from methodlab.methods.d3gzsl import label_mapping
-from methodlab.metrics.gzsl import class_counts, gzsl_counts, gzsl_scores, harmonic_mean, per_class_accuracy
+from methodlab.metrics.gzsl import (GAMMA_GRID, attribute_precondition, best_gamma, calibrated, calibration_counts,
+                                   class_counts, gzsl_counts, gzsl_scores, harmonic_mean, per_class_accuracy)
 from methodlab.models.d3gzsl import LearnSigmoid
 
 SP_NEG1, SP_0, SP_1 = math.log1p(math.exp(-1)), math.log(2), math.log1p(math.e)   # softplus(-1, 0, 1)
@@ -328,8 +329,7 @@ def test_xlsa17_import_names_a_missing_file(tmp_path):
 # Built-in and synthetic data
 
 
-def test_digits_gzsl_attributes_and_encoder_never_see_unseen_digits():
-    assert len({tuple(r) for r in DIGIT_ATTRIBUTE_TABLE}) == 10     # every digit is describable
+def test_digits_gzsl_encoder_never_sees_unseen_digits():
     assert not set(DIGITS_UNSEEN) & set(DIGITS_VAL_UNSEEN)
     from methodlab.data.builtin import load_digits
 
@@ -341,6 +341,61 @@ def test_digits_gzsl_attributes_and_encoder_never_see_unseen_digits():
     scrambled[others] = np.random.default_rng(1).random(scrambled[others].shape)
     b = encode_seen_digits(scrambled, labels, fit, epochs=2)
     np.testing.assert_array_equal(a[fit], b[fit])
+
+
+@pytest.fixture(scope="module")
+def digits_built():
+    return digits_gzsl()
+
+
+def test_digits_gzsl_attributes_are_informative_and_full_rank(digits_built):
+    """The precondition of every GZSL claim on digits_gzsl: attribute distances follow the
+    class-mean feature distances, and the seen digits span every attribute direction under both
+    protocols (the validation protocol drops the validation-unseen digits)."""
+    meta = digits_built["meta"]
+    att = digits_built["tables"]["class_attributes"]["attributes"]
+    splits = digits_built["splits"].values()
+    features = np.concatenate([s["features"] for s in splits])
+    labels = np.concatenate([s["label"] for s in splits])
+    pre = attribute_precondition(att, features, labels, np.array(meta["seen_classes"]))
+    assert pre["spearman"] > 0.5
+    assert pre["seen_rank"] == pre["attribute_dim"] == len(DIGIT_ATTRIBUTES) == meta["attribute_dim"]
+    train_seen = np.setdiff1d(meta["seen_classes"], meta["val_unseen_classes"])
+    assert np.linalg.matrix_rank(att[train_seen]) == att.shape[1]
+    assert len({tuple(r) for r in att}) == 10
+    seen = meta["seen_classes"]                                   # standardised over the seen digits
+    np.testing.assert_allclose(att[seen].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(att[seen].std(0), 1, rtol=1e-4)
+
+
+def test_digits_gzsl_attributes_use_no_val_or_test_image(digits_built):
+    """The side information comes from description images only (seen digits: train rows; unseen
+    digits: images in no split): replacing every val and test image changes no attribute, and
+    the description images of the unseen digits are not test rows."""
+    from methodlab.data.builtin import load_digits
+
+    images, labels = load_digits()
+    rows = digits_gzsl_rows(labels)
+    roles = list(rows.values())
+    assert sum(map(len, roles)) == len(labels) == len(np.unique(np.concatenate(roles)))   # a partition
+    assert set(labels[rows["description"]]) == set(DIGITS_UNSEEN)
+    assert len(digits_built["splits"]["test"]["label"]) == len(rows["test_seen"]) + len(rows["test_unseen"])
+    scrambled = images.copy()
+    held = np.concatenate([rows["val"], rows["test_seen"], rows["test_unseen"]])
+    scrambled[held] = np.random.default_rng(0).random(scrambled[held].shape, dtype=np.float32)
+    np.testing.assert_array_equal(build_digits_gzsl(scrambled, labels)["tables"]["class_attributes"]["attributes"],
+                                  digits_built["tables"]["class_attributes"]["attributes"])
+    # and each is the class mean of the region ink densities, recomputed here in numpy
+    described = np.concatenate([rows["train"], rows["description"]])
+    x = images[described, 0]
+    ink = np.stack([x[:, 0:3, 0:4].mean((1, 2)), x[:, 0:3, 4:].mean((1, 2)), x[:, 3:5, 0:4].mean((1, 2)),
+                    x[:, 3:5, 4:].mean((1, 2)), x[:, 5:, 0:4].mean((1, 2)), x[:, 5:, 4:].mean((1, 2))], 1)
+    ref = np.stack([ink[labels[described] == c].mean(0) for c in range(10)])
+    seen = digits_built["meta"]["seen_classes"]
+    ref = (ref - ref[seen].mean(0)) / ref[seen].std(0)
+    np.testing.assert_allclose(digits_built["tables"]["class_attributes"]["attributes"], ref, rtol=1e-5)
+    with pytest.raises(DataError, match=r"classes \[0, 4, 9\] have no description images"):
+        digit_attributes(images, labels, rows["train"])
 
 
 @FAST
