@@ -119,6 +119,73 @@ def test_gzsl_scores_predict_over_all_classes():
     assert scores == pytest.approx({"S": 0.75, "U": 0.75, "H": 0.75, "ZSL": 0.75})
 
 
+def _logits_case(seed, n, seen_n, unseen_n):
+    g = torch.Generator().manual_seed(seed)
+    c = seen_n + unseen_n
+    perm = torch.randperm(c, generator=g)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64) * 4
+    labels = torch.randint(0, c, (n,), generator=g)
+    return logits, labels, perm[:seen_n].sort().values, perm[seen_n:].sort().values
+
+
+@FAST
+@given(arrays, st.integers(1, 30), st.integers(1, 5), st.integers(1, 5))
+def test_calibrated_stacking_gamma_zero_is_plain_and_a_large_gamma_predicts_only_unseen(seed, n, seen_n, unseen_n):
+    logits, labels, seen, unseen = _logits_case(seed, n, seen_n, unseen_n)
+    assert torch.equal(calibrated(logits, seen, 0.0), logits)
+    assert torch.equal(gzsl_counts(calibrated(logits, seen, 0.0), labels, unseen), gzsl_counts(logits, labels, unseen))
+    big = float(logits[:, seen].max() - logits[:, unseen].min()) + 1
+    assert torch.isin(calibrated(logits, seen, big).argmax(1), unseen).all()
+    # more gamma never moves a row from an unseen prediction back to a seen one
+    n_unseen = [int(torch.isin(calibrated(logits, seen, float(g)).argmax(1), unseen).sum()) for g in GAMMA_GRID]
+    assert n_unseen == sorted(n_unseen)
+    # unseen columns and the ZSL counts (argmax over unseen classes only) do not move
+    cal = calibrated(logits, seen, 3.0)
+    assert torch.equal(cal[:, unseen], logits[:, unseen])
+    assert torch.equal(gzsl_counts(cal, labels, unseen)[2], gzsl_counts(logits, labels, unseen)[2])
+
+
+@FAST
+@given(arrays, st.integers(2, 30), st.integers(1, 4), st.integers(1, 4))
+def test_best_gamma_maximises_h_over_the_grid_against_numpy(seed, n, seen_n, unseen_n):
+    logits, labels, seen, unseen = _logits_case(seed, n, seen_n, unseen_n)
+    grid = GAMMA_GRID[::8]
+    gamma = best_gamma(calibration_counts(logits, labels, unseen, seen, grid), unseen, grid)
+    lg, y, s, u = logits.numpy(), labels.numpy(), seen.numpy(), unseen.numpy()
+
+    def h(g):                                           # numpy reference of H at one gamma
+        pred = (lg - np.isin(np.arange(lg.shape[1]), s) * g).argmax(1)
+        acc = lambda cls: np.mean([np.mean(pred[y == c] == c) for c in cls if (y == c).any()]) \
+            if any((y == c).any() for c in cls) else 0.0
+        a, b = acc(s), acc(u)
+        return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+    hs = np.array([h(float(g)) for g in grid])
+    assert h(gamma) == pytest.approx(hs.max())
+    assert gamma == float(grid[np.flatnonzero(np.isclose(hs, hs.max()))[0]])     # the smallest on ties
+
+
+@FAST
+@given(arrays, st.integers(3, 7), st.integers(1, 6), st.floats(0.1, 10))
+def test_attribute_precondition_matches_scipy_and_ignores_scale(seed, classes, a_dim, scale):
+    from scipy.spatial.distance import pdist
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(seed)
+    att = rng.normal(size=(classes, a_dim))
+    labels = np.repeat(np.arange(classes), 4)
+    features = rng.normal(size=(len(labels), 5)) + att[labels, :1] * 3
+    seen = np.arange(classes - 1)
+    pre = attribute_precondition(att, features, labels, seen)
+    means = np.stack([features[labels == c].mean(0) for c in range(classes)])
+    ref = spearmanr(pdist(att), pdist(means)).correlation
+    assert pre["spearman"] == pytest.approx(0.0 if np.isnan(ref) else ref, abs=1e-9)
+    assert -1 - 1e-12 <= pre["spearman"] <= 1 + 1e-12
+    assert attribute_precondition(att * scale, features, labels, seen)["spearman"] == pytest.approx(pre["spearman"])
+    assert attribute_precondition(means, features, labels, seen)["spearman"] == pytest.approx(1.0)
+    assert pre["seen_rank"] == np.linalg.matrix_rank(att[seen]) and pre["attribute_dim"] == a_dim
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses
 
@@ -543,3 +610,30 @@ def test_gan_step_logs_and_export_matches_student(method_setup):
     with torch.no_grad():
         torch.testing.assert_close(exported(torch.from_numpy(raw)), models["student"](scaled)[1])
     assert spec["arch"] == "gzsl_classifier"
+    assert 0 <= metrics["test_seen_fidelity"] <= 1 and "test_gamma" not in metrics     # gamma 0: plain
+
+
+def test_calibration_gamma_val_is_chosen_on_val_and_logged(method_setup):
+    make, _ = method_setup
+    method, models, opts = make("method.calibration_gamma=val")
+    from methodlab.methods.base import StepContext
+
+    ctx = StepContext(stage="gan", epoch=0, step=0, device=torch.device("cpu"), rank=0, world_size=1)
+    method.train_step("gan", models, opts, _batch_of(method), ctx)
+    cpu = torch.device("cpu")
+    val, test = method.evaluate("gan", models, "val", cpu), method.evaluate("gan", models, "test", cpu)
+    grid = GAMMA_GRID.tolist()
+    assert val["val_gamma"] in grid and test["test_gamma"] == val["val_gamma"]   # the same networks' val gamma
+    assert test["test_fresh_gamma"] in grid
+    assert val["val_H"] >= val["val_uncalibrated_H"] - 1e-12                   # 0 is on the grid
+    fixed, models2, _ = make("method.calibration_gamma=1000")
+    out = fixed.evaluate("gan", models2, "test", cpu)
+    assert out["test_gamma"] == 1000 and out["test_S"] == 0                     # every row predicted unseen
+
+
+@pytest.mark.parametrize("value, message", [
+    ("val", "calibration_gamma='val' needs protocol=validation"), ("-1", "calibration_gamma must be >= 0")])
+def test_calibration_gamma_refuses_what_it_cannot_honour(value, message):
+    overrides = [f"method.calibration_gamma={value}", *(["method.protocol=final"] if value == "val" else [])]
+    with pytest.raises(ConfigError, match=message):
+        load_config("d3gzsl", None, overrides)

@@ -48,7 +48,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from methodlab import distributed
@@ -57,7 +57,8 @@ from methodlab.errors import ConfigError, DataError
 from methodlab.losses.d3gzsl import (Variant, critic_terms, embedding_distillation, kl_distillation,
                                      ood_distillation, teacher_confidence)
 from methodlab.methods.base import Method, SplitData, StepContext, freeze
-from methodlab.metrics.gzsl import gzsl_counts, gzsl_scores, per_class_chart
+from methodlab.metrics.gzsl import (best_gamma, calibrated, calibration_counts, class_counts, gzsl_counts, gzsl_scores,
+                                    per_class_accuracy, per_class_chart)
 from methodlab.models.d3gzsl import Critic, Generator, LearnSigmoid, Student, Teacher
 from methodlab.models.gzsl import GZSLClassifier
 from methodlab.registry import register_method
@@ -119,6 +120,23 @@ class D3GZSLConfig(Section):
     fresh_epochs: int = Field(gt=0)
     fresh_lr: float = Field(gt=0)
     fresh_batch_size: int = Field(256, gt=0)
+    calibration_gamma: float | Literal["val"] = Field(
+        0.0, description="calibrated stacking (Chao et al. 2016): subtracted from the seen classes' "
+        "log-probabilities before the GZSL argmax. 0 (default) = the official code (no calibration); "
+        "a float >= 0 fixes it; 'val' picks it from metrics.gzsl.GAMMA_GRID by val H for the current "
+        "networks (needs protocol=validation: only there are val's unseen classes unseen)")
+    fidelity_per_class: int = Field(100, gt=0, description="G samples per seen class that the frozen "
+                                    "teacher (trained on real seen features) classifies: seen_fidelity")
+
+    @model_validator(mode="after")
+    def _gamma(self):
+        if self.calibration_gamma == "val" and self.protocol != "validation":
+            raise ValueError("calibration_gamma='val' needs protocol=validation (under protocol=final the "
+                             "validation-unseen classes are trained on, so val H cannot choose gamma); "
+                             "set method.protocol=validation or a number, e.g. method.calibration_gamma=0")
+        if not isinstance(self.calibration_gamma, str) and self.calibration_gamma < 0:
+            raise ValueError(f"calibration_gamma must be >= 0 or 'val', got {self.calibration_gamma}")
+        return self
 
 
 @register_method("d3gzsl")
@@ -161,11 +179,17 @@ class D3GZSL(Method):
         "method.lambda_od": {"loguniform": [1e-5, 1e-1]},
         "method.lambda_cls": {"loguniform": [1e-5, 1e-2]},
         "method.syn_per_class": {"choice": [5, 10, 20, 50]},
+        # Calibrated stacking as a Tune parameter (val_H chooses it across trials); within one run
+        # method.calibration_gamma=val chooses it from a grid instead.
+        "method.calibration_gamma": {"uniform": [0.0, 10.0]},
     }
     smoke_overrides = ["train.epochs=2", "train.batch_size=160", "method.teacher_epochs=1",
                        "method.gen_hidden=32", "method.critic_hidden=32", "method.embed_dim=32",
                        "method.syn_num=10", "method.fresh_epochs=2", "method.n_critic=2"]
-    demo_overrides = ["train.epochs=60", "method.teacher_epochs=10"]
+    # The demo selects on val (protocol=validation, the default) and calibrates there: without
+    # calibrated stacking the student predicts a seen digit for nearly every unseen row within
+    # the demo's ~180 generator iterations (test H 0.00 uncalibrated; see bench/results/d3gzsl.json).
+    demo_overrides = ["train.epochs=60", "method.teacher_epochs=10", "method.calibration_gamma=val"]
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
@@ -424,16 +448,56 @@ class D3GZSL(Method):
         kinds = [self.mcfg.eval_protocol]
         if split == "test":
             kinds.append("fresh" if kinds[0] == "end_to_end" else "end_to_end")
+        seen = self.seen.to(device)
+        plain = [self._logits(self.classifier(models, kind, device), features, device) for kind in kinds]
+        gammas = [self.gamma(models, kind, device, logits if split == "val" else None)
+                  for kind, logits in zip(kinds, plain)]
         counts = distributed.all_sum(torch.stack([
-            gzsl_counts(self._logits(self.classifier(models, kind, device), features, device), labels, unseen)
-            for kind in kinds]))                                                           # (kinds, 3, C)
-        out: dict[str, float] = {}
+            torch.stack([gzsl_counts(calibrated(logits, seen, gamma), labels, unseen), gzsl_counts(logits, labels, unseen)])
+            for logits, gamma in zip(plain, gammas)]))                                      # (kinds, 2, 3, C)
+        out: dict[str, float] = {f"{split}_seen_fidelity": self.seen_fidelity(models, device)}
         for i, kind in enumerate(kinds):
             prefix = f"{split}_" if i == 0 else f"{split}_{'e2e' if kind == 'end_to_end' else 'fresh'}_"
-            out.update({prefix + k: v for k, v in gzsl_scores(counts[i], unseen).items()})
+            out.update({prefix + k: v for k, v in gzsl_scores(counts[i, 0], unseen).items()})
+            if self.mcfg.calibration_gamma != 0:
+                out[prefix + "gamma"] = gammas[i]
+                out.update({f"{prefix}uncalibrated_{k}": v for k, v in gzsl_scores(counts[i, 1], unseen).items()
+                            if k != "ZSL"})        # ZSL argmaxes over unseen classes only: gamma cannot move it
         if split == "test":
-            self.test_counts = (counts[0].cpu(), unseen.cpu())   # the final epoch charts them
+            self.test_counts = (counts[0, 0].cpu(), unseen.cpu())   # the final epoch charts them
         return out
+
+    def gamma(self, models: dict, kind: str, device, val_logits: torch.Tensor | None = None) -> float:
+        """The calibrated-stacking gamma of `kind`'s classifier: the configured number, or under
+        `val` the GAMMA_GRID value with the best val H for these networks (computed again at test
+        time, so that the test split is scored with the gamma of exactly the networks it scores,
+        the best epoch's where tracking.register=best). `val_logits`: this rank's val logits
+        when the caller has them."""
+        gamma = self.mcfg.calibration_gamma
+        if gamma != "val":
+            return float(gamma)
+        if val_logits is None:
+            features = distributed.shard(self.data.splits["val"]).tensors["features"]
+            val_logits = self._logits(self.classifier(models, kind, device), features, device)
+        labels = distributed.shard(self.data.splits["val"]).tensors["label"].to(device)
+        unseen = self._eval_unseen("val", device)
+        counts = distributed.all_sum(calibration_counts(val_logits, labels, unseen, self.seen.to(device)))
+        return best_gamma(counts, unseen)
+
+    @torch.no_grad()
+    def seen_fidelity(self, models: dict, device) -> float:
+        """Per-class accuracy of the frozen teacher, a classifier trained on real seen features
+        only, on `fidelity_per_class` G(z, a_c) samples of each seen class c (fixed seed): whether
+        the generator reproduces the classes it was trained on at all. Near chance (1/|S|), its
+        unseen samples cannot be trusted either."""
+        g = torch.Generator().manual_seed(self.cfg.train.seed)
+        generator = distributed.unwrap(models["generator"])
+        y = self.seen.repeat_interleave(self.mcfg.fidelity_per_class)
+        z = torch.randn(len(y), generator.noise_dim, generator=g)
+        x = generator(z.to(device), self.attributes[y].to(device))
+        teacher = distributed.unwrap(models["teacher"])
+        pred = self.seen.to(device)[self._logits(lambda b: teacher(b)[1], x, device).argmax(1)]
+        return per_class_accuracy(class_counts(pred, y.to(device), self.data.info.num_classes), self.seen.to(device))
 
     def epoch_artifacts(self, stage, epoch):
         if stage != self.stages[-1] or epoch != self.stage_epochs(stage) - 1 or self.test_counts is None:
