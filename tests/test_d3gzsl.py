@@ -637,3 +637,31 @@ def test_calibration_gamma_refuses_what_it_cannot_honour(value, message):
     overrides = [f"method.calibration_gamma={value}", *(["method.protocol=final"] if value == "val" else [])]
     with pytest.raises(ConfigError, match=message):
         load_config("d3gzsl", None, overrides)
+
+
+def test_fclswgan_baseline_trains_g_with_the_pretrained_classifier_and_classifies_features(method_setup):
+    """variant=fclswgan (Xian et al. 2018): the frozen teacher's NLL on G's seen samples reaches G,
+    nothing trains the student, and the exported model is the fresh softmax on the features."""
+    make, _ = method_setup
+    method, models, opts = make("method.variant=fclswgan")
+    student = {k: v.clone() for k, v in models["student"].state_dict().items()}
+    b = _batch_of(method)
+    method.critic_step(models, opts, b["features"], b["label"])
+    logs = method.generator_step(models, opts, b["features"], b["label"])
+    assert set(logs) == {"loss_g", "cls", "aux"} and float(logs["cls"]) > 0
+    assert all(torch.equal(student[k], v) for k, v in models["student"].state_dict().items())
+    assert all(p.grad is None for p in models["student"].parameters())
+    models["generator"].zero_grad(set_to_none=True)      # the classification term alone reaches G
+    fake = method.generate(models["generator"], b["label"])
+    F_ce = torch.nn.functional.cross_entropy(models["teacher"](fake)[1], method.mapping[b["label"]])
+    F_ce.backward()
+    assert any(torch.count_nonzero(p.grad) > 0 for p in models["generator"].parameters())
+    metrics = method.evaluate("gan", models, "test", torch.device("cpu"))
+    assert "test_e2e_H" not in metrics and "test_fresh_H" not in metrics and 0 <= metrics["test_H"] <= 1
+    exported, spec = method.export(models)
+    assert spec["kwargs"]["embed_dim"] == 0 and isinstance(exported.embed, torch.nn.Identity)
+    raw = method.example_input()
+    scaled = (torch.from_numpy(raw).float() - method.shift) * method.scale
+    head = method.classifier(models, "fresh", torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(torch.from_numpy(raw)), head(scaled))

@@ -87,6 +87,12 @@ class D3GZSLConfig(Section):
     protocol: Literal["validation", "final"] = Field(
         "validation", description="validation: validation-unseen classes are held out as unseen "
         "(selection, sweeps); final: all trainval classes are seen (literature-comparable test)")
+    variant: Literal["d3gzsl", "fclswgan"] = Field(
+        "d3gzsl", description="d3gzsl: the method; fclswgan: the true f-CLSWGAN baseline (Xian et al., "
+        "CVPR 2018): no student and no distillation, G's loss adds fclswgan_cls_weight x the NLL of the "
+        "frozen teacher (pretrained on real seen features) on G's seen samples, and the GZSL classifier "
+        "is a fresh softmax Linear(d, C) on real seen + syn_num synthetic unseen features")
+    fclswgan_cls_weight: float = Field(0.01, ge=0, description="f-CLSWGAN's cls_weight (its CUB script: 0.01)")
     loss_variant: Variant = Field("faithful", description="faithful: the official code (double "
                                   "softmax, BCE-with-logits on [0,1] similarities); clean: the corrected form")
     lambda_cls: float = Field(1e-4, ge=0, description="L_cls weight (oodclass_loss_para)")
@@ -343,8 +349,11 @@ class D3GZSL(Method):
         alpha = torch.rand(len(x), 1, device=x.device)
         d_real, d_fake, gp = critic_terms(models["critic"], x, fake, self.attributes.to(x.device)[y], alpha)
         loss_d = d_fake.mean() - d_real.mean() + m.lambda_gp * gp
-        aux = self.aux_losses(models, x_syn, y_syn, x, y)
-        _step(optimizers, ("critic", "student", "sigmoid"), loss_d + aux["aux"])
+        if m.variant == "fclswgan":
+            _step(optimizers, ("critic",), loss_d)
+        else:
+            aux = self.aux_losses(models, x_syn, y_syn, x, y)
+            _step(optimizers, ("critic", "student", "sigmoid"), loss_d + aux["aux"])
         return {"loss_d": loss_d.detach(), "gp": gp.detach(), "wasserstein": (d_real.mean() - d_fake.mean()).detach()}
 
     def generator_step(self, models, optimizers, x, y) -> dict[str, torch.Tensor]:
@@ -357,8 +366,15 @@ class D3GZSL(Method):
             out = self.generate(models["generator"], torch.cat([y, y_syn]))
             fake, x_syn = out[:len(y)], out[len(y):]
             loss_g = -critic(fake, self.attributes.to(x.device)[y]).mean()
-            aux = self.aux_losses(models, x_syn, y_syn, x, y)
-            _step(optimizers, ("generator", "student", "sigmoid"), loss_g + aux["aux"])
+            if self.mcfg.variant == "fclswgan":
+                # f-CLSWGAN's classification loss: the frozen pretrained classifier (the teacher)
+                # on G's seen samples, its gradient reaching G through the teacher's input.
+                cls = F.cross_entropy(models["teacher"](fake)[1], self.mapping.to(y.device)[y])
+                aux = {"cls": cls, "aux": self.mcfg.fclswgan_cls_weight * cls}
+                _step(optimizers, ("generator",), loss_g + aux["aux"])
+            else:
+                aux = self.aux_losses(models, x_syn, y_syn, x, y)
+                _step(optimizers, ("generator", "student", "sigmoid"), loss_g + aux["aux"])
         finally:
             critic.requires_grad_(True)
         return {"loss_g": loss_g.detach(), **{k: v.detach() for k, v in aux.items()}}
@@ -389,17 +405,19 @@ class D3GZSL(Method):
     def fresh_classifier(self, models: dict, device, seed: int) -> nn.Linear:
         """The alternative protocol (dependent_test=False): a new Linear(e, C) on frozen student
         embeddings of the real training rows plus `syn_num` G samples per unseen class; Adam
-        (fresh_lr, betas (0.5, 0.999)), `fresh_epochs` epochs, the last one kept."""
+        (fresh_lr, betas (0.5, 0.999)), `fresh_epochs` epochs, the last one kept. Under
+        variant=fclswgan the same softmax is trained on the features themselves (f-CLSWGAN's
+        final classifier: `embedding` is the identity)."""
         m = self.mcfg
         g = torch.Generator(device="cpu").manual_seed(seed)
-        student, generator = models["student"], models["generator"]
+        generator = models["generator"]
         train = self.data.splits["train"].tensors
         with torch.no_grad():
             y_syn = self.unseen.repeat_interleave(m.syn_num)
             z = torch.randn(len(y_syn), generator.noise_dim, generator=g)
             x_syn = generator(z.to(device), self.attributes[y_syn].to(device))
             x_all = torch.cat([train["features"].to(device), x_syn])
-            emb = self._logits(student.net.embed, x_all, device)
+            emb = self._logits(self.embedding(models), x_all, device)
         y_all = torch.cat([train["label"], y_syn]).to(device)
         head = nn.Linear(emb.shape[1], self.data.info.num_classes).to(device)
         with torch.random.fork_rng(devices=[]):
@@ -419,12 +437,26 @@ class D3GZSL(Method):
         """The scaled-feature -> logits classifier of an evaluation protocol. The fresh head is
         trained once per state of the networks (generator-step count) and reused by the val and
         test evaluations and the export of the same epoch."""
-        net = models["student"].net
         if kind == "end_to_end":
-            return net
+            return models["student"].net
         if self._fresh_head is None or self._fresh_head[0] != self._generator_steps:
             self._fresh_head = (self._generator_steps, self.fresh_classifier(models, device, self.cfg.train.seed))
-        return nn.Sequential(net.embed, self._fresh_head[1])
+        return nn.Sequential(self.embedding(models), self._fresh_head[1])
+
+    def embedding(self, models: dict) -> nn.Module:
+        """What the fresh classifier reads: the student's E_s, or the features themselves for
+        f-CLSWGAN (which has no student)."""
+        return nn.Identity() if self.mcfg.variant == "fclswgan" else models["student"].net.embed
+
+    def eval_protocols(self, split: str) -> list[str]:
+        """The headline protocol first; on the test split the other one too. f-CLSWGAN has only
+        its fresh softmax."""
+        if self.mcfg.variant == "fclswgan":
+            return ["fresh"]
+        kinds = [self.mcfg.eval_protocol]
+        if split == "test":
+            kinds.append("fresh" if kinds[0] == "end_to_end" else "end_to_end")
+        return kinds
 
     def evaluate(self, stage, models, split, device):
         """Sharded: each rank scores its rows; the per-class counts of every protocol go into one
@@ -445,9 +477,7 @@ class D3GZSL(Method):
             scores = gzsl_scores(counts[:-2].view(3, -1), unseen)
             acc = float(counts[-2] / counts[-1]) if counts[-1] > 0 else 0.0
             return {f"{split}_teacher_acc": acc, **{f"{split}_{k}": v for k, v in scores.items()}}
-        kinds = [self.mcfg.eval_protocol]
-        if split == "test":
-            kinds.append("fresh" if kinds[0] == "end_to_end" else "end_to_end")
+        kinds = self.eval_protocols(split)
         seen = self.seen.to(device)
         plain = [self._logits(self.classifier(models, kind, device), features, device) for kind in kinds]
         gammas = [self.gamma(models, kind, device, logits if split == "val" else None)
@@ -512,16 +542,16 @@ class D3GZSL(Method):
     def spec(self) -> dict:
         return {"arch": "gzsl_classifier",
                 "kwargs": {"feature_dim": self.feature_dim, "num_classes": self.data.info.num_classes,
-                           "embed_dim": self.mcfg.embed_dim}}
+                           "embed_dim": 0 if self.mcfg.variant == "fclswgan" else self.mcfg.embed_dim}}
 
     def export(self, models):
         """Raw features -> logits over all classes (class-id order): the training-time scaling,
         the student's embedding and the headline protocol's classifier."""
         model = GZSLClassifier(**self.spec()["kwargs"])
         student = distributed.unwrap(models["student"]).net
-        model.embed.load_state_dict(student.embed.state_dict())
+        model.embed.load_state_dict(self.embedding({"student": distributed.unwrap(models["student"])}).state_dict())
         head = student.fc
-        if self.mcfg.eval_protocol == "fresh":
+        if self.eval_protocols("val")[0] == "fresh":
             head = self.classifier({k: distributed.unwrap(v) for k, v in models.items()}, "fresh",
                                    next(student.parameters()).device)[1]
         model.fc.load_state_dict(head.state_dict())
