@@ -40,6 +40,21 @@ headline S/U/H use: `end_to_end` (the student itself, the code's CUB default) or
 linear classifier on frozen student embeddings of real seen + `syn_num` synthetic unseen features
 per class, trained for `fresh_epochs`; its last epoch is kept, never a test-selected one). On
 the test split the other protocol is reported too, as test_{e2e,fresh}_{S,U,H}.
+
+Calibrated stacking (`calibration_gamma`; Chao et al., ECCV 2016, arXiv 1605.04253; not in the
+official code, so the default 0 is the code): gamma is subtracted from the seen classes' scores
+before the GZSL argmax. `val` chooses it from `metrics.gzsl.GAMMA_GRID` by val H, for exactly the
+networks being scored (also at test time); the chosen value is logged as {split}_gamma and the
+uncalibrated scores as {split}_uncalibrated_{S,U,H}. Seen fidelity ({split}_seen_fidelity): the
+frozen teacher, a classifier trained on real seen features only, on G's samples of the seen
+classes; near chance, the generator reproduces nothing and its unseen samples mean nothing.
+
+Baselines: `lambda_id = lambda_od = 0` is D3GZSL without distillation (the generator and the
+end-to-end student, L_cls only). `variant=fclswgan` is the true f-CLSWGAN (Xian et al., CVPR 2018,
+arXiv:1712.00981, official code `clswgan.py`): the same WGAN-GP, G's loss plus
+`fclswgan_cls_weight` x the NLL of a classifier pretrained on real seen features (here the frozen
+teacher: E_o + C_o, where f-CLSWGAN pretrains a linear softmax), no student, and a fresh softmax
+Linear(d, C) on real seen + `syn_num` synthetic unseen features as the GZSL classifier.
 """
 
 from __future__ import annotations
