@@ -274,15 +274,18 @@ class D3GZSL(Method):
             Teacher(self.feature_dim, m.embed_dim, len(self.seen))
         if stage == "teacher":
             return {"teacher": teacher}
-        return {"teacher": freeze(teacher),
-                "generator": Generator(m.noise_dim or self.att_dim, self.att_dim, m.gen_hidden, self.feature_dim),
-                "critic": Critic(self.feature_dim, self.att_dim, m.critic_hidden),
-                "student": Student(self.feature_dim, m.embed_dim, self.data.info.num_classes),
+        gan = {"teacher": freeze(teacher),
+               "generator": Generator(m.noise_dim or self.att_dim, self.att_dim, m.gen_hidden, self.feature_dim),
+               "critic": Critic(self.feature_dim, self.att_dim, m.critic_hidden)}
+        if m.variant == "fclswgan":          # no student: its classifier is trained after G
+            return gan
+        return {**gan, "student": Student(self.feature_dim, m.embed_dim, self.data.info.num_classes),
                 "sigmoid": LearnSigmoid(m.sigmoid_weight, m.sigmoid_offset)}
 
     def build_optimizers(self, stage, models):
         # Adam(lr, betas (0.5, 0.999)) for every network, as in gzsl/main.py (`optimizers` above).
-        names = ["teacher"] if stage == "teacher" else ["generator", "critic", "student", "sigmoid"]
+        names = ["teacher"] if stage == "teacher" else [n for n in ("generator", "critic", "student", "sigmoid")
+                                                        if n in models]
         return {n: torch.optim.Adam(models[n].parameters(), lr=self.cfg.train.lr, betas=(0.5, 0.999),
                                     weight_decay=self.cfg.train.weight_decay) for n in names}
 
@@ -293,7 +296,8 @@ class D3GZSL(Method):
         every = self.mcfg.lr_every * steps_per_epoch * self.mcfg.n_critic
         factors = {"generator": self.mcfg.gan_lr_factor, "critic": self.mcfg.gan_lr_factor,
                    "student": self.mcfg.student_lr_factor, "sigmoid": self.mcfg.sigmoid_lr_factor}
-        return {n: torch.optim.lr_scheduler.StepLR(optimizers[n], every, gamma=f) for n, f in factors.items()}
+        return {n: torch.optim.lr_scheduler.StepLR(optimizers[n], every, gamma=f) for n, f in factors.items()
+                if n in optimizers}
 
     # -- training -------------------------------------------------------------------------------
 
@@ -351,7 +355,10 @@ class D3GZSL(Method):
         return {"cls": cls, "kl": kl, "be": be, "od": od, "aux": aux}
 
     def _syn_classes(self, device) -> torch.Tensor:
-        return self.unseen.to(device).repeat_interleave(self.mcfg.syn_per_class)
+        """The classes of L_aux's synthetic unseen rows; none for f-CLSWGAN, whose GAN steps use
+        seen samples only."""
+        per_class = 0 if self.mcfg.variant == "fclswgan" else self.mcfg.syn_per_class
+        return self.unseen.to(device).repeat_interleave(per_class)
 
     def critic_step(self, models, optimizers, x, y) -> dict[str, torch.Tensor]:
         """One critic iteration: L_D + lambda_gp GP + L_aux; steps D, the student and the sigmoid.
@@ -563,12 +570,12 @@ class D3GZSL(Method):
         """Raw features -> logits over all classes (class-id order): the training-time scaling,
         the student's embedding and the headline protocol's classifier."""
         model = GZSLClassifier(**self.spec()["kwargs"])
-        student = distributed.unwrap(models["student"]).net
-        model.embed.load_state_dict(self.embedding({"student": distributed.unwrap(models["student"])}).state_dict())
-        head = student.fc
+        models = {k: distributed.unwrap(v) for k, v in models.items()}
         if self.eval_protocols("val")[0] == "fresh":
-            head = self.classifier({k: distributed.unwrap(v) for k, v in models.items()}, "fresh",
-                                   next(student.parameters()).device)[1]
+            head = self.classifier(models, "fresh", next(models["generator"].parameters()).device)[1]
+        else:
+            head = models["student"].net.fc
+        model.embed.load_state_dict(self.embedding(models).state_dict())
         model.fc.load_state_dict(head.state_dict())
         model.shift.copy_(self.shift)
         model.scale.copy_(self.scale)
