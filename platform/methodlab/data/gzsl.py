@@ -251,8 +251,12 @@ DIGIT_ATTRIBUTES = tuple(DIGIT_REGIONS)
 DIGITS_UNSEEN = (0, 4, 9)          # test-unseen: never seen by the encoder or the generator's data
 # Validation-unseen: seen digits a selection run treats as unseen. One digit, so that the
 # validation protocol keeps 6 seen classes for the 6 attributes (full column rank: every unseen
-# attribute vector is a combination of seen ones).
-DIGITS_VAL_UNSEEN = (8,)
+# attribute vector is a combination of seen ones). Which one was chosen on val only: with each
+# seen digit as the validation-unseen one, D3GZSL at the demo's settings (180 generator
+# iterations, seed 0, calibrated on val) reached val H 0.25 with 2, 0.11 with 8, 0.05 with 6
+# and 7, and 0 with 1, 3 and 5 (8's densities are the seen digits' mean: standardised, a zero
+# attribute vector that G cannot tell from "any digit").
+DIGITS_VAL_UNSEEN = (2,)
 # The fraction of each unseen digit's images set aside to describe it (its attributes); they are
 # in no split, so no test image enters the side information.
 DESCRIPTION_FRACTION = 0.2
@@ -332,7 +336,7 @@ def digits_gzsl() -> dict:
     val or test image enters the side information.
 
     Splits: the 7 seen digits are split 60/20/20 per class (seed 0) into train, val (held out)
-    and test-seen; every other image of an unseen digit is test-unseen. Digit 8 is the
+    and test-seen; every other image of an unseen digit is test-unseen. Digit 2 is the
     validation-unseen class (one, so that the validation protocol trains on 6 seen digits, as
     many as there are attributes). Features: the 64-d ReLU layer of an MLP trained on the *train*
     rows of the seen digits only (`encode_seen_digits`), so no unseen digit, no validation row
