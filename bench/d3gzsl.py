@@ -193,7 +193,9 @@ def main() -> None:
     figures, table, pre = accuracy(args.dataset, seeds, args.gen_iters)
     extra = {"in_process": "one worker, no Ray; the method's hooks and the platform's data order",
              "dataset": args.dataset, "overrides": PROTOCOL, "seeds": seeds, "gen_iters": args.gen_iters,
-             "per_seed": table, "precondition": pre, "torch_threads": 1}
+             "per_seed": table, "precondition": pre, "torch_threads": 1,
+             # what bench/quality.py's chance level reads: the test-unseen classes of this protocol
+             "num_unseen_classes": len(pre["test_unseen_classes"])}
     if args.dataset == "digits_gzsl":
         extra["digits_per_seed"] = table     # what bench/quality.py reads
     if args.cub_scale:
