@@ -80,7 +80,7 @@ def gzsl_scores(counts: torch.Tensor, unseen_classes: torch.Tensor) -> dict[str,
 def calibrated(logits: torch.Tensor, seen_classes: torch.Tensor, gamma: float) -> torch.Tensor:
     """Calibrated stacking (Chao, Changpinyo, Gong, Sha, "An Empirical Study and Analysis of
     Generalized Zero-Shot Learning for Object Recognition in the Wild", ECCV 2016, arXiv
-    1605.04253, Eq. 4): gamma subtracted from the seen classes' scores, so that a classifier
+    1605.04253, "calibrated stacking"): gamma subtracted from the seen classes' scores, so that a classifier
     trained on real seen and synthetic unseen features stops preferring the seen classes it saw
     real rows of. gamma = 0 is the plain argmax; a gamma above every row's seen-unseen score gap
     predicts an unseen class for every row. Logits or log-probabilities give the same argmax.
