@@ -203,6 +203,60 @@ def test_group_conv_canonicalizer_is_c8_equivariant_at_init(seed, channels, k):
     assert fraction >= C8_SHIFT_THRESHOLD, fraction
 
 
+@FAST
+@given(canonicalized(), st.sampled_from(["cnn", "group_conv"]), st.sampled_from([4, 8]))
+def test_gradient_paths_share_the_forward_value(mx, kind, n):
+    _, x = mx
+    images = []
+    for path in ("copies", "angle"):
+        torch.manual_seed(0)
+        model = build_model({"arch": "canonicalized", "kwargs": dict(
+            predictor=predictor_spec(x.shape[1]), in_channels=x.shape[1], image_size=x.shape[-1],
+            canonicalizer=kind, num_rotations=n, channels=2, num_layers=1, out_dim=4,
+            gradient_path=path)}).eval()
+        with torch.no_grad():
+            images.append(model.canonicalize(x)["image"])
+    assert torch.equal(images[0], images[1])
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([4, 8]), st.floats(0.5, 4.0), st.sampled_from(["copies", "angle"]))
+def test_score_gradients_match_each_paths_closed_form(seed, n, beta, path):
+    """dL/d score_k for L = <C, x_c>, against an independent closed form: beta·s_k(c_k - Σ_j s_j c_j)
+    with s = softmax(beta·scores) and c_k = <C, copy_k> (copies), or c_k = θ_k·dL/dθ with dL/dθ the
+    slope of a bare kornia rotation at the selected angle (angle, equiadapt). That slope is taken by
+    autograd, not finite differences: at multiples of 90 degrees the samples sit on pixel centres,
+    the kinks of bilinear interpolation, where autograd gives a one-sided slope."""
+    torch.manual_seed(seed)
+    model = build_model({"arch": "canonicalized", "kwargs": dict(
+        predictor=predictor_spec(1), in_channels=1, image_size=8, num_rotations=n, channels=2,
+        out_dim=4, beta=beta, gradient_path=path)}).double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    out = model.canonicalize(x)
+    out["scores"].retain_grad()
+    target = torch.randn_like(out["image"])
+    (out["image"] * target).sum().backward()
+    soft = torch.softmax(beta * out["scores"].detach(), -1)                         # (B, G)
+    if path == "copies":
+        c = (out["copies"].detach() * target[:, None]).flatten(2).sum(-1)           # (B, G)
+    else:
+        angles = torch.tensor([a for a, _ in group_elements(n, False)], dtype=torch.float64)
+        theta = angles[out["weights"].detach().argmax(-1)]
+        theta.requires_grad_(True)
+        (slope,) = torch.autograd.grad((rotate_interpolated(x, theta, model.pad_ratio) * target).sum(), theta)
+        c = angles[None] * slope[:, None]                                          # slope (B,): dL/dθ
+    expected = beta * soft * (c - (soft * c).sum(-1, keepdim=True))
+    torch.testing.assert_close(out["scores"].grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_pad_ratio_zero_leaves_zero_corners_as_equiadapt_grayscale():
+    """pad_ratio=0 is equiadapt's grayscale path (no padding, kornia fills with zeros); 0.5 edge-pads."""
+    x = torch.ones(1, 1, 16, 16)
+    bare = rotate_interpolated(x, torch.tensor([45.0]), 0.0)
+    assert float(bare[0, 0, 0, 0]) == 0.0 and float(bare[0, 0, 8, 8]) == 1.0
+    torch.testing.assert_close(rotate_interpolated(x, torch.tensor([45.0]), 0.5), x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Group actions
 
