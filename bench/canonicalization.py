@@ -87,7 +87,9 @@ def accuracy_study(data: DataBundle, tmp: str, args) -> tuple[dict, dict, dict]:
     precondition: dict[str, dict[str, list[float]]] = {}
     timings: dict[str, float] = {}
     modes = {**MODES, **(ANGLE_PATH if args.angle_path else {})}
-    if args.equivariant_channels:   # the C_n network is |G| times wider than φ per channel: budget
+    if args.modes:
+        modes = {k: v for k, v in modes.items() if k in args.modes}
+    if args.equivariant_channels and "equivariant" in modes:   # the C_n network is |G| times wider than φ per channel: budget
         modes["equivariant"] = [*modes["equivariant"], f"method.channels={args.equivariant_channels}"]
     common = [f"data.dataset={args.dataset}", *args.override]
     for seed in range(args.seeds):
@@ -173,6 +175,8 @@ def parse_args(argv=None):
     p.add_argument("--supervised-epochs", type=int, default=10, help="epochs of the upright predictor")
     p.add_argument("--groups", type=int, nargs="+", default=[4, 8], help="num_rotations to run")
     p.add_argument("--angle-path", action="store_true", help="also train canonicalize with gradient_path=angle")
+    p.add_argument("--modes", nargs="+", choices=[*MODES, *ANGLE_PATH], default=None,
+                   help="only these variants (default: all)")
     p.add_argument("--equivariant-channels", type=int, default=None,
                    help="channels of the equivariant baseline (default: method.channels, as φ)")
     p.add_argument("--no-latency", action="store_true")
@@ -209,7 +213,7 @@ def main() -> None:
                               "cosine of the copies- and angle-path gradients into φ at init", {"cosine": mean_std(cos)}))
     write_results(args.out, figures, {
         "setup": {"dataset": args.dataset, "seeds": list(range(args.seeds)), "supervised_epochs": args.supervised_epochs,
-                  "epochs": args.epochs, "groups": args.groups, "overrides": args.override,
+                  "epochs": args.epochs, "groups": args.groups, "overrides": args.override, "modes": args.modes or "all",
                   "equivariant_channels": args.equivariant_channels or "method.channels",
                   "in_process": "one process, no Ray: the Method hooks the shared loop calls",
                   "torch_threads": 1, "latency_batch": {f"{k}px": v for k, v in LATENCY.items()},

@@ -12,6 +12,21 @@ construction (see `methodlab.models.canonicalizer`). The loss is
     + artifact_weight·L_artifact
 
 The official `model.py` adds the contrast term twice (effective weight 2x); here it is added once.
+
+Where this differs from equiadapt, behind named options:
+  gradient_path  "copies" (default): the task loss reaches the scores through Σ_g w_g·copy_g (the
+                 straight-through weights times every copy). "angle" (equiadapt): through the
+                 selected angle θ = Σ_g w_g·θ_g into a differentiable kornia rotation of x. The
+                 forward value is the same bit for bit. The default stays "copies": it does not
+                 depend on how the angles are numbered, and it sees what the predictor would make of
+                 each copy rather than the rotation's local slope (at multiples of 90 degrees a
+                 one-sided slope: the samples sit on bilinear interpolation's kinks). Measured in
+                 `bench/canonicalization.py` (`gradient_path_cosine_cN`, `canonicalize_angle_cN`).
+  pad_ratio      edge padding before non-90-degree rotations; 0.5 (default) is equiadapt's choice
+                 for RGB, 0 (no padding, zero corners) its choice for grayscale.
+  mode=equivariant  Kaba et al.'s escnn network is rebuilt without escnn: steerable C_n filters
+                 (`methodlab.models.canonicalizer.GroupConvScoreNet`), exact at C4, C8 up to the
+                 pixel grid.
 The predictor comes from `methodlab.models.hub.load_pretrained` (models:/, runs:/, a checkpoint
 directory or a file); `predictor=scratch` builds a random-init CNN and exists for tests and smoke
 runs on a fresh MLflow store only.

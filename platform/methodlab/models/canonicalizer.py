@@ -17,8 +17,15 @@ order cannot disagree — unlike the official code, which scores hflip∘R but a
 Because the canonical image is chosen from the set {g·x : g in G}, and that set only gets permuted
 when x is transformed by a group element, the canonicalized model is invariant by construction
 for exact actions (C4 / D4 via `torch.rot90`, `torch.flip`), with ANY scoring network, in eval mode.
-Angles that are not multiples of 90 degrees use kornia with edge padding and a centre crop, which
-makes C8 invariance approximate (interpolation).
+Angles that are not multiples of 90 degrees use kornia with edge padding (`pad_ratio` of the size;
+0 = none, kornia fills the corners with zeros) and a centre crop, which makes C8 invariance
+approximate (interpolation). equiadapt edge-pads RGB inputs by 0.5 and does not pad grayscale
+ones: `pad_ratio=0.5` is faithful for RGB, `pad_ratio=0` for grayscale; 0.5 is the default for both.
+
+The equivariant baseline ("group_conv") is a C_n group-conv network with steerable filters
+(`steerable_basis`): exact at C4, and at C8 equivariant up to the pixel grid — for 45-degree steps
+its argmax shifts by one for 0.90-0.97 of smooth 32 px images at init (the earlier version, whose
+3x3 filters were rotated by bilinear resampling, for 0.00-0.09).
 
 Registered archs (rebuilt from their spec by `build_model`, callable as images -> logits):
   "canonicalized"   canonicalizer ("cnn": cosine scoring, or "group_conv": Kaba et al.) + predictor
