@@ -20,8 +20,10 @@ Where this differs from equiadapt, behind named options:
                  forward value is the same bit for bit. The default stays "copies": it does not
                  depend on how the angles are numbered, and it sees what the predictor would make of
                  each copy rather than the rotation's local slope (at multiples of 90 degrees a
-                 one-sided slope: the samples sit on bilinear interpolation's kinks). Measured in
-                 `bench/canonicalization.py` (`gradient_path_cosine_cN`, `canonicalize_angle_cN`).
+                 one-sided slope: the samples sit on bilinear interpolation's kinks). Measured
+                 (bench/results/canonicalization_gradient_path.json, digits, 2 seeds): the two
+                 gradients into φ at init have cosine +0.51 / -0.51 (C4) and +0.45 / -0.49 (C8),
+                 yet test group_acc is the same: C4 0.974 both, C8 0.865 (copies) vs 0.865 (angle).
   pad_ratio      edge padding before non-90-degree rotations; 0.5 (default) is equiadapt's choice
                  for RGB, 0 (no padding, zero corners) its choice for grayscale.
   mode=equivariant  Kaba et al.'s escnn network is rebuilt without escnn: steerable C_n filters
