@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
-import subprocess
+import random
 import tempfile
 import time
 import urllib.error
@@ -41,6 +42,7 @@ MODE_TAG = "methodlab.mode"                      # max | min, for that metric (s
 DATASET_TAG = "methodlab.dataset"
 CHECKPOINT_ROOT_TAG = "methodlab.checkpoint_root"    # where Ray Train keeps the run's checkpoints
 RESUMED_WITH_TAG = "methodlab.resumed_with"      # the values a resume changed (params cannot change)
+WORKERS_TAG = "methodlab.workers_per_attempt"    # scaling.num_workers of each start and resume, e.g. "4 2"
 RESUMED_AT_EPOCH_TAG = "methodlab.resumed_at_epoch"
 REGISTERED_VERSION_TAG = "methodlab.registered_version"  # "none" when the run registered no version
 REGISTERED_EPOCH_TAG = "methodlab.registered_epoch"
@@ -99,14 +101,13 @@ def differing_params(new: dict[str, str], logged: dict[str, str]) -> dict[str, s
     return {k: v for k, v in new.items() if k in logged and logged[k] != v}
 
 
-def git_commit() -> str:
-    if os.environ.get("METHODLAB_GIT_COMMIT"):
-        return os.environ["METHODLAB_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def provenance_tags() -> dict[str, str]:
+    """`git_commit` and `git_dirty` of the code that runs: from the submitting checkout
+    (`methodlab submit` sends them with the job), else from this process's own checkout."""
+    from methodlab.submit import COMMIT_ENV, DIRTY_ENV, provenance
+
+    found = provenance()
+    return {"git_commit": found[COMMIT_ENV], "git_dirty": found[DIRTY_ENV]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +183,37 @@ def store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+LOCKED_ATTEMPTS = 10       # about a minute of backoff in all: far beyond any one write's lock
+
+
+def retry_locked(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, retried while a SQLite store answers "database is locked". SQLite
+    serializes writers, and sixteen trials with their driver writing one file meet each other's
+    transactions; a locked write committed nothing, so running it again is safe. Jittered
+    exponential backoff, so waiting writers do not collide again in step."""
+    for attempt in range(LOCKED_ATTEMPTS):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 — sqlalchemy's OperationalError arrives wrapped by MLflow
+            if "database is locked" not in str(e) or attempt == LOCKED_ATTEMPTS - 1:
+                raise
+            time.sleep(min(0.1 * 2 ** attempt, 8.0) * (0.5 + random.random()))
+
+
+class LockRetryingClient:
+    """An MlflowClient whose every call goes through `retry_locked`: what a Tracker on a SQLite
+    store uses, so that every write from a driver, a trial or a worker survives a busy file."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return functools.wraps(attr)(lambda *args, **kwargs: retry_locked(attr, *args, **kwargs))
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -191,6 +223,7 @@ class RunRecord:
     status: str
     metrics: dict[str, float]
     params: dict[str, str]
+    tags: dict[str, str]
 
 
 class Tracker:
@@ -198,7 +231,8 @@ class Tracker:
         """`experiment=None` only addresses existing runs (e.g. `methodlab sync`)."""
         self.uri = uri
         with store_lock(uri):
-            self.client = MlflowClient(tracking_uri=uri)     # creates a fresh store's tables
+            client = MlflowClient(tracking_uri=uri)          # creates a fresh store's tables
+            self.client = LockRetryingClient(client) if uri.startswith("sqlite:") else client
             self.experiment_id = self._experiment(experiment) if experiment else None
 
     def _experiment(self, name: str) -> str:
@@ -222,11 +256,11 @@ class Tracker:
         if not runs:
             return None
         r = runs[0]
-        return RunRecord(r.info.run_id, r.info.status, dict(r.data.metrics), dict(r.data.params))
+        return RunRecord(r.info.run_id, r.info.status, dict(r.data.metrics), dict(r.data.params), dict(r.data.tags))
 
     def start_run(self, run_name: str, params: dict[str, str], tags: dict[str, str],
                   config_yaml: str, parent_run_id: str | None = None) -> str:
-        all_tags = {RUN_NAME_TAG: run_name, "git_commit": git_commit(), **tags}
+        all_tags = {RUN_NAME_TAG: run_name, **provenance_tags(), **tags}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name,
@@ -316,16 +350,16 @@ class Tracker:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
             mlflow.set_tracking_uri(self.uri)
             status = self.client.get_run(run_id).info.status
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pytorch.log_model(
-                    model.eval().cpu(), name="model", input_example=input_example,
+            with retry_locked(mlflow.start_run, run_id=run_id):
+                info = retry_locked(
+                    mlflow.pytorch.log_model, model.eval().cpu(), name="model", input_example=input_example,
                     serialization_format="pt2", extra_files=[spec_file, weights_file], metadata=metadata,
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
             # Leaving start_run() marks the run FINISHED; the run's owner decides its status.
             self.client.update_run(run_id, status=status)
         if registered_name is None:
             return None
-        version = mlflow.register_model(info.model_uri, registered_name).version
+        version = retry_locked(mlflow.register_model, info.model_uri, registered_name).version
         for k, v in tags.items():
             self.client.set_model_version_tag(registered_name, version, k, str(v))
         self.client.set_registered_model_alias(registered_name, "candidate", version)
@@ -337,7 +371,7 @@ class Tracker:
         gets the git commit as a tag, and the run records what it registered: the version ("none"
         with no `registered_name`), the model's spec and, where known, the epoch it is from."""
         version = self.log_model(run_id, model, spec, input_example, registered_name,
-                                 {**version_tags, "git_commit": git_commit()})
+                                 {**version_tags, **provenance_tags()})
         self.set_tags(run_id, {REGISTERED_VERSION_TAG: version or "none", MODEL_SPEC_TAG: json.dumps(spec),
                                **({REGISTERED_EPOCH_TAG: epoch} if epoch is not None else {})})
         return version
