@@ -56,14 +56,22 @@ ANGLE_PATH = {"canonicalize_angle": ["method.mode=canonicalize", "method.gradien
 
 
 def make_method(name: str, overrides: list[str], data: DataBundle, epochs: int = 1):
-    cfg = load_config(name, None, [f"train.epochs={epochs}", f"train.batch_size={BATCH}", *overrides])
+    # validation once, at the end: per-epoch evaluations under every group element cost more than
+    # the training at 32 px (|G|^2 passes of φ per image), and the benchmark reads only the test split
+    cfg = load_config(name, None, [f"train.epochs={epochs}", f"train.batch_size={BATCH}",
+                                   f"train.eval_every={epochs}", *overrides])
     torch.manual_seed(cfg.train.seed)
     return get_method(name)(cfg, data)
 
 
 def train_in_process(name: str, overrides: list[str], data: DataBundle, epochs: int):
-    """The method's hooks in the order the shared loop calls them, on one in-process worker."""
+    """The method's hooks in the order the shared loop calls them, on one in-process worker. A
+    variant with nothing to train (a frozen plain or group-average baseline) is only built: its
+    epochs would be forward passes that change nothing."""
     method = make_method(name, overrides, data, epochs)
+    models = method.build_models("train", {})
+    if not method.build_optimizers("train", models):
+        return method, models
     return method, train_stage(method, "train", {})
 
 
