@@ -25,7 +25,9 @@ ones: `pad_ratio=0.5` is faithful for RGB, `pad_ratio=0` for grayscale; 0.5 is t
 The equivariant baseline ("group_conv") is a C_n group-conv network with steerable filters
 (`steerable_basis`): exact at C4, and at C8 equivariant up to the pixel grid — for 45-degree steps
 its argmax shifts by one for 0.90-0.97 of smooth 32 px images at init (the earlier version, whose
-3x3 filters were rotated by bilinear resampling, for 0.00-0.09).
+3x3 filters were rotated by bilinear resampling, for 0.00-0.09), and for 0.61-0.91 (by background
+and seed) of `shapes_upright`'s test images of the 8 shapes without rotational symmetry, whose
+sharp edges and textures the 45-degree interpolation changes most.
 
 Registered archs (rebuilt from their spec by `build_model`, callable as images -> logits):
   "canonicalized"   canonicalizer ("cnn": cosine scoring, or "group_conv": Kaba et al.) + predictor
