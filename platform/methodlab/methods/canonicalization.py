@@ -29,6 +29,7 @@ Where this differs from equiadapt, behind named options:
   mode=equivariant  Kaba et al.'s escnn network is rebuilt without escnn: steerable C_n filters
                  (`methodlab.models.canonicalizer.GroupConvScoreNet`), exact at C4, C8 up to the
                  pixel grid.
+
 The predictor comes from `methodlab.models.hub.load_pretrained` (models:/, runs:/, a checkpoint
 directory or a file); `predictor=scratch` builds a random-init CNN and exists for tests and smoke
 runs on a fresh MLflow store only.
@@ -90,8 +91,8 @@ class CanonicalizationConfig(Section):
     num_layers: int = Field(3, gt=0)
     kernel_size: int = Field(3, gt=0)
     equivariant_kernel_size: int = Field(
-        5, gt=0, description="mode=equivariant: size of the steerable C_n filters (5 keeps C8 close to "
-        "equivariant; escnn-style rings need a radius of 2 for 45-degree steps)")
+        5, gt=0, description="mode=equivariant: size of the steerable C_n filters (C8 argmax shifted "
+        "correctly at init for 0.79-0.89 of smooth 32 px images with 3, 0.90-0.97 with 5)")
     out_vector_size: int = Field(64, gt=0, description="dimension of φ's vectors and of the reference vector")
     dropout: float = Field(0.5, ge=0, lt=1)
     learn_ref_vec: bool = Field(False, description="learn the reference vector r (frozen randn by default)")
