@@ -38,7 +38,9 @@ from common import Figure, mean_std, timeit, train_stage, write_results  # noqa:
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import prepare_builtin  # noqa: E402
 from methodlab.methods.base import DataBundle  # noqa: E402
+from methodlab.metrics.group import group_accuracy_from_counts  # noqa: E402
 from methodlab.models import build_model  # noqa: E402
+from methodlab.models.canonicalizer import element_names  # noqa: E402
 from methodlab.models.hub import save_pretrained  # noqa: E402
 from methodlab.registry import get_method  # noqa: E402
 from methodlab.train.core import load_bundle  # noqa: E402
@@ -73,6 +75,15 @@ def train_in_process(name: str, overrides: list[str], data: DataBundle, epochs: 
     if not method.build_optimizers("train", models):
         return method, models
     return method, train_stage(method, "train", {})
+
+
+def test_metrics(method, models, num_rotations: int) -> dict[str, float]:
+    """The test metrics of a variant: those of the loop's own final test evaluation where it ran
+    (`Canonicalization.evaluate` keeps its counts; evaluating again would double the dominant cost),
+    else (a variant with nothing to train) one evaluation here."""
+    if method.test_counts is None:
+        return method.evaluate("train", models, "test", torch.device("cpu"))
+    return group_accuracy_from_counts(method.test_counts, element_names(num_rotations, False), "test")
 
 
 def gradient_cosine(method, models, batch) -> float:
@@ -113,7 +124,7 @@ def accuracy_study(data: DataBundle, tmp: str, args) -> tuple[dict, dict, dict]:
                 method, models = train_in_process(
                     "canonicalization", [f"train.seed={seed}", f"method.predictor={path}",
                                          f"method.num_rotations={n}", *common, *overrides], data, args.epochs)
-                metrics = method.evaluate("train", models, "test", torch.device("cpu"))
+                metrics = test_metrics(method, models, n)
                 key = f"{mode}_c{n}"
                 row = results.setdefault(key, {"group_acc": [], "invariance_error": [], "upright_acc": []})
                 row["group_acc"].append(metrics["test_group_acc"])
