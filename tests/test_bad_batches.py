@@ -356,6 +356,111 @@ def test_a_dropped_batch_changes_nothing_and_a_kept_one_steps():
     assert method.accepted == 0 and all(float(o["dropped"]) == 1.0 for o in outs)
 
 
+@pytest.mark.parametrize("comparison", ["view_vs_view", "views_vs_originals"])
+@pytest.mark.parametrize("features", ["projection", "backbone"])
+def test_the_frd_compares_exactly_the_named_feature_sets(comparison, features, monkeypatch):
+    """Spies on the FRD and the augmentation, and recomputes both feature sets independently with
+    the encoder as it was before the step: view_vs_view compares view 1's n rows with view 2's,
+    views_vs_originals both views' 2n rows with the un-augmented batch's n."""
+    import methodlab.methods.bad_batches as bb
+
+    scored, augmented, before = [], [], []
+    real_fd, real_augment = bb.frechet_distance, BadBatches.augment
+
+    def fd_spy(a, b):
+        scored.append((a.clone(), b.clone()))
+        return real_fd(a, b)
+
+    def augment_spy(self, images):
+        out = real_augment(self, images)
+        augmented.append((images.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(bb, "frechet_distance", fd_spy)
+    monkeypatch.setattr(BadBatches, "augment", augment_spy)
+    method, models, outs = _run("method.curation=threshold", "method.frd_threshold=1e300",
+                                f"method.comparison={comparison}", f"method.frd_features={features}",
+                                steps=1, check=lambda b, *_: before.append(b))
+    (a, b), = scored
+    (images, view1), (again, view2) = augmented
+    assert torch.equal(images, again) and not torch.equal(view1, view2)
+    net = copy.deepcopy(models["net"])
+    net.load_state_dict(before[0])                   # the encoder that scored the batch
+    net.train()                                      # batch statistics, as in the training forward
+    pick = 1 if features == "projection" else 0
+    with torch.no_grad():
+        views = net(torch.cat([view1, view2]))[pick]
+        n = len(images)
+        expected = (views[:n], views[n:]) if comparison == "view_vs_view" else (views, net(images)[pick])
+    assert a.shape == expected[0].shape and b.shape == expected[1].shape
+    assert torch.allclose(a, expected[0], atol=1e-6) and torch.allclose(b, expected[1], atol=1e-6)
+    assert float(outs[0]["frd"]) == pytest.approx(float(real_fd(*expected)), rel=1e-5)
+
+
+def _fit(*overrides: str) -> tuple[BadBatches, dict, "object"]:
+    """A whole run in process (the training core, no Ray); returns the method, its scheduler and
+    the final loop state."""
+    from methodlab.train.core import Loop, LoopState
+
+    cfg = load_config("bad_batches", None, [*TINY, *overrides])
+    torch.manual_seed(0)
+    method = BadBatches(cfg, DataBundle(_bundle().info, _bundle().splits, {}))
+    built = {}
+    schedulers = method.build_schedulers
+
+    def keep(stage, optimizers, per_epoch):
+        built.update(schedulers(stage, optimizers, per_epoch))
+        return built
+
+    method.build_schedulers = keep
+    state = LoopState()
+    Loop(cfg, method, torch.device("cpu")).fit(state)
+    return method, built, state
+
+
+@pytest.mark.parametrize("rule", [["method.curation=quantile", "method.frd_quantile=0.5"],
+                                  ["method.curation=threshold"]])
+def test_cosine_runs_over_the_steps_taken_not_the_batches_drawn(rule, monkeypatch):
+    """Every other batch is dropped (the rule's decision is pinned), 3 epochs of 6 batches: 9
+    optimizer steps. The quantile rule plans 9 from the start (1 - q of 18); the threshold rule
+    plans 18 (its kept share is unknown), then 3 + 12 x 0.5 = 9 once epoch 1 has shown it. Both
+    end at a learning rate of 0 after the 9th step; counting every batch drawn (T_max = 18) it
+    ended at half of it."""
+    import itertools
+
+    import methodlab.methods.bad_batches as bb
+
+    pattern = itertools.cycle([True, False])
+    monkeypatch.setattr(bb, "keep_batch", lambda frd, threshold: next(pattern))
+    lrs = []
+    step = BadBatches.train_step
+
+    def recording(self, stage, models, optimizers, batch, ctx):
+        out = step(self, stage, models, optimizers, batch, ctx)
+        lrs.append((self.accepted, self.planned, optimizers["opt"].param_groups[0]["lr"]))
+        return out
+
+    monkeypatch.setattr(BadBatches, "train_step", recording)
+    method, sched, state = _fit("train.epochs=3", *rule, "method.probe_steps=2")
+    lr = method.cfg.train.lr
+    assert method.per_epoch == 6 and method.accepted == 9 and state.step == 18
+    assert sched["lr"].last_epoch == 9 and method.planned == 9
+    # the learning rate after each batch is the cosine at the steps taken of the plan
+    assert all(got == pytest.approx(lr * cosine_factor(taken, plan), abs=1e-12) for taken, plan, got in lrs)
+    assert lrs[-1][2] == pytest.approx(0.0, abs=1e-12)
+    assert [p for _, p, _ in lrs[:6]] == [9 if "method.curation=quantile" in rule else 18] * 6
+    assert state.metrics["train_dropped"] == 0.5
+
+
+def test_dropped_fraction_is_an_epoch_metric():
+    method, _, state = _fit("train.epochs=2", "method.warmup_epochs=1", "method.frd_quantile=0.3",
+                            "method.probe_steps=2")
+    kept = [r[3] for r in method.records]            # the last epoch's decisions
+    assert len(kept) == 6 and 0 < sum(kept) < 6
+    assert state.metrics["train_dropped"] == pytest.approx(1 - sum(kept) / len(kept))
+    assert method.planned == planned_steps(6, 0, 6, 0.7)
+
+
 def test_warmup_scores_but_never_drops_and_state_survives_resume():
     method, _, outs = _run("method.curation=threshold", "method.frd_threshold=1e-12",
                            "method.warmup_epochs=1", steps=3)
