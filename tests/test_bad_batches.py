@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from methodlab.config import load_config
 from methodlab.errors import ConfigError
 from methodlab.losses.nt_xent import nt_xent
-from methodlab.methods.bad_batches import (BadBatches, cosine_factor, detrended_threshold, keep_batch, knn_predict,
+from methodlab.methods.bad_batches import (BadBatches, build_augment, cosine_factor, detrended_threshold, keep_batch, knn_predict,
                                            linear_probe, planned_steps, quantile_threshold)
 from methodlab.methods.base import DataBundle, StepContext
 from methodlab.metrics.frechet import feature_stats, frechet_distance
@@ -395,6 +395,16 @@ def test_the_frd_compares_exactly_the_named_feature_sets(comparison, features, m
     assert a.shape == expected[0].shape and b.shape == expected[1].shape
     assert torch.allclose(a, expected[0], atol=1e-6) and torch.allclose(b, expected[1], atol=1e-6)
     assert float(outs[0]["frd"]) == pytest.approx(float(real_fd(*expected)), rel=1e-5)
+
+
+def test_colour_jitter_and_grayscale_apply_to_rgb_images_only():
+    cfg = load_config("bad_batches", None, ["method.saturation=0.4", "method.hue=0.1", "method.grayscale_p=1.0",
+                                            "method.noise_std=0.0"]).method
+    rgb, gray = build_augment(cfg, (16, 16), 3), build_augment(cfg, (16, 16), 1)
+    assert len(rgb) == len(gray) + 3
+    out = rgb(torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-6) and torch.allclose(out[:, 1], out[:, 2], atol=1e-6)
+    assert gray(torch.rand(4, 1, 16, 16)).shape == (4, 1, 16, 16)
 
 
 def _fit(*overrides: str) -> tuple[BadBatches, dict, "object"]:

@@ -201,6 +201,11 @@ class BadBatchesConfig(Section):
     flip_p: float = Field(0.5, ge=0, le=1)
     brightness: float = Field(0.4, ge=0, lt=1, description="factor in [1-b, 1+b], p=0.8")
     contrast: float = Field(0.4, ge=0, lt=1, description="factor in [1-c, 1+c], p=0.8")
+    saturation: float = Field(0.0, ge=0, lt=1, description="RGB images: factor in [1-s, 1+s], p=0.8 "
+                              "(SimCLR's colour jitter: 0.8 at strength 1)")
+    hue: float = Field(0.0, ge=0, le=0.5, description="RGB images: hue shift in [-h, h] turns, p=0.8 "
+                       "(SimCLR: 0.2 at strength 1)")
+    grayscale_p: float = Field(0.0, ge=0, le=1, description="RGB images: probability of grayscale (SimCLR: 0.2)")
     noise_std: float = Field(0.05, ge=0, description="Gaussian noise, p=0.5")
     rotation_degrees: float = Field(15.0, ge=0, le=180)
     # evaluation
@@ -235,15 +240,23 @@ class SimCLRNet(nn.Module):
         return h, self.projector(h)
 
 
-def build_augment(cfg: BadBatchesConfig, size: tuple[int, int]) -> nn.Module:
-    """The SimCLR augmentation family T for tensors (B, C, H, W) in [0, 1], all from kornia."""
+def build_augment(cfg: BadBatchesConfig, size: tuple[int, int], channels: int) -> nn.Module:
+    """The SimCLR augmentation family T for tensors (B, C, H, W) in [0, 1], all from kornia
+    (Chen et al. 2020, appendix A: crop, flip, colour jitter, grayscale; plus rotation and
+    noise). Saturation, hue and grayscale exist for RGB images only, and are left out at 0."""
     import kornia.augmentation as K
 
+    colour = []
+    if channels == 3:
+        colour += [K.RandomSaturation((1 - cfg.saturation, 1 + cfg.saturation), p=0.8)] if cfg.saturation else []
+        colour += [K.RandomHue((-cfg.hue, cfg.hue), p=0.8)] if cfg.hue else []
+        colour += [K.RandomGrayscale(p=cfg.grayscale_p)] if cfg.grayscale_p else []
     return nn.Sequential(
         K.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0)),
         K.RandomHorizontalFlip(p=cfg.flip_p),
         K.RandomBrightness((1 - cfg.brightness, 1 + cfg.brightness), p=0.8),
         K.RandomContrast((1 - cfg.contrast, 1 + cfg.contrast), p=0.8),
+        *colour,
         K.RandomRotation(cfg.rotation_degrees),
         K.RandomGaussianNoise(std=cfg.noise_std, p=0.5),
     )
@@ -339,7 +352,7 @@ class BadBatches(Method):
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         if self._augment is None:
-            self._augment = build_augment(self.mcfg, tuple(images.shape[-2:])).to(images.device)
+            self._augment = build_augment(self.mcfg, tuple(images.shape[-2:]), images.shape[1]).to(images.device)
         return self._augment(images)
 
     def on_epoch_start(self, stage, models, ctx):
