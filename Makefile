@@ -23,10 +23,10 @@ REF_STAMP := $(REF_VENV)/.installed-$(shell echo "$(REF_PACKAGES)" | cksum | cut
 # Ray: no usage stats. Tests and the demo train epochs of a fraction of a second, so their
 # reports must not wait for Ray's health-check poll (methodlab's default is 1 s: launch.py).
 export RAY_USAGE_STATS_ENABLED ?= 0
-demo test test-fast test-load: export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
+demo test test-fast test-load test-faults test-parity: export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup reference-venv demo test test-fast test-load bench report clean stack-up stack-down
+.PHONY: setup reference-venv demo test test-fast test-load test-faults test-parity bench report clean stack-up stack-down
 
 setup: $(STAMP)
 
@@ -49,11 +49,21 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/methodlab demo
 
-test: setup reference-venv
-	$(PY) -m pytest -q -p no:cacheprovider -m "not load" --durations=25
+# The fault matrix and the weights-import parity have targets of their own, so `make test`
+# stays well under 20 minutes on 2 CPUs; .ci/run runs all three.
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not load and not faults and not parity" --durations=25
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not load"
+	$(PY) -m pytest -q -m "not slow and not load and not faults and not parity"
+
+# Each external fault against a real run (tests/test_faults.py; ~3 min on 2 CPUs).
+test-faults: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m faults --durations=10
+
+# Imported timm / torchvision weights against the libraries' own logits (installs .venv-ref).
+test-parity: setup reference-venv
+	$(PY) -m pytest -q -p no:cacheprovider -m parity --durations=10
 
 # Three concurrent `ray job submit` runs and a 16-trial sweep on a private 2-CPU stack (~10 min).
 test-load: setup

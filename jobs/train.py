@@ -2,6 +2,11 @@
 
 On a running cluster (the local stack from `make stack-up`, or a real one):
 
+    methodlab submit --address http://127.0.0.1:8265 train supervised -c jobs/configs/supervised.yaml \
+        storage.path=s3://methodlab/runs tracking.uri=http://127.0.0.1:5000
+
+which checks the config first, records the checkout's git commit, and runs
+
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/train.py supervised -c jobs/configs/supervised.yaml \
         storage.path=s3://methodlab/runs tracking.uri=http://127.0.0.1:5000

@@ -187,3 +187,12 @@ def spawn_world(fn, world: int, *args) -> list:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_spawned, args=(world, fn, args, out), nprocs=world, join=True)
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the reference venv (the `references` fixture: timm and torchvision in
+    `.venv-ref`) is a parity test: `make test-parity` runs those, `make test` the rest."""
+    for item in items:
+        if "references" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.parity)
+

@@ -28,11 +28,13 @@ def test_the_wait_ends_in_a_one_line_refusal_when_no_node_comes(ray_cluster, hom
     assert "asking the autoscaler and waiting up to 1.5s" in capsys.readouterr().out
 
 
-def test_waiting_does_not_change_the_run_name():
+def test_scaling_does_not_change_the_run_name():
+    """A run may resume on another cluster: how it runs is not what it trains."""
     plain = load_config("supervised", None, [])
-    waiting = load_config("supervised", None, ["scaling.wait_for_nodes_s=900"])
-    assert plain.run_name == waiting.run_name
-    assert plain.run_name != load_config("supervised", None, ["scaling.num_workers=3"]).run_name
+    for other in (["scaling.wait_for_nodes_s=900"], ["scaling.num_workers=3"], ["scaling.use_gpu=true"],
+                  ["scaling.placement_strategy=STRICT_SPREAD", "scaling.cpus_per_worker=2"]):
+        assert load_config("supervised", None, other).run_name == plain.run_name, other
+    assert plain.run_name != load_config("supervised", None, ["train.lr=0.5"]).run_name
 
 
 @pytest.mark.slow

@@ -134,7 +134,7 @@ def test_a_run_auto_sent_to_stream_is_found_again_under_auto():
     from methodlab.train.launch import changed_values
 
     streamed = load_config("supervised", None, ["data.loader=stream", "train.run_name=same"])
-    logged = RunRecord("r", "FINISHED", {}, flatten_params(streamed.model_dump(mode="json")))
+    logged = RunRecord("r", "FINISHED", {}, flatten_params(streamed.model_dump(mode="json")), {})
     assert changed_values(load_config("supervised", None, ["train.run_name=same"]), logged) == {}
     assert changed_values(load_config("supervised", None, ["data.loader=memory", "train.run_name=same"]),
                           logged) == {"data.loader": "memory"}

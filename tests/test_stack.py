@@ -18,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.listeners import listening, off_loopback
+from tests.localstack import PORT_NAMES, Stack, free_ports, stack_env, wait_for
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,14 +34,6 @@ VENV_BIN = Path(sys.executable).parent
 CLUSTERS = ROOT / "clusters"
 KUBERAY = CLUSTERS / "kuberay"
 MANIFESTS = [KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml"]
-
-
-def _stack_module():
-    spec = importlib.util.spec_from_file_location("methodlab_stack", ROOT / "infra" / "local" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module     # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def _pyproject_deps() -> list[str]:
@@ -286,51 +278,22 @@ def test_job_entry_point_refuses_unreachable_services_in_one_line(tmp_path, serv
 # infra/local: refusals that start nothing
 
 
-def _stack_env(stack_dir: Path, ports: dict[str, int], home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "AWS_", "METHODLAB_STACK_", "MLFLOW_"))}
-    env.update({"METHODLAB_STACK_DIR": str(stack_dir), "HOME": str(home), "RAY_TMPDIR": str(stack_dir / "tmp"),
-                "METHODLAB_STACK_CPUS": "2", "METHODLAB_STACK_OBJECT_STORE_MB": "400", "RAY_USAGE_STATS_ENABLED": "0"})
-    env.update({f"METHODLAB_STACK_{k}_PORT": str(v) for k, v in ports.items()})
-    return env
-
-
-def _free_ports(n: int) -> list[int]:
-    """Distinct free loopback ports outside Ray's worker port range."""
-    held, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            held.append(s)
-            port = s.getsockname()[1]
-            if not 10002 <= port <= 19999:
-                ports.append(port)
-    finally:
-        for s in held:
-            s.close()
-    return ports
-
-
-PORT_NAMES = ["S3", "MLFLOW", "DASHBOARD", "RAY", "RAY_CLIENT", "RAY_AGENT"]
-
-
 def test_stack_up_refuses_busy_or_clashing_ports_in_one_line(tmp_path):
     script = ROOT / "infra" / "local" / "stack.py"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        ports = dict(zip(PORT_NAMES, _free_ports(6)))
+        ports = dict(zip(PORT_NAMES, free_ports(6)))
         ports["MLFLOW"] = busy.getsockname()[1]
-        proc = subprocess.run([sys.executable, str(script), "up"], env=_stack_env(tmp_path / "stack", ports, tmp_path),
+        proc = subprocess.run([sys.executable, str(script), "up"], env=stack_env(tmp_path / "stack", ports, tmp_path),
                               capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"error: port(s) in use: 127.0.0.1:{ports['MLFLOW']} (mlflow); stop what holds "
                                    "them or set METHODLAB_STACK_*_PORT (see infra/local/stack.py)")
     assert not list((tmp_path / "stack").glob("*.pid"))
 
-    ports = dict(zip(PORT_NAMES, _free_ports(6)), DASHBOARD=15000)
-    proc = subprocess.run([sys.executable, str(script), "up"], env=_stack_env(tmp_path / "s2", ports, tmp_path),
+    ports = dict(zip(PORT_NAMES, free_ports(6)), DASHBOARD=15000)
+    proc = subprocess.run([sys.executable, str(script), "up"], env=stack_env(tmp_path / "s2", ports, tmp_path),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.strip() == (
         "error: port(s) dashboard=15000 fall in Ray's worker port range 10002-19999; pick others")
@@ -352,110 +315,6 @@ def test_stack_down_stops_only_the_stack_never_its_caller(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # End to end: infra/local stack + ray job submit
-
-
-class Stack:
-    def __init__(self):
-        self.mod = _stack_module()
-        self.ports = dict(zip(PORT_NAMES, _free_ports(6)))
-        self.dir = Path(tempfile.mkdtemp(prefix="mls-"))   # short: Ray's socket paths live under it
-        self.home = self.dir / "home-user"
-        self.home.mkdir()
-        self.env = _stack_env(self.dir / "stack", self.ports, self.home)
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[name]}"
-
-    @property
-    def token_file(self) -> Path:
-        return self.dir / "stack" / "ray_auth_token"
-
-    def script(self, name: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([str(ROOT / "infra" / "local" / name)], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def client_env(self) -> dict[str, str]:
-        """A job-submitting shell: token auth from the file, no cluster address in the environment."""
-        return {**self.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
-
-    def s3_env(self) -> dict[str, str]:
-        m = self.mod
-        return {"AWS_ENDPOINT_URL": self.url("S3"), "AWS_ACCESS_KEY_ID": m.LOCAL_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": m.LOCAL_SECRET, "AWS_DEFAULT_REGION": m.LOCAL_REGION}
-
-    def s3(self):
-        import boto3
-
-        e = self.s3_env()
-        return boto3.client("s3", endpoint_url=e["AWS_ENDPOINT_URL"], region_name=e["AWS_DEFAULT_REGION"],
-                            aws_access_key_id=e["AWS_ACCESS_KEY_ID"], aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"])
-
-    def keys(self, bucket: str, prefix: str) -> list[str]:
-        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-    def job_status(self, submission_id: str) -> str:
-        req = urllib.request.Request(f"{self.url('DASHBOARD')}/api/jobs/{submission_id}",
-                                     headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())["status"]
-
-    def submit(self, submission_id: str, overrides: list[str], wait: bool,
-               entrypoint: str = "jobs/train.py") -> subprocess.CompletedProcess:
-        runtime_env = {"env_vars": {**self.s3_env(), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}}
-        argv = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.url("DASHBOARD"),
-                "--working-dir", str(ROOT), "--submission-id", submission_id,
-                "--runtime-env-json", json.dumps(runtime_env), *([] if wait else ["--no-wait"]),
-                "--", "python", entrypoint, "supervised", *overrides]
-        return subprocess.run(argv, env=self.client_env(), capture_output=True, text=True, timeout=600)
-
-    def diagnose(self) -> str:
-        """What a failed check needs to be understood: is `ray start` alive, and its logs' tails."""
-        lines = [f"ray start alive: {self.mod._alive(self.sessions()[-1]) if self.sessions() else 'no pid'}"]
-        logs = [self.dir / "stack" / "logs" / "ray.log",
-                *sorted((self.dir / "stack" / "ray").glob("session_latest/logs/dashboard*.log")),
-                *sorted((self.dir / "stack" / "ray").glob("session_latest/logs/raylet.out")),
-                *sorted((self.dir / "stack" / "ray").glob("session_latest/logs/gcs_server.out"))]
-        for log in logs:
-            tail = log.read_text(errors="replace").splitlines()[-8:] if log.exists() else ["(missing)"]
-            lines += [f"--- {log.name}", *tail]
-        return "\n".join(lines)
-
-    def job_logs(self, submission_id: str) -> str:
-        req = urllib.request.Request(f"{self.url('DASHBOARD')}/api/jobs/{submission_id}/logs",
-                                     headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())["logs"]
-
-    def placement_groups(self) -> list[dict]:
-        """The cluster's placement groups (Ray's state API over the token-protected job server)."""
-        req = urllib.request.Request(f"{self.url('DASHBOARD')}/api/v0/placement_groups?limit=1000",
-                                     headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())["data"]["result"]["result"]
-
-    def sessions(self) -> list[int]:
-        out = []
-        for svc in ("s3", "mlflow", "ray"):
-            pid_file = self.dir / "stack" / f"{svc}.pid"
-            if pid_file.exists():
-                out.append(int(pid_file.read_text()))
-        return out
-
-    def processes(self, pattern: str) -> list[str]:
-        """Live processes of the stack's sessions whose command line matches `pattern`."""
-        found = []
-        for sid in self.sessions():
-            for pid in self.mod.session_members(sid):
-                cmd = self.mod._cmdline(pid)
-                if re.search(pattern, cmd):
-                    found.append(f"{pid} {cmd[:120]}")
-        return found
-
-    def leftovers(self) -> list[str]:
-        marker = str(self.dir)
-        return [f"{p} {self.mod._cmdline(p)[:120]}" for p in self.mod._all_pids()
-                if p != os.getpid() and self.mod._alive(p) and marker in self.mod._cmdline(p)]
 
 
 @pytest.fixture(scope="module")
@@ -480,16 +339,6 @@ def stack():
         shutil.rmtree(s.dir, ignore_errors=True)
         assert down.returncode == 0, down.stderr[-2000:]
         assert not alive, f"processes survived stack-down: {alive}"
-
-
-def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.mark.slow
@@ -529,7 +378,7 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
         assert status in ("PENDING", "RUNNING"), f"job e2e-first is {status} before it was stopped"
         return [k for k in s.keys("methodlab", "runs/e2e/checkpoint_") if k.endswith("/state.pt")]
 
-    _wait(checkpointed, 420, "the first checkpoint in s3://methodlab/runs/e2e/", poll=0.5)
+    wait_for(checkpointed, 420, "the first checkpoint in s3://methodlab/runs/e2e/", poll=0.5)
     assert s.job_status("e2e-first") == "RUNNING"
     # While a job trains (its driver, controller and workers up), every listener of the stack,
     # Ray's included, is on loopback, but one: torch's c10d TCPStore, which rank 0 serves for the
@@ -543,12 +392,12 @@ def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", s.url("DASHBOARD"), "e2e-first"],
                           env=s.client_env(), capture_output=True, text=True, timeout=180)
     assert stop.returncode == 0, stop.stderr[-2000:]
-    _wait(lambda: s.job_status("e2e-first") == "STOPPED", 120, "job e2e-first to be STOPPED")
+    wait_for(lambda: s.job_status("e2e-first") == "STOPPED", 120, "job e2e-first to be STOPPED")
     orphans = r"RayTrainWorker|TrainController|jobs/train\.py"
-    _wait(lambda: not s.processes(orphans), 90, "the stopped job's driver and workers to exit")
+    wait_for(lambda: not s.processes(orphans), 90, "the stopped job's driver and workers to exit")
     assert not s.processes(orphans)
     # ... and its placement group (the workers' CPUs) is released.
-    _wait(lambda: not [p for p in s.placement_groups() if p["state"] != "REMOVED"], 90,
+    wait_for(lambda: not [p for p in s.placement_groups() if p["state"] != "REMOVED"], 90,
           "the stopped job's placement group to be removed")
     phase("e2e-first stopped, no orphans")
 
@@ -634,7 +483,7 @@ def test_three_jobs_and_a_16_trial_sweep_share_the_2_cpu_stack(stack):
     stack_pids = lambda: [p for sid in s.sessions() for p in s.mod.session_members(sid)]  # noqa: E731
     job_like = r"RayTrainWorker|TrainController|_Inner|ImplicitFunc|run_trial|jobs/(train|sweep)\.py"
     # Wait out whatever an earlier test left running, then note the ports Ray's own services hold.
-    _wait(lambda: not s.processes(job_like), 120, "an idle stack before the load test")
+    wait_for(lambda: not s.processes(job_like), 120, "an idle stack before the load test")
     stack_before = stack_pids()
     ports_before = _listening_ports(stack_before)
 
@@ -649,7 +498,7 @@ def test_three_jobs_and_a_16_trial_sweep_share_the_2_cpu_stack(stack):
     sweep = s.submit("load-sweep", ["-c", "jobs/sweeps/supervised.yaml", "name=load-sweep", "search.num_samples=16",
                                     "search.scheduler.type=fifo", "train.epochs=1", "scaling.num_workers=1",
                                     "tracking.register_model=false", *where],
-                     wait=False, entrypoint="jobs/sweep.py")
+                     wait=False, job="sweep")
     assert sweep.returncode == 0, sweep.stderr[-1500:] + s.diagnose()
 
     def all_done():
@@ -658,7 +507,7 @@ def test_three_jobs_and_a_16_trial_sweep_share_the_2_cpu_stack(stack):
         assert not failed, f"jobs ended badly: {failed}\n" + "\n".join(s.job_logs(j)[-2500:] for j in failed)
         return all(st == "SUCCEEDED" for st in states.values())
 
-    _wait(all_done, 1500, "three jobs and the sweep to succeed", poll=2)
+    wait_for(all_done, 1500, "three jobs and the sweep to succeed", poll=2)
     print(f"[load] all four jobs succeeded after {time.monotonic() - t0:.0f}s", flush=True)
 
     from mlflow.tracking import MlflowClient
@@ -689,8 +538,8 @@ def test_three_jobs_and_a_16_trial_sweep_share_the_2_cpu_stack(stack):
             saved = yaml.safe_load(s.s3().get_object(Bucket="methodlab", Key=key)["Body"].read())
             assert from_dict(saved).run_name == name, f"{key} holds a checkpoint of another run"
     # Nothing left behind: no driver, controller or worker, no placement group, no new listener.
-    _wait(lambda: not s.processes(job_like), 120, "the jobs' processes to exit")
-    _wait(lambda: not [p for p in s.placement_groups() if p["state"] != "REMOVED"], 120,
+    wait_for(lambda: not s.processes(job_like), 120, "the jobs' processes to exit")
+    wait_for(lambda: not [p for p in s.placement_groups() if p["state"] != "REMOVED"], 120,
           "every placement group to be removed")
     # A listener may only belong to a process that was there before the jobs (Ray's services open
     # some ports lazily), to Ray's idle worker pool, or to one of Ray's cluster-wide internal actors

@@ -63,6 +63,29 @@ def test_interrupted_run_resumes_in_the_same_mlflow_run_with_identical_weights(r
                                                "train.lr=0.5", "train.max_failures=3"]))
 
 
+@pytest.mark.slow
+def test_a_run_resumes_on_another_worker_count_and_records_each_attempts(ray_cluster, home, monkeypatch, capsys):
+    """The derived name leaves scaling out, so a run interrupted on 2 workers resumes on 1: in the
+    same MLflow run, every epoch logged once, the worker count of each attempt in a tag."""
+    from methodlab.train.launch import train
+
+    overrides = ["train.epochs=3", "train.batch_size=64"]
+    two = load_config("supervised", None, [*overrides, "scaling.num_workers=2"])
+    one = load_config("supervised", None, [*overrides, "scaling.num_workers=1"])
+    assert two.run_name == one.run_name
+    monkeypatch.setenv("METHODLAB_FAULTS", "crash_after_epoch=1")
+    with pytest.raises(TrainingError, match=f"run {two.run_name} failed"):
+        train(two)
+    monkeypatch.delenv("METHODLAB_FAULTS")
+    resumed = train(one)
+    assert resumed.resumed and resumed.status == "FINISHED"
+    assert f"[{one.run_name}] resuming on 1 workers (the last attempt ran on 2)" in capsys.readouterr().out
+    tracker = Tracker(one.tracking.uri, one.tracking.experiment)
+    run = tracker.client.get_run(resumed.run_id)
+    assert run.data.tags["methodlab.workers_per_attempt"] == "2 1"
+    assert sorted(m.step for m in tracker.client.get_metric_history(resumed.run_id, "val_acc")) == [0, 1, 2]
+
+
 def test_bad_config_is_one_line_non_zero_and_leaves_no_run(home):
     for args, fragment in [(["train.lr=-1"], "train.lr: Input should be greater than 0"),
                            (["data.dataset=/no/such/dataset"], "dataset /no/such/dataset does not exist")]:

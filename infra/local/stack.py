@@ -25,6 +25,8 @@ $METHODLAB_STACK_DIR (default .methodlab/stack). Ports and names come from the e
   METHODLAB_STACK_RAY_AGENT_PORT (52365)  METHODLAB_STACK_CPUS (all cores)
   METHODLAB_STACK_OBJECT_STORE_MB (Ray's default)
   METHODLAB_STACK_BUCKET (methodlab)      METHODLAB_STACK_MLFLOW_BUCKET (mlflow)
+  METHODLAB_STACK_RAY_PYTHON (this venv's python): the interpreter Ray's node, its workers and
+      the job drivers run, e.g. one without methodlab installed, as on a `rayproject/ray` image
 
 Only the Python standard library and boto3 are used, so the script runs with the project's venv.
 """
@@ -69,6 +71,7 @@ class Settings:
     mlflow_bucket: str
     cpus: int | None
     object_store_mb: int | None
+    ray_python: Path
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -104,6 +107,7 @@ class Settings:
             mlflow_bucket=env.get("METHODLAB_STACK_MLFLOW_BUCKET", "mlflow"),
             cpus=optional_int("METHODLAB_STACK_CPUS"),
             object_store_mb=optional_int("METHODLAB_STACK_OBJECT_STORE_MB"),
+            ray_python=Path(env.get("METHODLAB_STACK_RAY_PYTHON") or sys.executable),
         )
 
     # -- derived ---------------------------------------------------------------------------
@@ -367,6 +371,28 @@ def spawn_mlflow(s: Settings) -> int:
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
+def ray_env(s: Settings) -> dict[str, str]:
+    """The environment of every Ray node of the stack (the head and `add-node`'s)."""
+    return {
+        **s.s3_env(),
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(s.token_file),
+        **({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if ipaddress.ip_address(s.host).is_loopback else {}),
+        # Ray processes that look their cluster up (Ray Train's PlacementGroupCleaner uses the state
+        # API) would otherwise scan the machine and fail on "multiple active Ray instances".
+        "RAY_ADDRESS": f"{s.host}:{s.ports['gcs']}",
+        # Job drivers run `python ...` from PATH: make that the node's interpreter.
+        "PATH": f"{s.ray_python.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "METHODLAB_HOME": str(s.home),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_USAGE_STATS_ENABLED": "0",
+    }
+
+
+def _ray_start(s: Settings) -> list[str]:
+    return [str(s.ray_python), "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+            "--node-ip-address", s.host]
+
+
 def spawn_ray(s: Settings) -> int:
     if not s.token_file.exists():
         s.token_file.write_text(secrets.token_hex(32))
@@ -375,9 +401,8 @@ def spawn_ray(s: Settings) -> int:
     # Every Ray listener on the stack's host: Ray binds its gRPC servers (GCS, raylet, object
     # manager, workers), agents, metrics and client server to the node IP, and keeps a loopback
     # --node-ip-address (instead of replacing it by the host's address) only in its single-machine
-    # mode, which the `ray start` process and its children read from the environment below.
-    argv = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", s.host, "--port", str(s.ports["gcs"]),
+    # mode, which the `ray start` process and its children read from the environment (ray_env).
+    argv = [*_ray_start(s), "--head", "--port", str(s.ports["gcs"]),
             "--dashboard-host", s.host, "--dashboard-port", str(s.ports["dashboard"]),
             "--ray-client-server-port", str(s.ports["client"]),
             "--dashboard-agent-listen-port", str(s.ports["agent"]),
@@ -386,20 +411,45 @@ def spawn_ray(s: Settings) -> int:
         argv += ["--num-cpus", str(s.cpus)]
     if s.object_store_mb:
         argv += ["--object-store-memory", str(s.object_store_mb * 1024 * 1024)]
-    env = {
-        **s.s3_env(),
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(s.token_file),
-        **({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if ipaddress.ip_address(s.host).is_loopback else {}),
-        # Ray processes that look their cluster up (Ray Train's PlacementGroupCleaner uses the state
-        # API) would otherwise scan the machine and fail on "multiple active Ray instances".
-        "RAY_ADDRESS": f"127.0.0.1:{s.ports['gcs']}",
-        # Job drivers run `python ...` from PATH: make that the venv's interpreter.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "METHODLAB_HOME": str(s.home),
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    return spawn(s, "ray", argv, env)
+    return spawn(s, "ray", argv, ray_env(s))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def node_services(s: Settings) -> list[str]:
+    """The worker nodes `add-node` started (node1, node2, ...), by their pid files."""
+    return sorted((p.stem for p in s.dir.glob("node*.pid")), key=lambda n: int(n[4:] or 0))
+
+
+def add_node(s: Settings, cpus: int, resources: dict[str, float]) -> str:
+    """Join another Ray node to the running head, on the same host: the stack as a multi-node
+    cluster on one machine (each node its own raylet, object store and resources), as the
+    two-node tests run it. Returns the node's service name; `down` stops it with the rest.
+
+    Ray refuses to join nodes to a head in its single-machine mode, which is what keeps a
+    loopback stack's listeners on 127.0.0.1 (ray_env): a multi-node stack runs on an address the
+    nodes share, METHODLAB_STACK_HOST=<this machine's address>, as a real cluster does."""
+    saved = _load_state(s)
+    if not saved or not running(s, "ray"):
+        raise StackError("the stack's Ray head is not running; run up.sh first")
+    if ipaddress.ip_address(s.host).is_loopback:
+        raise StackError(f"METHODLAB_STACK_HOST={s.host}: Ray joins no node to a loopback-only head; start the "
+                         "stack on this machine's address (METHODLAB_STACK_HOST=<address> up.sh) to add nodes")
+    s.ports.update(saved["ports"])
+    name = f"node{len(node_services(s)) + 1}"
+    argv = [*_ray_start(s), "--address", f"{s.host}:{s.ports['gcs']}", "--num-cpus", str(cpus),
+            # every node of a host needs an agent port of its own (Ray's default is one fixed port)
+            "--dashboard-agent-listen-port", str(_free_port(s.host))]
+    if s.object_store_mb:
+        argv += ["--object-store-memory", str(s.object_store_mb * 1024 * 1024)]
+    if resources:
+        argv += ["--resources", json.dumps(resources)]
+    spawn(s, name, argv, ray_env(s))
+    return name
 
 
 SPAWNERS = {"s3": spawn_s3, "mlflow": spawn_mlflow, "ray": spawn_ray}
@@ -492,7 +542,7 @@ def down(s: Settings) -> None:
     if saved:
         s.ports.update(saved["ports"])
     report = []
-    for svc in reversed(SERVICES):
+    for svc in [*node_services(s), *reversed(SERVICES)]:
         n = stop_service(s, svc)
         report.append(f"{svc} ({n} processes)" if n else f"{svc} (not running)")
     print(f"methodlab stack is down: {', '.join(report)}; logs and the MLflow database stay in {s.dir}")
@@ -529,7 +579,10 @@ def _save_state(s: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="stack.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["up", "down", "status", "env"])
+    p.add_argument("command", choices=["up", "down", "status", "env", "add-node"])
+    p.add_argument("--cpus", type=int, default=1, help="add-node: the new node's CPUs")
+    p.add_argument("--resources", type=json.loads, default={},
+                   help='add-node: custom resources as JSON, e.g. \'{"node_b": 1}\'')
     args = p.parse_args(argv)
     try:
         s = Settings.from_env()
@@ -539,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
             down(s)
         elif args.command == "status":
             return status(s)
+        elif args.command == "add-node":
+            print(f"started Ray node {add_node(s, args.cpus, args.resources)} (stopped by down.sh)")
         else:
             saved = _load_state(s)
             if saved:

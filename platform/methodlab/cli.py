@@ -2,6 +2,7 @@
 
     methodlab train <method> [-c config.yaml] [key=value ...]
     methodlab sweep <method> [-c sweep.yaml] [key=value ...]
+    methodlab submit --address http://<head>:8265 train|sweep <method> [-c file] [key=value ...]
     methodlab promote <registered-model> [--metric test_acc] [--version N]
     methodlab data prepare [name ...] | data list
     methodlab data import <image-folder> --out <path-or-s3> [--size 32] [--workers N] [--skip-bad]
@@ -47,6 +48,13 @@ def _train(args) -> int:
     method = get_method(cfg.method_name)
     print(summary.line(method.test_metric))
     return 0
+
+
+def _submit(args) -> int:
+    from methodlab.submit import submit
+
+    return submit(args.address, args.job, args.method, args.config, args.overrides, wait=not args.no_wait,
+                  runtime_env_json=args.runtime_env_json, submission_id=args.submission_id)
 
 
 def _sweep(args) -> int:
@@ -232,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", help="sweep YAML (e.g. jobs/sweeps/<name>.yaml)")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(func=_sweep)
+
+    su = sub.add_parser("submit", help="submit a train or sweep as a Ray job of a running cluster, from this "
+                        "checkout (config checked first, git commit recorded)")
+    su.add_argument("--address", help="the cluster's job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS)")
+    su.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    su.add_argument("--runtime-env-json", help="more of the job's runtime env (env_vars are merged)")
+    su.add_argument("--submission-id", help="the job's id (default: Ray's)")
+    su.add_argument("job", choices=["train", "sweep"])
+    su.add_argument("method")
+    su.add_argument("-c", "--config")
+    su.add_argument("overrides", nargs="*")
+    su.set_defaults(func=_submit)
 
     pr = sub.add_parser("promote", help="move alias 'champion' to the candidate if its metric is better")
     pr.add_argument("name", help="registered model, e.g. methodlab-supervised")

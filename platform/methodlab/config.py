@@ -152,6 +152,9 @@ class ScalingConfig(Section):
     sync_batchnorm: bool = Field(True, description="multi-worker runs normalize BatchNorm over the global "
                                  "batch, so a model trains the same at any scaling.num_workers")
     gpus_per_worker: float = Field(1.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how the workers' placement group lays them on nodes (Ray's strategies): PACK fills "
+        "a node first (fast all-reduce); STRICT_SPREAD puts every worker on another node")
     wait_for_nodes_s: float = Field(0.0, ge=0, description="on an autoscaling cluster: when the cluster is "
                                     "too small for the workers, ask the autoscaler for them and wait this "
                                     "long before refusing the run (0: refuse at once)")
@@ -209,11 +212,14 @@ class RunConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     # Keys that do not change what is trained, so they do not change the derived run name.
-    _NOT_HASHED = {"storage", "tracking"}
+    # `scaling` is how a run runs, not what it trains: a run may resume on another worker count
+    # (README, "Runs, checkpoints, resume": what that means for exactness). It hashes as the
+    # defaults of the keys it had when it was still hashed, so the names derived then stay valid.
+    _NOT_HASHED = {"storage", "tracking", "scaling"}
+    _SCALING_HASHED_AS_DEFAULT = {"num_workers", "use_gpu", "cpus_per_worker", "sync_batchnorm", "gpus_per_worker"}
     _NOT_HASHED_KEYS = {"train": {"run_name", "max_failures", "num_to_keep", "checkpoint_every",
                                   "checkpoint_every_s", "checkpoint_every_steps", "checkpoint_upload",
                                   "log_every_steps", "lease_timeout_s"},
-                        "scaling": {"wait_for_nodes_s"},
                         # where the loader may hold data, not what is trained (see identity())
                         "data": {"memory_budget_mb", "allow_tiny"},
                         # a name for values that the resolved config holds anyway
@@ -225,6 +231,7 @@ class RunConfig(Section):
     def identity(self) -> dict:
         """The keys that decide what is trained: what the derived run name hashes."""
         d = self.model_dump(mode="json", exclude=self._NOT_HASHED)
+        d["scaling"] = ScalingConfig().model_dump(mode="json", include=self._SCALING_HASHED_AS_DEFAULT)
         for section, keys in self._NOT_HASHED_KEYS.items():
             for k in keys:
                 d[section].pop(k, None)
@@ -245,6 +252,7 @@ class RunConfig(Section):
         """`identity()` to compare with the params a run or sweep logged: `auto` matches whichever
         loader that run was shipped with (logged resolved) or the sweep recorded (logged `auto`)."""
         d = self.identity()
+        d.pop("scaling")           # (its stand-in defaults, not the values a run logged)
         if self.data.loader == "auto":
             d["data"].pop("loader")
         return d

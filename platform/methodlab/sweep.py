@@ -442,7 +442,7 @@ def _sweep_leased(method_name: str, method, spec: SweepSpec, base: RunConfig, ba
                   name: str, info) -> SweepSummary:
     from methodlab.tracking import (METHOD_TAG, METRIC_TAG, MODE_TAG, SCHEDULER_TAG, SWEEP_TAG, Tracker,
                                     differing_params, flatten_params)
-    from methodlab.train.launch import check_capacity, ensure_ray
+    from methodlab.train.launch import check_capacity, check_shared_services, ensure_ray
 
     tracker = Tracker(base.tracking.uri, base.tracking.experiment)
     existing = tracker.find_run(name)
@@ -460,6 +460,7 @@ def _sweep_leased(method_name: str, method, spec: SweepSpec, base: RunConfig, ba
                  "TUNE_GLOBAL_CHECKPOINT_S": "2"}.items():    # the experiment state a resume starts from
         os.environ.setdefault(k, v)
     ensure_ray()
+    check_shared_services(base, info)
     check_capacity(base)
     concurrent = _concurrency(spec, base)
 

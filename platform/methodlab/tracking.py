@@ -13,7 +13,6 @@ import fcntl
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -41,6 +40,7 @@ MODE_TAG = "methodlab.mode"                      # max | min, for that metric (s
 DATASET_TAG = "methodlab.dataset"
 CHECKPOINT_ROOT_TAG = "methodlab.checkpoint_root"    # where Ray Train keeps the run's checkpoints
 RESUMED_WITH_TAG = "methodlab.resumed_with"      # the values a resume changed (params cannot change)
+WORKERS_TAG = "methodlab.workers_per_attempt"    # scaling.num_workers of each start and resume, e.g. "4 2"
 RESUMED_AT_EPOCH_TAG = "methodlab.resumed_at_epoch"
 REGISTERED_VERSION_TAG = "methodlab.registered_version"  # "none" when the run registered no version
 REGISTERED_EPOCH_TAG = "methodlab.registered_epoch"
@@ -99,14 +99,13 @@ def differing_params(new: dict[str, str], logged: dict[str, str]) -> dict[str, s
     return {k: v for k, v in new.items() if k in logged and logged[k] != v}
 
 
-def git_commit() -> str:
-    if os.environ.get("METHODLAB_GIT_COMMIT"):
-        return os.environ["METHODLAB_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def provenance_tags() -> dict[str, str]:
+    """`git_commit` and `git_dirty` of the code that runs: from the submitting checkout
+    (`methodlab submit` sends them with the job), else from this process's own checkout."""
+    from methodlab.submit import COMMIT_ENV, DIRTY_ENV, provenance
+
+    found = provenance()
+    return {"git_commit": found[COMMIT_ENV], "git_dirty": found[DIRTY_ENV]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +190,7 @@ class RunRecord:
     status: str
     metrics: dict[str, float]
     params: dict[str, str]
+    tags: dict[str, str]
 
 
 class Tracker:
@@ -222,11 +222,11 @@ class Tracker:
         if not runs:
             return None
         r = runs[0]
-        return RunRecord(r.info.run_id, r.info.status, dict(r.data.metrics), dict(r.data.params))
+        return RunRecord(r.info.run_id, r.info.status, dict(r.data.metrics), dict(r.data.params), dict(r.data.tags))
 
     def start_run(self, run_name: str, params: dict[str, str], tags: dict[str, str],
                   config_yaml: str, parent_run_id: str | None = None) -> str:
-        all_tags = {RUN_NAME_TAG: run_name, "git_commit": git_commit(), **tags}
+        all_tags = {RUN_NAME_TAG: run_name, **provenance_tags(), **tags}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name,
@@ -337,7 +337,7 @@ class Tracker:
         gets the git commit as a tag, and the run records what it registered: the version ("none"
         with no `registered_name`), the model's spec and, where known, the epoch it is from."""
         version = self.log_model(run_id, model, spec, input_example, registered_name,
-                                 {**version_tags, "git_commit": git_commit()})
+                                 {**version_tags, **provenance_tags()})
         self.set_tags(run_id, {REGISTERED_VERSION_TAG: version or "none", MODEL_SPEC_TAG: json.dumps(spec),
                                **({REGISTERED_EPOCH_TAG: epoch} if epoch is not None else {})})
         return version

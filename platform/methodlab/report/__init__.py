@@ -108,7 +108,9 @@ def collect(tracking_uri: str) -> dict[str, Any]:
     bench_tracker = Tracker(bench_tracking_uri(), "methodlab-bench")
     bench_runs = _latest_runs(bench_tracker, BENCHMARK_TAG)
     benches = []
-    names = sorted(set(bench_runs) | {p.stem for p in (REPO / "bench" / "results").glob("*.json")})
+    # the quality table (claims gated on preconditions) is what a reader came for: it goes first
+    names = sorted(set(bench_runs) | {p.stem for p in (REPO / "bench" / "results").glob("*.json")},
+                   key=lambda n: (n != "quality", n))
     for name in names:
         if name in bench_runs:
             run = bench_runs[name]
@@ -121,7 +123,7 @@ def collect(tracking_uri: str) -> dict[str, Any]:
         quality = payload.get("quality", [])
         benches.append({"name": name, "source": source, "device": payload.get("device"),
                         "time": payload.get("time"), "figures": payload.get("figures", []),
-                        "quality": quality, "claims": payload.get("claims", []),
+                        "quality": quality, "claims": payload.get("claims", []), "counts": payload.get("counts"),
                         "ratio_chart": _ratio_chart(payload.get("figures", [])),
                         "quality_chart": _quality_chart(quality)})
     return {"methods": methods, "benches": benches, "tracking_uri": tracking_uri,

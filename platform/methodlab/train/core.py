@@ -423,6 +423,10 @@ class Loop:
         """Run (or resume at `state`) every stage; returns the final stage's models, unwrapped."""
         if len(state.rng) == self.world:
             self.resume_rng = state.rng[self.rank]
+        elif state.rng and state.batch > 0:
+            # Checkpointed mid-epoch on another worker count: the batches it skipped were another
+            # partition of the epoch, so the epoch starts over (its sums so far dropped).
+            state.batch, state.epoch_losses = 0, {}
         if state.best and state.best.get("models") is None:
             state.best["models"] = state.models        # the best epoch is the checkpoint's own
         models: dict[str, torch.nn.Module] = {}

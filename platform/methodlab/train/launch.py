@@ -227,13 +227,52 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if not local:
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=code_runtime_env())
     else:
         # The dashboard process also hosts the state API that Ray Train's placement-group cleaner
         # needs; without it a stopped trial leaks its CPUs. address="local": a new instance, never
         # a cluster that happens to run on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+
+
+def code_runtime_env() -> dict:
+    """The driver's own methodlab, shipped to every task and actor of the job (Ray Train workers,
+    Tune trials) as a `py_modules` package: workers never rely on an install on their node (the
+    `rayproject/ray` image has none), nor on a copy that could differ from what the driver runs.
+    Ray merges it into the runtime env of a `ray job submit` (its working_dir, env_vars, pip)."""
+    import methodlab
+
+    return {"py_modules": [os.path.dirname(os.path.abspath(methodlab.__file__))]}
+
+
+def _local_location(uri: str) -> bool:
+    """A path or file:// URI: on this node's disk only."""
+    return uri.startswith("file:") or "://" not in uri
+
+
+def check_shared_services(cfg: RunConfig, info: DatasetInfo) -> None:
+    """On a cluster of more than one node, every worker must see the same tracking store,
+    checkpoints and data: a SQLite file or a local directory is another one on every node (rank 0
+    elsewhere would write another SQLite file and the run would fail only at its end). Refused in
+    one line before any worker starts; a single node keeps them."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))  # [ray]
+    if nodes < 2:
+        return
+    uri = cfg.tracking.uri
+    where = f"the cluster has {nodes} nodes, and each would have its own"
+    if uri.startswith("sqlite:") or _local_location(uri):
+        raise ConfigError(f"tracking.uri={redact_value(uri)}: {where} copy of this store; use a tracking server every node "
+                          "reaches (tracking.uri=http://host:5000, see infra/)")
+    if _local_location(cfg.storage.path):
+        raise ConfigError(f"storage.path={cfg.storage.path}: {where} directory; use shared storage "
+                          "(storage.path=s3://bucket/runs)")
+    if _local_location(info.uri):
+        key = "data.dataset" if cfg.data.dataset and info.uri.rstrip("/") == cfg.data.dataset.rstrip("/") else "data.root"
+        raise ConfigError(f"{key}: the dataset is at {info.uri}, and {where} copy; put it on shared storage "
+                          f"({key}=s3://bucket/{'data' if key == 'data.root' else 'datasets/name'})")
 
 
 def data_cpus(cfg: RunConfig) -> float:
@@ -385,7 +424,8 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
                            "recovered_checkpoint": recovered,
                            "faults": os.environ.get(FAULTS_ENV), "launched_at": started_at or time.time()},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.scaling.placement_strategy),
         run_config=RayRunConfig(
             name=cfg.run_name,
             # The best num_to_keep by the method's metric, plus the latest (Ray always keeps it).
@@ -466,6 +506,7 @@ def _train_leased(cfg: RunConfig, info: DatasetInfo, parent_run_id: str | None, 
 
     recovered = upload_local_fallback(cfg, local) if local else None
     ensure_ray()
+    check_shared_services(cfg, info)
     cfg, loader = choose_loader(cfg, info)
     check_capacity(cfg)
     run_id = start_or_resume(tracker, cfg, info, existing, parent_run_id=parent_run_id)
@@ -495,10 +536,17 @@ def start_or_resume(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, existin
     """The MLflow run `cfg` trains into: `existing` (the unfinished run of its name) resumed, or a
     new run with the config as params and the platform's tags, plus `tags`."""
     from methodlab.tracking import (CHECKPOINT_ROOT_TAG, DATASET_TAG, METHOD_TAG, METRIC_TAG, RESUMED_WITH_TAG,
-                                    flatten_params)
+                                    WORKERS_TAG, flatten_params)
 
+    workers = str(cfg.scaling.num_workers)
     if existing is not None:
         tracker.resume_run(existing.run_id)
+        before = existing.tags.get(WORKERS_TAG, existing.params.get("scaling.num_workers", "")).split()
+        tracker.set_tags(existing.run_id, {WORKERS_TAG: " ".join([*before, workers])})
+        if before and before[-1] != workers:
+            print(f"[{cfg.run_name}] resuming on {workers} workers (the last attempt ran on {before[-1]}): the "
+                  f"global batch is now {global_batch(cfg)}, and the run is no longer bit-identical to one "
+                  "that never changed", flush=True)
         changed = changed_values(cfg, existing)
         if changed:
             # A resume may change values (more epochs, say); MLflow params cannot change, so the
@@ -512,6 +560,7 @@ def start_or_resume(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, existin
                                               "train.global_batch_size": str(global_batch(cfg)),
                                               "data.uri": redact_value(info.uri)},
                                {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,
+                                WORKERS_TAG: workers,
                                 CHECKPOINT_ROOT_TAG: f"{cfg.storage.path.rstrip('/')}/{cfg.run_name}", **(tags or {})},
                                cfg.to_yaml(), parent_run_id=parent_run_id)
     # The manifest's hash: columns, splits and provenance; a re-import with other content differs.
