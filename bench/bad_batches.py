@@ -19,7 +19,8 @@ Results: bench/results/bad_batches.json. `accuracy_runs` -> `batch{bs}_{curated|
 per-seed dicts (seed, test_linear_acc, test_knn_acc, batches_drawn, optimizer_steps, and
 dropped_fraction for curated runs), plus `batch{bs}_curated_raw_window` (same fields);
 `baseline_runs` -> `raw_pixel` | `random_init` -> per-seed dicts (seed, test_linear_acc,
-test_knn_acc). `--parts` re-measures some parts only; the figures of the others are kept from the
+test_knn_acc); `preconditions` -> `raw_pixel_probe` | `random_init_probe` -> per-seed linear
+accuracies, and `dataset`, as bench/quality.py reads them. `--parts` re-measures some parts only; the figures of the others are kept from the
 previous file, and `parts_measured` says when each part was measured, on which dataset.
 
 One thread throughout (torch and scipy's BLAS), as a Ray worker with one CPU gets (OMP_NUM_THREADS=1).
@@ -244,7 +245,8 @@ def kept_from_previous(parts: list[str]) -> tuple[list[Figure], dict]:
     measured = previous.get("parts_measured", {p: {"time": previous.get("time"), "dataset": "digits"} for p in PARTS})
     extra = {"parts_measured": {p: measured.get(p) for p in PARTS if p not in parts}}
     if "accuracy" not in parts:
-        extra.update({k: previous[k] for k in ("accuracy_runs", "baseline_runs", "note") if k in previous})
+        extra.update({k: previous[k] for k in ("accuracy_runs", "baseline_runs", "dataset", "preconditions", "note")
+                      if k in previous})
     return figures, extra
 
 
@@ -275,7 +277,11 @@ def main() -> None:
     if "accuracy" in parts:
         acc_figures, raw, base = bench_accuracy(data, args)
         figures += acc_figures
-        extra.update(accuracy_runs=raw, baseline_runs=base, note=(
+        # `dataset` and `preconditions` are what bench/quality.py reads: the task, and per-seed
+        # baseline accuracies (the claim is testable only where SimCLR beats raw pixels).
+        extra.update(accuracy_runs=raw, baseline_runs=base, dataset=args.dataset, preconditions={
+            "raw_pixel_probe": [r["test_linear_acc"] for r in base["raw_pixel"]],
+            "random_init_probe": [r["test_linear_acc"] for r in base["random_init"]]}, note=(
             f"accuracy runs: reduced budget, in process (1 worker, no Ray), {args.dataset}, ResNet width 8, "
             f"{args.steps} optimizer steps, constant lr, curated = frd_quantile {QUANTILE} (detrended window) "
             f"after {args.warmup_epochs} warm-up epoch(s); {args.seeds} seeds; RGB colour jitter {' '.join(RGB)}"))
