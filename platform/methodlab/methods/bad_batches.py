@@ -40,9 +40,9 @@ BatchNorm is global (`scaling.sync_batchnorm`), as in SimCLR's global BN. The co
 over the optimizer steps the run takes (accepted batches only, `planned_steps`), so it reaches 0
 at the last one. The dropped fraction is the epoch metric `train_dropped` (summed on the device
 with the losses: no host sync of its own). Each batch's FRD and every rank's decision are logged
-per epoch as a CSV, with an FRD histogram (PNG). Evaluation: a linear probe and k-NN on the frozen encoder's features of the
-labelled rows of the train split (rows labelled -1 are for pretraining only: STL-10's unlabeled
-images). The registered model is the encoder with the linear probe as its head (a
+per epoch as a CSV, with an FRD histogram (PNG). Evaluation: a linear probe and k-NN on the
+frozen encoder's features of the labelled rows of the train split (rows labelled -1 are for
+pretraining only: STL-10's unlabeled images). The registered model is the encoder with the linear probe as its head (a
 registered `resnet`), so it classifies images and other methods load it as a backbone.
 """
 
