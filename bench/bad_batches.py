@@ -20,8 +20,9 @@ per-seed dicts (seed, test_linear_acc, test_knn_acc, batches_drawn, optimizer_st
 dropped_fraction for curated runs), plus `batch{bs}_curated_raw_window` (same fields);
 `baseline_runs` -> `raw_pixel` | `random_init` -> per-seed dicts (seed, test_linear_acc,
 test_knn_acc); `preconditions` -> `raw_pixel_probe` | `random_init_probe` -> per-seed linear
-accuracies, and `dataset`, as bench/quality.py reads them. `--parts` re-measures some parts only; the figures of the others are kept from the
-previous file, and `parts_measured` says when each part was measured, on which dataset.
+accuracies, and `dataset`, as bench/quality.py reads them. `--parts` re-measures some parts only;
+the figures of the others are kept from the previous file, and `parts_measured` says when each
+part was measured, on which dataset.
 
 One thread throughout (torch and scipy's BLAS), as a Ray worker with one CPU gets (OMP_NUM_THREADS=1).
 
@@ -150,7 +151,8 @@ def probe_accuracy(data, batch: int, variant: str, seed: int, args) -> dict:
     if variant == "uncurated":
         ov += ["method.curation=none"]
     else:
-        ov += ["method.curation=quantile", f"method.frd_quantile={QUANTILE}", f"method.warmup_epochs={args.warmup_epochs}",
+        ov += ["method.curation=quantile", f"method.frd_quantile={QUANTILE}",
+               f"method.warmup_epochs={args.warmup_epochs}",
                f"method.frd_detrend={'none' if variant == 'curated_raw_window' else 'linear'}"]
     cfg, method, models, opts = make_method(data, *ov, seed=seed)
     ctx = StepContext(stage="train", epoch=0, step=0, device=CPU, rank=0, world_size=1, extra={"schedulers": {}})
@@ -193,7 +195,8 @@ def baselines(data, seeds: list[int]) -> dict:
     for s in seeds:
         _, method, models, _ = make_method(data, PROBE_ARCH, seed=s)
         m = method.evaluate("train", models, "test", CPU)
-        out["random_init"].append({"seed": s, "test_linear_acc": m["test_linear_acc"], "test_knn_acc": m["test_knn_acc"]})
+        out["random_init"].append({"seed": s, "test_linear_acc": m["test_linear_acc"],
+                                   "test_knn_acc": m["test_knn_acc"]})
     return out
 
 
@@ -220,7 +223,8 @@ def bench_accuracy(data, args) -> tuple[list[Figure], dict, dict]:
              "curated_batches_drawn": statistics.mean(r["batches_drawn"] for r in raw[f"batch{batch}_curated"])},
             goal="report (paper: curation helps small batches)"))
         figures.append(Figure(
-            f"linear_probe_simclr_over_raw_pixel_batch{batch}", statistics.mean(lin["uncurated"]) / statistics.mean(raw_px),
+            f"linear_probe_simclr_over_raw_pixel_batch{batch}",
+            statistics.mean(lin["uncurated"]) / statistics.mean(raw_px),
             "raw-pixel linear probe", {"uncurated": mean_std(lin["uncurated"]), "raw_pixel": mean_std(raw_px),
                                        "random_init": mean_std(rand)},
             goal="> 1 (the precondition of the curation claim)"))
@@ -258,7 +262,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per accuracy run")
     ap.add_argument("--batch-sizes", default="32,128")
     ap.add_argument("--warmup-epochs", type=int, default=1, help="curated runs: epochs that only score")
-    ap.add_argument("--raw-window-seeds", type=int, default=1, help="curated runs with frd_detrend=none, per batch size")
+    ap.add_argument("--raw-window-seeds", type=int, default=1,
+                    help="curated runs with frd_detrend=none, per batch size")
     args = ap.parse_args()
     parts = args.parts.split(",")
     if unknown := set(parts) - set(PARTS):

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from methodlab.config import load_config
 from methodlab.errors import ConfigError
 from methodlab.losses.nt_xent import nt_xent
-from methodlab.methods.bad_batches import (BadBatches, build_augment, cosine_factor, detrended_threshold, keep_batch, knn_predict,
-                                           linear_probe, planned_steps, quantile_threshold)
+from methodlab.methods.bad_batches import (BadBatches, build_augment, cosine_factor, detrended_threshold, keep_batch,
+                                           knn_predict, linear_probe, planned_steps, quantile_threshold)
 from methodlab.methods.base import DataBundle, StepContext
 from methodlab.metrics.frechet import feature_stats, frechet_distance
 from tests.conftest import tiny
