@@ -33,13 +33,22 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CLUSTERS = ROOT / "clusters"
 KUBERAY = CLUSTERS / "kuberay"
-MANIFESTS = [KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml"]
+RAY_MANIFESTS = [KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml"]
+MLFLOW_MANIFEST = KUBERAY / "mlflow.yaml"
+MANIFESTS = [*RAY_MANIFESTS, MLFLOW_MANIFEST]
+RAY_IMAGE_DOCKERFILE = ROOT / "infra" / "ray" / "Dockerfile"
+MLFLOW_DOCKERFILE = ROOT / "infra" / "mlflow" / "Dockerfile"
+SCHEMAS = ROOT / "tests" / "schemas"          # vendored KubeRay CRD schemas, see its README
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def _pyproject_deps() -> list[str]:
-    import tomllib
-
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return _pyproject()["dependencies"]
 
 
 def _pinned(prefix: str) -> str:
@@ -68,8 +77,32 @@ def _walk(node, key: str):
             yield from _walk(item, key)
 
 
+def _image_tags(dockerfile: Path) -> list[str]:
+    """The image names a Dockerfile's header builds (`docker build ... -t NAME`): where the cluster
+    configs' image names are defined."""
+    return re.findall(r"^#.*docker build .*?-t (\S+)", dockerfile.read_text(), re.M)
+
+
+def _ray_image(variant: str) -> str:
+    """methodlab's Ray image, `cpu` or `gpu`, as infra/ray/Dockerfile names it."""
+    return next(t for t in _image_tags(RAY_IMAGE_DOCKERFILE) if t.endswith(f"-{variant}"))
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (`5Gi`, `512Mi`, `2147483648`) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", str(quantity)).groups()
+    return int(number) * 1024 ** (["Ki", "Mi", "Gi", "Ti"].index(unit) + 1 if unit else 0)
+
+
+def _copy(node):
+    return json.loads(json.dumps(node))
+
+
 # ----------------------------------------------------------------------------------------------
 # clusters/aws.yaml
+
+# Memory of the instance types aws.yaml uses, in GiB (AWS's instance type specifications).
+INSTANCE_GIB = {"m6i.2xlarge": 32, "g5.xlarge": 16, "g5.12xlarge": 192}
 
 
 def test_aws_config_validates_against_the_schema_inside_ray():
@@ -88,14 +121,28 @@ def test_aws_config_validates_against_the_schema_inside_ray():
     del broken["provider"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+    broken = json.loads(json.dumps(config))
+    broken["available_node_types"]["gpu.1xA10G"]["docker"]["head_run_options"] = []  # not per node type
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
 
-    # Ray's own checks on top of the schema (node type references, worker bounds).
+    # Ray's own checks on top of the schema (node type references, worker bounds, docker images).
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(config))
 
 
-def test_aws_config_cpu_head_gpu_workers_pinned_install_and_no_keys():
+def _aws_node_docker(config: dict, name: str) -> tuple[str, list[str]]:
+    """The image and `docker run` options a node type gets, merged the way Ray's launcher merges
+    them (the node type's `docker` keys replace the global ones; `run_options` always apply)."""
+    docker = config["docker"]
+    if name == config["head_node_type"]:
+        return docker["head_image"], docker["run_options"] + docker.get("head_run_options", [])
+    merged = {**docker, **config["available_node_types"][name].get("docker", {})}
+    return merged["worker_image"], merged["run_options"] + merged.get("worker_run_options", [])
+
+
+def test_aws_config_cpu_head_gpu_workers_in_the_image_and_no_keys():
     text = (CLUSTERS / "aws.yaml").read_text()
     config = yaml.safe_load(text)
     types = config["available_node_types"]
@@ -112,21 +159,104 @@ def test_aws_config_cpu_head_gpu_workers_pinned_install_and_no_keys():
         assert "KeyName" not in t["node_config"], name
     assert not re.search(r"aws_access_key_id|aws_secret_access_key|AKIA[0-9A-Z]{16}|ssh_private_key", text, re.I)
 
-    # Setup installs the package with the Makefile's torch pin on every node type.
-    torch_pin = f'torch=={_makefile_torch()}'
+    # Every node runs methodlab's image (the GPU build where there are GPUs); nothing is installed
+    # and no copy of the repo is mounted when a node starts: jobs bring the code.
     for name, t in types.items():
-        commands = t.get("worker_setup_commands") or (
-            config["setup_commands"] + (config["head_setup_commands"] if name == config["head_node_type"]
-                                        else config["worker_setup_commands"]))
-        joined = "\n".join(commands)
-        assert torch_pin in joined and "pip install -q -e ~/methodlab" in joined, name
-        assert "/methodlab/ray-auth-token" in joined, name     # the Ray token, from SSM via the role
-    assert config["file_mounts"]["~/methodlab"] == "."
-    assert {".git", ".venv", ".methodlab"} <= set(config["rsync_exclude"])
+        image, options = _aws_node_docker(config, name)
+        assert image == _ray_image("gpu" if t["resources"].get("GPU", 0) else "cpu"), name
+        assert ("--gpus all" in options) == (name in gpu), name
+    commands = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                              "worker_setup_commands") for c in config.get(key, [])]
+    commands += [c for t in types.values() for c in t.get("worker_setup_commands", [])]
+    assert not [c for c in commands if re.search(r"\b(pip|uv|conda)\b.*\binstall\b", c)]
+    assert "." not in config.get("file_mounts", {}).values()
+    # The Ray token, from SSM through the instance profile, on every node (the global setup
+    # commands, which no node type overrides).
+    assert not [n for n, t in types.items() if "worker_setup_commands" in t]
+    assert "/methodlab/ray-auth-token" in "\n".join(config["setup_commands"])
     # Token auth on for every Ray process; the job server on the head's loopback only.
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     for cmd in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
         assert "RAY_AUTH_MODE=token" in cmd
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][1]
+    # Spot workers are reclaimed: the documented submission restarts the workers instead of
+    # failing the run.
+    if any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in types.values()):
+        assert int(re.search(r"train\.max_failures=(\d+)", text).group(1)) > 0
+
+
+def _aws_shm_and_region_problems(config: dict, text: str) -> list[str]:
+    from ray._private.ray_constants import DEFAULT_OBJECT_STORE_MEMORY_PROPORTION
+
+    problems = []
+    for name, t in config["available_node_types"].items():
+        gib = INSTANCE_GIB[t["node_config"]["InstanceType"]]
+        sizes = [int(m) for o in _aws_node_docker(config, name)[1] for m in re.findall(r"--shm-size=(\d+)g$", o)]
+        # Ray's object store takes this share of the node's memory and lives in /dev/shm.
+        if len(sizes) != 1 or not DEFAULT_OBJECT_STORE_MEMORY_PROPORTION * gib <= sizes[0] < gib:
+            problems.append(f"{name}: /dev/shm {sizes} GiB for {gib} GiB of memory")
+    region = config["provider"]["region"]
+    if f"--env AWS_DEFAULT_REGION={region}" not in config["docker"]["run_options"]:
+        problems.append(f"no AWS_DEFAULT_REGION={region} in docker.run_options")
+    others = set(re.findall(r"\b[a-z]{2}(?:-gov)?-[a-z]+-\d\b", text)) - {region}
+    if others:
+        problems.append(f"regions {sorted(others)} besides provider.region {region}")
+    if not all(z.startswith(region) for z in config["provider"]["availability_zone"].split(",")):
+        problems.append("availability zones outside provider.region")
+    return problems
+
+
+def test_aws_config_sizes_shm_for_the_object_store_and_takes_the_region_from_the_provider():
+    text = (CLUSTERS / "aws.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert _aws_shm_and_region_problems(config, text) == []
+
+    small = _copy(config)
+    small["available_node_types"]["gpu.4xA10G"]["docker"]["worker_run_options"] = ["--gpus all", "--shm-size=16g"]
+    assert _aws_shm_and_region_problems(small, text)                    # 16 of 192 GiB
+    moved = text.replace("region: us-west-2", "region: eu-west-1")
+    assert _aws_shm_and_region_problems(yaml.safe_load(moved), moved)   # the env and zones still say us-west-2
+
+
+# ----------------------------------------------------------------------------------------------
+# infra/ray/Dockerfile: the image of every cluster node
+
+
+def test_ray_image_bakes_in_pyprojects_dependencies_and_not_methodlab(tmp_path):
+    text = RAY_IMAGE_DOCKERFILE.read_text()
+    ray, version = _pinned("ray"), _pyproject()["version"]
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    assert args["BASE_IMAGE"] == f"rayproject/ray:{ray}-py311-gpu" and re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert args["TORCH_VERSION"] == _makefile_torch()
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args["TORCH_INDEX"])
+    # The CPU variant: the CPU Ray image and the CPU torch index.
+    assert f"--build-arg BASE_IMAGE=rayproject/ray:{ray}-py311 " in text
+    assert "--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    name = "ghcr.io/OWNER/methodlab-ray"
+    assert sorted(_image_tags(RAY_IMAGE_DOCKERFILE)) == [f"{name}:{version}-cpu", f"{name}:{version}-gpu"]
+
+    # Only pyproject.toml and the script go in (the build context admits nothing else): methodlab
+    # itself never does, and nothing installs it.
+    sources = [s for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for s in line.split()]
+    assert sorted(sources) == ["infra/ray/requirements.py", "pyproject.toml"]
+    ignore = [ln for ln in (RAY_IMAGE_DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+              if ln and not ln.startswith("#")]
+    assert ignore[0] == "*" and sorted(ignore[1:]) == [f"!{s}" for s in sorted(sources)]
+    assert not re.search(r"pip install[^\n]*(\s-e\s|\s\.\s|methodlab)", text)
+    assert 'pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"' in text
+    assert "-r requirements.txt -c constraints.txt" in text and 'echo "torch==${TORCH_VERSION}" > constraints.txt' in text
+
+    # What the image's pip installs after torch: pyproject's dependencies, torch left to the pin.
+    script = str(RAY_IMAGE_DOCKERFILE.parent / "requirements.py")
+    out = subprocess.run([sys.executable, script, str(ROOT / "pyproject.toml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [d for d in _pyproject_deps() if not d.startswith("torch")]
+    # A base image with another Ray than the pin (this venv has the pin) is refused in one line.
+    other = tmp_path / "pyproject.toml"
+    other.write_text((ROOT / "pyproject.toml").read_text().replace(f"=={ray}\"", "==9.9.9\""))
+    out = subprocess.run([sys.executable, script, str(other)], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("error: the base image has Ray") and len(out.stderr.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,29 +266,53 @@ def test_aws_config_cpu_head_gpu_workers_pinned_install_and_no_keys():
 def test_every_manifest_image_is_pinned_and_matches_the_pinned_ray():
     ray_version = _pinned("ray")
     images = [img for path in MANIFESTS for doc in _docs(path) for img in _walk(doc, "image")]
-    assert len(images) >= 5
+    assert len(images) >= 7
     for image in images:
         name, _, tag = image.rpartition(":")
         assert name and tag and tag != "latest" and "/" not in tag, image
         if name.endswith("rayproject/ray"):
             assert tag.startswith(f"{ray_version}-"), image
-    for path in MANIFESTS:
+    for path in RAY_MANIFESTS:
         for doc in _docs(path):
             for version in _walk(doc, "rayVersion"):
                 assert version == ray_version, path
+    # The Ray nodes run methodlab's image: the GPU build on the GPU workers, the CPU one on the head.
+    for path in RAY_MANIFESTS:
+        spec = _ray_spec(next(d for d in _docs(path) if d["kind"] in ("RayCluster", "RayJob")))
+        for c in spec["headGroupSpec"]["template"]["spec"]["containers"]:
+            assert c["image"] == _ray_image("cpu"), path
+        for group in spec["workerGroupSpecs"]:
+            for c in group["template"]["spec"]["containers"]:
+                assert c["image"] == _ray_image("gpu"), (path, group["groupName"])
+    # MLflow's: infra/ built the same server for the compose file (PostgreSQL the same release).
+    compose = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())["services"]
+    mlflow_images = {c["name"]: c["image"] for cs in _walk(_docs(MLFLOW_MANIFEST), "containers") for c in cs}
+    assert mlflow_images["postgres"] == compose["postgres"]["image"]
+    assert mlflow_images["mlflow"] in _image_tags(MLFLOW_DOCKERFILE)
+    assert mlflow_images["mlflow"].endswith(f":{_pinned('mlflow')}")
+
+
+def _ray_spec(doc: dict) -> dict:
+    return doc["spec"].get("rayClusterSpec", doc["spec"])
+
+
+def _ray_groups(doc: dict) -> list[dict]:
+    spec = _ray_spec(doc)
+    return [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
 
 
 def _ray_containers(doc: dict) -> list[dict]:
-    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
-    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+    return [c for g in _ray_groups(doc) for c in g["template"]["spec"]["containers"]]
 
 
-def test_manifests_request_gpus_and_keep_token_auth_on():
-    for path in MANIFESTS:
-        doc = next(d for d in _docs(path) if d["kind"] in ("RayCluster", "RayJob"))
-        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
-        for group in spec["workerGroupSpecs"]:
+def _ray_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in RAY_MANIFESTS for d in _docs(p) if d["kind"] in ("RayCluster", "RayJob")]
+
+
+def test_manifests_request_gpus_keep_token_auth_on_and_set_one_region():
+    regions = set()
+    for path, doc in _ray_docs():
+        for group in _ray_spec(doc)["workerGroupSpecs"]:
             for c in group["template"]["spec"]["containers"]:
                 for kind in ("requests", "limits"):
                     assert int(c["resources"][kind]["nvidia.com/gpu"]) >= 1, (path, group["groupName"])
@@ -166,7 +320,174 @@ def test_manifests_request_gpus_and_keep_token_auth_on():
             env = {e["name"]: e for e in c["env"]}
             assert env["RAY_AUTH_MODE"]["value"] == "token", path
             assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], path   # never a literal token
+            # Every Ray container knows the bucket's region (pyarrow would assume us-east-1).
+            regions.add(env["AWS_DEFAULT_REGION"]["value"])
         assert not re.search(r"aws_secret_access_key|AKIA[0-9A-Z]{16}", path.read_text(), re.I)
+    mlflow = next(d for d in _docs(MLFLOW_MANIFEST) if d["kind"] == "Deployment")
+    regions |= {e["value"] for c in mlflow["spec"]["template"]["spec"]["containers"] for e in c["env"]
+                if e["name"] == "AWS_DEFAULT_REGION"}
+    assert len(regions) == 1 and re.fullmatch(r"[a-z]{2}-[a-z]+-\d", regions.pop())
+
+
+def _shm_problems(doc: dict) -> list[str]:
+    """Each Ray pod's /dev/shm: a memory-backed emptyDir that holds the object store Ray is told
+    to use and fits in the pod's memory limit."""
+    problems = []
+    for group in _ray_groups(doc):
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+            empty_dir = volumes.get(mounts[0]["name"], {}).get("emptyDir", {}) if len(mounts) == 1 else {}
+            store = int(group["rayStartParams"].get("object-store-memory", 0))
+            if empty_dir.get("medium") != "Memory" or not 0 < store <= _bytes(empty_dir.get("sizeLimit", 0)) \
+                    < _bytes(c["resources"]["limits"]["memory"]):
+                problems.append(f"{group.get('groupName', 'head')}: /dev/shm {empty_dir}, object store {store}")
+    return problems
+
+
+def test_manifests_size_dev_shm_for_the_object_store():
+    for path, doc in _ray_docs():
+        assert _shm_problems(doc) == [], path
+    _, doc = _ray_docs()[0]
+    big_store = _copy(doc)
+    big_store["spec"]["workerGroupSpecs"][0]["rayStartParams"]["object-store-memory"] = str(6 * 2**30)
+    no_mount = _copy(doc)
+    del no_mount["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    for broken in (big_store, no_mount):
+        assert len(_shm_problems(broken)) == 1
+
+
+def _strict(schema):
+    """A CRD schema as `kubectl apply` enforces it (strict field validation, its default): an
+    object that lists its properties takes no others, unless it preserves unknown fields."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {k: _strict(v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _crd_schema(kind: str) -> dict:
+    plural = {"RayCluster": "rayclusters", "RayJob": "rayjobs"}[kind]
+    return _strict(json.loads((SCHEMAS / f"{plural}.ray.io-v1.json").read_text()))
+
+
+def _schema_errors(node: dict, schema: dict) -> list[str]:
+    import jsonschema
+
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in jsonschema.Draft7Validator(schema).iter_errors(node)]
+
+
+def test_manifests_validate_against_the_kuberay_crd_schemas():
+    for path, doc in _ray_docs():
+        assert doc["apiVersion"] == "ray.io/v1", path
+        assert _schema_errors(doc, _crd_schema(doc["kind"])) == [], path
+
+    _, cluster = _ray_docs()[0]
+    schema = _crd_schema("RayCluster")
+    typo = _copy(cluster)
+    typo["spec"]["workerGroupSpec"] = typo["spec"].pop("workerGroupSpecs")        # unknown field
+    wrong_type = _copy(cluster)
+    wrong_type["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    unnamed = _copy(cluster)
+    del unnamed["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["name"]   # required
+    for broken in (typo, wrong_type, unnamed):
+        assert len(_schema_errors(broken, schema)) == 1
+    job = next(d for p, d in _ray_docs() if d["kind"] == "RayJob")
+    bad_volume = _copy(job)
+    bad_volume["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"] = "3 GB"
+    assert len(_schema_errors(bad_volume, _crd_schema("RayJob"))) == 1             # not a quantity
+
+
+# What clusters/kuberay/mlflow.yaml may hold, with each kind's API version.
+K8S_KINDS = {"ServiceAccount": "v1", "Service": "v1", "Deployment": "apps/v1", "StatefulSet": "apps/v1"}
+
+
+def _k8s_problems(docs: list[dict]) -> list[str]:
+    """The structure `kubectl apply` and the controllers rely on: known kinds, pod templates valid
+    against Kubernetes' PodTemplateSpec schema (as the KubeRay CRD embeds it), selectors that
+    match, Services that reach a container port, pinned images, secrets only from Secrets."""
+    pod_schema = _crd_schema("RayCluster")["properties"]["spec"]["properties"]["headGroupSpec"]["properties"]["template"]
+    problems = []
+    workloads = [d for d in docs if d.get("kind") in ("Deployment", "StatefulSet")]
+    for d in docs:
+        if K8S_KINDS.get(d.get("kind")) != d.get("apiVersion") or not d.get("metadata", {}).get("name"):
+            problems.append(f"{d.get('kind')} {d.get('metadata')}: kind, apiVersion or name")
+    for w in workloads:
+        name, template = w["metadata"]["name"], w["spec"]["template"]
+        problems += [f"{name}: {e}" for e in _schema_errors(template, pod_schema)]
+        if not w["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items():
+            problems.append(f"{name}: the selector does not select its own pods")
+        for c in template["spec"]["containers"]:
+            repository, _, tag = c["image"].rpartition(":")
+            if not repository or tag in ("", "latest") or "/" in tag:
+                problems.append(f"{name}: image {c['image']} is not pinned")
+            defined = set()
+            for e in c.get("env", []):
+                if re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", e["name"]) and "secretKeyRef" not in e.get("valueFrom", {}):
+                    problems.append(f"{name}: {e['name']} is not from a Secret")
+                if set(re.findall(r"\$\((\w+)\)", e.get("value", ""))) - defined:
+                    problems.append(f"{name}: {e['name']} uses a variable not defined before it")
+                defined.add(e["name"])
+    for svc in (d for d in docs if d.get("kind") == "Service"):
+        selected = [w for w in workloads if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        if len(selected) != 1:
+            problems.append(f"service {svc['metadata']['name']} selects {len(selected)} workloads")
+            continue
+        ports = [p for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])]
+        for port in svc["spec"]["ports"]:
+            if port["targetPort"] not in [p["containerPort"] for p in ports] + [p.get("name") for p in ports]:
+                problems.append(f"service {svc['metadata']['name']}: no container port {port['targetPort']}")
+    return problems
+
+
+def _service_port(docs: list[dict], name: str) -> int:
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == name)
+    return svc["spec"]["ports"][0]["port"]
+
+
+def test_mlflow_manifest_serves_the_tracking_uri_the_ray_manifests_use():
+    from urllib.parse import urlsplit
+
+    docs = _docs(MLFLOW_MANIFEST)
+    assert _k8s_problems(docs) == []
+    server = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    # The backend store is the PostgreSQL Service (the compose file's backend), artifacts go to S3
+    # through the server.
+    backend = urlsplit(env["MLFLOW_BACKEND_STORE_URI"])
+    assert backend.scheme == "postgresql" and backend.password == "$(POSTGRES_PASSWORD)"
+    assert backend.port == _service_port(docs, backend.hostname)
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://") and "--serve-artifacts" in server["command"]
+    # Every tracking.uri the Ray manifests give reaches the `mlflow` Service and passes the
+    # server's Host check.
+    allowed = server["command"][server["command"].index("--allowed-hosts") + 1].split(",")
+    uris = {u for p in RAY_MANIFESTS for u in re.findall(r"tracking\.uri=(\S+)", p.read_text())}
+    assert len(uris) == 1, uris
+    uri = urlsplit(uris.pop())
+    service, namespace, *_ = uri.hostname.split(".")
+    assert uri.hostname == f"{service}.{namespace}.svc.cluster.local" and uri.port == _service_port(docs, service)
+    assert uri.netloc in allowed
+
+    selector = _copy(docs)
+    selector[-1]["spec"]["selector"]["app.kubernetes.io/component"] = "mlflow-server"
+    literal = _copy(docs)
+    next(d for d in literal if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"][2] = \
+        {"name": "POSTGRES_PASSWORD", "value": "hunter2"}
+    unpinned = _copy(docs)
+    next(d for d in unpinned if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["image"] = "postgres"
+    unknown = _copy(docs)
+    next(d for d in unknown if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paths"] = "/health"
+    late = _copy(docs)
+    next(d for d in late if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"].reverse()
+    for broken in (selector, literal, unpinned, unknown, late):   # late: $(POSTGRES_PASSWORD) before it is set
+        assert len(_k8s_problems(broken)) == 1
 
 
 def test_rayjob_entrypoint_config_and_runtime_env_exist_and_agree():
@@ -181,26 +502,32 @@ def test_rayjob_entrypoint_config_and_runtime_env_exist_and_agree():
     config_file = rest[rest.index("-c") + 1]
     assert (ROOT / config_file).is_file()
     overrides = [a for a in rest if "=" in a]
-    # The entrypoint's arguments are a valid run config (keys and values), checked without Ray.
+    # The entrypoint's arguments are a valid run config (keys and values), checked without Ray;
+    # worker pods may be lost (spot nodes), so the workers restart from the last checkpoint.
     cfg = load_config(method, str(ROOT / config_file), overrides)
-    assert cfg.scaling.use_gpu and cfg.storage.path.startswith("s3://")
+    assert cfg.scaling.use_gpu and cfg.storage.path.startswith("s3://") and cfg.train.max_failures > 0
+
+    from ray.runtime_env import RuntimeEnv
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip")
     shared = yaml.safe_load((KUBERAY / "runtime-env.yaml").read_text())
-    assert runtime_env["pip"] == shared["pip"] and runtime_env["env_vars"] == shared["env_vars"]
-    # The pip list is pyproject's dependencies with the same pins, Ray (from the image) excepted,
-    # plus torch at the Makefile's pin.
-    packages = shared["pip"]["packages"]
-    expected = [d for d in _pyproject_deps() if not d.startswith(("ray", "torch"))]
-    assert sorted(p for p in packages if not p.startswith("torch")) == sorted(expected)
-    assert f"torch=={_makefile_torch()}" in packages
+    assert runtime_env["env_vars"] == shared["env_vars"]
+    for env in (runtime_env, shared):
+        # Ray's own validation of a runtime env (it would take an unknown key for a plugin's).
+        RuntimeEnv(**env)
+        assert set(env) <= RuntimeEnv.known_fields
+        # Nothing is installed when a job starts: the image has the dependencies, the job the code.
+        assert not {"pip", "uv", "conda", "container", "image_uri"} & set(env)
+    with pytest.raises(TypeError):
+        RuntimeEnv(**{**shared, "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": 0}})   # values are strings
 
 
 def test_cluster_docs_name_files_that_exist():
     """Every repo path the cluster files tell users to run or pass exists."""
-    for path in [CLUSTERS / "aws.yaml", *MANIFESTS, KUBERAY / "runtime-env.yaml"]:
-        for ref in set(re.findall(r"(?:jobs|clusters|infra)/[\w./-]+\.(?:py|yaml|yml|md)", path.read_text())):
+    for path in [CLUSTERS / "aws.yaml", *MANIFESTS, KUBERAY / "runtime-env.yaml", RAY_IMAGE_DOCKERFILE,
+                 MLFLOW_DOCKERFILE]:
+        for ref in set(re.findall(r"(?:jobs|clusters|infra)/[\w./-]+(?:\.(?:py|yaml|yml|md)|/Dockerfile)", path.read_text())):
             assert (ROOT / ref).is_file(), f"{path.name} mentions {ref}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -122,6 +123,68 @@ def test_two_first_commands_on_a_fresh_sqlite_store_both_succeed(tmp_path):
     for rc, err in results:
         assert (rc, err.strip()) == (2, "error: registered model 'm' has no candidate; train a run first "
                                         "or pass --version")
+
+
+@settings(deadline=None)
+@given(locked=st.integers(0, 12), other=st.booleans())
+def test_a_locked_sqlite_write_is_retried_and_nothing_else_is(locked, other):
+    from unittest import mock
+
+    from methodlab import tracking
+
+    with mock.patch.object(tracking.time, "sleep", lambda s: None):
+        _check_retry(tracking, locked, other)
+
+
+def _check_retry(tracking, locked: int, other: bool) -> None:
+    calls = []
+
+    def write(x, y=0):
+        calls.append(1)
+        if other:
+            raise ValueError("no such table")
+        if len(calls) <= locked:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return x + y
+
+    if other:
+        with pytest.raises(ValueError):
+            tracking.retry_locked(write, 1, y=2)
+        assert len(calls) == 1
+    elif locked < tracking.LOCKED_ATTEMPTS:
+        assert tracking.retry_locked(write, 1, y=2) == 3 and len(calls) == locked + 1
+    else:
+        with pytest.raises(RuntimeError, match="database is locked"):
+            tracking.retry_locked(write, 1, y=2)
+        assert len(calls) == tracking.LOCKED_ATTEMPTS
+
+
+def test_sixteen_writers_on_one_sqlite_store_lose_no_write(tmp_path):
+    """What 16 trials and their sweep driver do to one SQLite file, at once: every process starts
+    a run and writes tags, params and metrics in separate transactions; none may fail."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri, "methodlab")                         # the tables, created once
+    start_at = time.time() + 8
+    code = ("import sys, time; from methodlab.tracking import Tracker; "
+            f"t = Tracker({uri!r}, 'methodlab'); time.sleep(max(0.0, {start_at} - time.time())); "
+            "r = t.start_run(f'w{sys.argv[1]}', {'a': '1'}, {}, 'x: 1\\n'); "
+            "[t.set_tags(r, {f'k{i}': str(i)}) or t.log_metrics(r, {'m': float(i)}, i) for i in range(15)]; "
+            "t.end_run(r, 'FINISHED')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(16)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0] * 16, [err[-500:] for rc, err in results if rc]
+    tracker = Tracker(uri, "methodlab")
+    runs = tracker.client.search_runs([tracker.experiment_id], max_results=100)
+    assert len(runs) == 16 and {r.info.status for r in runs} == {"FINISHED"}
+    for r in runs:
+        assert len(tracker.client.get_metric_history(r.info.run_id, "m")) == 15
 
 
 def test_a_run_opens_as_a_training_run_with_its_dataset_as_input(home):

@@ -366,6 +366,10 @@ def spawn_mlflow(s: Settings) -> int:
         str(BIN / "mlflow"), "server", "--host", s.host, "--port", str(s.ports["mlflow"]), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{s.dir / 'mlflow.db'}",
         "--artifacts-destination", f"s3://{s.mlflow_bucket}/artifacts",
+        # MLflow's Host-header check admits loopback and private addresses only: a stack on
+        # another address (a multi-node stack, add_node) names its own.
+        *([] if ipaddress.ip_address(s.host).is_loopback else
+          ["--allowed-hosts", f"{s.host},{s.host}:{s.ports['mlflow']},localhost,127.0.0.1"]),
     ], {**s.s3_env(), "MLFLOW_S3_ENDPOINT_URL": s.url("s3"),
         # One uvicorn worker and no job runner: healthy in ~5 s with ~0.5 GB instead of ~13 s / 3.4 GB.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})

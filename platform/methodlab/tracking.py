@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
+import random
 import tempfile
 import time
 import urllib.error
@@ -181,6 +183,37 @@ def store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+LOCKED_ATTEMPTS = 10       # about a minute of backoff in all: far beyond any one write's lock
+
+
+def retry_locked(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, retried while a SQLite store answers "database is locked". SQLite
+    serializes writers, and sixteen trials with their driver writing one file meet each other's
+    transactions; a locked write committed nothing, so running it again is safe. Jittered
+    exponential backoff, so waiting writers do not collide again in step."""
+    for attempt in range(LOCKED_ATTEMPTS):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 — sqlalchemy's OperationalError arrives wrapped by MLflow
+            if "database is locked" not in str(e) or attempt == LOCKED_ATTEMPTS - 1:
+                raise
+            time.sleep(min(0.1 * 2 ** attempt, 8.0) * (0.5 + random.random()))
+
+
+class LockRetryingClient:
+    """An MlflowClient whose every call goes through `retry_locked`: what a Tracker on a SQLite
+    store uses, so that every write from a driver, a trial or a worker survives a busy file."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return functools.wraps(attr)(lambda *args, **kwargs: retry_locked(attr, *args, **kwargs))
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -198,7 +231,8 @@ class Tracker:
         """`experiment=None` only addresses existing runs (e.g. `methodlab sync`)."""
         self.uri = uri
         with store_lock(uri):
-            self.client = MlflowClient(tracking_uri=uri)     # creates a fresh store's tables
+            client = MlflowClient(tracking_uri=uri)          # creates a fresh store's tables
+            self.client = LockRetryingClient(client) if uri.startswith("sqlite:") else client
             self.experiment_id = self._experiment(experiment) if experiment else None
 
     def _experiment(self, name: str) -> str:
@@ -316,16 +350,16 @@ class Tracker:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
             mlflow.set_tracking_uri(self.uri)
             status = self.client.get_run(run_id).info.status
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pytorch.log_model(
-                    model.eval().cpu(), name="model", input_example=input_example,
+            with retry_locked(mlflow.start_run, run_id=run_id):
+                info = retry_locked(
+                    mlflow.pytorch.log_model, model.eval().cpu(), name="model", input_example=input_example,
                     serialization_format="pt2", extra_files=[spec_file, weights_file], metadata=metadata,
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
             # Leaving start_run() marks the run FINISHED; the run's owner decides its status.
             self.client.update_run(run_id, status=status)
         if registered_name is None:
             return None
-        version = mlflow.register_model(info.model_uri, registered_name).version
+        version = retry_locked(mlflow.register_model, info.model_uri, registered_name).version
         for k, v in tags.items():
             self.client.set_model_version_tag(registered_name, version, k, str(v))
         self.client.set_registered_model_alias(registered_name, "candidate", version)

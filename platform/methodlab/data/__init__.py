@@ -13,6 +13,7 @@ from methodlab.data import builtin  # noqa: F401  (digits)
 from methodlab.data import digits_transfer  # noqa: F401  (digits_source, digits_transfer)
 from methodlab.data import gzsl  # noqa: F401  (digits_gzsl, synthetic_gzsl)
 from methodlab.data import multimodal  # noqa: F401  (digits_multimodal, synthetic_multimodal)
+from methodlab.data import shapes  # noqa: F401  (shapes, shapes_upright, shapes_source, shapes_transfer, ...)
 from methodlab.data.dataset import DatasetInfo, open_dataset, read_split, read_table, split_nbytes, write_dataset
 from methodlab.errors import DataError
 from methodlab.registry import DATASETS, dataset_names, get_dataset_builder

@@ -358,20 +358,14 @@ def _best_effort(fn, *args) -> None:
     (Metrics are never dropped: they go through the spool.)"""
     from methodlab.tracking import fail_fast
 
-    for attempt in range(3):
-        try:
-            with fail_fast():
-                fn(*args)
-            return
-        except Exception as e:  # noqa: BLE001 — MLflow raises several unrelated types when unreachable
-            # A SQLite store shared by a sweep driver and its trials can be briefly locked: that
-            # write is retried; an unreachable server is not (training must not wait for it).
-            if "database is locked" in str(e) and attempt < 2:
-                time.sleep(1.0 + attempt)
-                continue
-            print(f"[methodlab] MLflow write {fn.__name__} skipped: {type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
-            return
+    try:
+        # (A locked SQLite store is retried by the Tracker's client; an unreachable server is
+        # not: training must not wait for it.)
+        with fail_fast():
+            fn(*args)
+    except Exception as e:  # noqa: BLE001 — MLflow raises several unrelated types when unreachable
+        print(f"[methodlab] MLflow write {fn.__name__} skipped: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
 
 
 def _register(cfg: RunConfig, method: Method, tracker, run_id: str, state: LoopState) -> None:
