@@ -284,21 +284,21 @@ TINY = ["method.arch_kwargs={width: 4, blocks: [1]}", "method.proj_hidden=16", "
 
 
 @functools.cache
-def _bundle():
+def _bundle(dataset: str = "digits"):
     from methodlab.data import resolve_dataset
     from methodlab.train.core import load_bundle
 
     cfg = load_config("bad_batches", None, ["data.limit_rows=96"])
-    return load_bundle(cfg, resolve_dataset("digits", cfg.data.root), ["train", "val", "test"])
+    return load_bundle(cfg, resolve_dataset(dataset, cfg.data.root), ["train", "val", "test"])
 
 
-def _run(*overrides: str, steps: int = 3, seed: int = 0, check=None):
+def _run(*overrides: str, steps: int = 3, seed: int = 0, check=None, dataset: str = "digits"):
     """Train `steps` batches in process (no Ray); returns the method, its models and the outputs."""
     from methodlab.train.core import memory_batches
 
     cfg = load_config("bad_batches", None, [*TINY, *overrides])
     torch.manual_seed(seed)
-    method = BadBatches(cfg, DataBundle(_bundle().info, _bundle().splits, {}))
+    method = BadBatches(cfg, DataBundle(_bundle(dataset).info, _bundle(dataset).splits, {}))
     models = method.build_models("train", {})
     opts = method.build_optimizers("train", models)
     scheds = method.build_schedulers("train", opts, steps)
@@ -515,6 +515,19 @@ def test_probe_knn_and_export():
     art = method.epoch_artifacts("train", 0)
     assert set(art) == {"bad_batches/epoch_001_frd.csv", "bad_batches/epoch_001_frd_hist.png"}
     assert art["bad_batches/epoch_001_frd.csv"].splitlines()[0] == "step,threshold,frd_rank0,kept_rank0"
+
+
+def test_trains_and_probes_on_rgb_shapes():
+    """The 3x32x32 built-in (`data.shapes`) with SimCLR's colour augmentations: the encoder takes
+    3 channels, a step changes it, and the probe classifies its 12 shapes."""
+    method, models, outs = _run("method.saturation=0.4", "method.hue=0.1", "method.grayscale_p=0.2",
+                                "method.curation=threshold", "method.frd_threshold=1e300", steps=2, dataset="shapes")
+    assert method.data.info.columns["image"].shape == [3, 32, 32]
+    assert models["net"].backbone.encoder[0].in_channels == 3 and method.accepted == 2
+    assert all(float(o["frd"]) > 0 for o in outs)
+    metrics = method.evaluate("train", models, "test", torch.device("cpu"))
+    assert all(0 <= v <= 1 for v in metrics.values())
+    assert method.export(models)[0](method.data.splits["test"].head(4)["image"]).shape == (4, 12)
 
 
 def test_linear_probe_and_knn_on_separable_features():
