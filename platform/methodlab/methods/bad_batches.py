@@ -82,18 +82,24 @@ def quantile_threshold(window: Sequence[float], q: float) -> float:
 def detrended_threshold(window: Sequence[float], q: float) -> float:
     """The FRD above which the next score (index len(window)) is in the top `q` once the window's
     least-squares linear trend is removed: the line extrapolated to the next index plus the
-    (1 - q) quantile of the window's residuals about the line. Adding a + b*t to the window's
-    t-th score moves the threshold by a + b*len(window), so a score that drifts linearly is
-    dropped at the rate q, where the raw window's quantile lags behind it. Fewer than 3 scores
-    fix no line with a residual: the raw quantile then (+inf for an empty window)."""
+    (1 - q) quantile of the window's residuals about the line, widened by the ratio of the
+    spread of a new score about the extrapolated line to that of the in-window residuals
+    (sqrt(n/(n-2) (1 + 1/n + t0^2/Sxx)), the least-squares prediction interval's; it matters in a
+    short window: 1.9 at n=5, 1.03 at n=100). Adding a + b*t to the window's t-th score moves the
+    threshold by a + b*len(window), so a score that drifts linearly is dropped at the rate q,
+    where the raw window's quantile lags behind it. Fewer than 3 scores fix no line with a
+    residual: the raw quantile then (+inf for an empty window)."""
     n = len(window)
     if n < 3:
         return quantile_threshold(window, q)
     y = torch.tensor(list(window), dtype=torch.float64)                      # (n,)
     t = torch.arange(n, dtype=torch.float64) - (n - 1) / 2                   # centred indices
-    slope = (t * (y - y.mean())).sum() / t.square().sum()
+    sxx = float(t.square().sum())
+    slope = (t * (y - y.mean())).sum() / sxx
     residuals = y - y.mean() - slope * t
-    return float(y.mean() + slope * (n - (n - 1) / 2) + torch.quantile(residuals, 1.0 - q))
+    t0 = n - (n - 1) / 2                                                      # the next index, centred
+    widen = math.sqrt(n / (n - 2) * (1 + 1 / n + t0 ** 2 / sxx))
+    return float(y.mean() + slope * t0 + widen * torch.quantile(residuals, 1.0 - q))
 
 
 def cosine_factor(step: int, total: int) -> float:
