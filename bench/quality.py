@@ -58,7 +58,8 @@ def welch_interval(a: list[float], b: list[float], confidence: float = CONFIDENC
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     if va + vb == 0:
         return diff, diff
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    wa, wb = va / (va + vb), vb / (va + vb)         # (scaled first: squares of tiny variances underflow)
+    dof = 1.0 / (wa ** 2 / (len(a) - 1) + wb ** 2 / (len(b) - 1))
     half = stats.t.ppf(0.5 + confidence / 2, dof) * math.sqrt(va + vb)
     return diff - half, diff + half
 
