@@ -289,6 +289,7 @@ class BadBatches(Method):
                        "method.arch_kwargs={width: 8, blocks: [1, 1]}", "method.warmup_epochs=0",
                        "method.frd_quantile=0.3", "method.probe_steps=20"]
     demo_overrides = ["train.epochs=12"]
+    demo_baseline = ("SimCLR without curation", ["method.curation=none"])
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)

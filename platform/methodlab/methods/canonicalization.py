@@ -181,6 +181,8 @@ class Canonicalization(Method):
         "method.num_rotations": {"choice": [4, 8]},
     }
     demo_prerequisites = [("supervised", [])]
+    # The frozen predictor alone on rotated copies (nothing trains: one epoch evaluates it).
+    demo_baseline = ("the predictor alone", ["method.mode=plain", "train.epochs=1"])
     smoke_overrides = ["train.epochs=1", "method.predictor=scratch", "method.channels=4",
                        "method.out_vector_size=8", "data.limit_rows=256"]
 

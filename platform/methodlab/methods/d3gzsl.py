@@ -211,6 +211,7 @@ class D3GZSL(Method):
     # calibrated stacking the student predicts a seen digit for nearly every unseen row within
     # the demo's ~180 generator iterations (test H 0.00 uncalibrated; see bench/results/d3gzsl.json).
     demo_overrides = ["train.epochs=60", "method.teacher_epochs=10", "method.calibration_gamma=val"]
+    demo_baseline = ("f-CLSWGAN", ["method.variant=fclswgan"])
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
