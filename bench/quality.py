@@ -117,6 +117,9 @@ def bad_batches(d: dict):
     rows, claims = [], []
     if raw:
         rows.append(row("bad_batches", "raw-pixel probe", "test_linear_acc", raw, task))
+    if _measured(d, "random_init_probe"):
+        rows.append(row("bad_batches", "random-init encoder probe", "test_linear_acc",
+                        _measured(d, "random_init_probe"), task))
     for bs in sorted({int(k.split("_")[0][len("batch"):]) for k in runs}):
         cur, unc = (row("bad_batches", f"{v} (batch {bs})", "test_linear_acc",
                         [r["test_linear_acc"] for r in runs[f"batch{bs}_{v}"]], task) for v in ("curated", "uncurated"))

@@ -101,6 +101,7 @@ def test_two_nodes_uninstalled_workers_refusals_placement_and_node_loss(stack, m
     # 2. Two nodes: node-local services are refused before any worker starts.
     s.add_node(cpus=2, resources={"second_node": 1})
     wait_for(lambda: len(s.alive_nodes()) == 2, 120, "the second node to join")
+    assert sorted(n["resources_total"].get("second_node", 0) for n in s.alive_nodes()) == [0, 1]
     workers_before = len(s.actors("RayTrainWorker"))
     for bad, expected in [
         (["tracking.uri=sqlite:////tmp/methodlab-two-node.db"],
