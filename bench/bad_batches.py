@@ -6,23 +6,41 @@
      Goal: >= 100x at d=2048 with equal values.
   2. Curation overhead: median step time of bad_batches with FRD scoring (online extractor, both
      comparison modes) over plain SimCLR (`curation=none`), steps interleaved. Goal: <= 1.10.
-  3. Linear-probe test accuracy of curated (frd_quantile=0.2 after 1 warm-up epoch) vs uncurated
-     SimCLR on digits at batch 32 and 128, 3 seeds, the SAME number of optimizer steps (a curated
-     run draws batches until it has taken as many steps). Reduced budget to fit the time limit:
-     in process (one worker, no Ray), STEPS optimizer steps, a ResNet of width 8 (the default is 16).
+  3. Linear-probe test accuracy of curated (frd_quantile=0.2, the default detrended window) vs
+     uncurated SimCLR at batch 32 and 128, `--seeds` seeds, the SAME number of optimizer steps (a
+     curated run draws batches until it has taken as many steps), with the dropped fraction of
+     each curated run; `--raw-window-seeds` curated runs with the raw window (frd_detrend=none)
+     for its dropped fraction. Baselines through the method's own probe and k-NN
+     (`BadBatches.evaluate`): raw pixels (deterministic: one value, listed per seed) and the
+     encoder at its random initialisation (per seed). Reduced budget to fit the time limit: in
+     process (one worker, no Ray), `--steps` optimizer steps, a ResNet of width 8 (default 16).
+
+Results: bench/results/bad_batches.json. `accuracy_runs` -> `batch{bs}_{curated|uncurated}` ->
+per-seed dicts (seed, test_linear_acc, test_knn_acc, batches_drawn, optimizer_steps, and
+dropped_fraction for curated runs), plus `batch{bs}_curated_raw_window` (same fields);
+`baseline_runs` -> `raw_pixel` | `random_init` -> per-seed dicts (seed, test_linear_acc,
+test_knn_acc); `preconditions` -> `raw_pixel_probe` | `random_init_probe` -> per-seed linear
+accuracies, and `dataset`, as bench/quality.py reads them. `--parts` re-measures some parts only;
+the figures of the others are kept from the previous file, and `parts_measured` says when each
+part was measured, on which dataset.
 
 One thread throughout (torch and scipy's BLAS), as a Ray worker with one CPU gets (OMP_NUM_THREADS=1).
 
-    .venv/bin/python bench/bad_batches.py
+    .venv/bin/python bench/bad_batches.py                                   # digits, everything
+    .venv/bin/python bench/bad_batches.py --dataset shapes --parts accuracy --warmup-epochs 0
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("METHODLAB_HOME", tempfile.mkdtemp(prefix="methodlab-bench-"))
@@ -35,7 +53,9 @@ import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 
-from common import Figure, mean_std, timeit, write_results  # noqa: E402
+from torch import nn  # noqa: E402
+
+from common import RESULTS, Figure, mean_std, timeit, write_results  # noqa: E402
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import resolve_dataset  # noqa: E402
 from methodlab.methods.bad_batches import BadBatches  # noqa: E402
@@ -44,10 +64,12 @@ from methodlab.metrics.frechet import frechet_distance  # noqa: E402
 from methodlab.train.core import epoch_seed, load_bundle, memory_batches  # noqa: E402
 
 SHAPES = [(n, d) for d in (128, 512, 2048) for n in (64, 256, 512)]
-STEPS = 100                    # optimizer steps per accuracy run
 PROBE_ARCH = "method.arch_kwargs={width: 8, blocks: [1, 1, 1]}"
-SEEDS = (0, 1, 2)
+QUANTILE = 0.2
 CPU = torch.device("cpu")
+PARTS = {"fd": "fd_speedup_", "overhead": "curation_overhead_", "accuracy": "linear_probe_"}   # -> figure prefix
+# RGB data gets SimCLR's colour augmentations (strength 0.5 of appendix A's; no-ops on grayscale).
+RGB = ["method.saturation=0.4", "method.hue=0.1", "method.grayscale_p=0.2"]
 
 
 def fd_scipy(x: np.ndarray, y: np.ndarray) -> float:
@@ -122,10 +144,16 @@ def bench_overhead(data) -> list[Figure]:
             for name in ("views_vs_originals", "view_vs_view")]
 
 
-def probe_accuracy(data, batch: int, curated: bool, seed: int) -> tuple[float, float, int]:
-    ov = [f"train.batch_size={batch}", "method.lr_schedule=constant", PROBE_ARCH]
-    ov += ["method.curation=quantile", "method.frd_quantile=0.2", "method.warmup_epochs=1"] if curated \
-        else ["method.curation=none"]
+def probe_accuracy(data, batch: int, variant: str, seed: int, args) -> dict:
+    """One SimCLR run of `args.steps` optimizer steps; variant: uncurated, curated (the default
+    detrended window) or curated_raw_window (frd_detrend=none)."""
+    ov = [f"train.batch_size={batch}", "method.lr_schedule=constant", PROBE_ARCH, *RGB]
+    if variant == "uncurated":
+        ov += ["method.curation=none"]
+    else:
+        ov += ["method.curation=quantile", f"method.frd_quantile={QUANTILE}",
+               f"method.warmup_epochs={args.warmup_epochs}",
+               f"method.frd_detrend={'none' if variant == 'curated_raw_window' else 'linear'}"]
     cfg, method, models, opts = make_method(data, *ov, seed=seed)
     ctx = StepContext(stage="train", epoch=0, step=0, device=CPU, rank=0, world_size=1, extra={"schedulers": {}})
     drawn = 0
@@ -133,49 +161,138 @@ def probe_accuracy(data, batch: int, curated: bool, seed: int) -> tuple[float, f
     for ctx.epoch, batch in batches_forever(cfg, method):
         method.train_step("train", models, opts, batch, ctx)
         drawn += 1
-        if method.accepted == STEPS:
+        if method.accepted == args.steps:
             break
     m = method.evaluate("train", models, "test", CPU)
-    return m["test_linear_acc"], m["test_knn_acc"], drawn
+    out = {"seed": seed, "test_linear_acc": m["test_linear_acc"], "test_knn_acc": m["test_knn_acc"],
+           "batches_drawn": drawn, "optimizer_steps": method.accepted}
+    if variant != "uncurated":
+        scored, kept = method.curated                 # batches scored after the warm-up, and kept
+        out["dropped_fraction"] = 1 - kept / scored if scored else float("nan")
+    return out
 
 
-def bench_accuracy(data) -> tuple[list[Figure], dict]:
+class Pixels(nn.Module):
+    """Raw pixels as the features: the raw-pixel baseline, through the same probe and k-NN as the
+    method's encoder (`BadBatches.evaluate`). embed: (B, C, H, W) -> (B, C*H*W)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.embed_dim = math.prod(shape)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def baselines(data, seeds: list[int]) -> dict:
+    """raw_pixel: the probe on the pixels (no randomness: measured once, listed per seed);
+    random_init: the probe on the encoder at its initialisation, per seed."""
+    _, method, _, _ = make_method(data, PROBE_ARCH)
+    pixels = method.evaluate("train", {"net": SimpleNamespace(backbone=Pixels(data.info.columns["image"].shape))},
+                             "test", CPU)
+    out = {"raw_pixel": [{"seed": s, "test_linear_acc": pixels["test_linear_acc"],
+                          "test_knn_acc": pixels["test_knn_acc"]} for s in seeds], "random_init": []}
+    for s in seeds:
+        _, method, models, _ = make_method(data, PROBE_ARCH, seed=s)
+        m = method.evaluate("train", models, "test", CPU)
+        out["random_init"].append({"seed": s, "test_linear_acc": m["test_linear_acc"],
+                                   "test_knn_acc": m["test_knn_acc"]})
+    return out
+
+
+def bench_accuracy(data, args) -> tuple[list[Figure], dict, dict]:
+    seeds = list(range(args.seeds))
+    base = baselines(data, seeds)
+    raw_px, rand = ([r["test_linear_acc"] for r in base[k]] for k in ("raw_pixel", "random_init"))
+    print(f"raw-pixel probe {mean_std(raw_px)}, random-init probe {mean_std(rand)}", flush=True)
     figures, raw = [], {}
-    for batch in (32, 128):
-        acc = {}
-        for curated in (False, True):
-            runs = [probe_accuracy(data, batch, curated, s) for s in SEEDS]
-            acc[curated] = runs
-            raw[f"batch{batch}_{'curated' if curated else 'uncurated'}"] = [
-                {"seed": s, "test_linear_acc": a, "test_knn_acc": k, "batches_drawn": n}
-                for s, (a, k, n) in zip(SEEDS, runs)]
-        lin = {c: [r[0] for r in acc[c]] for c in acc}
-        knn = {c: [r[1] for r in acc[c]] for c in acc}
+    for batch in args.batch_sizes:
+        plan = [("uncurated", seeds), ("curated", seeds), ("curated_raw_window", seeds[:args.raw_window_seeds])]
+        for variant, which in plan:
+            raw[f"batch{batch}_{variant}"] = [probe_accuracy(data, batch, variant, s, args) for s in which]
+        lin = {v: [r["test_linear_acc"] for r in raw[f"batch{batch}_{v}"]] for v, _ in plan}
+        knn = {v: [r["test_knn_acc"] for r in raw[f"batch{batch}_{v}"]] for v, _ in plan}
+        dropped = {v: [r["dropped_fraction"] for r in raw[f"batch{batch}_{v}"]] for v, _ in plan[1:]}
         figures.append(Figure(
-            f"linear_probe_batch{batch}", statistics.mean(lin[True]) / statistics.mean(lin[False]),
+            f"linear_probe_batch{batch}", statistics.mean(lin["curated"]) / statistics.mean(lin["uncurated"]),
             "uncurated SimCLR, same optimizer steps",
-            {"curated": mean_std(lin[True]), "uncurated": mean_std(lin[False]),
-             "knn_curated": mean_std(knn[True]), "knn_uncurated": mean_std(knn[False]),
-             "optimizer_steps": STEPS, "seeds": len(SEEDS),
-             "curated_batches_drawn": statistics.mean(r[2] for r in acc[True])},
+            {"curated": mean_std(lin["curated"]), "uncurated": mean_std(lin["uncurated"]),
+             "knn_curated": mean_std(knn["curated"]), "knn_uncurated": mean_std(knn["uncurated"]),
+             "raw_pixel": mean_std(raw_px), "random_init": mean_std(rand),
+             "optimizer_steps": args.steps, "seeds": len(seeds),
+             "curated_batches_drawn": statistics.mean(r["batches_drawn"] for r in raw[f"batch{batch}_curated"])},
             goal="report (paper: curation helps small batches)"))
-        print(figures[-1].line(), flush=True)
-    return figures, raw
+        figures.append(Figure(
+            f"linear_probe_simclr_over_raw_pixel_batch{batch}",
+            statistics.mean(lin["uncurated"]) / statistics.mean(raw_px),
+            "raw-pixel linear probe", {"uncurated": mean_std(lin["uncurated"]), "raw_pixel": mean_std(raw_px),
+                                       "random_init": mean_std(rand)},
+            goal="> 1 (the precondition of the curation claim)"))
+        if dropped["curated_raw_window"]:
+            figures.append(Figure(
+                f"linear_probe_dropped_fraction_batch{batch}", statistics.mean(dropped["curated"]) / QUANTILE,
+                f"frd_quantile={QUANTILE}", {"detrended": mean_std(dropped["curated"]),
+                                              "raw_window": mean_std(dropped["curated_raw_window"]),
+                                              "raw_window_linear_acc": mean_std(lin["curated_raw_window"])},
+                goal="~1 (the detrended window drops frd_quantile)"))
+        for f in figures[-3:]:
+            print(f.line(), flush=True)
+    return figures, raw, base
+
+
+def kept_from_previous(parts: list[str]) -> tuple[list[Figure], dict]:
+    """The figures (and accuracy runs) of the parts not re-measured, from the previous results."""
+    path = RESULTS / "bad_batches.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    figures = [Figure(**f) for f in previous.get("figures", [])
+               if any(f["name"].startswith(PARTS[p]) for p in PARTS if p not in parts)]
+    measured = previous.get("parts_measured", {p: {"time": previous.get("time"), "dataset": "digits"} for p in PARTS})
+    extra = {"parts_measured": {p: measured.get(p) for p in PARTS if p not in parts}}
+    if "accuracy" not in parts:
+        extra.update({k: previous[k] for k in ("accuracy_runs", "baseline_runs", "dataset", "preconditions", "note")
+                      if k in previous})
+    return figures, extra
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="digits", help="a built-in dataset or a dataset URI (image, label)")
+    ap.add_argument("--parts", default="fd,overhead,accuracy", help=f"comma-separated, of {', '.join(PARTS)}")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per accuracy run")
+    ap.add_argument("--batch-sizes", default="32,128")
+    ap.add_argument("--warmup-epochs", type=int, default=1, help="curated runs: epochs that only score")
+    ap.add_argument("--raw-window-seeds", type=int, default=1,
+                    help="curated runs with frd_detrend=none, per batch size")
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(unknown)}; use some of {', '.join(PARTS)}")
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    cfg = load_config("bad_batches")
-    data = load_bundle(cfg, resolve_dataset("digits", cfg.data.root), ["train", "val", "test"])
-    figures = bench_fd()
-    figures += bench_overhead(data)
-    acc_figures, raw = bench_accuracy(data)
-    figures += acc_figures
+    cfg = load_config("bad_batches", None, [f"data.dataset={args.dataset}"])
+    data = load_bundle(cfg, resolve_dataset(args.dataset, cfg.data.root), ["train", "val", "test"])
+    figures, extra = kept_from_previous(parts)
+    now = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": args.dataset}
+    if "fd" in parts:
+        figures += bench_fd()
+    if "overhead" in parts:
+        figures += bench_overhead(data)
+    if "accuracy" in parts:
+        acc_figures, raw, base = bench_accuracy(data, args)
+        figures += acc_figures
+        # `dataset` and `preconditions` are what bench/quality.py reads: the task, and per-seed
+        # baseline accuracies (the claim is testable only where SimCLR beats raw pixels).
+        extra.update(accuracy_runs=raw, baseline_runs=base, dataset=args.dataset, preconditions={
+            "raw_pixel_probe": [r["test_linear_acc"] for r in base["raw_pixel"]],
+            "random_init_probe": [r["test_linear_acc"] for r in base["random_init"]]}, note=(
+            f"accuracy runs: reduced budget, in process (1 worker, no Ray), {args.dataset}, ResNet width 8, "
+            f"{args.steps} optimizer steps, constant lr, curated = frd_quantile {QUANTILE} (detrended window) "
+            f"after {args.warmup_epochs} warm-up epoch(s); {args.seeds} seeds; RGB colour jitter {' '.join(RGB)}"))
+    extra["parts_measured"].update({p: now for p in parts})
     write_results("bad_batches", figures, {
-        "note": "accuracy runs: reduced budget, in process (1 worker, no Ray), digits, ResNet width 8, "
-                f"{STEPS} optimizer steps, constant lr, curated = frd_quantile 0.2 after 1 warm-up epoch",
-        "accuracy_runs": raw, "torch_threads": torch.get_num_threads(),
+        **extra, "command": " ".join(sys.argv), "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(), "seconds": time.perf_counter() - t0})
 
 

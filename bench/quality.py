@@ -58,7 +58,8 @@ def welch_interval(a: list[float], b: list[float], confidence: float = CONFIDENC
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     if va + vb == 0:
         return diff, diff
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    wa, wb = va / (va + vb), vb / (va + vb)         # (scaled first: squares of tiny variances underflow)
+    dof = 1.0 / (wa ** 2 / (len(a) - 1) + wb ** 2 / (len(b) - 1))
     half = stats.t.ppf(0.5 + confidence / 2, dof) * math.sqrt(va + vb)
     return diff - half, diff + half
 
@@ -86,9 +87,18 @@ def claim(text: str, better: dict, worse: dict, precondition: Precondition,
                         f"({better['metric']}, n={better['n']}/{worse['n']})"}
 
 
-def load(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def result_files(name: str) -> list[str]:
+    """A benchmark's results: bench/results/<name>.json (its default task) and every
+    <name>_<dataset>.json written for another built-in dataset (`--dataset`)."""
+    import methodlab.data  # noqa: F401  (fills the dataset registry)
+    from methodlab.registry import dataset_names
+
+    other = sorted(p.stem for p in RESULTS.glob(f"{name}_*.json") if p.stem[len(name) + 1:] in dataset_names())
+    return [n for n in [name, *other] if (RESULTS / f"{n}.json").exists()]
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
 
 
 def _mean(values) -> float:
@@ -107,6 +117,9 @@ def bad_batches(d: dict):
     rows, claims = [], []
     if raw:
         rows.append(row("bad_batches", "raw-pixel probe", "test_linear_acc", raw, task))
+    if _measured(d, "random_init_probe"):
+        rows.append(row("bad_batches", "random-init encoder probe", "test_linear_acc",
+                        _measured(d, "random_init_probe"), task))
     for bs in sorted({int(k.split("_")[0][len("batch"):]) for k in runs}):
         cur, unc = (row("bad_batches", f"{v} (batch {bs})", "test_linear_acc",
                         [r["test_linear_acc"] for r in runs[f"batch{bs}_{v}"]], task) for v in ("curated", "uncurated"))
@@ -134,18 +147,21 @@ def toast(d: dict):
 
 def d3gzsl(d: dict):
     task = d.get("dataset", "digits_gzsl")
-    per_seed = d["digits_per_seed"]
+    per_seed = d.get("per_seed") or d["digits_per_seed"]      # variant -> metric -> [per seed]
     rows = [row("d3gzsl", variant, "test_H", v["test_H"], task) for variant, v in per_seed.items()]
     by = {r["variant"]: r for r in rows}
-    base = per_seed["baseline"]
     chance = 1.0 / d["num_unseen_classes"] if d.get("num_unseen_classes") else None
-    zsl, u = _mean(base["test_ZSL"]), _mean(base["test_U"])
-    pre = Precondition("baseline ZSL accuracy above twice chance and baseline U > 0.1",
-                       f"ZSL {zsl:.4f} (chance {chance:.4f}), U {u:.4f}" if chance else f"ZSL {zsl:.4f}, U {u:.4f}, chance unknown",
-                       chance is not None and zsl > 2 * chance and u > 0.1)
-    baseline = "baseline"
-    return rows, [claim(f"D3GZSL ({v}) beats the generative baseline on H ({task})", by[f"d3gzsl-{v}"], by[baseline], pre)
-                  for v in ("faithful", "clean") if f"d3gzsl-{v}" in by]
+    claims = []
+    for base, what in (("baseline", "D3GZSL without distillation"), ("fclswgan", "f-CLSWGAN")):
+        if base not in per_seed:
+            continue
+        zsl, u = _mean(per_seed[base]["test_ZSL"]), _mean(per_seed[base]["test_U"])
+        pre = Precondition(f"{what}'s ZSL accuracy above twice chance and its U > 0.1",
+                           f"ZSL {zsl:.4f} (chance {chance:.4f}), U {u:.4f}" if chance else f"ZSL {zsl:.4f}, U {u:.4f}, chance unknown",
+                           chance is not None and zsl > 2 * chance and u > 0.1)
+        claims += [claim(f"D3GZSL ({v}) beats {what} on H ({task})", by[f"d3gzsl-{v}"], by[base], pre)
+                   for v in ("faithful", "clean") if f"d3gzsl-{v}" in by]
+    return rows, claims
 
 
 def mmanet(d: dict):
@@ -194,13 +210,13 @@ def counts(claims: list[dict]) -> dict[str, int]:
 def main() -> None:
     quality, claims, missing = [], [], []
     for name, adapter in ADAPTERS.items():
-        d = load(name)
-        if d is None:
+        files = result_files(name)
+        if not files:
             missing.append(name)
-            continue
-        rows, cl = adapter(d)
-        quality += rows
-        claims += cl
+        for file in files:
+            rows, cl = adapter(load(file))
+            quality += rows
+            claims += cl
     for c in claims:
         print(f"{c['verdict']:18s} {c['claim']}: {c['evidence']}; precondition "
               f"{c['precondition']['text']}: {c['precondition']['value']}")

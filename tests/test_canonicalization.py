@@ -18,7 +18,7 @@ from methodlab.metrics.group import group_accuracy_from_counts, group_counts
 from methodlab.models import build_model
 from methodlab.models.canonicalizer import (
     GroupConvScoreNet, group_copies, group_elements, inverse_indices, rotate, rotate_interpolated,
-    straight_through_onehot)
+    steerable_basis, straight_through_onehot)
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -136,17 +136,125 @@ def test_group_conv_canonicalizer_is_equivariant(seed, channels, size, width, la
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_equivariant_canonicalizer_gives_c4_invariance():
+    checked = []
+
+    @FAST
+    @given(canonicalized(canonicalizer="group_conv"), st.integers(1, 3))
+    def check(mx, k):
+        model, x = mx
+        rotated = torch.rot90(x, k, dims=(-2, -1))
+        with torch.no_grad():
+            # a(x) ties are broken by argmax order and so are not equivariant; skip exact ties
+            scores = model.canonicalize(x)["scores"]
+            top2 = scores.topk(2, dim=-1).values
+            keep = (top2[:, 0] - top2[:, 1]) > 1e-4
+            assert torch.equal(model.canonicalize(rotated)["image"][keep], model.canonicalize(x)["image"][keep])
+        checked.append(int(keep.sum()))
+
+    check()
+    assert sum(checked) > 0, "every example was a tie: the test compared nothing"
+
+
 @FAST
-@given(canonicalized(canonicalizer="group_conv"), st.integers(1, 3))
-def test_equivariant_canonicalizer_gives_c4_invariance(mx, k):
-    model, x = mx
-    rotated = torch.rot90(x, k, dims=(-2, -1))
+@given(st.sampled_from([1, 3, 5, 7]), st.integers(0, 719), st.integers(0, 3))
+def test_steerable_basis_rotates_like_rot90(kernel, eighths, quarters):
+    """The analytic rotation turns the same way as torch.rot90 (an independent check of the sign),
+    and multiples of 90 degrees are exact rot90s of the residual angle's basis."""
+    angle = eighths / 8    # exact in binary, so angle + 90q splits back into q and angle exactly
+    base = steerable_basis(kernel, angle)
+    turned = steerable_basis(kernel, angle + 90.0 * quarters)
+    assert torch.equal(turned, torch.rot90(base, quarters, dims=(-2, -1)))
+    # the analytic formula at angle + 90, evaluated without rot90, agrees with the rot90 route
+    from methodlab.models.canonicalizer import _harmonics
+
+    norms = _harmonics(kernel, 0.0, 0.6).flatten(1).norm(dim=1)
+    analytic = (_harmonics(kernel, angle + 90.0, 0.6) / norms[:, None, None]).float()
+    torch.testing.assert_close(analytic, torch.rot90(base, 1, dims=(-2, -1)), rtol=0, atol=1e-6)
+
+
+def smooth_images(n: int, channels: int, size: int, seed: int, sigma: float = 2.0) -> torch.Tensor:
+    """Gaussian-blurred noise: images with content at every angle, band-limited like natural images
+    (white noise has no meaningful 45-degree rotation on a pixel grid)."""
+    x = torch.randn(n * channels, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    t = torch.arange(-6, 7, dtype=torch.float32)
+    w = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    w = w / w.sum()
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (6, 6, 6, 6), mode="reflect"), w.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(x, w.view(1, 1, -1, 1)).reshape(n, channels, size, size)
+
+
+C8_SHIFT_THRESHOLD = 0.75   # measured at init: 0.86-0.97 per seed (64 images); the old resampled filters: 0.06
+
+
+@settings(max_examples=5, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 3]), st.integers(1, 7))
+def test_group_conv_canonicalizer_is_c8_equivariant_at_init(seed, channels, k):
+    """C8 on a pixel grid: the argmax of a(R_45k x) is argmax a(x) + k for most images, with R the
+    SAME interpolated rotation the group acts with (`rotate`); exact equivariance at 45 degrees is
+    impossible on a grid, so the test is a fraction. Multiples of 90 degrees stay exact."""
+    torch.manual_seed(seed)
+    net = GroupConvScoreNet(channels, 8, 8, 3, 5).eval()
+    x = smooth_images(64, channels, 32, seed)
     with torch.no_grad():
-        # a(x) ties are broken by argmax order and so are not equivariant; skip exact ties
-        scores = model.canonicalize(x)["scores"]
-        top2 = scores.topk(2, dim=-1).values
-        keep = (top2[:, 0] - top2[:, 1]) > 1e-4
-        assert torch.equal(model.canonicalize(rotated)["image"][keep], model.canonicalize(x)["image"][keep])
+        top = net(x).argmax(-1)
+        shifted = net(rotate(x, 45.0 * k, 0.5)).argmax(-1)
+    fraction = float(((shifted - top) % 8 == k).float().mean())
+    assert fraction >= C8_SHIFT_THRESHOLD, fraction
+
+
+@FAST
+@given(canonicalized(), st.sampled_from(["cnn", "group_conv"]), st.sampled_from([4, 8]))
+def test_gradient_paths_share_the_forward_value(mx, kind, n):
+    _, x = mx
+    images = []
+    for path in ("copies", "angle"):
+        torch.manual_seed(0)
+        model = build_model({"arch": "canonicalized", "kwargs": dict(
+            predictor=predictor_spec(x.shape[1]), in_channels=x.shape[1], image_size=x.shape[-1],
+            canonicalizer=kind, num_rotations=n, channels=2, num_layers=1, out_dim=4,
+            gradient_path=path)}).eval()
+        with torch.no_grad():
+            images.append(model.canonicalize(x)["image"])
+    assert torch.equal(images[0], images[1])
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([4, 8]), st.floats(0.5, 4.0), st.sampled_from(["copies", "angle"]))
+def test_score_gradients_match_each_paths_closed_form(seed, n, beta, path):
+    """dL/d score_k for L = <C, x_c>, against an independent closed form: beta·s_k(c_k - Σ_j s_j c_j)
+    with s = softmax(beta·scores) and c_k = <C, copy_k> (copies), or c_k = θ_k·dL/dθ with dL/dθ the
+    slope of a bare kornia rotation at the selected angle (angle, equiadapt). That slope is taken by
+    autograd, not finite differences: at multiples of 90 degrees the samples sit on pixel centres,
+    the kinks of bilinear interpolation, where autograd gives a one-sided slope."""
+    torch.manual_seed(seed)
+    model = build_model({"arch": "canonicalized", "kwargs": dict(
+        predictor=predictor_spec(1), in_channels=1, image_size=8, num_rotations=n, channels=2,
+        out_dim=4, beta=beta, gradient_path=path)}).double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    out = model.canonicalize(x)
+    out["scores"].retain_grad()
+    target = torch.randn_like(out["image"])
+    (out["image"] * target).sum().backward()
+    soft = torch.softmax(beta * out["scores"].detach(), -1)                         # (B, G)
+    if path == "copies":
+        c = (out["copies"].detach() * target[:, None]).flatten(2).sum(-1)           # (B, G)
+    else:
+        angles = torch.tensor([a for a, _ in group_elements(n, False)], dtype=torch.float64)
+        theta = angles[out["weights"].detach().argmax(-1)]
+        theta.requires_grad_(True)
+        (slope,) = torch.autograd.grad((rotate_interpolated(x, theta, model.pad_ratio) * target).sum(), theta)
+        c = angles[None] * slope[:, None]                                          # slope (B,): dL/dθ
+    expected = beta * soft * (c - (soft * c).sum(-1, keepdim=True))
+    torch.testing.assert_close(out["scores"].grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_pad_ratio_zero_leaves_zero_corners_as_equiadapt_grayscale():
+    """pad_ratio=0 is equiadapt's grayscale path (no padding, kornia fills with zeros); 0.5 edge-pads."""
+    x = torch.ones(1, 1, 16, 16)
+    bare = rotate_interpolated(x, torch.tensor([45.0]), 0.0)
+    assert float(bare[0, 0, 0, 0]) == 0.0 and float(bare[0, 0, 8, 8]) == 1.0
+    torch.testing.assert_close(rotate_interpolated(x, torch.tensor([45.0]), 0.5), x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,13 +15,14 @@ from scipy.io import savemat
 
 from methodlab.config import load_config
 from methodlab.data.dataset import write_dataset
-from methodlab.data.gzsl import (DIGIT_ATTRIBUTE_TABLE, DIGITS_UNSEEN, DIGITS_VAL_UNSEEN, encode_seen_digits,
-                                 import_xlsa17, synthetic_gzsl)
+from methodlab.data.gzsl import (DIGIT_ATTRIBUTES, DIGITS_UNSEEN, DIGITS_VAL_UNSEEN, build_digits_gzsl, digit_attributes,
+                                 digits_gzsl, digits_gzsl_rows, encode_seen_digits, import_xlsa17, synthetic_gzsl)
 from methodlab.errors import ConfigError, DataError
 from methodlab.losses.d3gzsl import (critic_terms, embedding_distillation, kl_distillation, ood_distillation,
                                      pair_bce, teacher_confidence)
 from methodlab.methods.d3gzsl import label_mapping
-from methodlab.metrics.gzsl import class_counts, gzsl_counts, gzsl_scores, harmonic_mean, per_class_accuracy
+from methodlab.metrics.gzsl import (GAMMA_GRID, attribute_precondition, best_gamma, calibrated, calibration_counts,
+                                   class_counts, gzsl_counts, gzsl_scores, harmonic_mean, per_class_accuracy)
 from methodlab.models.d3gzsl import LearnSigmoid
 
 SP_NEG1, SP_0, SP_1 = math.log1p(math.exp(-1)), math.log(2), math.log1p(math.e)   # softplus(-1, 0, 1)
@@ -116,6 +117,73 @@ def test_gzsl_scores_predict_over_all_classes():
     assert gzsl_scores(gzsl_counts(logits[:2], labels[:2], unseen) + gzsl_counts(logits[2:], labels[2:], unseen),
                        unseen) == scores
     assert scores == pytest.approx({"S": 0.75, "U": 0.75, "H": 0.75, "ZSL": 0.75})
+
+
+def _logits_case(seed, n, seen_n, unseen_n):
+    g = torch.Generator().manual_seed(seed)
+    c = seen_n + unseen_n
+    perm = torch.randperm(c, generator=g)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64) * 4
+    labels = torch.randint(0, c, (n,), generator=g)
+    return logits, labels, perm[:seen_n].sort().values, perm[seen_n:].sort().values
+
+
+@FAST
+@given(arrays, st.integers(1, 30), st.integers(1, 5), st.integers(1, 5))
+def test_calibrated_stacking_gamma_zero_is_plain_and_a_large_gamma_predicts_only_unseen(seed, n, seen_n, unseen_n):
+    logits, labels, seen, unseen = _logits_case(seed, n, seen_n, unseen_n)
+    assert torch.equal(calibrated(logits, seen, 0.0), logits)
+    assert torch.equal(gzsl_counts(calibrated(logits, seen, 0.0), labels, unseen), gzsl_counts(logits, labels, unseen))
+    big = float(logits[:, seen].max() - logits[:, unseen].min()) + 1
+    assert torch.isin(calibrated(logits, seen, big).argmax(1), unseen).all()
+    # more gamma never moves a row from an unseen prediction back to a seen one
+    n_unseen = [int(torch.isin(calibrated(logits, seen, float(g)).argmax(1), unseen).sum()) for g in GAMMA_GRID]
+    assert n_unseen == sorted(n_unseen)
+    # unseen columns and the ZSL counts (argmax over unseen classes only) do not move
+    cal = calibrated(logits, seen, 3.0)
+    assert torch.equal(cal[:, unseen], logits[:, unseen])
+    assert torch.equal(gzsl_counts(cal, labels, unseen)[2], gzsl_counts(logits, labels, unseen)[2])
+
+
+@FAST
+@given(arrays, st.integers(2, 30), st.integers(1, 4), st.integers(1, 4))
+def test_best_gamma_maximises_h_over_the_grid_against_numpy(seed, n, seen_n, unseen_n):
+    logits, labels, seen, unseen = _logits_case(seed, n, seen_n, unseen_n)
+    grid = GAMMA_GRID[::8]
+    gamma = best_gamma(calibration_counts(logits, labels, unseen, seen, grid), unseen, grid)
+    lg, y, s, u = logits.numpy(), labels.numpy(), seen.numpy(), unseen.numpy()
+
+    def h(g):                                           # numpy reference of H at one gamma
+        pred = (lg - np.isin(np.arange(lg.shape[1]), s) * g).argmax(1)
+        acc = lambda cls: np.mean([np.mean(pred[y == c] == c) for c in cls if (y == c).any()]) \
+            if any((y == c).any() for c in cls) else 0.0
+        a, b = acc(s), acc(u)
+        return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+    hs = np.array([h(float(g)) for g in grid])
+    assert h(gamma) == pytest.approx(hs.max())
+    assert gamma == float(grid[np.flatnonzero(np.isclose(hs, hs.max()))[0]])     # the smallest on ties
+
+
+@FAST
+@given(arrays, st.integers(3, 7), st.integers(1, 6), st.floats(0.1, 10))
+def test_attribute_precondition_matches_scipy_and_ignores_scale(seed, classes, a_dim, scale):
+    from scipy.spatial.distance import pdist
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(seed)
+    att = rng.normal(size=(classes, a_dim))
+    labels = np.repeat(np.arange(classes), 4)
+    features = rng.normal(size=(len(labels), 5)) + att[labels, :1] * 3
+    seen = np.arange(classes - 1)
+    pre = attribute_precondition(att, features, labels, seen)
+    means = np.stack([features[labels == c].mean(0) for c in range(classes)])
+    ref = spearmanr(pdist(att), pdist(means)).correlation
+    assert pre["spearman"] == pytest.approx(0.0 if np.isnan(ref) else ref, abs=1e-9)
+    assert -1 - 1e-12 <= pre["spearman"] <= 1 + 1e-12
+    assert attribute_precondition(att * scale, features, labels, seen)["spearman"] == pytest.approx(pre["spearman"])
+    assert attribute_precondition(means, features, labels, seen)["spearman"] == pytest.approx(1.0)
+    assert pre["seen_rank"] == np.linalg.matrix_rank(att[seen]) and pre["attribute_dim"] == a_dim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +396,7 @@ def test_xlsa17_import_names_a_missing_file(tmp_path):
 # Built-in and synthetic data
 
 
-def test_digits_gzsl_attributes_and_encoder_never_see_unseen_digits():
-    assert len({tuple(r) for r in DIGIT_ATTRIBUTE_TABLE}) == 10     # every digit is describable
+def test_digits_gzsl_encoder_never_sees_unseen_digits():
     assert not set(DIGITS_UNSEEN) & set(DIGITS_VAL_UNSEEN)
     from methodlab.data.builtin import load_digits
 
@@ -341,6 +408,61 @@ def test_digits_gzsl_attributes_and_encoder_never_see_unseen_digits():
     scrambled[others] = np.random.default_rng(1).random(scrambled[others].shape)
     b = encode_seen_digits(scrambled, labels, fit, epochs=2)
     np.testing.assert_array_equal(a[fit], b[fit])
+
+
+@pytest.fixture(scope="module")
+def digits_built():
+    return digits_gzsl()
+
+
+def test_digits_gzsl_attributes_are_informative_and_full_rank(digits_built):
+    """The precondition of every GZSL claim on digits_gzsl: attribute distances follow the
+    class-mean feature distances, and the seen digits span every attribute direction under both
+    protocols (the validation protocol drops the validation-unseen digits)."""
+    meta = digits_built["meta"]
+    att = digits_built["tables"]["class_attributes"]["attributes"]
+    splits = digits_built["splits"].values()
+    features = np.concatenate([s["features"] for s in splits])
+    labels = np.concatenate([s["label"] for s in splits])
+    pre = attribute_precondition(att, features, labels, np.array(meta["seen_classes"]))
+    assert pre["spearman"] > 0.5
+    assert pre["seen_rank"] == pre["attribute_dim"] == len(DIGIT_ATTRIBUTES) == meta["attribute_dim"]
+    train_seen = np.setdiff1d(meta["seen_classes"], meta["val_unseen_classes"])
+    assert np.linalg.matrix_rank(att[train_seen]) == att.shape[1]
+    assert len({tuple(r) for r in att}) == 10
+    seen = meta["seen_classes"]                                   # standardised over the seen digits
+    np.testing.assert_allclose(att[seen].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(att[seen].std(0), 1, rtol=1e-4)
+
+
+def test_digits_gzsl_attributes_use_no_val_or_test_image(digits_built):
+    """The side information comes from description images only (seen digits: train rows; unseen
+    digits: images in no split): replacing every val and test image changes no attribute, and
+    the description images of the unseen digits are not test rows."""
+    from methodlab.data.builtin import load_digits
+
+    images, labels = load_digits()
+    rows = digits_gzsl_rows(labels)
+    roles = list(rows.values())
+    assert sum(map(len, roles)) == len(labels) == len(np.unique(np.concatenate(roles)))   # a partition
+    assert set(labels[rows["description"]]) == set(DIGITS_UNSEEN)
+    assert len(digits_built["splits"]["test"]["label"]) == len(rows["test_seen"]) + len(rows["test_unseen"])
+    scrambled = images.copy()
+    held = np.concatenate([rows["val"], rows["test_seen"], rows["test_unseen"]])
+    scrambled[held] = np.random.default_rng(0).random(scrambled[held].shape, dtype=np.float32)
+    np.testing.assert_array_equal(build_digits_gzsl(scrambled, labels)["tables"]["class_attributes"]["attributes"],
+                                  digits_built["tables"]["class_attributes"]["attributes"])
+    # and each is the class mean of the region ink densities, recomputed here in numpy
+    described = np.concatenate([rows["train"], rows["description"]])
+    x = images[described, 0]
+    ink = np.stack([x[:, 0:3, 0:4].mean((1, 2)), x[:, 0:3, 4:].mean((1, 2)), x[:, 3:5, 0:4].mean((1, 2)),
+                    x[:, 3:5, 4:].mean((1, 2)), x[:, 5:, 0:4].mean((1, 2)), x[:, 5:, 4:].mean((1, 2))], 1)
+    ref = np.stack([ink[labels[described] == c].mean(0) for c in range(10)])
+    seen = digits_built["meta"]["seen_classes"]
+    ref = (ref - ref[seen].mean(0)) / ref[seen].std(0)
+    np.testing.assert_allclose(digits_built["tables"]["class_attributes"]["attributes"], ref, rtol=1e-5)
+    with pytest.raises(DataError, match=r"classes \[0, 4, 9\] have no description images"):
+        digit_attributes(images, labels, rows["train"])
 
 
 @FAST
@@ -488,3 +610,56 @@ def test_gan_step_logs_and_export_matches_student(method_setup):
     with torch.no_grad():
         torch.testing.assert_close(exported(torch.from_numpy(raw)), models["student"](scaled)[1])
     assert spec["arch"] == "gzsl_classifier"
+    assert 0 <= metrics["test_seen_fidelity"] <= 1 and "test_gamma" not in metrics     # gamma 0: plain
+
+
+def test_calibration_gamma_val_is_chosen_on_val_and_logged(method_setup):
+    make, _ = method_setup
+    method, models, opts = make("method.calibration_gamma=val")
+    from methodlab.methods.base import StepContext
+
+    ctx = StepContext(stage="gan", epoch=0, step=0, device=torch.device("cpu"), rank=0, world_size=1)
+    method.train_step("gan", models, opts, _batch_of(method), ctx)
+    cpu = torch.device("cpu")
+    val, test = method.evaluate("gan", models, "val", cpu), method.evaluate("gan", models, "test", cpu)
+    grid = GAMMA_GRID.tolist()
+    assert val["val_gamma"] in grid and test["test_gamma"] == val["val_gamma"]   # the same networks' val gamma
+    assert test["test_fresh_gamma"] in grid
+    assert val["val_H"] >= val["val_uncalibrated_H"] - 1e-12                   # 0 is on the grid
+    fixed, models2, _ = make("method.calibration_gamma=1000")
+    out = fixed.evaluate("gan", models2, "test", cpu)
+    assert out["test_gamma"] == 1000 and out["test_S"] == 0                     # every row predicted unseen
+
+
+@pytest.mark.parametrize("value, message", [
+    ("val", "calibration_gamma='val' needs protocol=validation"), ("-1", "calibration_gamma must be >= 0")])
+def test_calibration_gamma_refuses_what_it_cannot_honour(value, message):
+    overrides = [f"method.calibration_gamma={value}", *(["method.protocol=final"] if value == "val" else [])]
+    with pytest.raises(ConfigError, match=message):
+        load_config("d3gzsl", None, overrides)
+
+
+def test_fclswgan_baseline_trains_g_with_the_pretrained_classifier_and_classifies_features(method_setup):
+    """variant=fclswgan (Xian et al. 2018): the frozen teacher's NLL on G's seen samples reaches G,
+    nothing trains the student, and the exported model is the fresh softmax on the features."""
+    make, _ = method_setup
+    method, models, opts = make("method.variant=fclswgan")
+    assert set(models) == set(opts) | {"teacher"} == {"teacher", "generator", "critic"}     # no student
+    b = _batch_of(method)
+    method.critic_step(models, opts, b["features"], b["label"])
+    logs = method.generator_step(models, opts, b["features"], b["label"])
+    assert set(logs) == {"loss_g", "cls", "aux"} and float(logs["cls"]) > 0
+    models["generator"].zero_grad(set_to_none=True)      # the classification term alone reaches G
+    fake = method.generate(models["generator"], b["label"])
+    F_ce = torch.nn.functional.cross_entropy(models["teacher"](fake)[1], method.mapping[b["label"]])
+    F_ce.backward()
+    assert any(torch.count_nonzero(p.grad) > 0 for p in models["generator"].parameters())
+    metrics = method.evaluate("gan", models, "test", torch.device("cpu"))
+    assert "test_e2e_H" not in metrics and "test_fresh_H" not in metrics and 0 <= metrics["test_H"] <= 1
+    exported, spec = method.export(models)
+    assert spec["kwargs"]["embed_dim"] == 0 and isinstance(exported.embed, torch.nn.Identity)
+    raw = method.example_input()
+    scaled = (torch.from_numpy(raw).float() - method.shift) * method.scale
+    head = method.classifier(models, "fresh", torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(torch.from_numpy(raw)), head(scaled))

@@ -128,6 +128,22 @@ def test_builtin_digits_is_fixed_and_idempotent(tmp_path):
     assert info.columns["image"].scale == 1 / 16
 
 
+def test_a_builtin_copy_prepared_by_other_code_is_rebuilt(tmp_path):
+    """A copy of a built-in whose builder's code changed since (new attributes, say) is replaced,
+    not reused because its name matches; the current code's copy is reused."""
+    import json
+
+    prepare_builtin("digits", str(tmp_path))
+    manifest = tmp_path / "digits" / "dataset.json"
+    stale = json.loads(manifest.read_text())
+    stale["meta"]["builder_version"] = "from-old-code"
+    manifest.write_text(json.dumps(stale))
+    info = prepare_builtin("digits", str(tmp_path))
+    assert info.meta["builder_version"] != "from-old-code"
+    assert json.loads(manifest.read_text())["meta"]["builder_version"] == info.meta["builder_version"]
+    assert len(read_split(info, "train")["label"]) == 1078
+
+
 @pytest.mark.slow
 def test_stream_dataset_is_read_once_only_within_the_cache_limit(ray_cluster, tmp_path):
     from methodlab.config import load_config

@@ -101,6 +101,7 @@ def test_two_nodes_uninstalled_workers_refusals_placement_and_node_loss(stack, m
     # 2. Two nodes: node-local services are refused before any worker starts.
     s.add_node(cpus=2, resources={"second_node": 1})
     wait_for(lambda: len(s.alive_nodes()) == 2, 120, "the second node to join")
+    assert sorted(n["resources_total"].get("second_node", 0) for n in s.alive_nodes()) == [0, 1]
     workers_before = len(s.actors("RayTrainWorker"))
     for bad, expected in [
         (["tracking.uri=sqlite:////tmp/methodlab-two-node.db"],
@@ -136,8 +137,11 @@ def test_two_nodes_uninstalled_workers_refusals_placement_and_node_loss(stack, m
     lost = run("lost", *spread, wait=False)
     assert lost.returncode == 0, lost.stderr[-2000:]
     submission = lost.submission
-    wait_for(lambda: [k for k in s.keys("methodlab", "runs/lost/checkpoint_") if k.endswith("/state.pt")], 300,
-             "the first checkpoint of run lost in S3")
+    # A checkpoint to resume from is one whose manifest is written (last) and that Ray Train has
+    # recorded in its snapshot; one still uploading when the node goes is rightly not used.
+    wait_for(lambda: "runs/lost/checkpoint_manager_snapshot.json" in s.keys("methodlab", "runs/lost/")
+             and [k for k in s.keys("methodlab", "runs/lost/checkpoint_") if k.endswith("/manifest.json")], 300,
+             "the first complete checkpoint of run lost in S3")
     s.stop_node("node1")
     wait_for(lambda: s.job_status(submission) in ("FAILED", "SUCCEEDED", "STOPPED"), 300, "the job to end")
     assert s.job_status(submission) == "FAILED", s.job_logs(submission)[-3000:]
@@ -156,7 +160,8 @@ def test_two_nodes_uninstalled_workers_refusals_placement_and_node_loss(stack, m
     again = run("lost", *spread)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:] + s.diagnose()
-    assert "[lost] resumed at stage train, epoch" in out, out[-3000:]
+    assert "[lost] resumed at stage train, epoch" in out, \
+        "\n".join(ln for ln in out.splitlines() if re.search(r"\[lost\]|checkpoint|moved|resum", ln))[-4000:]
     [record] = client.search_runs([experiment.experiment_id], "tags.`methodlab.run_name` = 'lost'")
     assert record.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(record.info.run_id, "val_acc")) == list(range(EPOCHS))

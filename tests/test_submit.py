@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from methodlab.cli import main
-from methodlab.submit import COMMIT_ENV, DIRTY_ENV, provenance, submit_argv
+from methodlab.provenance import COMMIT_ENV, DIRTY_ENV, provenance
+from methodlab.submit import submit_argv
 
 from .conftest import ROOT
 

@@ -446,8 +446,10 @@ def add_node(s: Settings, cpus: int, resources: dict[str, float]) -> str:
     s.ports.update(saved["ports"])
     name = f"node{len(node_services(s)) + 1}"
     argv = [*_ray_start(s), "--address", f"{s.host}:{s.ports['gcs']}", "--num-cpus", str(cpus),
-            # every node of a host needs an agent port of its own (Ray's default is one fixed port)
-            "--dashboard-agent-listen-port", str(_free_port(s.host))]
+            # every node of a host needs an agent port of its own (Ray's default is one fixed port),
+            # and a temp dir of its own: a starting node's runtime-env agent clears its session's
+            # runtime_resources, which in a shared dir are the head's unpacked job working dirs
+            "--dashboard-agent-listen-port", str(_free_port(s.host)), "--temp-dir", str(s.dir / f"ray-{name}")]
     if s.object_store_mb:
         argv += ["--object-store-memory", str(s.object_store_mb * 1024 * 1024)]
     if resources:

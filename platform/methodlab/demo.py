@@ -23,26 +23,48 @@ def demo_plan() -> list[tuple[str, list[str]]]:
     return plan
 
 
+def baseline_plan(name: str) -> tuple[str, list[str]] | None:
+    """(label, overrides) of the baseline run shown next to method `name`: its demo overrides plus
+    the baseline's, not registered (the method's `candidate` alias stays the method's)."""
+    method = get_method(name)
+    if method.demo_baseline is None:
+        return None
+    label, extra = method.demo_baseline
+    return label, [*method.demo_overrides, *extra, "tracking.register_model=false"]
+
+
 def run_demo(extra_overrides: list[str] = ()) -> int:
     from methodlab.train.launch import train
+
+    def run(name: str, overrides: list[str], what: str):
+        cfg = load_config(name, None, [*overrides, *extra_overrides])
+        print(f"\n=== {what} ({cfg.run_name}) ===", flush=True)
+        t0 = time.time()
+        summary = train(cfg)
+        print(summary.line(get_method(name).test_metric), flush=True)
+        return cfg, summary, time.time() - t0
 
     rows = []
     t_start = time.time()
     for name, overrides in demo_plan():
-        cfg = load_config(name, None, [*overrides, *extra_overrides])
+        cfg, summary, seconds = run(name, overrides, name)
         method = get_method(name)
-        print(f"\n=== {name} ({cfg.run_name}) ===", flush=True)
-        t0 = time.time()
-        summary = train(cfg)
-        print(summary.line(method.test_metric), flush=True)
+        baseline = None
+        if (plan := baseline_plan(name)) is not None and list(overrides) == list(method.demo_overrides):
+            label, base_overrides = plan
+            _, base_summary, _ = run(name, base_overrides, f"{name}: baseline {label}")
+            baseline = (label, base_summary.metrics.get(method.test_metric))
         rows.append((name, cfg.tracking.registered_model, method.test_metric,
-                     summary.metrics.get(method.test_metric), summary.version, time.time() - t0))
+                     summary.metrics.get(method.test_metric), summary.version, baseline, seconds))
 
-    print(f"\nmethodlab demo: {len(rows)} runs in {time.time() - t_start:.0f}s")
-    print(f"{'method':18s} {'metric':22s} {'value':>8s}  registered model")
-    for name, model, metric, value, version, _ in rows:
-        shown = f"{value:.4f}" if value is not None else "n/a"
-        print(f"{name:18s} {metric:22s} {shown:>8s}  {model} v{version}")
+    def shown(value) -> str:
+        return f"{value:.4f}" if value is not None else "n/a"
+
+    print(f"\nmethodlab demo: {len(rows)} methods in {time.time() - t_start:.0f}s")
+    print(f"{'method':18s} {'metric':22s} {'value':>8s}  {'baseline (same task)':32s} registered model")
+    for name, model, metric, value, version, baseline, _ in rows:
+        base = f"{shown(baseline[1]):>8s}  {baseline[0]}" if baseline else ""
+        print(f"{name:18s} {metric:22s} {shown(value):>8s}  {base:32s} {model} v{version}")
     from methodlab.report import write_report
 
     print(f"\nreport: {write_report(cfg.tracking.uri)}")

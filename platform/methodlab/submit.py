@@ -16,33 +16,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from methodlab.errors import ConfigError
-
-CHECKOUT = Path(__file__).resolve().parents[2]      # platform/methodlab/submit.py -> the repo
-COMMIT_ENV, DIRTY_ENV = "METHODLAB_GIT_COMMIT", "METHODLAB_GIT_DIRTY"
-
-
-def _git(*args: str) -> str | None:
-    try:
-        proc = subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
-def provenance() -> dict[str, str]:
-    """The commit the code comes from and whether tracked files differ from it: the environment
-    variables a job carries, or what this process computes itself when they are absent."""
-    if os.environ.get(COMMIT_ENV):
-        return {COMMIT_ENV: os.environ[COMMIT_ENV], DIRTY_ENV: os.environ.get(DIRTY_ENV, "unknown")}
-    commit = _git("rev-parse", "HEAD")
-    if commit is None:
-        return {COMMIT_ENV: "unknown", DIRTY_ENV: "unknown"}
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {COMMIT_ENV: commit, DIRTY_ENV: "unknown" if status is None else str(bool(status)).lower()}
-
+from methodlab.provenance import CHECKOUT, provenance
 
 def submit_argv(address: str, command: str, method: str, config: str | None, overrides: list[str],
                 wait: bool, runtime_env: dict | None = None, submission_id: str | None = None) -> list[str]:

@@ -104,7 +104,7 @@ def differing_params(new: dict[str, str], logged: dict[str, str]) -> dict[str, s
 def provenance_tags() -> dict[str, str]:
     """`git_commit` and `git_dirty` of the code that runs: from the submitting checkout
     (`methodlab submit` sends them with the job), else from this process's own checkout."""
-    from methodlab.submit import COMMIT_ENV, DIRTY_ENV, provenance
+    from methodlab.provenance import COMMIT_ENV, DIRTY_ENV, provenance
 
     found = provenance()
     return {"git_commit": found[COMMIT_ENV], "git_dirty": found[DIRTY_ENV]}

@@ -6,7 +6,10 @@ Importing this package registers every built-in dataset: none depends on a metho
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
+import sys
 
 from methodlab import storage
 from methodlab.data import builtin  # noqa: F401  (digits)
@@ -22,20 +25,32 @@ __all__ = ["DatasetInfo", "open_dataset", "read_split", "read_table", "split_nby
            "prepare_builtin", "resolve_dataset"]
 
 
+def builder_version(builder) -> str:
+    """A hash of the source of the module that defines a built-in dataset: a copy prepared by
+    other code (new attributes, another split) is rebuilt, not reused because its name matches."""
+    module = sys.modules[builder.__module__]
+    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:12]
+
+
 def prepare_builtin(name: str, root: str, force: bool = False) -> DatasetInfo:
-    """Write built-in dataset `name` under `root/name` unless it is already there (idempotent)."""
+    """Write built-in dataset `name` under `root/name` unless that copy is there and was built by
+    this code (idempotent). A stale or corrupt copy is replaced whole (`DatasetWriter` stages it)."""
     builder = get_dataset_builder(name)
     name = DATASETS.canonical(name)      # an old name writes (and finds) the current one's copy
     uri = f"{root.rstrip('/')}/{name}"
+    version = builder_version(builder)
     if not force and storage.exists(f"{uri}/dataset.json"):
         try:
-            return open_dataset(uri)
+            info = open_dataset(uri)
+            if info.meta.get("builder_version") == version:
+                return info
         except DataError:
             pass   # a corrupt copy of a built-in dataset is simply rebuilt
     built = builder()
     if not storage.is_s3(uri):
         os.makedirs(root, exist_ok=True)
-    return write_dataset(uri, name, built["splits"], built["meta"], built.get("tables"), scales=built.get("scales"))
+    return write_dataset(uri, name, built["splits"], {**built["meta"], "builder_version": version},
+                         built.get("tables"), scales=built.get("scales"))
 
 
 def resolve_dataset(dataset: str, root: str) -> DatasetInfo:

@@ -4,7 +4,9 @@ Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive Learning 
 Representations", ICML 2020, arXiv 2002.05709, eq. 1 (official code google-research/simclr
 `objective.py::add_contrastive_loss`); the distributed form follows lightly's
 `NTXentLoss(gather_distributed=True)`, lightly/loss/ntx_ent_loss.py. Used by Göksu & Pugeault,
-IJCNN 2024, arXiv 2403.19579 (`methodlab.methods.bad_batches`).
+IJCNN 2024, arXiv 2403.19579 (`methodlab.methods.bad_batches`). That paper also lists a Huber
+loss among its index terms; its role could not be read (no official code), so no Huber term is
+added here or in the method.
 """
 
 from __future__ import annotations

@@ -166,6 +166,9 @@ class Method(ABC):
     # backbone registered by another method.
     demo_overrides: ClassVar[list[str]] = []
     demo_prerequisites: ClassVar[list[tuple[str, list[str]]]] = []
+    # The baseline `make demo` shows next to this method, on the same task: its name and the
+    # overrides (added to `demo_overrides`) that turn this method into it; None for a baseline.
+    demo_baseline: ClassVar[tuple[str, list[str]] | None] = None
     # The `method.*` fields that name a pretrained model to load (models:/, runs:/, a checkpoint
     # or a file; "" and "scratch" load nothing): preflight checks each exists before Ray starts.
     pretrained_fields: ClassVar[tuple[str, ...]] = ()

@@ -40,6 +40,21 @@ headline S/U/H use: `end_to_end` (the student itself, the code's CUB default) or
 linear classifier on frozen student embeddings of real seen + `syn_num` synthetic unseen features
 per class, trained for `fresh_epochs`; its last epoch is kept, never a test-selected one). On
 the test split the other protocol is reported too, as test_{e2e,fresh}_{S,U,H}.
+
+Calibrated stacking (`calibration_gamma`; Chao et al., ECCV 2016, arXiv 1605.04253; not in the
+official code, so the default 0 is the code): gamma is subtracted from the seen classes' scores
+before the GZSL argmax. `val` chooses it from `metrics.gzsl.GAMMA_GRID` by val H, for exactly the
+networks being scored (also at test time); the chosen value is logged as {split}_gamma and the
+uncalibrated scores as {split}_uncalibrated_{S,U,H}. Seen fidelity ({split}_seen_fidelity): the
+frozen teacher, a classifier trained on real seen features only, on G's samples of the seen
+classes; near chance, the generator reproduces nothing and its unseen samples mean nothing.
+
+Baselines: `lambda_id = lambda_od = 0` is D3GZSL without distillation (the generator and the
+end-to-end student, L_cls only). `variant=fclswgan` is the true f-CLSWGAN (Xian et al., CVPR 2018,
+arXiv:1712.00981, official code `clswgan.py`): the same WGAN-GP, G's loss plus
+`fclswgan_cls_weight` x the NLL of a classifier pretrained on real seen features (here the frozen
+teacher: E_o + C_o, where f-CLSWGAN pretrains a linear softmax), no student, and a fresh softmax
+Linear(d, C) on real seen + `syn_num` synthetic unseen features as the GZSL classifier.
 """
 
 from __future__ import annotations
@@ -48,7 +63,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from methodlab import distributed
@@ -57,7 +72,8 @@ from methodlab.errors import ConfigError, DataError
 from methodlab.losses.d3gzsl import (Variant, critic_terms, embedding_distillation, kl_distillation,
                                      ood_distillation, teacher_confidence)
 from methodlab.methods.base import Method, SplitData, StepContext, freeze
-from methodlab.metrics.gzsl import gzsl_counts, gzsl_scores, per_class_chart
+from methodlab.metrics.gzsl import (best_gamma, calibrated, calibration_counts, class_counts, gzsl_counts, gzsl_scores,
+                                    per_class_accuracy, per_class_chart)
 from methodlab.models.d3gzsl import Critic, Generator, LearnSigmoid, Student, Teacher
 from methodlab.models.gzsl import GZSLClassifier
 from methodlab.registry import register_method
@@ -86,6 +102,12 @@ class D3GZSLConfig(Section):
     protocol: Literal["validation", "final"] = Field(
         "validation", description="validation: validation-unseen classes are held out as unseen "
         "(selection, sweeps); final: all trainval classes are seen (literature-comparable test)")
+    variant: Literal["d3gzsl", "fclswgan"] = Field(
+        "d3gzsl", description="d3gzsl: the method; fclswgan: the true f-CLSWGAN baseline (Xian et al., "
+        "CVPR 2018): no student and no distillation, G's loss adds fclswgan_cls_weight x the NLL of the "
+        "frozen teacher (pretrained on real seen features) on G's seen samples, and the GZSL classifier "
+        "is a fresh softmax Linear(d, C) on real seen + syn_num synthetic unseen features")
+    fclswgan_cls_weight: float = Field(0.01, ge=0, description="f-CLSWGAN's cls_weight (its CUB script: 0.01)")
     loss_variant: Variant = Field("faithful", description="faithful: the official code (double "
                                   "softmax, BCE-with-logits on [0,1] similarities); clean: the corrected form")
     lambda_cls: float = Field(1e-4, ge=0, description="L_cls weight (oodclass_loss_para)")
@@ -119,6 +141,23 @@ class D3GZSLConfig(Section):
     fresh_epochs: int = Field(gt=0)
     fresh_lr: float = Field(gt=0)
     fresh_batch_size: int = Field(256, gt=0)
+    calibration_gamma: float | Literal["val"] = Field(
+        0.0, description="calibrated stacking (Chao et al. 2016): subtracted from the seen classes' "
+        "log-probabilities before the GZSL argmax. 0 (default) = the official code (no calibration); "
+        "a float >= 0 fixes it; 'val' picks it from metrics.gzsl.GAMMA_GRID by val H for the current "
+        "networks (needs protocol=validation: only there are val's unseen classes unseen)")
+    fidelity_per_class: int = Field(100, gt=0, description="G samples per seen class that the frozen "
+                                    "teacher (trained on real seen features) classifies: seen_fidelity")
+
+    @model_validator(mode="after")
+    def _gamma(self):
+        if self.calibration_gamma == "val" and self.protocol != "validation":
+            raise ValueError("calibration_gamma='val' needs protocol=validation (under protocol=final the "
+                             "validation-unseen classes are trained on, so val H cannot choose gamma); "
+                             "set method.protocol=validation or a number, e.g. method.calibration_gamma=0")
+        if not isinstance(self.calibration_gamma, str) and self.calibration_gamma < 0:
+            raise ValueError(f"calibration_gamma must be >= 0 or 'val', got {self.calibration_gamma}")
+        return self
 
 
 @register_method("d3gzsl")
@@ -161,11 +200,18 @@ class D3GZSL(Method):
         "method.lambda_od": {"loguniform": [1e-5, 1e-1]},
         "method.lambda_cls": {"loguniform": [1e-5, 1e-2]},
         "method.syn_per_class": {"choice": [5, 10, 20, 50]},
+        # Calibrated stacking as a Tune parameter (val_H chooses it across trials); within one run
+        # method.calibration_gamma=val chooses it from a grid instead.
+        "method.calibration_gamma": {"uniform": [0.0, 10.0]},
     }
     smoke_overrides = ["train.epochs=2", "train.batch_size=160", "method.teacher_epochs=1",
                        "method.gen_hidden=32", "method.critic_hidden=32", "method.embed_dim=32",
                        "method.syn_num=10", "method.fresh_epochs=2", "method.n_critic=2"]
-    demo_overrides = ["train.epochs=60", "method.teacher_epochs=10"]
+    # The demo selects on val (protocol=validation, the default) and calibrates there: without
+    # calibrated stacking the student predicts a seen digit for nearly every unseen row within
+    # the demo's ~180 generator iterations (test H 0.00 uncalibrated; see bench/results/d3gzsl.json).
+    demo_overrides = ["train.epochs=60", "method.teacher_epochs=10", "method.calibration_gamma=val"]
+    demo_baseline = ("f-CLSWGAN", ["method.variant=fclswgan"])
 
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
@@ -229,15 +275,18 @@ class D3GZSL(Method):
             Teacher(self.feature_dim, m.embed_dim, len(self.seen))
         if stage == "teacher":
             return {"teacher": teacher}
-        return {"teacher": freeze(teacher),
-                "generator": Generator(m.noise_dim or self.att_dim, self.att_dim, m.gen_hidden, self.feature_dim),
-                "critic": Critic(self.feature_dim, self.att_dim, m.critic_hidden),
-                "student": Student(self.feature_dim, m.embed_dim, self.data.info.num_classes),
+        gan = {"teacher": freeze(teacher),
+               "generator": Generator(m.noise_dim or self.att_dim, self.att_dim, m.gen_hidden, self.feature_dim),
+               "critic": Critic(self.feature_dim, self.att_dim, m.critic_hidden)}
+        if m.variant == "fclswgan":          # no student: its classifier is trained after G
+            return gan
+        return {**gan, "student": Student(self.feature_dim, m.embed_dim, self.data.info.num_classes),
                 "sigmoid": LearnSigmoid(m.sigmoid_weight, m.sigmoid_offset)}
 
     def build_optimizers(self, stage, models):
         # Adam(lr, betas (0.5, 0.999)) for every network, as in gzsl/main.py (`optimizers` above).
-        names = ["teacher"] if stage == "teacher" else ["generator", "critic", "student", "sigmoid"]
+        names = ["teacher"] if stage == "teacher" else [n for n in ("generator", "critic", "student", "sigmoid")
+                                                        if n in models]
         return {n: torch.optim.Adam(models[n].parameters(), lr=self.cfg.train.lr, betas=(0.5, 0.999),
                                     weight_decay=self.cfg.train.weight_decay) for n in names}
 
@@ -248,7 +297,8 @@ class D3GZSL(Method):
         every = self.mcfg.lr_every * steps_per_epoch * self.mcfg.n_critic
         factors = {"generator": self.mcfg.gan_lr_factor, "critic": self.mcfg.gan_lr_factor,
                    "student": self.mcfg.student_lr_factor, "sigmoid": self.mcfg.sigmoid_lr_factor}
-        return {n: torch.optim.lr_scheduler.StepLR(optimizers[n], every, gamma=f) for n, f in factors.items()}
+        return {n: torch.optim.lr_scheduler.StepLR(optimizers[n], every, gamma=f) for n, f in factors.items()
+                if n in optimizers}
 
     # -- training -------------------------------------------------------------------------------
 
@@ -306,7 +356,10 @@ class D3GZSL(Method):
         return {"cls": cls, "kl": kl, "be": be, "od": od, "aux": aux}
 
     def _syn_classes(self, device) -> torch.Tensor:
-        return self.unseen.to(device).repeat_interleave(self.mcfg.syn_per_class)
+        """The classes of L_aux's synthetic unseen rows; none for f-CLSWGAN, whose GAN steps use
+        seen samples only."""
+        per_class = 0 if self.mcfg.variant == "fclswgan" else self.mcfg.syn_per_class
+        return self.unseen.to(device).repeat_interleave(per_class)
 
     def critic_step(self, models, optimizers, x, y) -> dict[str, torch.Tensor]:
         """One critic iteration: L_D + lambda_gp GP + L_aux; steps D, the student and the sigmoid.
@@ -319,8 +372,11 @@ class D3GZSL(Method):
         alpha = torch.rand(len(x), 1, device=x.device)
         d_real, d_fake, gp = critic_terms(models["critic"], x, fake, self.attributes.to(x.device)[y], alpha)
         loss_d = d_fake.mean() - d_real.mean() + m.lambda_gp * gp
-        aux = self.aux_losses(models, x_syn, y_syn, x, y)
-        _step(optimizers, ("critic", "student", "sigmoid"), loss_d + aux["aux"])
+        if m.variant == "fclswgan":
+            _step(optimizers, ("critic",), loss_d)
+        else:
+            aux = self.aux_losses(models, x_syn, y_syn, x, y)
+            _step(optimizers, ("critic", "student", "sigmoid"), loss_d + aux["aux"])
         return {"loss_d": loss_d.detach(), "gp": gp.detach(), "wasserstein": (d_real.mean() - d_fake.mean()).detach()}
 
     def generator_step(self, models, optimizers, x, y) -> dict[str, torch.Tensor]:
@@ -333,8 +389,15 @@ class D3GZSL(Method):
             out = self.generate(models["generator"], torch.cat([y, y_syn]))
             fake, x_syn = out[:len(y)], out[len(y):]
             loss_g = -critic(fake, self.attributes.to(x.device)[y]).mean()
-            aux = self.aux_losses(models, x_syn, y_syn, x, y)
-            _step(optimizers, ("generator", "student", "sigmoid"), loss_g + aux["aux"])
+            if self.mcfg.variant == "fclswgan":
+                # f-CLSWGAN's classification loss: the frozen pretrained classifier (the teacher)
+                # on G's seen samples, its gradient reaching G through the teacher's input.
+                cls = F.cross_entropy(models["teacher"](fake)[1], self.mapping.to(y.device)[y])
+                aux = {"cls": cls, "aux": self.mcfg.fclswgan_cls_weight * cls}
+                _step(optimizers, ("generator",), loss_g + aux["aux"])
+            else:
+                aux = self.aux_losses(models, x_syn, y_syn, x, y)
+                _step(optimizers, ("generator", "student", "sigmoid"), loss_g + aux["aux"])
         finally:
             critic.requires_grad_(True)
         return {"loss_g": loss_g.detach(), **{k: v.detach() for k, v in aux.items()}}
@@ -365,17 +428,19 @@ class D3GZSL(Method):
     def fresh_classifier(self, models: dict, device, seed: int) -> nn.Linear:
         """The alternative protocol (dependent_test=False): a new Linear(e, C) on frozen student
         embeddings of the real training rows plus `syn_num` G samples per unseen class; Adam
-        (fresh_lr, betas (0.5, 0.999)), `fresh_epochs` epochs, the last one kept."""
+        (fresh_lr, betas (0.5, 0.999)), `fresh_epochs` epochs, the last one kept. Under
+        variant=fclswgan the same softmax is trained on the features themselves (f-CLSWGAN's
+        final classifier: `embedding` is the identity)."""
         m = self.mcfg
         g = torch.Generator(device="cpu").manual_seed(seed)
-        student, generator = models["student"], models["generator"]
+        generator = models["generator"]
         train = self.data.splits["train"].tensors
         with torch.no_grad():
             y_syn = self.unseen.repeat_interleave(m.syn_num)
             z = torch.randn(len(y_syn), generator.noise_dim, generator=g)
             x_syn = generator(z.to(device), self.attributes[y_syn].to(device))
             x_all = torch.cat([train["features"].to(device), x_syn])
-            emb = self._logits(student.net.embed, x_all, device)
+            emb = self._logits(self.embedding(models), x_all, device)
         y_all = torch.cat([train["label"], y_syn]).to(device)
         head = nn.Linear(emb.shape[1], self.data.info.num_classes).to(device)
         with torch.random.fork_rng(devices=[]):
@@ -395,12 +460,26 @@ class D3GZSL(Method):
         """The scaled-feature -> logits classifier of an evaluation protocol. The fresh head is
         trained once per state of the networks (generator-step count) and reused by the val and
         test evaluations and the export of the same epoch."""
-        net = models["student"].net
         if kind == "end_to_end":
-            return net
+            return models["student"].net
         if self._fresh_head is None or self._fresh_head[0] != self._generator_steps:
             self._fresh_head = (self._generator_steps, self.fresh_classifier(models, device, self.cfg.train.seed))
-        return nn.Sequential(net.embed, self._fresh_head[1])
+        return nn.Sequential(self.embedding(models), self._fresh_head[1])
+
+    def embedding(self, models: dict) -> nn.Module:
+        """What the fresh classifier reads: the student's E_s, or the features themselves for
+        f-CLSWGAN (which has no student)."""
+        return nn.Identity() if self.mcfg.variant == "fclswgan" else models["student"].net.embed
+
+    def eval_protocols(self, split: str) -> list[str]:
+        """The headline protocol first; on the test split the other one too. f-CLSWGAN has only
+        its fresh softmax."""
+        if self.mcfg.variant == "fclswgan":
+            return ["fresh"]
+        kinds = [self.mcfg.eval_protocol]
+        if split == "test":
+            kinds.append("fresh" if kinds[0] == "end_to_end" else "end_to_end")
+        return kinds
 
     def evaluate(self, stage, models, split, device):
         """Sharded: each rank scores its rows; the per-class counts of every protocol go into one
@@ -421,19 +500,57 @@ class D3GZSL(Method):
             scores = gzsl_scores(counts[:-2].view(3, -1), unseen)
             acc = float(counts[-2] / counts[-1]) if counts[-1] > 0 else 0.0
             return {f"{split}_teacher_acc": acc, **{f"{split}_{k}": v for k, v in scores.items()}}
-        kinds = [self.mcfg.eval_protocol]
-        if split == "test":
-            kinds.append("fresh" if kinds[0] == "end_to_end" else "end_to_end")
+        kinds = self.eval_protocols(split)
+        seen = self.seen.to(device)
+        plain = [self._logits(self.classifier(models, kind, device), features, device) for kind in kinds]
+        gammas = [self.gamma(models, kind, device, logits if split == "val" else None)
+                  for kind, logits in zip(kinds, plain)]
         counts = distributed.all_sum(torch.stack([
-            gzsl_counts(self._logits(self.classifier(models, kind, device), features, device), labels, unseen)
-            for kind in kinds]))                                                           # (kinds, 3, C)
-        out: dict[str, float] = {}
+            torch.stack([gzsl_counts(calibrated(logits, seen, gamma), labels, unseen), gzsl_counts(logits, labels, unseen)])
+            for logits, gamma in zip(plain, gammas)]))                                      # (kinds, 2, 3, C)
+        out: dict[str, float] = {f"{split}_seen_fidelity": self.seen_fidelity(models, device)}
         for i, kind in enumerate(kinds):
             prefix = f"{split}_" if i == 0 else f"{split}_{'e2e' if kind == 'end_to_end' else 'fresh'}_"
-            out.update({prefix + k: v for k, v in gzsl_scores(counts[i], unseen).items()})
+            out.update({prefix + k: v for k, v in gzsl_scores(counts[i, 0], unseen).items()})
+            if self.mcfg.calibration_gamma != 0:
+                out[prefix + "gamma"] = gammas[i]
+                out.update({f"{prefix}uncalibrated_{k}": v for k, v in gzsl_scores(counts[i, 1], unseen).items()
+                            if k != "ZSL"})        # ZSL argmaxes over unseen classes only: gamma cannot move it
         if split == "test":
-            self.test_counts = (counts[0].cpu(), unseen.cpu())   # the final epoch charts them
+            self.test_counts = (counts[0, 0].cpu(), unseen.cpu())   # the final epoch charts them
         return out
+
+    def gamma(self, models: dict, kind: str, device, val_logits: torch.Tensor | None = None) -> float:
+        """The calibrated-stacking gamma of `kind`'s classifier: the configured number, or under
+        `val` the GAMMA_GRID value with the best val H for these networks (computed again at test
+        time, so that the test split is scored with the gamma of exactly the networks it scores,
+        the best epoch's where tracking.register=best). `val_logits`: this rank's val logits
+        when the caller has them."""
+        gamma = self.mcfg.calibration_gamma
+        if gamma != "val":
+            return float(gamma)
+        if val_logits is None:
+            features = distributed.shard(self.data.splits["val"]).tensors["features"]
+            val_logits = self._logits(self.classifier(models, kind, device), features, device)
+        labels = distributed.shard(self.data.splits["val"]).tensors["label"].to(device)
+        unseen = self._eval_unseen("val", device)
+        counts = distributed.all_sum(calibration_counts(val_logits, labels, unseen, self.seen.to(device)))
+        return best_gamma(counts, unseen)
+
+    @torch.no_grad()
+    def seen_fidelity(self, models: dict, device) -> float:
+        """Per-class accuracy of the frozen teacher, a classifier trained on real seen features
+        only, on `fidelity_per_class` G(z, a_c) samples of each seen class c (fixed seed): whether
+        the generator reproduces the classes it was trained on at all. Near chance (1/|S|), its
+        unseen samples cannot be trusted either."""
+        g = torch.Generator().manual_seed(self.cfg.train.seed)
+        generator = distributed.unwrap(models["generator"])
+        y = self.seen.repeat_interleave(self.mcfg.fidelity_per_class)
+        z = torch.randn(len(y), generator.noise_dim, generator=g)
+        x = generator(z.to(device), self.attributes[y].to(device))
+        teacher = distributed.unwrap(models["teacher"])
+        pred = self.seen.to(device)[self._logits(lambda b: teacher(b)[1], x, device).argmax(1)]
+        return per_class_accuracy(class_counts(pred, y.to(device), self.data.info.num_classes), self.seen.to(device))
 
     def epoch_artifacts(self, stage, epoch):
         if stage != self.stages[-1] or epoch != self.stage_epochs(stage) - 1 or self.test_counts is None:
@@ -448,18 +565,18 @@ class D3GZSL(Method):
     def spec(self) -> dict:
         return {"arch": "gzsl_classifier",
                 "kwargs": {"feature_dim": self.feature_dim, "num_classes": self.data.info.num_classes,
-                           "embed_dim": self.mcfg.embed_dim}}
+                           "embed_dim": 0 if self.mcfg.variant == "fclswgan" else self.mcfg.embed_dim}}
 
     def export(self, models):
         """Raw features -> logits over all classes (class-id order): the training-time scaling,
         the student's embedding and the headline protocol's classifier."""
         model = GZSLClassifier(**self.spec()["kwargs"])
-        student = distributed.unwrap(models["student"]).net
-        model.embed.load_state_dict(student.embed.state_dict())
-        head = student.fc
-        if self.mcfg.eval_protocol == "fresh":
-            head = self.classifier({k: distributed.unwrap(v) for k, v in models.items()}, "fresh",
-                                   next(student.parameters()).device)[1]
+        models = {k: distributed.unwrap(v) for k, v in models.items()}
+        if self.eval_protocols("val")[0] == "fresh":
+            head = self.classifier(models, "fresh", next(models["generator"].parameters()).device)[1]
+        else:
+            head = models["student"].net.fc
+        model.embed.load_state_dict(self.embedding(models).state_dict())
         model.fc.load_state_dict(head.state_dict())
         model.shift.copy_(self.shift)
         model.scale.copy_(self.scale)

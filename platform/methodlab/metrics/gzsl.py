@@ -9,6 +9,7 @@ reduce the counts over ranks, then score.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -76,6 +77,51 @@ def gzsl_scores(counts: torch.Tensor, unseen_classes: torch.Tensor) -> dict[str,
     return {"S": s, "U": u, "H": harmonic_mean(s, u), "ZSL": zsl}
 
 
+def calibrated(logits: torch.Tensor, seen_classes: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Calibrated stacking (Chao, Changpinyo, Gong, Sha, "An Empirical Study and Analysis of
+    Generalized Zero-Shot Learning for Object Recognition in the Wild", ECCV 2016, arXiv
+    1605.04253, "calibrated stacking"): gamma subtracted from the seen classes' scores, so that a classifier
+    trained on real seen and synthetic unseen features stops preferring the seen classes it saw
+    real rows of. gamma = 0 is the plain argmax; a gamma above every row's seen-unseen score gap
+    predicts an unseen class for every row. Logits or log-probabilities give the same argmax.
+
+    Shape:
+        logits (B, C), seen_classes (|S|,) -> (B, C).
+    """
+    shift = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
+    shift[seen_classes.to(logits.device)] = gamma
+    return logits - shift
+
+
+# The candidates `calibration_gamma=val` chooses from: 0 and 80 log-spaced values in [0.01, 100]
+# (score gaps of log-softmax outputs, ~0 to a few tens). A fixed grid, not one from the data, so
+# that every rank of a sharded evaluation scores the same candidates and their counts add up.
+GAMMA_GRID = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-2, 2, 80, dtype=torch.float64)])
+
+
+def calibration_counts(logits: torch.Tensor, labels: torch.Tensor, unseen_classes: torch.Tensor,
+                       seen_classes: torch.Tensor, grid: torch.Tensor = GAMMA_GRID) -> torch.Tensor:
+    """`gzsl_counts` of the calibrated logits for every gamma of `grid` (summable over shards);
+    `best_gamma` picks from them.
+
+    Shape:
+        logits (B, C), labels (B,), unseen_classes (|U|,), seen_classes (|S|,), grid (G,) -> (G, 3, C).
+    """
+    return torch.stack([gzsl_counts(calibrated(logits, seen_classes, float(g)), labels, unseen_classes)
+                        for g in grid])
+
+
+def best_gamma(counts: torch.Tensor, unseen_classes: torch.Tensor, grid: torch.Tensor = GAMMA_GRID) -> float:
+    """The gamma of `grid` with the highest H (the smallest one on ties, so an evaluation that
+    gains nothing from calibration keeps gamma = 0).
+
+    Shape:
+        counts (G, 3, C) from `calibration_counts` -> float.
+    """
+    hs = torch.tensor([gzsl_scores(c, unseen_classes)["H"] for c in counts])
+    return float(grid[int(torch.nonzero(hs == hs.max())[0])])
+
+
 def per_class_chart(counts: torch.Tensor, unseen_classes: torch.Tensor, classes: list[str], title: str):
     """Per-class GZSL accuracy (argmax over all classes), seen and unseen classes in two colours,
     with S, U and H in the title: the chart that shows which unseen classes transfer at all.
@@ -102,3 +148,38 @@ def per_class_chart(counts: torch.Tensor, unseen_classes: torch.Tensor, classes:
     ax.legend(loc="upper right")
     fig.tight_layout()
     return fig
+
+
+def attribute_precondition(attributes: np.ndarray, features: np.ndarray, labels: np.ndarray,
+                           seen_classes: np.ndarray) -> dict[str, float]:
+    """Whether the side information can carry zero-shot transfer at all, before any model runs:
+
+    spearman     Spearman rank correlation between the pairwise Euclidean distances of the class
+                 attribute vectors and those of the class-mean features, over the classes with
+                 rows in `labels` (each unordered pair once). Near 0: classes that look alike in
+                 attribute space are not alike in feature space, and no attribute-conditioned
+                 generator can place an unseen class where its features are.
+    seen_rank    the rank of the seen classes' attribute rows; equal to attribute_dim when every
+                 attribute direction varies over the seen classes (full column rank), so that an
+                 unseen class's attribute vector is a combination of seen ones and nothing the
+                 generator reads about it is a direction it never trained on.
+
+    Shape:
+        attributes (C, A), features (N, d), labels (N,), seen_classes (k,) ->
+        {"spearman", "seen_rank", "attribute_dim"}.
+    """
+    from scipy.stats import rankdata
+
+    classes = np.unique(labels)
+    means = np.stack([features[labels == c].mean(0) for c in classes])          # (C', d)
+    i, j = np.triu_indices(len(classes), 1)
+
+    def pair_distances(x: np.ndarray) -> np.ndarray:                             # (C', k) -> (C'(C'-1)/2,)
+        return np.linalg.norm(x[i] - x[j], axis=1)
+
+    ra, rf = rankdata(pair_distances(attributes[classes])), rankdata(pair_distances(means))
+    ra, rf = ra - ra.mean(), rf - rf.mean()
+    denom = np.sqrt((ra ** 2).sum() * (rf ** 2).sum())
+    rho = float((ra * rf).sum() / denom) if denom > 0 else 0.0
+    return {"spearman": rho, "seen_rank": int(np.linalg.matrix_rank(attributes[np.asarray(seen_classes)])),
+            "attribute_dim": int(attributes.shape[1])}

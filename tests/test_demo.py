@@ -1,0 +1,35 @@
+"""`make demo`'s plan: every method runs after its prerequisites, and every method but the plain
+supervised baseline is shown next to a baseline trained on the same task (`Method.demo_baseline`),
+which follows the method registry, so a new method is checked here by registering."""
+
+from __future__ import annotations
+
+import pytest
+
+import methodlab.methods  # noqa: F401
+from methodlab.config import load_config
+from methodlab.demo import baseline_plan, demo_plan
+from methodlab.registry import get_method, method_names
+from methodlab.tracking import flatten_params
+
+
+def test_every_method_runs_after_what_it_loads():
+    plan = [name for name, _ in demo_plan()]
+    for name in method_names():
+        for prerequisite, _ in get_method(name).demo_prerequisites:
+            assert plan.index(prerequisite) < plan.index(name), name
+
+
+@pytest.mark.parametrize("name", [n for n in method_names() if n != "supervised"])
+def test_every_method_has_a_baseline_on_the_same_task_that_differs_only_where_it_says(name):
+    plan = baseline_plan(name)
+    assert plan is not None, f"{name} has no demo_baseline"
+    label, overrides = plan
+    method = get_method(name)
+    ours = load_config(name, None, list(method.demo_overrides))
+    theirs = load_config(name, None, overrides)
+    assert theirs.data.dataset == ours.data.dataset and theirs.run_name != ours.run_name
+    changed = {k for k, v in flatten_params(theirs.identity()).items() if flatten_params(ours.identity()).get(k) != v}
+    said = {o.split("=", 1)[0] for o in method.demo_baseline[1]}
+    assert changed and changed <= said, (label, changed, said)
+    assert theirs.tracking.register_model is False     # the method's candidate alias stays the method's
