@@ -60,7 +60,9 @@ def welch_interval(a: list[float], b: list[float], confidence: float = CONFIDENC
         return diff, diff
     wa, wb = va / (va + vb), vb / (va + vb)         # (scaled first: squares of tiny variances underflow)
     dof = 1.0 / (wa ** 2 / (len(a) - 1) + wb ** 2 / (len(b) - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, dof) * math.sqrt(va + vb)
+    # float(): scipy's numpy scalar would make every comparison with it a numpy bool, which the
+    # JSON writer refuses.
+    half = float(stats.t.ppf(0.5 + confidence / 2, dof)) * math.sqrt(va + vb)
     return diff - half, diff + half
 
 
@@ -140,7 +142,7 @@ def toast(d: dict):
     pre = Precondition("the pretrained backbone's linear probe beats a random-init backbone's",
                        f"{by['linear']['mean']:.4f} vs {_mean(random_init):.4f}" if random_init
                        else "random-init probe not measured",
-                       bool(random_init) and bool((welch_interval(by["linear"]["values"], random_init) or (0, 0))[0] > 0))
+                       bool(random_init) and (welch_interval(by["linear"]["values"], random_init) or (0, 0))[0] > 0)
     return rows, [claim(f"TOAST beats full fine-tuning ({task})", by["toast"], by["finetune"], pre),
                   claim(f"TOAST beats a linear probe ({task})", by["toast"], by["linear"], pre)]
 
