@@ -214,6 +214,7 @@ class MMANet(Method):
         "method.lambda_mar": {"loguniform": [0.05, 2.0]},
         "method.begin_epoch": {"choice": [3, 5, 8]},
     }
+    demo_baseline = ("modality dropout alone", ["method.lambda_mad=0", "method.lambda_mar=0"])
     smoke_overrides = ["method.teacher_epochs=1", "train.epochs=2", "method.begin_epoch=1",
                        "method.mining_from=0", "method.width=8", "method.feat_dim=16", "method.hidden=32"]
 

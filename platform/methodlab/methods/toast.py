@@ -166,6 +166,7 @@ class Toast(Method):
         "data.dataset=digits_source", "method.arch=vit",
         "method.arch_kwargs={img_size: 8, patch_size: 2, embed_dim: 64, depth: 4, num_heads: 4}",
         "train.epochs=30", "train.lr=1e-3", "tracking.registered_model=methodlab-vit-source"])]
+    demo_baseline = ("full fine-tuning", ["method.mode=finetune"])
     smoke_overrides = ["method.backbone=scratch",
                        "method.scratch_kwargs={patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2}",
                        "method.pretune_epochs=1", "train.epochs=1", "train.batch_size=64"]
