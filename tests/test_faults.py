@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from methodlab.tracking import Tracker
 from methodlab.train.checkpoints import CHECKPOINT_PREFIX, MANIFEST_FILE, SET_ASIDE, SNAPSHOT_FILE
 from methodlab.train.core import STATE_FILE, read_checkpoint
 from methodlab.train.lease import LEASE_FILE, Lease
+from methodlab.train.signals import SIGNALS, Interrupted, stop_on_signals
 from tests.test_train import _weights
 
 EPOCHS = 30      # (long enough that a driver is still training when the signal comes)
@@ -98,6 +100,46 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(prefix):
     taker.acquire()
     taker.release()
     assert len(lines) == 1 and f": its process {dead.pid} on this host is gone" in lines[0], lines
+
+
+def test_a_signal_with_stop_asks_it_once_and_a_second_one_exits_at_once():
+    """A sweep's first SIGTERM or SIGINT goes to `stop` (as Tune's handler does, it puts back the
+    SIGINT handler it found), nothing is raised; the second signal ends the process with 128 + its
+    number, even though that handler was put back."""
+    code = textwrap.dedent("""
+        import os, signal, time
+        from methodlab.train.signals import stop_on_signals
+        asked = []
+        def tune_like(signum):
+            asked.append(signum)
+            signal.signal(signal.SIGINT, found)
+            return True
+        with stop_on_signals(tune_like) as fired:
+            found = signal.getsignal(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            print(fired, asked, flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+        print("not reached", flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 128 + signal.SIGINT, out.stderr
+    assert out.stdout.split("\n")[:2] == [f"[{int(signal.SIGTERM)}] [{int(signal.SIGTERM)}]", ""], out.stdout
+
+
+def test_a_signal_whose_stop_cannot_stop_anything_yet_raises_interrupted():
+    session = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            with stop_on_signals(lambda signum: False) as fired:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        assert stopped.value.exit_code == 143 and fired == [signal.SIGTERM]
+    finally:              # (the handler of a second signal stays: put the test session's back)
+        for s, handler in session.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -550,7 +550,7 @@ def fit(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, run_id: str, what: 
         raise Interrupted(signum, f"{what} {cfg.run_name} interrupted by {Interrupted.name(signum)}: workers "
                           f"stopped, MLflow run {run_id} KILLED; last checkpoint "
                           f"{latest or 'none (it starts from the beginning)'}; resume with: "
-                          f"{resume_command(cfg)}") from None
+                          f"{resume_command(f'train.run_name={cfg.run_name}')}") from None
     except Exception as exc:   # noqa: BLE001 — every failure marks the run FAILED, then one line
         _end_quietly(tracker, run_id, "FAILED")
         raise TrainingError(f"{what} {cfg.run_name} failed: {worker_error_line(exc)} (MLflow run {run_id}; "
@@ -569,14 +569,14 @@ def _abort(controller: list) -> None:
             pass
 
 
-def resume_command(cfg: RunConfig) -> str:
-    """The command that resumes the run: the one that started it, when it was the CLI."""
+def resume_command(named: str) -> str:
+    """The command that resumes a run or sweep: the one that started it, when it was the CLI;
+    `named` is the setting that names it (`train.run_name=...`, a sweep's `name=...`)."""
     import shlex
-    import sys
 
     if os.path.basename(sys.argv[0]) in ("cli.py", "methodlab"):
         return "methodlab " + shlex.join(sys.argv[1:])
-    return f"the same submission again (train.run_name={cfg.run_name})"
+    return f"the same submission again ({named})"
 
 
 def finish(tracker: Tracker, run_id: str, tags: dict[str, str] | None = None) -> None:
