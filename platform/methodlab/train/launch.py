@@ -91,17 +91,19 @@ def preflight(cfg: RunConfig) -> DatasetInfo:
         raise DataError(f"dataset {info.uri} lacks column(s) {', '.join(missing)} that method "
                         f"{cfg.method_name} needs; pick a dataset with them (data.dataset)")
     check_contents(cfg, info)
-    check_pretrained(cfg)
+    check_pretrained(cfg, info)
     if memory_budget(cfg) is not None:
         choose_loader(cfg, info)     # refuses an over-budget memory run here; else after ensure_ray
     return info
 
 
-def check_pretrained(cfg: RunConfig) -> None:
-    """Every model the method is told to load (`Method.pretrained_fields`) exists: a file or
-    directory, a run, a registered version or alias. A missing one is refused in one line before
-    Ray starts; where it is what one of the method's `demo_prerequisites` registers (TOAST's and
-    canonicalization's defaults on a fresh store), the line gives the command that creates it."""
+def check_pretrained(cfg: RunConfig, info: DatasetInfo) -> None:
+    """Every model the method is told to load (`Method.pretrained_fields`) exists (a file or
+    directory, a run, a registered version or alias), loads (weights only) and fits the run
+    (`Method.pretrained_problem`: it takes the dataset's images; a predictor predicts its classes).
+    Each is refused in one line naming the field before Ray starts, instead of inside the
+    workers; a missing one that one of the method's `demo_prerequisites` registers (TOAST's and
+    canonicalization's defaults on a fresh store) with the command that creates it."""
     from methodlab.config import load_config
     from methodlab.tracking import Tracker
 
@@ -120,6 +122,7 @@ def check_pretrained(cfg: RunConfig) -> None:
         else:
             why = None if os.path.exists(uri) else "no such file or directory"
         if why is None:
+            _check_fits(cfg, info, field, uri)
             continue
         fix = f"set method.{field} to a model that exists"
         for prerequisite, overrides in method.demo_prerequisites:
@@ -129,6 +132,30 @@ def check_pretrained(cfg: RunConfig) -> None:
                 fix = f"create it with `{command}` (what make demo runs first), or {fix}"
         raise ConfigError(f"method.{field} {redact_value(uri)} does not exist in {redact_value(cfg.tracking.uri)} "
                           f"({why}); {fix}")
+
+
+def _check_fits(cfg: RunConfig, info: DatasetInfo, field: str, uri: str) -> None:
+    """The model at `uri` (which exists) loads and fits the run, or one line naming `method.<field>`."""
+    import torch
+
+    from methodlab.data.dataset import read_split
+    from methodlab.data.decode import decode_arrays
+    from methodlab.models.hub import load_pretrained
+
+    method = get_method(cfg.method_name)
+    try:
+        model, spec = load_pretrained(uri, cfg.tracking.uri, f"method.{field}", cfg.data.normalize)
+    except ConfigError as e:      # (a foreign or unpicklable file, a checkpoint with no model)
+        raise ConfigError(str(e) if f"method.{field}" in str(e) else f"method.{field}: {e}") from None
+    column = method.export_input
+    images = torch.from_numpy(decode_arrays(read_split(info, "val", limit_rows=2), info.columns,
+                                            cfg.data.normalize)[column])
+    why = method.pretrained_problem(cfg, info, field, model, spec, images)
+    if why:
+        shape = "x".join(map(str, info.columns[column].shape))
+        raise ConfigError(f"method.{field} {redact_value(uri)} {why}; set method.{field} to a model that fits "
+                          f"dataset {info.name} ({shape} images, {info.meta['num_classes']} classes), or pick "
+                          "another dataset")
 
 
 def check_contents(cfg: RunConfig, info: DatasetInfo) -> None:
