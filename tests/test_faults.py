@@ -7,6 +7,7 @@ run that never stopped, in one MLflow run with every epoch step once.
     a driver that died holding the lease    test_lease_is_taken_over_once_its_heartbeat_is_stale
     a truncated latest checkpoint           test_truncated_latest_checkpoint_*
     SIGINT / SIGTERM of the driver's group  test_signal_*
+    disk full under storage.path            test_disk_full_*  (a small tmpfs; skipped without root)
 """
 
 from __future__ import annotations
@@ -268,3 +269,81 @@ def test_signal_to_the_driver_kills_the_run_keeps_its_checkpoint_and_it_resumes(
     assert resumed.run_id == killed.run_id and resumed.resumed
     _assert_resumed_like_straight(cfg, resumed.run_id, straight)
     _assert_no_orphans(cfg)
+
+
+def _mount_small_tmpfs(path: Path, size: str) -> None:
+    """A tmpfs of `size` at `path` that the session's Ray workers see too, or skip: that needs root
+    (or `sudo -n`); a user-namespace mount (`unshare -rm`) would be visible to its own processes
+    only, not to the workers of a cluster started outside it."""
+    path.mkdir()
+    if os.geteuid() == 0:
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    elif subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        command = ["sudo", "-n", "mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs", str(path)]
+    else:
+        pytest.skip("disk full: mounting a small tmpfs needs root or passwordless sudo; a user-namespace tmpfs "
+                    "(unshare -rm) is not seen by the Ray workers")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"disk full: cannot mount a tmpfs here ({done.stderr.strip()[:200]})")
+
+
+def _fill(path: Path) -> Path:
+    """Write zeros into `path/ballast` until the filesystem is full."""
+    ballast = path / "ballast"
+    with open(ballast, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(2**20))
+        except OSError as e:
+            assert e.errno == 28, e        # ENOSPC
+    return ballast
+
+
+@pytest.mark.slow
+def test_disk_full_fails_in_one_line_keeps_the_last_good_checkpoint_and_resumes(ray_cluster, home, straight, tmp_path):
+    """storage.path on a 64 MB tmpfs, filled up once the run has checkpoints: the run fails in one
+    line and is marked FAILED, its last good checkpoint stays; with space freed the same command
+    resumes to the weights of a run that never stopped."""
+    import threading
+
+    from methodlab.train.launch import train
+
+    small = tmp_path / "small"
+    _mount_small_tmpfs(small, "64m")
+    try:
+        args = [*BASE, "train.run_name=diskfull", f"storage.path={small}"]
+        cfg = load_config("supervised", None, args)
+        filled: list[Path] = []
+
+        def fill_after_two_checkpoints():
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and not filled:
+                try:
+                    if len(_snapshot(cfg)["checkpoint_results"]) >= 2:
+                        filled.append(_fill(small))
+                except (OSError, ValueError, KeyError):     # no snapshot yet, or one being written
+                    pass
+                time.sleep(0.1)
+        filler = threading.Thread(target=fill_after_two_checkpoints, daemon=True)
+        filler.start()
+        with pytest.raises(TrainingError) as failed:
+            train(cfg)
+        filler.join()
+        line = str(failed.value)
+        assert filled and "\n" not in line and line.startswith("run diskfull failed: "), line
+        assert "No space left on device" in line or "Errno 28" in line, line
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        assert tracker.find_run("diskfull").status == "FAILED"
+        kept = _snapshot(cfg)["latest_checkpoint_result"]["checkpoint_dir_name"]
+        assert read_checkpoint(str(_run_dir(cfg) / kept))["history_step"] < EPOCHS
+        assert not (_run_dir(cfg) / LEASE_FILE).exists()
+
+        filled[0].unlink()                                                   # space freed
+        resumed = train(load_config("supervised", None, args))
+        assert resumed.resumed
+        _assert_resumed_like_straight(cfg, resumed.run_id, straight)
+        _assert_no_orphans(cfg)
+    finally:
+        subprocess.run(["umount", "-l", str(small)] if os.geteuid() == 0 else ["sudo", "-n", "umount", "-l", str(small)],
+                       capture_output=True)
