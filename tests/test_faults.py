@@ -347,3 +347,42 @@ def test_disk_full_fails_in_one_line_keeps_the_last_good_checkpoint_and_resumes(
     finally:
         subprocess.run(["umount", "-l", str(small)] if os.geteuid() == 0 else ["sudo", "-n", "umount", "-l", str(small)],
                        capture_output=True)
+
+
+@pytest.mark.slow
+def test_with_another_ray_on_the_host_the_placement_group_cleaner_asks_its_own(ray_cluster):
+    """Ray Train's placement-group cleaner asks the state API whether its controller lives. With a
+    second Ray instance on the host (the test session's), a worker of the local Ray a run starts
+    (`ensure_ray`) gets its answer from its own cluster: no "Found multiple active Ray instances",
+    and a live actor is alive, a gone one is not (the cleaner removes its placement group)."""
+    code = textwrap.dedent("""
+        import json
+        import ray
+        from ray._private.services import find_gcs_addresses
+        from methodlab.train.launch import ensure_ray
+
+        ensure_ray(num_cpus=1)
+
+        @ray.remote(num_cpus=0)
+        class Controller:
+            def ping(self):
+                return 1
+
+        @ray.remote(num_cpus=0)
+        def alive(actor_id):
+            from ray.train.v2._internal.state.util import is_actor_alive   # [ray] the cleaner's question
+            return bool(is_actor_alive(actor_id, timeout=20))
+
+        live, gone = Controller.remote(), Controller.remote()
+        ray.get([live.ping.remote(), gone.ping.remote()])
+        ray.kill(gone)
+        print(json.dumps({"instances": len(find_gcs_addresses()),
+                          "alive": ray.get([alive.remote(a._actor_id.hex()) for a in (live, gone)])}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Found multiple active Ray instances" not in out.stdout + out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["instances"] >= 2 and seen["alive"] == [True, False], seen

@@ -258,9 +258,25 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # The dashboard process also hosts the state API that Ray Train's placement-group cleaner
         # needs; without it a stopped trial leaks its CPUs. address="local": a new instance, never
-        # a cluster that happens to run on this machine.
+        # a cluster that happens to run on this machine. [ray] The cleaner (a detached actor)
+        # finds the state API from RAY_API_SERVER_ADDRESS, else by scanning the host for Ray
+        # instances: with a second one there it failed ("Found multiple active Ray instances"),
+        # or found the other one (a `ray start` cluster) and took a live controller for dead. So
+        # the dashboard gets a port picked here, and the driver and every process of this Ray
+        # (which inherit the environment ray.init finds) are told it.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+                 dashboard_port=port, log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on now (the dashboard binds it a moment later)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def data_cpus(cfg: RunConfig) -> float:
