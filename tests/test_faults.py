@@ -63,7 +63,8 @@ def test_lease_refuses_a_second_holder_in_one_line_until_released(prefix):
         line = str(refused.value)
         assert "\n" not in line
         assert line.startswith("run r is already running: leased by ") and " since 20" in line, line
-        assert first.holder["host"] in line and "last heartbeat 0s ago" in line, line
+        # (a second or so on a loaded machine, with S3 behind it)
+        assert first.holder["host"] in line and re.search(r"last heartbeat [0-9]s ago", line), line
     finally:
         first.release()
     assert not storage.exists(f"{prefix}/{LEASE_FILE}")
