@@ -262,12 +262,24 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # finds the state API from RAY_API_SERVER_ADDRESS, else by scanning the host for Ray
         # instances: with a second one there it failed ("Found multiple active Ray instances"),
         # or found the other one (a `ray start` cluster) and took a live controller for dead. So
-        # the dashboard gets a port picked here, and the driver and every process of this Ray
-        # (which inherit the environment ray.init finds) are told it.
+        # the dashboard gets a port picked here, and every process of this Ray (they inherit the
+        # environment ray.init finds) is told it; the driver's own environment is left as it was,
+        # for a process it starts that starts a Ray of its own must not inherit this address.
         port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+        before = os.environ.get(STATE_API_ENV)
+        os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, log_to_driver=True,
+                     **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+        finally:
+            if before is None:
+                del os.environ[STATE_API_ENV]
+            else:
+                os.environ[STATE_API_ENV] = before
+
+
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"    # [ray] where Ray's state API clients find the dashboard
 
 
 def _free_port() -> int:
