@@ -184,3 +184,17 @@ def _ranges_seen(root, info, foreign, batch_rows, read_rows, monkeypatch, n, bad
     assert found == bad
     if foreign:
         assert sum(read_rows) == n and max(read_rows) <= batch_rows      # all of it, a batch at a time
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(0, 12), rows=st.integers(1, 5), rows_per_file=st.integers(1, 4))
+def test_head_rows_are_the_first_rows_of_the_split(tmp_path_factory, n, rows, rows_per_file):
+    from methodlab.data.dataset import head_rows
+
+    x = np.arange(n * 4, dtype=np.float32).reshape(n, 1, 2, 2)
+    root = str(tmp_path_factory.mktemp("ds") / "d")
+    info = write_dataset(root, "t", {s: {"x": x, "label": np.arange(n, dtype=np.int64)} for s in ("train", "val", "test")},
+                         {"num_classes": max(n, 1)}, rows_per_file=rows_per_file)
+    head = head_rows(info, "val", rows)
+    np.testing.assert_array_equal(head["x"], x[:rows])
+    assert head["x"].shape == (min(n, rows), 1, 2, 2) and head["label"].tolist() == list(range(min(n, rows)))

@@ -459,6 +459,23 @@ def read_table(info: DatasetInfo, name: str) -> dict[str, np.ndarray]:
     return {k: to_numpy(table[k]) for k in table.column_names}
 
 
+def head_rows(info: DatasetInfo, split: str, rows: int) -> dict[str, np.ndarray]:
+    """Some `rows` rows of a split (fewer if it has fewer), reading no more than the batch they
+    are in: what preflight runs a pretrained model on, whatever the split's size."""
+    fs, root = storage.filesystem(info.split_uri(split))
+    batches = []
+    for path in _parquet_files(root, info.uri, split):
+        with fs.open_input_file(path) as f:
+            batch = next(pq.ParquetFile(f).iter_batches(batch_size=rows, columns=list(info.columns)), None)
+        if batch is not None and batch.num_rows:
+            batches.append(batch)
+        if sum(b.num_rows for b in batches) >= rows:
+            break
+    table = pa.Table.from_batches(batches).slice(0, rows) if batches else None
+    return {k: to_numpy(table[k]) if table is not None else np.empty((0, *c.shape), c.dtype)
+            for k, c in info.columns.items()}
+
+
 def read_split(info: DatasetInfo, split: str, limit_rows: int | None = None) -> dict[str, np.ndarray]:
     """A whole split with pyarrow (driver-side tools, tests). Workers read through Ray Data."""
     fs, root = storage.filesystem(info.split_uri(split))

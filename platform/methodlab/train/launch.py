@@ -138,7 +138,7 @@ def _check_fits(cfg: RunConfig, info: DatasetInfo, field: str, uri: str) -> None
     """The model at `uri` (which exists) loads and fits the run, or one line naming `method.<field>`."""
     import torch
 
-    from methodlab.data.dataset import read_split
+    from methodlab.data.dataset import head_rows
     from methodlab.data.decode import decode_arrays
     from methodlab.models.hub import load_pretrained
 
@@ -148,8 +148,7 @@ def _check_fits(cfg: RunConfig, info: DatasetInfo, field: str, uri: str) -> None
     except ConfigError as e:      # (a foreign or unpicklable file, a checkpoint with no model)
         raise ConfigError(str(e) if f"method.{field}" in str(e) else f"method.{field}: {e}") from None
     column = method.export_input
-    images = torch.from_numpy(decode_arrays(read_split(info, "val", limit_rows=2), info.columns,
-                                            cfg.data.normalize)[column])
+    images = torch.from_numpy(decode_arrays(head_rows(info, "val", 2), info.columns, cfg.data.normalize)[column])
     why = method.pretrained_problem(cfg, info, field, model, spec, images)
     if why:
         shape = "x".join(map(str, info.columns[column].shape))
