@@ -54,9 +54,10 @@ def ray_cluster(_ray_session):
     session's tests; started on first use, and again if a test needed the machine to itself."""
     import ray
 
+    from methodlab.train.launch import ensure_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+        ensure_ray(num_cpus=2)       # (as a local run starts it, told its own state API address)
     return ray
 
 

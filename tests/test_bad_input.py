@@ -334,6 +334,80 @@ def test_a_missing_pretrained_model_is_one_line(uri, why, home, tmp_path, capsys
     assert why in err[0] and "set method.backbone to a model that exists" in err[0]
 
 
+CNN = {"arch": "cnn", "kwargs": {"width": 4, "embed_dim": 8, "in_channels": 1, "num_classes": 10}}
+VIT = {"arch": "vit", "kwargs": {"img_size": 8, "patch_size": 4, "in_channels": 1, "num_classes": 10, "embed_dim": 16,
+                                 "depth": 1, "num_heads": 2}}
+
+
+def _with(spec: dict, **kwargs) -> dict:
+    return {"arch": spec["arch"], "kwargs": {**spec["kwargs"], **kwargs}}
+
+
+MISFITS = [
+    # (id, method, field, extra overrides, the model's spec (None: no model in the file), fragment)
+    ("predictor of other classes", "canonicalization", "predictor", [], _with(CNN, num_classes=5),
+     "predicts 5 classes but dataset bad has 10 (meta.num_classes)"),
+    ("init for RGB images", "supervised", "init", [], _with(CNN, in_channels=3),
+     "does not take this dataset's 1x8x8 images"),
+    ("init ViT of another size", "supervised", "init", [], _with(VIT, img_size=16),
+     "does not take this dataset's 1x8x8 images"),
+    ("backbone not a ViT", "toast", "backbone", ["method.pretune_epochs=0"], CNN, "is a 'cnn' model; TOAST needs a ViT"),
+    ("backbone of another size", "toast", "backbone", ["method.pretune_epochs=0"], _with(VIT, img_size=16),
+     "takes 1x16 images but dataset bad has 1x8x8"),
+    ("extractor for RGB images", "bad_batches", "extractor_uri", ["method.extractor=frozen"],
+     _with(CNN, in_channels=3), "does not take this dataset's 1x8x8 images"),
+    ("no model in the file", "canonicalization", "predictor", [], None, "holds no methodlab model"),
+]
+
+
+@pytest.mark.parametrize("case", MISFITS, ids=[c[0] for c in MISFITS])
+def test_a_pretrained_model_that_does_not_fit_the_run_is_one_line(case, home, tmp_path, capsys):
+    """A model that exists but that the method cannot use on this dataset (another class count,
+    channel count or image size, not a ViT for TOAST, no model at all) is refused before Ray,
+    naming the field, instead of failing inside the workers."""
+    import torch
+
+    from methodlab.models import build_model
+    from methodlab.models.hub import save_pretrained
+
+    _, method, field, extra, spec, fragment = case
+    data = _dataset(tmp_path, "none")
+    path = str(tmp_path / "model.pt")
+    if spec is None:
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        save_pretrained(build_model(spec), spec, path)
+    code, err = _run(capsys, ["train", method, f"data.dataset={data}", "data.allow_tiny=true", *extra,
+                              f"method.{field}={path}"])
+    _assert_refused(code, err, f"method.{field}", home)
+    assert fragment in err[0], err[0]
+
+
+def test_a_registered_model_is_resolved_and_checked_before_ray(home, tmp_path, capsys):
+    """models:/ as the predictor: a registered model of the wrong class count is refused in one
+    line; one that fits passes preflight (the check is no blanket refusal)."""
+    import numpy as np
+    import torch
+
+    from methodlab.config import default_tracking_uri, load_config
+    from methodlab.models import build_model
+    from methodlab.tracking import Tracker
+    from methodlab.train.launch import preflight
+
+    tracker = Tracker(default_tracking_uri(), "methodlab")
+    example = np.zeros((2, 1, 8, 8), np.float32)
+    for name, classes in (("five", 5), ("ten", 10)):
+        spec = _with(CNN, num_classes=classes)
+        source = {"from": "test", "license": "MIT", "sha256": "0" * 64}
+        tracker.register_import(name, build_model(spec), {**spec, "source": source}, example)
+    data = _dataset(tmp_path, "none")
+    capsys.readouterr()                                   # (MLflow's lines about registering)
+    argv = ["train", "canonicalization", f"data.dataset={data}", "data.allow_tiny=true"]
+    code, err = _run(capsys, [*argv, "method.predictor=models:/five@candidate"])
+    _assert_refused(code, err, "method.predictor models:/five@candidate predicts 5 classes but dataset bad has 10", home)
+    preflight(load_config("canonicalization", None, [*argv[2:], "method.predictor=models:/ten@candidate"]))
+
+
 def test_unknown_method(home, capsys):
     _assert_refused(*_run(capsys, ["train", "supervize"]), "unknown method 'supervize'; did you mean 'supervised'?", home)
 

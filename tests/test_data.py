@@ -157,3 +157,60 @@ def test_stream_dataset_is_read_once_only_within_the_cache_limit(ray_cluster, tm
         else repr(ds._logical_plan.dag)  # noqa: E731
     assert read_of(cached).startswith("InputData") and not read_of(reread).startswith("InputData")
     assert cached.count() == reread.count() == 6
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), nan_at=st.one_of(st.none(), st.integers(0, 39)), rows_per_file=st.integers(1, 16),
+       batch_rows=st.integers(1, 8), foreign=st.booleans(), inf=st.booleans())
+def test_nan_and_inf_are_found_wherever_they_are(tmp_path_factory, n, nan_at, rows_per_file, batch_rows, foreign, inf):
+    """NaN and inf anywhere in a float column are found, however far in: from the footers of files
+    DatasetWriter wrote (NaN counts, min/max; nothing is read), by reading the whole column of
+    files another tool wrote, in batches of at most `batch_bytes` (the row here: 64 bytes)."""
+    x = np.zeros((n, 1, 4, 4), np.float32)
+    bad = nan_at is not None and nan_at < n
+    if bad:
+        x[nan_at, 0, 3, 3] = np.inf if inf else np.nan
+    root = tmp_path_factory.mktemp("ds") / "d"
+    info = write_dataset(str(root), "t", {s: {"image": x, "label": np.zeros(n, np.int64)} for s in ("train", "val", "test")},
+                         {"num_classes": 1}, rows_per_file=rows_per_file)
+    read_rows = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _ranges_seen(root, info, foreign, batch_rows, read_rows, monkeypatch, n, bad)
+
+
+def _ranges_seen(root, info, foreign, batch_rows, read_rows, monkeypatch, n, bad):
+    import methodlab.data.dataset as dataset
+    from methodlab.data.dataset import NAN_COUNT_KEY, column_ranges
+
+    if foreign:     # the same files without methodlab's NaN counts
+        for part in (root / "train").glob("*.parquet"):
+            assert NAN_COUNT_KEY.encode() in pq.ParquetFile(part).metadata.metadata
+            pq.write_table(pq.read_table(part), part)
+        iter_batches = pq.ParquetFile.iter_batches
+
+        def spy(self, batch_size=65536, **kw):
+            for batch in iter_batches(self, batch_size=batch_size, **kw):
+                read_rows.append(batch.num_rows)
+                yield batch
+        monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    else:
+        monkeypatch.setattr(dataset, "_scan", lambda *a, **k: pytest.fail("a methodlab file's footer says it all"))
+    r = column_ranges(info, "train", ["image"], batch_bytes=64 * batch_rows)["image"]
+    found = r.nan or not np.isfinite([r.min, r.max]).all()
+    assert found == bad
+    if foreign:
+        assert sum(read_rows) == n and max(read_rows) <= batch_rows      # all of it, a batch at a time
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(0, 12), rows=st.integers(1, 5), rows_per_file=st.integers(1, 4))
+def test_head_rows_are_the_first_rows_of_the_split(tmp_path_factory, n, rows, rows_per_file):
+    from methodlab.data.dataset import head_rows
+
+    x = np.arange(n * 4, dtype=np.float32).reshape(n, 1, 2, 2)
+    root = str(tmp_path_factory.mktemp("ds") / "d")
+    info = write_dataset(root, "t", {s: {"x": x, "label": np.arange(n, dtype=np.int64)} for s in ("train", "val", "test")},
+                         {"num_classes": max(n, 1)}, rows_per_file=rows_per_file)
+    head = head_rows(info, "val", rows)
+    np.testing.assert_array_equal(head["x"], x[:rows])
+    assert head["x"].shape == (min(n, rows), 1, 2, 2) and head["label"].tolist() == list(range(min(n, rows)))

@@ -32,6 +32,9 @@ Why it is built this way:
 - ASHA stops a trial by killing its actor, so nothing in the trial can record that. The driver
   does it afterwards: a trial whose child run is still RUNNING after Tune terminated it was
   stopped early; it is tagged `methodlab.stopped_early=true` and ended KILLED.
+- SIGINT or SIGTERM to the driver asks Tune to end the experiment (`_stop_tune`): it saves its
+  state and stops every trial, whose child runs the driver then ends KILLED, with the parent, and
+  says in one line how to resume; a second signal exits at once (`train.signals`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import io
 import json
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,7 +58,8 @@ from methodlab.config import (RunConfig, Section, check_name, deep_merge, nest, 
                               resolve, run_config_class, set_path, yaml_number)
 from methodlab.errors import ConfigError, TrainingError
 from methodlab.registry import get_method
-from methodlab.train.lease import Lease
+from methodlab.train.lease import Lease, drop as drop_lease
+from methodlab.train.signals import Interrupted, stop_on_signals
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
 TRIAL_CPU = 0.01          # the Tune function only waits on its TorchTrainer; 0 is rejected by Tune
@@ -459,6 +464,9 @@ def _sweep_leased(method_name: str, method, spec: SweepSpec, base: RunConfig, ba
                  "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # early stages may not report the metric
                  "TUNE_GLOBAL_CHECKPOINT_S": "2"}.items():    # the experiment state a resume starts from
         os.environ.setdefault(k, v)
+    # [ray] Tune's SIGINT handler would take the first Ctrl-C without a word to the driver (and
+    # SIGTERM would kill it on the spot): `stop_on_signals` takes both and asks Tune (`_stop_tune`).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     ensure_ray()
     check_shared_services(base, info)
     check_capacity(base)
@@ -479,12 +487,18 @@ def _sweep_leased(method_name: str, method, spec: SweepSpec, base: RunConfig, ba
                                                   SCHEDULER_TAG: sched.type},
                                    _spec_yaml(spec, space, base, concurrent))
     ctx = {"method_name": method_name, "base_layers": base_layers, "sweep_name": name, "parent_run_id": parent}
+    fired: list[int] = []
     try:
-        results, restored = _fit(name, base, spec, space, ctx, concurrent, method)
+        with stop_on_signals(_stop_tune) as fired:
+            results, restored = _fit(name, base, spec, space, ctx, concurrent, method)
+    except KeyboardInterrupt:      # a signal before Tune's loop began: no trial trains yet
+        raise _interrupted(tracker, base, name, parent, fired[0] if fired else signal.SIGINT) from None
     except Exception as exc:   # noqa: BLE001 — Tune itself failed: the parent is FAILED, one line
         tracker.end_run(parent, "FAILED")
         raise TrainingError(f"sweep {name} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__} "
                             f"(MLflow run {parent})") from None
+    if fired:                      # Tune saved its state and stopped every trial
+        raise _interrupted(tracker, base, name, parent, fired[0])
     if results.num_terminated + results.num_errors < len(results):
         raise TrainingError(f"sweep {name} was interrupted before all trials ended; submit it again "
                             f"with the same name to resume (MLflow run {parent})")
@@ -499,6 +513,43 @@ def _sweep_leased(method_name: str, method, spec: SweepSpec, base: RunConfig, ba
     _log_summary(summary, space, tracker)
     tracker.end_run(parent, "FINISHED")
     return summary
+
+
+def _stop_tune(signum: int) -> bool:
+    """Ask Tune to end the experiment, as its own Ctrl-C does: the handler `tune.run` installs on
+    SIGUSR1 [ray] (whatever TUNE_DISABLE_SIGINT_HANDLER says) sets the event its loop checks, then
+    Tune saves the experiment state (trials still running are saved unfinished, so a resubmission
+    continues them) and stops every trial (the trial actor and, owned by it, its Ray Train
+    controller and workers). False before `tune.run` has installed it: nothing runs yet."""
+    handler = signal.getsignal(signal.SIGUSR1)
+    if not callable(handler):
+        return False
+    handler(signal.SIGUSR1, None)
+    return True
+
+
+def _interrupted(tracker, base: RunConfig, name: str, parent: str, signum: int) -> Interrupted:
+    """After Tune stopped on a signal: each trial's child run that was still running (its actor
+    is gone, so nothing in it could) and the parent end KILLED, the trial's lease is dropped (the
+    driver holds the sweep's, so no one else holds its trials'); the line to show names the sweep,
+    where the trials' checkpoints stay, and the command that resumes it."""
+    from methodlab.train.launch import _end_quietly, resume_command
+
+    killed = []
+    try:
+        killed = tracker.running_children(parent)
+    except Exception:  # noqa: BLE001 — tracking server away: the line below still comes
+        print(f"[methodlab] could not list the running trials of MLflow run {parent}: tracking server "
+              "unreachable", flush=True)
+    for run_id, run_name in killed:
+        _end_quietly(tracker, run_id, "KILLED")
+        drop_lease(f"{base.storage.path.rstrip('/')}/{run_name}")
+    _end_quietly(tracker, parent, "KILLED")
+    names = ", ".join(sorted(n for _, n in killed))
+    trials = (f"{len(killed)} running trial(s) stopped and marked KILLED ({names}), each keeping its last "
+              f"checkpoint under {base.storage.path.rstrip('/')}/<trial run name>" if killed else "no trial was running")
+    return Interrupted(signum, f"sweep {name} interrupted by {Interrupted.name(signum)}: {trials}; MLflow run "
+                       f"{parent} KILLED; resume with: {resume_command(f'name={name}')}")
 
 
 def _spec_yaml(spec: SweepSpec, space: dict, base: RunConfig, concurrent: int) -> str:

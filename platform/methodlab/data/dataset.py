@@ -153,6 +153,8 @@ class DatasetWriter:
         self._stage = f"{parent}/.tmp-{base}-{uuid.uuid4().hex[:8]}"
         self._open: dict[str, tuple[Any, pq.ParquetWriter, int]] = {}   # split -> (stream, writer, rows)
         self._files = dict.fromkeys(self.splits, 0)
+        # split -> {float column: NaN count} of the part being written, for its footer (`NAN_COUNT_KEY`)
+        self._nans: dict[str, dict[str, int]] = {}
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -185,6 +187,9 @@ class DatasetWriter:
             take = min(total - start, self.rows_per_file - rows)
             writer.write_table(pa.Table.from_arrays([to_arrow(cols[k][start:start + take]) for k in self.columns],
                                                     schema=self._schema))
+            nans = self._nans.setdefault(split, dict.fromkeys(_float_columns(self.columns), 0))
+            for k in nans:
+                nans[k] += int(np.isnan(cols[k][start:start + take]).sum())
             start, rows = start + take, rows + take
             self._open[split] = (stream, writer, rows)
             if rows == self.rows_per_file:
@@ -208,6 +213,8 @@ class DatasetWriter:
 
     def _close_part(self, split: str) -> None:
         stream, writer, _ = self._open.pop(split)
+        nans = self._nans.pop(split, dict.fromkeys(_float_columns(self.columns), 0))
+        writer.add_key_value_metadata({NAN_COUNT_KEY: json.dumps(nans)})
         writer.close()
         stream.close()
 
@@ -359,9 +366,17 @@ def split_rows(info: DatasetInfo, split: str) -> int:
     return rows
 
 
-# Parquet statistics leave NaN out of min/max, so NaN is looked for by reading float columns,
-# at most this many bytes of each per split (the loop's non-finite loss check covers the rest).
-NAN_SCAN_BYTES = 64 * 2**20
+# Parquet statistics leave NaN out of min/max (and pyarrow writes no NaN count), so DatasetWriter
+# counts the NaN of each float column into the file's footer, as key-value metadata: {column:
+# count}. A file without it (written by another tool) has its float columns read instead.
+NAN_COUNT_KEY = "methodlab.nan_count"
+# What `column_ranges` reads (a column without statistics, or for NaN) it streams in batches of
+# at most this many bytes: memory stays bounded and the whole column is looked at.
+SCAN_BATCH_BYTES = 64 * 2**20
+
+
+def _float_columns(columns: dict[str, Column]) -> list[str]:
+    return [k for k, c in columns.items() if np.dtype(c.dtype).kind == "f"]
 
 
 @dataclass
@@ -375,17 +390,22 @@ class ColumnRange:
     nan: bool = False
 
 
-def column_ranges(info: DatasetInfo, split: str, names: list[str]) -> dict[str, ColumnRange]:
-    """The `ColumnRange` of each named column over a split, from the Parquet row-group statistics
-    in the footers; a row group without statistics for a column has that one column read, and
-    float columns are read for NaN up to NAN_SCAN_BYTES."""
+def column_ranges(info: DatasetInfo, split: str, names: list[str],
+                  batch_bytes: int = SCAN_BATCH_BYTES) -> dict[str, ColumnRange]:
+    """The `ColumnRange` of each named column over a split, from the Parquet footers: min, max
+    and nulls from the row-group statistics, NaN from the counts DatasetWriter puts in each file's
+    footer (`NAN_COUNT_KEY`). What a footer does not say (a row group without statistics for a
+    column, NaN in a float column of a file another tool wrote) is read, the whole column,
+    streamed in batches of at most `batch_bytes`."""
     fs, root = storage.filesystem(info.split_uri(split))
     out = {n: ColumnRange() for n in names}
-    scanned = dict.fromkeys(names, 0)
     for path in _parquet_files(root, info.uri, split):
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             meta = pf.metadata
+            counted = json.loads((meta.metadata or {}).get(NAN_COUNT_KEY.encode(), b"{}"))
+            for name in out.keys() & counted.keys():
+                out[name].nan |= counted[name] > 0
             for g in range(meta.num_row_groups):
                 group = meta.row_group(g)
                 for j in range(group.num_columns):
@@ -395,22 +415,30 @@ def column_ranges(info: DatasetInfo, split: str, names: list[str]) -> dict[str, 
                         continue
                     float_column = np.dtype(info.columns[name].dtype).kind == "f"
                     stats = chunk.statistics
-                    if stats is not None and stats.has_min_max:
+                    has_stats = stats is not None and stats.has_min_max
+                    if has_stats:
                         _widen(out[name], stats.min, stats.max)
                         out[name].nulls += stats.null_count or 0
-                    no_stats = stats is None or not stats.has_min_max
-                    if no_stats or (float_column and scanned[name] < NAN_SCAN_BYTES):
-                        column = pf.read_row_group(g, columns=[name])[name]
-                        values = to_numpy(column.drop_null())
-                        scanned[name] += values.nbytes
-                        if float_column:
-                            out[name].nan |= bool(np.isnan(values).any())
-                            values = values[~np.isnan(values)]
-                        if no_stats:
-                            out[name].nulls += column.null_count
-                            if values.size:
-                                _widen(out[name], values.min(), values.max())
+                    if not has_stats or (float_column and name not in counted):
+                        _scan(pf, g, name, info.columns[name], out[name], not has_stats, batch_bytes)
     return out
+
+
+def _scan(pf: pq.ParquetFile, group: int, name: str, column: Column, r: ColumnRange, count: bool,
+          batch_bytes: int) -> None:
+    """Read column `name` of row group `group` into `r` (NaN; with `count`, also min/max and
+    nulls), at most `batch_bytes` of it at a time."""
+    row = int(np.prod(column.shape, dtype=np.int64)) * np.dtype(column.dtype).itemsize
+    for batch in pf.iter_batches(batch_size=max(1, batch_bytes // max(1, row)), row_groups=[group], columns=[name]):
+        part = batch.column(0)
+        values = to_numpy(part.drop_null())
+        if np.dtype(column.dtype).kind == "f":
+            r.nan |= bool(np.isnan(values).any())
+            values = values[~np.isnan(values)]
+        if count:
+            r.nulls += part.null_count
+            if values.size:
+                _widen(r, values.min(), values.max())
 
 
 def _widen(r: ColumnRange, lo, hi) -> None:
@@ -429,6 +457,23 @@ def read_table(info: DatasetInfo, name: str) -> dict[str, np.ndarray]:
     with fs.open_input_file(path) as f:
         table = pq.read_table(f)
     return {k: to_numpy(table[k]) for k in table.column_names}
+
+
+def head_rows(info: DatasetInfo, split: str, rows: int) -> dict[str, np.ndarray]:
+    """Some `rows` rows of a split (fewer if it has fewer), reading no more than the batch they
+    are in: what preflight runs a pretrained model on, whatever the split's size."""
+    fs, root = storage.filesystem(info.split_uri(split))
+    batches = []
+    for path in _parquet_files(root, info.uri, split):
+        with fs.open_input_file(path) as f:
+            batch = next(pq.ParquetFile(f).iter_batches(batch_size=rows, columns=list(info.columns)), None)
+        if batch is not None and batch.num_rows:
+            batches.append(batch)
+        if sum(b.num_rows for b in batches) >= rows:
+            break
+    table = pa.Table.from_batches(batches).slice(0, rows) if batches else None
+    return {k: to_numpy(table[k]) if table is not None else np.empty((0, *c.shape), c.dtype)
+            for k, c in info.columns.items()}
 
 
 def read_split(info: DatasetInfo, split: str, limit_rows: int | None = None) -> dict[str, np.ndarray]:

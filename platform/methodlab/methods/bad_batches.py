@@ -62,7 +62,7 @@ from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.losses.nt_xent import nt_xent
-from methodlab.methods.base import Method, StepContext
+from methodlab.methods.base import Method, StepContext, forward_problem
 from methodlab.metrics.frechet import frechet_distance
 from methodlab.models import build_model
 from methodlab.registry import register_method
@@ -328,10 +328,18 @@ class BadBatches(Method):
 
         model, spec = load_pretrained(self.mcfg.extractor_uri, self.cfg.tracking.uri, "method.extractor_uri",
                                       self.cfg.data.normalize)
-        if not hasattr(model, "embed"):
-            raise ConfigError(f"method.extractor_uri {self.mcfg.extractor_uri!r} is a {spec['arch']!r} "
-                              "model without `embed`; FRD needs a feature extractor")
+        why = self.pretrained_problem(self.cfg, self.data.info, "extractor_uri", model, spec,
+                                      self.data.splits["val"].head(2)["image"])
+        if why:
+            raise ConfigError(f"method.extractor_uri {self.mcfg.extractor_uri!r} {why}")
         return model.requires_grad_(False).eval()
+
+    @classmethod
+    def pretrained_problem(cls, cfg, info, field, model, spec, images):
+        # FRD compares the features the frozen extractor's `embed` gives the dataset's images.
+        if not hasattr(model, "embed"):
+            return f"is a {spec['arch']!r} model without `embed`; FRD needs a feature extractor"
+        return forward_problem(model.eval().embed, images)[0]
 
     def build_schedulers(self, stage, optimizers, steps_per_epoch):
         if self.mcfg.lr_schedule == "constant":

@@ -93,6 +93,17 @@ class DataBundle:
         return SplitData(self.tables[name], self.decoders(f"table:{name}"))
 
 
+def forward_problem(model: Callable, images: torch.Tensor) -> tuple[str | None, torch.Tensor | None]:
+    """(None, output) where `model` (a module in eval mode, or its `embed`) takes `images`
+    (B, C, H, W); else (why not, None): a model built for other channels or another image size."""
+    try:
+        with torch.no_grad():
+            return None, model(images)
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        shown = "x".join(str(d) for d in images.shape[1:])
+        return f"does not take this dataset's {shown} images ({str(e).splitlines()[0][:120]})", None
+
+
 def make_optimizer(params, train_cfg, lr: float | None = None, weight_decay: float | None = None):
     """The optimizer named by `train.optimizer`, over `params`."""
     params = [p for p in params if p.requires_grad]
@@ -211,6 +222,17 @@ class Method(ABC):
         """Columns the driver checks before launching; override when they depend on the dataset
         (e.g. one column per modality listed in its metadata)."""
         return cls.required_columns
+
+    @classmethod
+    def pretrained_problem(cls, cfg: RunConfig, info: DatasetInfo, field: str, model: nn.Module, spec: dict,
+                           images: torch.Tensor) -> str | None:
+        """What makes the model that `method.<field>` names unfit for a run of `cfg` on dataset
+        `info`, as a phrase after the field and its URI ("does not take ...", "predicts 10 classes
+        ..."), or None. `images` (2, C, H, W): two val images, decoded as the run decodes them.
+        By default whether the model takes them. Preflight asks before Ray starts
+        (`launch.check_pretrained`); a method whose models need more (a class count, an
+        architecture) says so here and asks it again where it builds them."""
+        return forward_problem(model, images)[0]
 
     @classmethod
     def epochs_by_stage(cls, cfg: RunConfig) -> dict[str, int]:

@@ -58,7 +58,7 @@ from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.losses.canonicalization import artifact_consistency_loss, group_contrast_loss, prior_loss
-from methodlab.methods.base import Method, StepContext, make_optimizer
+from methodlab.methods.base import Method, StepContext, forward_problem, make_optimizer
 from methodlab.metrics.group import group_accuracy_from_counts, group_chart, group_counts
 from methodlab.models import build_model
 from methodlab.models.canonicalizer import act, element_names, group_copies, group_elements
@@ -201,17 +201,19 @@ class Canonicalization(Method):
 
         return load_pretrained(self.mcfg.predictor, self.cfg.tracking.uri, "method.predictor", self.cfg.data.normalize)
 
+    @classmethod
+    def pretrained_problem(cls, cfg, info, field, model, spec, images):
+        # The predictor's logits are the task's: it must take the images and predict the dataset's classes.
+        why, logits = forward_problem(model.eval(), images)
+        if why is None and logits.shape[-1] != info.num_classes:
+            why = f"predicts {logits.shape[-1]} classes but dataset {info.name} has {info.num_classes} (meta.num_classes)"
+        return why
+
     def _check_predictor(self, predictor: nn.Module) -> None:
         example = self.data.splits["val"].head(2)["image"]
-        try:
-            with torch.no_grad():
-                classes = predictor.eval()(example).shape[-1]
-        except RuntimeError as e:
-            raise ConfigError(f"method.predictor {self.mcfg.predictor!r} does not accept this dataset's "
-                              f"images {tuple(example.shape[1:])}: {str(e).splitlines()[0][:120]}") from None
-        if classes != self.data.info.num_classes:
-            raise ConfigError(f"method.predictor {self.mcfg.predictor!r} predicts {classes} classes, "
-                              f"the dataset has {self.data.info.num_classes}")
+        why = self.pretrained_problem(self.cfg, self.data.info, "predictor", predictor, {}, example)
+        if why:
+            raise ConfigError(f"method.predictor {self.mcfg.predictor!r} {why}")
 
     def spec(self, predictor_spec: dict) -> dict:
         """The exported model's spec: the bare predictor, or a wrapper around it."""

@@ -203,19 +203,34 @@ class Toast(Method):
             from methodlab.models.hub import load_pretrained
             model, spec = load_pretrained(self.mcfg.backbone, self.cfg.tracking.uri, "method.backbone",
                                           self.cfg.data.normalize)
-        if spec["arch"] not in ("vit", "toast_vit"):
-            raise ConfigError(f"method.backbone {self.mcfg.backbone} is a {spec['arch']!r} model; TOAST "
-                              "needs a ViT (train one with `methodlab train supervised method.arch=vit`)")
-        if spec["arch"] == "toast_vit" and spec["kwargs"].get("value_bias", "free") != self.mcfg.value_bias:
-            raise ConfigError(f"method.backbone {self.mcfg.backbone} was pretuned with value_bias="
-                              f"{spec['kwargs'].get('value_bias', 'free')}; set method.value_bias to match")
+        why = self.backbone_problem(self.mcfg, spec, self.data.info)
+        if why:
+            raise ConfigError(f"method.backbone {self.mcfg.backbone} {why}")
         kw = {**(spec["kwargs"]["vit"] if spec["arch"] == "toast_vit" else spec["kwargs"])}
-        if [kw.get("in_channels", 3), kw.get("img_size", 224)] != [image_shape[0], image_shape[-1]]:
-            raise ConfigError(f"method.backbone takes {kw.get('in_channels', 3)}x{kw.get('img_size', 224)} "
-                              f"images but dataset {self.data.info.name} has {image_shape}")
         kw.pop("num_classes", None)
         self.vit_kwargs = kw
         return model
+
+    @classmethod
+    def backbone_problem(cls, mcfg: ToastConfig, spec: dict, info) -> str | None:
+        """What makes the backbone of `spec` unfit for TOAST on dataset `info`, or None: a ViT (or a
+        pretuned top-down one of the same value_bias) for the dataset's channels and image size."""
+        if spec["arch"] not in ("vit", "toast_vit"):
+            return (f"is a {spec['arch']!r} model; TOAST needs a ViT (train one with `methodlab train supervised "
+                    "method.arch=vit`)")
+        if spec["arch"] == "toast_vit" and spec["kwargs"].get("value_bias", "free") != mcfg.value_bias:
+            return (f"was pretuned with value_bias={spec['kwargs'].get('value_bias', 'free')}; set "
+                    "method.value_bias to match")
+        kw = spec["kwargs"]["vit"] if spec["arch"] == "toast_vit" else spec["kwargs"]
+        image_shape = info.columns["image"].shape
+        if [kw.get("in_channels", 3), kw.get("img_size", 224)] != [image_shape[0], image_shape[-1]]:
+            return (f"takes {kw.get('in_channels', 3)}x{kw.get('img_size', 224)} images but dataset {info.name} "
+                    f"has {'x'.join(map(str, image_shape))}")
+        return None
+
+    @classmethod
+    def pretrained_problem(cls, cfg, info, field, model, spec, images):
+        return cls.backbone_problem(cfg.method, spec, info)
 
     def build_models(self, stage, previous):
         # Every rank builds the same random parts (decoders, prompt, heads): one seed for all.

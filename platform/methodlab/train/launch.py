@@ -91,17 +91,19 @@ def preflight(cfg: RunConfig) -> DatasetInfo:
         raise DataError(f"dataset {info.uri} lacks column(s) {', '.join(missing)} that method "
                         f"{cfg.method_name} needs; pick a dataset with them (data.dataset)")
     check_contents(cfg, info)
-    check_pretrained(cfg)
+    check_pretrained(cfg, info)
     if memory_budget(cfg) is not None:
         choose_loader(cfg, info)     # refuses an over-budget memory run here; else after ensure_ray
     return info
 
 
-def check_pretrained(cfg: RunConfig) -> None:
-    """Every model the method is told to load (`Method.pretrained_fields`) exists: a file or
-    directory, a run, a registered version or alias. A missing one is refused in one line before
-    Ray starts; where it is what one of the method's `demo_prerequisites` registers (TOAST's and
-    canonicalization's defaults on a fresh store), the line gives the command that creates it."""
+def check_pretrained(cfg: RunConfig, info: DatasetInfo) -> None:
+    """Every model the method is told to load (`Method.pretrained_fields`) exists (a file or
+    directory, a run, a registered version or alias), loads (weights only) and fits the run
+    (`Method.pretrained_problem`: it takes the dataset's images; a predictor predicts its classes).
+    Each is refused in one line naming the field before Ray starts, instead of inside the
+    workers; a missing one that one of the method's `demo_prerequisites` registers (TOAST's and
+    canonicalization's defaults on a fresh store) with the command that creates it."""
     from methodlab.config import load_config
     from methodlab.tracking import Tracker
 
@@ -120,6 +122,7 @@ def check_pretrained(cfg: RunConfig) -> None:
         else:
             why = None if os.path.exists(uri) else "no such file or directory"
         if why is None:
+            _check_fits(cfg, info, field, uri)
             continue
         fix = f"set method.{field} to a model that exists"
         for prerequisite, overrides in method.demo_prerequisites:
@@ -129,6 +132,29 @@ def check_pretrained(cfg: RunConfig) -> None:
                 fix = f"create it with `{command}` (what make demo runs first), or {fix}"
         raise ConfigError(f"method.{field} {redact_value(uri)} does not exist in {redact_value(cfg.tracking.uri)} "
                           f"({why}); {fix}")
+
+
+def _check_fits(cfg: RunConfig, info: DatasetInfo, field: str, uri: str) -> None:
+    """The model at `uri` (which exists) loads and fits the run, or one line naming `method.<field>`."""
+    import torch
+
+    from methodlab.data.dataset import head_rows
+    from methodlab.data.decode import decode_arrays
+    from methodlab.models.hub import load_pretrained
+
+    method = get_method(cfg.method_name)
+    try:
+        model, spec = load_pretrained(uri, cfg.tracking.uri, f"method.{field}", cfg.data.normalize)
+    except ConfigError as e:      # (a foreign or unpicklable file, a checkpoint with no model)
+        raise ConfigError(str(e) if f"method.{field}" in str(e) else f"method.{field}: {e}") from None
+    column = method.export_input
+    images = torch.from_numpy(decode_arrays(head_rows(info, "val", 2), info.columns, cfg.data.normalize)[column])
+    why = method.pretrained_problem(cfg, info, field, model, spec, images)
+    if why:
+        shape = "x".join(map(str, info.columns[column].shape))
+        raise ConfigError(f"method.{field} {redact_value(uri)} {why}; set method.{field} to a model that fits "
+                          f"dataset {info.name} ({shape} images, {info.meta['num_classes']} classes), or pick "
+                          "another dataset")
 
 
 def check_contents(cfg: RunConfig, info: DatasetInfo) -> None:
@@ -231,9 +257,37 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # The dashboard process also hosts the state API that Ray Train's placement-group cleaner
         # needs; without it a stopped trial leaks its CPUs. address="local": a new instance, never
-        # a cluster that happens to run on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+        # a cluster that happens to run on this machine. [ray] The cleaner (a detached actor)
+        # finds the state API from RAY_API_SERVER_ADDRESS, else by scanning the host for Ray
+        # instances: with a second one there it failed ("Found multiple active Ray instances"),
+        # or found the other one (a `ray start` cluster) and took a live controller for dead. So
+        # the dashboard gets a port picked here, and every process of this Ray (they inherit the
+        # environment ray.init finds) is told it; the driver's own environment is left as it was,
+        # for a process it starts that starts a Ray of its own must not inherit this address.
+        port = _free_port()
+        before = os.environ.get(STATE_API_ENV)
+        os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, log_to_driver=True,
+                     **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+        finally:
+            if before is None:
+                del os.environ[STATE_API_ENV]
+            else:
+                os.environ[STATE_API_ENV] = before
+
+
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"    # [ray] where Ray's state API clients find the dashboard
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on now (the dashboard binds it a moment later)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def code_runtime_env() -> dict:
@@ -599,7 +653,7 @@ def fit(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, run_id: str, what: 
         raise Interrupted(signum, f"{what} {cfg.run_name} interrupted by {Interrupted.name(signum)}: workers "
                           f"stopped, MLflow run {run_id} KILLED; last checkpoint "
                           f"{latest or 'none (it starts from the beginning)'}; resume with: "
-                          f"{resume_command(cfg)}") from None
+                          f"{resume_command(f'train.run_name={cfg.run_name}')}") from None
     except Exception as exc:   # noqa: BLE001 — every failure marks the run FAILED, then one line
         _end_quietly(tracker, run_id, "FAILED")
         raise TrainingError(f"{what} {cfg.run_name} failed: {worker_error_line(exc)} (MLflow run {run_id}; "
@@ -618,14 +672,14 @@ def _abort(controller: list) -> None:
             pass
 
 
-def resume_command(cfg: RunConfig) -> str:
-    """The command that resumes the run: the one that started it, when it was the CLI."""
+def resume_command(named: str) -> str:
+    """The command that resumes a run or sweep: the one that started it, when it was the CLI;
+    `named` is the setting that names it (`train.run_name=...`, a sweep's `name=...`)."""
     import shlex
-    import sys
 
     if os.path.basename(sys.argv[0]) in ("cli.py", "methodlab"):
         return "methodlab " + shlex.join(sys.argv[1:])
-    return f"the same submission again (train.run_name={cfg.run_name})"
+    return f"the same submission again ({named})"
 
 
 def finish(tracker: Tracker, run_id: str, tags: dict[str, str] | None = None) -> None:

@@ -64,6 +64,17 @@ def _missing_parents(uri: str) -> list[str]:
     return missing
 
 
+def drop(prefix: str) -> None:
+    """Delete the lease in `prefix` on behalf of a holder known to be gone: a sweep's trials once
+    Tune has stopped their actors (their heartbeat died with them; on another host than the
+    resubmission's the lease would otherwise refuse it for train.lease_timeout_s). Best effort,
+    as `release`: with storage away it is taken over once stale."""
+    try:
+        storage.remove_file(f"{prefix.rstrip('/')}/{LEASE_FILE}")
+    except OSError:
+        pass
+
+
 class Lease:
     def __init__(self, prefix: str, what: str, name: str, timeout_s: float, log=print):
         self.uri = f"{prefix.rstrip('/')}/{LEASE_FILE}"

@@ -4,6 +4,8 @@ Python's default SIGTERM kills the driver on the spot and Ray's SIGINT handler c
 so without this a Ctrl-C or a scheduler's SIGTERM left the MLflow run RUNNING. Inside
 `stop_on_signals()` the first of either raises `Interrupted` in the main thread (out of the
 blocking `fit()`), for the caller to stop the workers and mark the run; a second exits at once.
+A sweep passes `stop` instead: the first signal asks Tune to end its experiment (Tune saves its
+state and stops every trial before `fit()` returns), and the driver marks the runs afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import os
 import signal
 import threading
+from typing import Callable
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -30,11 +33,14 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def stop_on_signals():
-    """Turn the first SIGINT/SIGTERM into `Interrupted`; a second one exits at once, also while
-    the caller cleans up after the first (that handler stays). Yields the list the signal's
-    number is put in: Ray's blocking calls turn any KeyboardInterrupt raised inside them into a
-    plain one, losing which signal it was. Only in the main thread (where Python runs signal handlers; a Tune trial's thread leaves them alone)."""
+def stop_on_signals(stop: Callable[[int], bool] | None = None):
+    """Turn the first SIGINT/SIGTERM into `Interrupted`, or into `stop(signum)` where given (it
+    returns False where it could not stop anything yet: then `Interrupted` after all); a second
+    one exits at once, also while the caller cleans up after the first (that handler stays).
+    Yields the list the signal's number is put in: Ray's blocking calls turn any
+    KeyboardInterrupt raised inside them into a plain one, losing which signal it was (and with
+    `stop` nothing is raised). Only in the main thread (where Python runs signal handlers; a Tune
+    trial's thread leaves them alone)."""
     fired: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield fired
@@ -45,9 +51,13 @@ def stop_on_signals():
 
     def first(signum, frame):
         fired.append(signum)
+        # `stop` first: Tune's handler puts back the SIGINT handler it found (this one), and the
+        # second signal must find `again`.
+        stopping = stop is not None and stop(signum)
         for s in SIGNALS:
             signal.signal(s, again)
-        raise Interrupted(signum)
+        if not stopping:
+            raise Interrupted(signum)
 
     previous = {s: signal.signal(s, first) for s in SIGNALS}
     try:
