@@ -36,6 +36,9 @@ from methodlab.train.lease import LEASE_FILE, Lease
 from methodlab.train.signals import SIGNALS, Interrupted, stop_on_signals
 from tests.test_train import _weights
 
+# `make test-faults` (its own target: minutes on 2 CPUs); `make test` leaves it out.
+pytestmark = pytest.mark.faults
+
 EPOCHS = 30      # (long enough that a driver is still training when the signal comes)
 BASE = [f"train.epochs={EPOCHS}", "train.batch_size=64", "data.limit_rows=512", "scaling.num_workers=2"]
 

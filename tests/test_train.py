@@ -166,3 +166,26 @@ def test_stream_chunks_give_every_row_once_in_batches_of_at_most_bs(sizes, bs):
     seen = torch.cat([b["label"] for b in batches]).tolist()
     dropped = sum(1 for n in sizes if n % bs == 1 and n > 1)
     assert seen == sorted(seen) and len(seen) == len(set(seen)) == sum(sizes) - dropped
+
+
+@pytest.mark.slow
+def test_the_console_of_a_run_is_mostly_the_runs_own(tmp_path):
+    """`methodlab train supervised train.epochs=2` as a new user runs it: Ray's, Ray Train's and
+    MLflow's INFO lines stay out (METHODLAB_LOG_LEVEL brings them back); at most 6 lines that
+    are not the run's own (its header, epochs and summary)."""
+    import os
+    import re
+
+    env = {**os.environ, "METHODLAB_HOME": str(tmp_path / "home")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "methodlab.cli", "train", "supervised", "train.epochs=2"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [re.sub(r"^(\x1b\[\d+m)?\(\w+ pid=\d+[^)]*\)(\x1b\[0m)? ", "", ln)
+             for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    name = re.search(r"^\[(supervised-\w+)\]", "\n".join(lines), re.M).group(1)
+    own = [ln for ln in lines if ln.startswith((f"[{name}]", f"{name}:"))]
+    assert len(own) == 4, own            # header, two epochs, summary
+    others = [ln for ln in lines if ln not in own]
+    assert len(others) <= 6, others
+    assert not any("Checkpoint successfully created" in ln or "Setting up process group" in ln for ln in lines)

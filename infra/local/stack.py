@@ -249,7 +249,8 @@ def spawn(s: Settings, service: str, argv: list[str], env: dict[str, str]) -> in
     s.log_file(service).parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **env, "METHODLAB_STACK_DIR": str(s.dir), "METHODLAB_STACK_SERVICE": service}
     # A profile or session token from the user's shell would override the local dummies.
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "RAY_ADDRESS", "RAY_AUTH_TOKEN",
+              "RAY_API_SERVER_ADDRESS"):   # (it outranks RAY_ADDRESS for state API clients)
         full_env.pop(k, None)
     with open(s.log_file(service), "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {service}\n".encode())

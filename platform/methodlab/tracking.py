@@ -226,9 +226,26 @@ class RunRecord:
     tags: dict[str, str]
 
 
+LOG_LEVEL_ENV = "METHODLAB_LOG_LEVEL"
+
+
+def library_log_level() -> str:
+    """The level of Ray's and MLflow's own log lines: WARNING unless METHODLAB_LOG_LEVEL says."""
+    return os.environ.get(LOG_LEVEL_ENV, "WARNING").upper()
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (registering, waiting for a version, "View run at") in every process
+    that tracks, workers included: the run's own lines say what was registered."""
+    logging.getLogger("mlflow").setLevel(library_log_level())
+    if library_log_level() != "INFO":
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str | None):
         """`experiment=None` only addresses existing runs (e.g. `methodlab sync`)."""
+        quiet_mlflow()
         self.uri = uri
         with store_lock(uri):
             client = MlflowClient(tracking_uri=uri)          # creates a fresh store's tables

@@ -252,8 +252,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # Ray's INFO lines ("Started a local Ray instance", ...) drown the run's own, as Ray Train's
+    # do (build_trainer); METHODLAB_LOG_LEVEL=INFO brings them back.
+    quiet = {"logging_level": log_level()}
     if not local:
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=code_runtime_env())
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=code_runtime_env(), **quiet)
     else:
         # The dashboard process also hosts the state API that Ray Train's placement-group cleaner
         # needs; without it a stopped trial leaks its CPUs. address="local": a new instance, never
@@ -269,7 +272,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=port, log_to_driver=True,
+                     dashboard_port=port, log_to_driver=True, **quiet,
                      **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
         finally:
             if before is None:
@@ -279,6 +282,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"    # [ray] where Ray's state API clients find the dashboard
+
+
+def log_level() -> str:
+    """The level of Ray's and MLflow's own log lines (METHODLAB_LOG_LEVEL, default WARNING)."""
+    from methodlab.tracking import library_log_level
+
+    return library_log_level()
 
 
 def _free_port() -> int:
@@ -447,7 +457,8 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
                   started_at: float | None = None):
     """The TorchTrainer for one run (also used by each Tune trial)."""
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, \
+        ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from methodlab.train.faults import ENV as FAULTS_ENV
@@ -486,6 +497,9 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute=SCORE_KEY,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # [ray] Ray Train's own lines (resources, worker group, process group, DDP wrapping,
+            # "Checkpoint successfully created") at METHODLAB_LOG_LEVEL, WARNING by default.
+            logging_config=LoggingConfig(log_level=log_level()),
             callbacks=callbacks,
             **_storage_kwargs(cfg)),
         datasets=datasets,
