@@ -247,11 +247,13 @@ def port_free(host: str, port: int) -> bool:
 def spawn(s: Settings, service: str, argv: list[str], env: dict[str, str]) -> int:
     """Start `argv` in a new session (its own process group), output to the service's log."""
     s.log_file(service).parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **env, "METHODLAB_STACK_DIR": str(s.dir), "METHODLAB_STACK_SERVICE": service}
-    # A profile or session token from the user's shell would override the local dummies.
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "RAY_ADDRESS", "RAY_AUTH_TOKEN",
-              "RAY_API_SERVER_ADDRESS"):   # (it outranks RAY_ADDRESS for state API clients)
-        full_env.pop(k, None)
+    # A profile or session token from the user's shell would override the local dummies, and a
+    # cluster address from it would point the stack's Ray elsewhere (RAY_API_SERVER_ADDRESS
+    # outranks RAY_ADDRESS for state API clients): the caller's are dropped, the service's kept.
+    dropped = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "RAY_ADDRESS", "RAY_AUTH_TOKEN",
+               "RAY_API_SERVER_ADDRESS")
+    full_env = {**{k: v for k, v in os.environ.items() if k not in dropped}, **env,
+                "METHODLAB_STACK_DIR": str(s.dir), "METHODLAB_STACK_SERVICE": service}
     with open(s.log_file(service), "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {service}\n".encode())
         log.flush()
