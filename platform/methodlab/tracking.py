@@ -71,6 +71,9 @@ MAX_PARAM_KEY = 250
 # tables...") on stderr; users see them before their own error or result, so keep them at WARNING.
 for _noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
+# Logging a pyfunc model says "Validating input example against model signature" at INFO on
+# every registration (an example that does not match the signature still raises).
+logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
 # Registering a model downloads its files again, with tqdm bars that reach a Ray job's log as long
 # lines of carriage returns. MLflow reads this at each download; users who want the bars set it.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
