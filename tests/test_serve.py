@@ -150,6 +150,19 @@ def test_the_logged_model_documents_and_takes_raw_input(digits, tmp_path):
     assert (out["label"].to_numpy() == ref.argmax(-1)).all()
 
 
+def test_the_server_finds_uvicorn_whatever_the_callers_path(monkeypatch):
+    import shutil
+
+    from methodlab.tracking import serve_command
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")          # a shell without the venv activated
+    argv, env = serve_command("models:/m@candidate", "sqlite:///x.db", "127.0.0.1", 5001)
+    assert shutil.which("uvicorn", path=env["PATH"]) and os.access(argv[0], os.X_OK)
+    assert argv[1:5] == ["models", "serve", "-m", "models:/m@candidate"]
+    assert argv[argv.index("--env-manager") + 1] == "local" and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert env["MLFLOW_TRACKING_URI"] == "sqlite:///x.db"
+
+
 def test_serve_refuses_a_model_that_is_not_registered(tmp_path, capsys):
     from methodlab.cli import main
 
