@@ -81,6 +81,25 @@ def test_every_methods_exported_model_has_a_documented_raw_input(name, tmp_path_
         assert sum(int(np.prod(m["shape"])) for m in doc["layout"]) == col.shape[0]
 
 
+@pytest.mark.parametrize("name", method_names())
+def test_every_methods_exported_model_serves_its_raw_example(name, home):
+    """Registry-driven, untrained (seeded) final-stage models: the served predictor on the raw
+    example rows gives what the exported network gives on those rows decoded by the data layer
+    (`decode_arrays`, with the run's data.normalize), and the example is the stored rows."""
+    from tests.test_core import _final_stage_models, _method
+
+    method = _method(name)
+    model, spec = method.export(_final_stage_models(method))
+    raw, doc = method.example_input(), method.export_input_doc()
+    stored = read_split(method.data.info, "val", limit_rows=len(raw))
+    np.testing.assert_array_equal(raw, stored[method.export_input])
+    decoded = decode_arrays(stored, method.data.info.columns, method.cfg.data.normalize)[method.export_input]
+    with torch.no_grad():
+        ref = torch.softmax(model.eval()(torch.from_numpy(decoded)).float(), -1).numpy()
+    out = Predictor(spec, model.state_dict(), doc).predict(raw)
+    np.testing.assert_allclose(out["probabilities"], ref, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # The predictor: raw in, the platform's model's answer out
 
