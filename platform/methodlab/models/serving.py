@@ -24,8 +24,9 @@ from methodlab.data.decode import ColumnDecode
 from methodlab.models.factory import build_model
 
 # Who applies an input's mean/std: a network trained on standardized data gets it from the
-# served model; an imported one carries it in its kwargs and applies it itself.
-BY_PYFUNC, BY_MODEL = "the pyfunc", "the model"
+# served model; an imported one carries it in its kwargs and applies it itself (its spec's
+# `input` says "the model", `models.sources`), so the pyfunc leaves that input as it is.
+BY_PYFUNC = "the pyfunc"
 
 
 def input_doc(info: DatasetInfo, column: str, normalize: bool) -> dict:
