@@ -169,6 +169,33 @@ def test_the_logged_model_documents_and_takes_raw_input(digits, tmp_path):
     assert (out["label"].to_numpy() == ref.argmax(-1)).all()
 
 
+def test_an_imported_model_is_served_on_its_documented_floats_normalized_once(tmp_path):
+    """`methodlab models import`'s registration: the input is [0, 1] floats that the network
+    standardizes itself (its kwargs), so the pyfunc must not standardize them again."""
+    import mlflow
+
+    from methodlab.tracking import Tracker
+
+    norm = {"input_mean": [0.4, 0.5, 0.6], "input_std": [0.2, 0.25, 0.3]}
+    spec = {"arch": "vit", "kwargs": {"img_size": 8, "patch_size": 4, "in_channels": 3, "num_classes": 3,
+                                      "embed_dim": 8, "depth": 1, "num_heads": 2, **norm},
+            "input": {"dtype": "float32", "shape": [3, 8, 8], "range": [0.0, 1.0], "mean": norm["input_mean"],
+                      "std": norm["input_std"], "normalized_by": "the model"},
+            "source": {"from": "test", "file": "w.pt", "sha256": "0", "license": "test"}}
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    x = torch.rand(4, 3, 8, 8)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert Tracker(uri, "serve-test").register_import("tiny-vit", model, spec, x[:1].numpy()) == "1"
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info("models:/tiny-vit@candidate")
+    assert info.metadata["input"] == {**spec["input"], "shape": [-1, 3, 8, 8]}
+    out = mlflow.pyfunc.load_model("models:/tiny-vit@candidate").predict(x.numpy())
+    with torch.no_grad():
+        ref = torch.softmax(model(x), -1).numpy()
+    np.testing.assert_allclose(np.stack(out["probabilities"]), ref, rtol=1e-4, atol=1e-6)
+
+
 def test_the_server_finds_uvicorn_whatever_the_callers_path(monkeypatch):
     import shutil
 
