@@ -222,29 +222,36 @@ class LockRetryingClient:
 # The registered model as MLflow serves it
 
 
-class PyfuncModel(mlflow.pyfunc.PythonModel):
-    """A registered model as MLflow's pyfunc: raw rows (the signature's dtype and shape, as the
-    dataset stores them) in; a DataFrame of `label` and `probabilities` out
-    (`models.serving.Predictor`). Rebuilt at load from the model's artifacts, `model_spec.json`
-    and the weights-only `weights.pt`: nothing pickled is loaded."""
+@functools.cache
+def pyfunc_model_class() -> type:
+    """The registered model's class, defined on first use: `mlflow.pyfunc` is a heavy import
+    (pandas, MLflow's GenAI types) that most commands never need."""
 
-    def load_context(self, context):
-        from methodlab.models.serving import Predictor
+    class PyfuncModel(mlflow.pyfunc.PythonModel):
+        """A registered model as MLflow's pyfunc: raw rows (the signature's dtype and shape, as
+        the dataset stores them) in; a DataFrame of `label` and `probabilities` out
+        (`models.serving.Predictor`). Rebuilt at load from the model's artifacts,
+        `model_spec.json` and the weights-only `weights.pt`: nothing pickled is loaded."""
 
-        spec = json.loads(Path(context.artifacts["model_spec"]).read_text())
-        self.predictor = Predictor.from_files(spec, context.artifacts["weights"], context.model_config["input"])
+        def load_context(self, context):
+            from methodlab.models.serving import Predictor
 
-    # (The np.ndarray hint tells MLflow not to infer a schema from hints: the signature has it.)
-    def predict(self, context, model_input: np.ndarray, params=None):
-        import pandas as pd
+            spec = json.loads(Path(context.artifacts["model_spec"]).read_text())
+            self.predictor = Predictor.from_files(spec, context.artifacts["weights"], context.model_config["input"])
 
-        out = self.predictor.predict(np.asarray(model_input))
-        return pd.DataFrame({k: list(v) if v.ndim > 1 else v for k, v in out.items()})
+        # (The np.ndarray hint tells MLflow not to infer a schema from hints: the signature has it.)
+        def predict(self, context, model_input: np.ndarray, params=None):
+            import pandas as pd
+
+            out = self.predictor.predict(np.asarray(model_input))
+            return pd.DataFrame({k: list(v) if v.ndim > 1 else v for k, v in out.items()})
+
+    return PyfuncModel
 
 
 def set_pyfunc_model() -> None:
     """What the model's code file runs when MLflow loads it."""
-    mlflow.models.set_model(PyfuncModel())
+    mlflow.models.set_model(pyfunc_model_class()())
 
 
 # MLflow 3 refuses to unpickle a python_model by default, so the model is logged "from code":
@@ -386,7 +393,7 @@ class Tracker:
 
     def log_model(self, run_id: str, model, spec: dict, input_example, registered_name: str | None,
                   tags: dict[str, Any], input_doc: dict | None = None) -> str | None:
-        """Log `model` as an MLflow pyfunc model (`PyfuncModel`: its spec and a weights-only state
+        """Log `model` as an MLflow pyfunc model (`pyfunc_model_class`: its spec and a weights-only state
         dict, no pickled code) and register a version with alias `candidate`. Returns the version,
         or None when `registered_name` is None.
 

@@ -1,6 +1,6 @@
 """What a registered model takes and gives when it is served, without MLflow.
 
-A registered model (MLflow's pyfunc flavour, `tracking.PyfuncModel`) takes its input *raw*, as
+A registered model (MLflow's pyfunc flavour, `tracking.pyfunc_model_class`) takes its input *raw*, as
 the dataset stores the column the method exports (`Method.export_input`): digits' `image` is
 uint8 ink counts 0..16 (scale 1/16), an imported image dataset's uint8 0..255 (scale 1/255),
 multimodal `packed` the modalities flattened and concatenated, GZSL `features` float32. The
