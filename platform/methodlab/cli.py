@@ -4,6 +4,7 @@
     methodlab sweep <method> [-c sweep.yaml] [key=value ...]
     methodlab submit --address http://<head>:8265 train|sweep <method> [-c file] [key=value ...]
     methodlab promote <registered-model> [--metric test_acc] [--version N]
+    methodlab serve models:/<registered-model>@<alias> [--port 5001] [--host 127.0.0.1]
     methodlab data prepare [name ...] | data list
     methodlab data import <image-folder> --out <path-or-s3> [--size 32] [--workers N] [--skip-bad]
     methodlab data import-<format> <source> --out <path-or-s3>   cifar10, cifar100, stl10, flowers102,
@@ -21,11 +22,12 @@ spent; tracebacks are for bugs, and are printed with credentials in URIs masked 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
 
-from methodlab.errors import MethodlabError
+from methodlab.errors import ConfigError, MethodlabError
 from methodlab.redact import redact_value
 
 STARTED_AT = time.time()     # the command's start: the run logs start-up to its first step (startup_s)
@@ -72,6 +74,25 @@ def _promote(args) -> int:
     moved, message = tracker.promote(args.name, args.metric, args.mode, args.version)
     print(message)
     return 0 if moved else 1
+
+
+def _serve(args) -> int:
+    from methodlab.config import TrackingConfig, default_tracking_uri
+    from methodlab.tracking import Tracker, serve_command
+
+    if not args.model.startswith(("models:/", "runs:/")):
+        raise ConfigError(f"model {args.model!r}: give a registered model, models:/NAME@ALIAS or models:/NAME/VERSION")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: give a port in 1..65535")
+    uri = args.tracking_uri or default_tracking_uri()
+    missing = Tracker(uri, TrackingConfig().experiment).missing_model(args.model)
+    if missing:
+        raise ConfigError(f"model {args.model} is not in {redact_value(uri)} ({missing}); "
+                          "check the name and alias (methodlab train registers one)")
+    argv, env = serve_command(args.model, uri, args.host, args.port)
+    print(f"[methodlab] serving {args.model} on http://{args.host}:{args.port}/invocations "
+          "(POST {\"inputs\": [raw rows]}); Ctrl-C stops it", flush=True)
+    os.execve(argv[0], argv, env)       # the server, in this process: Ctrl-C and signals reach it
 
 
 def _data(args) -> int:
@@ -260,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--version", help="default: the version with alias 'candidate'")
     pr.add_argument("--tracking-uri", help="default: the local SQLite store")
     pr.set_defaults(func=_promote)
+
+    sv = sub.add_parser("serve", help="serve a registered model over HTTP (MLflow's scoring server): POST "
+                        "raw rows to /invocations, get labels and class probabilities")
+    sv.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION, e.g. models:/methodlab-supervised@candidate")
+    sv.add_argument("--port", type=int, default=5001, help="default: 5001 (the MLflow UI has 5000)")
+    sv.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    sv.add_argument("--tracking-uri", help="default: the local SQLite store")
+    sv.set_defaults(func=_serve)
 
     from methodlab.data.importers import IMPORTERS
 

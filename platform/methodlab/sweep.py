@@ -640,14 +640,15 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
     """Register the best trial whose checkpoint holds the exported model (a multi-stage trial
     stopped before its last stage has none) from its last checkpoint, with alias `candidate`."""
     from methodlab.data.dataset import read_split
-    from methodlab.data.decode import decode_arrays
     from methodlab.models import hub
+    from methodlab.models.serving import input_doc
     from methodlab.tracking import CHECKPOINT_ROOT_TAG
 
     if not ranked:
         return None, None
-    example = decode_arrays(read_split(info, "val", limit_rows=2), info.columns,
-                            base.data.normalize)[method.export_input]
+    # Raw rows, as stored: what the served model takes (it decodes them itself).
+    example = read_split(info, "val", limit_rows=2)[method.export_input]
+    doc = input_doc(info, method.export_input, base.data.normalize)
     for t in ranked:
         root = tracker.client.get_run(t.run_id).data.tags.get(CHECKPOINT_ROOT_TAG)
         try:
@@ -656,7 +657,7 @@ def _register_best(ranked: list[Trial], base: RunConfig, info, method, tracker, 
             continue
         version = tracker.register(t.run_id, model, spec, example, base.tracking.registered_model,
                                    {method.metric: t.metric, "sweep": name, "run_name": t.run_name,
-                                    **{f"param.{k}": v for k, v in t.params.items()}})
+                                    **{f"param.{k}": v for k, v in t.params.items()}}, doc)
         return t, version
     return ranked[0], None
 

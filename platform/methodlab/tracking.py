@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -70,6 +71,9 @@ MAX_PARAM_KEY = 250
 # tables...") on stderr; users see them before their own error or result, so keep them at WARNING.
 for _noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
+# Logging a pyfunc model says "Validating input example against model signature" at INFO on
+# every registration (an example that does not match the signature still raises).
+logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
 # Registering a model downloads its files again, with tqdm bars that reach a Ray job's log as long
 # lines of carriage returns. MLflow reads this at each download; users who want the bars set it.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -215,6 +219,63 @@ class LockRetryingClient:
 
 
 # ----------------------------------------------------------------------------------------------
+# The registered model as MLflow serves it
+
+
+@functools.cache
+def pyfunc_model_class() -> type:
+    """The registered model's class, defined on first use: `mlflow.pyfunc` is a heavy import
+    (pandas, MLflow's GenAI types) that most commands never need."""
+
+    class PyfuncModel(mlflow.pyfunc.PythonModel):
+        """A registered model as MLflow's pyfunc: raw rows (the signature's dtype and shape, as
+        the dataset stores them) in; a DataFrame of `label` and `probabilities` out
+        (`models.serving.Predictor`). Rebuilt at load from the model's artifacts,
+        `model_spec.json` and the weights-only `weights.pt`: nothing pickled is loaded."""
+
+        def load_context(self, context):
+            from methodlab.models.serving import Predictor
+
+            spec = json.loads(Path(context.artifacts["model_spec"]).read_text())
+            self.predictor = Predictor.from_files(spec, context.artifacts["weights"], context.model_config["input"])
+
+        # (The np.ndarray hint tells MLflow not to infer a schema from hints: the signature has it.)
+        def predict(self, context, model_input: np.ndarray, params=None):
+            import pandas as pd
+
+            out = self.predictor.predict(np.asarray(model_input))
+            return pd.DataFrame({k: list(v) if v.ndim > 1 else v for k, v in out.items()})
+
+    return PyfuncModel
+
+
+def set_pyfunc_model() -> None:
+    """What the model's code file runs when MLflow loads it."""
+    mlflow.models.set_model(pyfunc_model_class()())
+
+
+# MLflow 3 refuses to unpickle a python_model by default, so the model is logged "from code":
+# this file, saved with the model, is what MLflow runs to get it; methodlab must be importable
+# where it loads (the platform's venv: `methodlab serve`).
+PYFUNC_CODE = "methodlab_pyfunc.py"
+PYFUNC_CODE_TEXT = "from methodlab.tracking import set_pyfunc_model\n\nset_pyfunc_model()\n"
+
+
+def serve_command(model_uri: str, tracking_uri: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of `mlflow models serve` for a registered model, run with this venv's Python:
+    its bin directory first on PATH (MLflow starts `uvicorn` by name) and `--env-manager local`
+    (the model needs methodlab, which is not on PyPI)."""
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_TRACKING_URI": tracking_uri}
+    argv = [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "--host", host, "--port", str(port)]
+    return argv, env
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -354,30 +415,39 @@ class Tracker:
     # -- models -----------------------------------------------------------------------------
 
     def log_model(self, run_id: str, model, spec: dict, input_example, registered_name: str | None,
-                  tags: dict[str, Any]) -> str | None:
-        """Log `model` (torch.export "pt2" format, plus its spec and state dict as extra files so the
-        platform can rebuild it with weights_only loads) and register a version with alias
-        `candidate`. Returns the version, or None when `registered_name` is None.
+                  tags: dict[str, Any], input_doc: dict | None = None) -> str | None:
+        """Log `model` as an MLflow pyfunc model (`pyfunc_model_class`: its spec and a weights-only state
+        dict, no pickled code) and register a version with alias `candidate`. Returns the version,
+        or None when `registered_name` is None.
 
-        The MLmodel's metadata `input` documents what the model takes: the example's dtype and
-        shape (batch first, -1), and what the spec states beyond them (an imported backbone's
-        value range and the normalization it applies itself)."""
+        `input_doc` (`models.serving.input_doc`, or an imported model's spec `input`) is the raw
+        input the served model takes: its signature's dtype and shape, and the MLmodel metadata
+        `input` with the scale, value range and normalization it applies itself. `input_example`
+        is such raw rows; without `input_doc` the model takes the example's dtype and shape as they are."""
         import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
-        metadata = {"input": {"dtype": str(input_example.dtype), "shape": [-1, *input_example.shape[1:]],
-                              **{k: v for k, v in spec.get("input", {}).items() if k not in ("dtype", "shape")}}}
+        from methodlab.models.serving import classifies
 
+        doc = input_doc or {"dtype": str(input_example.dtype), "shape": [-1, *input_example.shape[1:]]}
+        outputs = [ColSpec("long", "label"), ColSpec(Array("float"), "probabilities")] if classifies(spec) \
+            else [ColSpec(Array("float"), "features")]
+        signature = ModelSignature(Schema([TensorSpec(np.dtype(doc["dtype"]), tuple(doc["shape"]))]), Schema(outputs))
+        example = np.asarray(input_example).astype(doc["dtype"])
         with tempfile.TemporaryDirectory() as tmp:
-            spec_file, weights_file = f"{tmp}/model_spec.json", f"{tmp}/weights.pt"
+            spec_file, weights_file, code_file = f"{tmp}/model_spec.json", f"{tmp}/weights.pt", f"{tmp}/{PYFUNC_CODE}"
             Path(spec_file).write_text(json.dumps(spec))
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
+            Path(code_file).write_text(PYFUNC_CODE_TEXT)
             mlflow.set_tracking_uri(self.uri)
             status = self.client.get_run(run_id).info.status
             with retry_locked(mlflow.start_run, run_id=run_id):
                 info = retry_locked(
-                    mlflow.pytorch.log_model, model.eval().cpu(), name="model", input_example=input_example,
-                    serialization_format="pt2", extra_files=[spec_file, weights_file], metadata=metadata,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                    mlflow.pyfunc.log_model, name="model", python_model=code_file,
+                    artifacts={"model_spec": spec_file, "weights": weights_file}, model_config={"input": doc},
+                    signature=signature, input_example=example, metadata={"input": doc},
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
             # Leaving start_run() marks the run FINISHED; the run's owner decides its status.
             self.client.update_run(run_id, status=status)
         if registered_name is None:
@@ -389,12 +459,12 @@ class Tracker:
         return str(version)
 
     def register(self, run_id: str, model, spec: dict, input_example, registered_name: str | None,
-                 version_tags: dict[str, Any], epoch: int | None = None) -> str | None:
+                 version_tags: dict[str, Any], input_doc: dict | None = None, epoch: int | None = None) -> str | None:
         """`log_model` for a run (a `methodlab train` run, or a sweep's best trial): the version also
         gets the git commit as a tag, and the run records what it registered: the version ("none"
         with no `registered_name`), the model's spec and, where known, the epoch it is from."""
         version = self.log_model(run_id, model, spec, input_example, registered_name,
-                                 {**version_tags, **provenance_tags()})
+                                 {**version_tags, **provenance_tags()}, input_doc)
         self.set_tags(run_id, {REGISTERED_VERSION_TAG: version or "none", MODEL_SPEC_TAG: json.dumps(spec),
                                **({REGISTERED_EPOCH_TAG: epoch} if epoch is not None else {})})
         return version
@@ -407,9 +477,11 @@ class Tracker:
                                 {IMPORTED_FROM_TAG: source["from"], LICENSE_TAG: source["license"]},
                                 json.dumps(spec, indent=2))
         try:
+            # The spec's `input` is per row; the served model takes batches.
             version = self.register(run_id, model, spec, input_example, registered_name,
                                     {IMPORTED_FROM_TAG: source["from"], LICENSE_TAG: source["license"],
-                                     "sha256": source["sha256"]})
+                                     "sha256": source["sha256"]},
+                                    {**spec["input"], "shape": [-1, *spec["input"]["shape"]]})
         except BaseException:
             self.end_run(run_id, "FAILED")
             raise

@@ -33,6 +33,7 @@ from methodlab.config import RunConfig, Section
 from methodlab.data.dataset import DatasetInfo
 from methodlab.data.decode import Decoders, column_decoders, decode_batch
 from methodlab.metrics.confusion import confusion_chart, confusion_counts
+from methodlab.models.serving import input_doc
 
 Batch = dict[str, torch.Tensor]
 
@@ -300,8 +301,13 @@ class Method(ABC):
         """The model to register and its spec ({"arch", "kwargs"}), from the final stage's models."""
 
     def example_input(self) -> Any:
-        """A small input for the exported model's signature (numpy)."""
-        return self.data.splits["val"].head(2)[self.export_input].numpy()
+        """Two rows of the exported column as the dataset stores them (numpy): the served model's
+        raw input (`models.serving`), its MLflow input example."""
+        return self.data.splits["val"].tensors[self.export_input][:2].numpy()
+
+    def export_input_doc(self) -> dict:
+        """The raw input the registered model takes (dtype, shape, scale, range, normalization)."""
+        return input_doc(self.data.info, self.export_input, self.data.normalize)
 
     def state_dict(self) -> dict:
         """The method's own state that must survive a resume (running windows, mined sets)."""

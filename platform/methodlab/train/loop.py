@@ -384,4 +384,5 @@ def _register(cfg: RunConfig, method: Method, tracker, run_id: str, state: LoopS
     epoch = state.best.get("history_step", state.history_step) if cfg.tracking.register == "best" else state.history_step
     tracker.register(run_id, model, spec, method.example_input(),
                      cfg.tracking.registered_model if cfg.tracking.register_model else None,
-                     {**chosen, **tests, "epoch": epoch, "run_name": cfg.run_name}, epoch=epoch)
+                     {**chosen, **tests, "epoch": epoch, "run_name": cfg.run_name},
+                     method.export_input_doc(), epoch=epoch)
