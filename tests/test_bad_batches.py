@@ -517,6 +517,27 @@ def test_probe_knn_and_export():
     assert art["bad_batches/epoch_001_frd.csv"].splitlines()[0] == "step,threshold,frd_rank0,kept_rank0"
 
 
+def test_evaluation_follows_the_weights_loaded_not_the_step_count():
+    """The loop scores the test split after loading the best epoch's weights, at the last epoch's
+    step count: the probe and the train bank must be those of the weights being scored (a stale
+    probe gave test 0.44 where val was 0.95)."""
+    import copy
+
+    def score(m):        # (the probe's initialisation draws from torch's RNG: the same for each)
+        torch.manual_seed(0)
+        return m.evaluate("train", models, "val", torch.device("cpu"))
+
+    method, models, _ = _run(steps=2)
+    before = copy.deepcopy(models["net"].state_dict())
+    score(method)
+    with torch.no_grad():
+        for p in models["net"].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert score(method) == score(BadBatches(method.cfg, method.data))
+    models["net"].load_state_dict(before)                # (the best epoch's, same step count)
+    assert score(method) == score(BadBatches(method.cfg, method.data))
+
+
 def test_trains_and_probes_on_rgb_shapes():
     """The 3x32x32 built-in (`data.shapes`) with SimCLR's colour augmentations: the encoder takes
     3 channels, a step changes it, and the probe classifies its 12 shapes."""

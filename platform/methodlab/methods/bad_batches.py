@@ -123,6 +123,15 @@ def keep_batch(frd: float, threshold: float) -> bool:
 
 
 @torch.no_grad()
+def weights_key(module: nn.Module) -> tuple[float, ...]:
+    """A fingerprint of a module's parameters (per tensor: the sum and the sum of squares, in
+    float64): equal for equal weights, also after a checkpoint is loaded. Parameters only: DDP
+    keeps them equal on every rank, so every rank takes the same (collective) branch with it."""
+    return tuple(v for p in module.parameters()
+                 for v in torch.stack([p.double().sum(), p.double().square().sum()]).tolist())
+
+
+@torch.no_grad()
 def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int,
                  weight_decay: float) -> nn.Linear:
     """A multinomial logistic regression on frozen features (the standard SSL linear evaluation,
@@ -300,9 +309,9 @@ class BadBatches(Method):
         self.planned_for: tuple[str, int] | None = None   # (stage, epoch) that planned it
         self.per_epoch = 1                       # batches per epoch (build_schedulers)
         self.probe: dict[str, torch.Tensor] = {}  # the linear probe head, fitted at evaluation
-        self.probe_at = -1                       # `accepted` when the probe was fitted
+        self.probe_at: tuple = ()                # `weights_key` of the backbone the probe was fitted on
         self.bank: tuple[torch.Tensor, torch.Tensor] | None = None   # train features, labels (all ranks)
-        self.bank_at = -1                        # `accepted` when the bank was extracted
+        self.bank_at: tuple = ()                 # `weights_key` of the backbone the bank came from
         self.records: list[list[float]] = []     # this epoch: per batch [step, threshold, frd, kept] x rank
         self._augment: nn.Module | None = None
 
@@ -474,15 +483,19 @@ class BadBatches(Method):
         and the correct counts are summed."""
         backbone = models["net"].backbone
         k = self.data.info.num_classes
-        if self.bank_at != self.accepted or self.bank is None:
+        # Keyed on the weights, not on a step count: the test split is scored with the best
+        # epoch's weights loaded (tracking.register=best) at the same step count as the last
+        # epoch's, and a probe fitted on other features scores nonsense (0.44 for 0.95).
+        key = weights_key(backbone)
+        if self.bank_at != key or self.bank is None:
             x, y = self._features(backbone, "train", device)
             self.bank = (distributed.gather_uneven_rows(x), distributed.gather_uneven_rows(y))
-            self.bank_at = self.accepted
+            self.bank_at = key
         train_x, train_y = self.bank
-        if self.probe_at != self.accepted or not self.probe:
+        if self.probe_at != key or not self.probe:
             head = linear_probe(train_x, train_y, k, self.mcfg.probe_steps, self.mcfg.probe_weight_decay)
             self.probe = {n: v.detach().cpu() for n, v in head.state_dict().items()}
-            self.probe_at = self.accepted
+            self.probe_at = key
         x, y = self._features(backbone, split, device)
         logits = F.linear(x, self.probe["weight"].to(x.device), self.probe["bias"].to(x.device))
         knn = knn_predict(train_x, train_y, x, k, self.mcfg.knn_k)
@@ -523,14 +536,15 @@ class BadBatches(Method):
 
     def state_dict(self):
         return {"window": list(self.window), "accepted": self.accepted, "probe": self.probe,
-                "probe_at": self.probe_at, "curated": list(self.curated), "planned": self.planned,
+                "probe_at": list(self.probe_at), "curated": list(self.curated), "planned": self.planned,
                 "planned_for": self.planned_for}
 
     def load_state_dict(self, state):
         self.window = deque(state.get("window", []), maxlen=self.mcfg.frd_window)
         self.accepted = state.get("accepted", 0)
         self.probe = state.get("probe", {})
-        self.probe_at = state.get("probe_at", -1)
+        fitted_on = state.get("probe_at")        # (a step count in checkpoints before weights_key)
+        self.probe_at = tuple(fitted_on) if isinstance(fitted_on, (list, tuple)) else ()
         self.curated = list(state.get("curated", [0, 0]))
         self.planned = state.get("planned", 1)
         planned_for = state.get("planned_for")
