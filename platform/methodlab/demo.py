@@ -60,11 +60,13 @@ def run_demo(extra_overrides: list[str] = ()) -> int:
     def shown(value) -> str:
         return f"{value:.4f}" if value is not None else "n/a"
 
-    print(f"\nmethodlab demo: {len(rows)} methods in {time.time() - t_start:.0f}s")
-    print(f"{'method':18s} {'metric':22s} {'value':>8s}  {'baseline (same task)':32s} registered model")
+    baselines = sum(1 for row in rows if row[5])
+    print(f"\nmethodlab demo: {len(rows) + baselines} runs ({baselines} of them baselines) in "
+          f"{time.time() - t_start:.0f}s")
+    print(f"{'method':18s} {'metric':16s} {'value':>8s}  {'baseline on the same task':36s} registered model")
     for name, model, metric, value, version, baseline, _ in rows:
         base = f"{shown(baseline[1]):>8s}  {baseline[0]}" if baseline else ""
-        print(f"{name:18s} {metric:22s} {shown(value):>8s}  {base:32s} {model} v{version}")
+        print(f"{name:18s} {metric:16s} {shown(value):>8s}  {base:36s} {model} v{version}")
     from methodlab.report import write_report
 
     print(f"\nreport: {write_report(cfg.tracking.uri)}")
