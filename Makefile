@@ -57,7 +57,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not load and not faults and not parity"
 
-# Each external fault against a real run (tests/test_faults.py; ~3 min on 2 CPUs).
+# Each external fault against a real run (tests/test_faults.py and the tests marked faults elsewhere: a killed or signalled sweep driver, a crashed worker, an S3 outage; ~8 min on 2 CPUs).
 test-faults: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m faults --durations=10
 

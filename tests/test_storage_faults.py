@@ -52,6 +52,7 @@ def _state_keys(client, bucket: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.faults      # an external fault against a real run: make test-faults
 def test_s3_outage_keeps_the_checkpoint_locally_and_resume_picks_it_up(ray_cluster, home, s3, capsys):
     settings = storage.S3Settings(s3.endpoint, "us-east-1")
     client = storage.s3_client(settings)

@@ -285,6 +285,7 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
 
 
 @pytest.mark.slow
+@pytest.mark.faults      # an external fault against a real run: make test-faults
 def test_killed_sweep_driver_resumes(ray_cluster, home):
     """A driver killed mid-sweep, submitted again: the finished trial is not run again, the
     unfinished one continues from its Ray Train checkpoint in the same MLflow child run."""
@@ -359,6 +360,7 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
 
 
 @pytest.mark.slow
+@pytest.mark.faults      # an external fault against a real run: make test-faults
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_the_sweep_driver_kills_every_trial_keeping_checkpoints_and_it_resumes(ray_cluster, home, signum):
     """SIGINT or SIGTERM to a sweep driver's process group while two trials train: Tune stops both,

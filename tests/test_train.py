@@ -101,6 +101,7 @@ def test_bad_config_is_one_line_non_zero_and_leaves_no_run(home):
 
 
 @pytest.mark.slow
+@pytest.mark.faults      # an external fault against a real run: make test-faults
 def test_worker_crash_is_survived_with_max_failures(ray_cluster, home, monkeypatch):
     """A worker killed mid-epoch, right after a mid-epoch checkpoint (every 4 steps; an epoch has
     9 per worker): the run restarts its workers from it, skips the batches that checkpoint had

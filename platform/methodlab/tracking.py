@@ -477,11 +477,12 @@ class Tracker:
                                 {IMPORTED_FROM_TAG: source["from"], LICENSE_TAG: source["license"]},
                                 json.dumps(spec, indent=2))
         try:
-            # The spec's `input` is per row; the served model takes batches.
+            # The spec's `input` is per row; the served model takes batches. (A spec without one
+            # takes the example's dtype and shape as they are.)
+            doc = {**spec["input"], "shape": [-1, *spec["input"]["shape"]]} if "input" in spec else None
             version = self.register(run_id, model, spec, input_example, registered_name,
                                     {IMPORTED_FROM_TAG: source["from"], LICENSE_TAG: source["license"],
-                                     "sha256": source["sha256"]},
-                                    {**spec["input"], "shape": [-1, *spec["input"]["shape"]]})
+                                     "sha256": source["sha256"]}, doc)
         except BaseException:
             self.end_run(run_id, "FAILED")
             raise
