@@ -537,15 +537,17 @@ def _interrupted(tracker, base: RunConfig, name: str, parent: str, signum: int) 
 
     killed = []
     try:
-        killed = tracker.running_children(parent)
+        # (a trial's own run may be KILLED already: its trial can end it as Tune stops the actor)
+        killed = tracker.stopped_children(parent)
     except Exception:  # noqa: BLE001 — tracking server away: the line below still comes
         print(f"[methodlab] could not list the running trials of MLflow run {parent}: tracking server "
               "unreachable", flush=True)
-    for run_id, run_name in killed:
-        _end_quietly(tracker, run_id, "KILLED")
+    for run_id, run_name, status in killed:
+        if status == "RUNNING":
+            _end_quietly(tracker, run_id, "KILLED")
         drop_lease(f"{base.storage.path.rstrip('/')}/{run_name}")
     _end_quietly(tracker, parent, "KILLED")
-    names = ", ".join(sorted(n for _, n in killed))
+    names = ", ".join(sorted(n for _, n, _ in killed))
     trials = (f"{len(killed)} running trial(s) stopped and marked KILLED ({names}), each keeping its last "
               f"checkpoint under {base.storage.path.rstrip('/')}/<trial run name>" if killed else "no trial was running")
     return Interrupted(signum, f"sweep {name} interrupted by {Interrupted.name(signum)}: {trials}; MLflow run "

@@ -363,11 +363,13 @@ class Tracker:
         dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
-    def running_children(self, parent_run_id: str) -> list[tuple[str, str]]:
-        """(run id, run name) of each child run of `parent_run_id` still RUNNING (a sweep's trials)."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
-                                       "and attributes.status = 'RUNNING'")
-        return [(r.info.run_id, r.data.tags.get(RUN_NAME_TAG, r.info.run_name)) for r in runs]
+    def stopped_children(self, parent_run_id: str) -> list[tuple[str, str, str]]:
+        """(run id, run name, status) of each child run of `parent_run_id` (a sweep's trials) that
+        did not finish: still RUNNING, or already KILLED by its own trial as Tune stopped it."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                       max_results=10_000)
+        return [(r.info.run_id, r.data.tags.get(RUN_NAME_TAG, r.info.run_name), r.info.status) for r in runs
+                if r.info.status in ("RUNNING", "KILLED")]
 
     def resume_run(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
