@@ -330,10 +330,10 @@ def check_shared_services(cfg: RunConfig, info: DatasetInfo) -> None:
     if uri.startswith("sqlite:") or _local_location(uri):
         raise ConfigError(f"tracking.uri={redact_value(uri)}: {where} copy of this store; use a tracking server every node "
                           "reaches (tracking.uri=http://host:5000, see infra/)")
-    if _local_location(cfg.storage.path):
+    if not storage.is_s3(cfg.storage.path):      # (storage.path and datasets are a local path or s3://)
         raise ConfigError(f"storage.path={cfg.storage.path}: {where} directory; use shared storage "
                           "(storage.path=s3://bucket/runs)")
-    if _local_location(info.uri):
+    if not storage.is_s3(info.uri):
         key = "data.dataset" if cfg.data.dataset and info.uri.rstrip("/") == cfg.data.dataset.rstrip("/") else "data.root"
         raise ConfigError(f"{key}: the dataset is at {info.uri}, and {where} copy; put it on shared storage "
                           f"({key}=s3://bucket/{'data' if key == 'data.root' else 'datasets/name'})")
