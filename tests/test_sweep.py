@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from methodlab.config import load_config
 from methodlab.errors import ConfigError
 from methodlab.registry import get_method, method_names
-from methodlab.sweep import (SweepSpec, Trial, epoch_bound, load_spec, merged_space, metric_plot, run_sweep,
-                             trial_config, trials_csv, tune_space, validate_space)
+from methodlab.sweep import (SweepSpec, SweepSummary, Trial, epoch_bound, load_spec, log_ticks, merged_space,
+                             metric_plot, parent_note, run_sweep, tick_labels, trial_config, trial_run_name,
+                             trials_csv, tune_space, validate_space)
 from tests.conftest import ROOT, tiny
 
 SWEEPS = sorted((Path(ROOT) / "jobs" / "sweeps").glob("*.yaml"))
@@ -202,6 +203,78 @@ def test_summary_table_and_plot():
     assert fig.axes[0].get_xscale() == "log"
 
 
+def _label_boxes(ax) -> list:
+    """The window extents of the axis' drawn x tick labels, major and minor, left to right."""
+    ax.figure.canvas.draw()
+    labels = [t for t in [*ax.get_xticklabels(), *ax.get_xticklabels(minor=True)] if t.get_visible() and t.get_text()]
+    return sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lo_exp=st.floats(-8, 3), decades=st.floats(0, 8))
+def test_log_axis_tick_labels_never_overlap(lo_exp, decades):
+    """A loguniform key's panel: 2-5 labelled ticks (one for a range within 0.1%), inside the range, in
+    order, with distinct labels that do not run into each other (matplotlib's own log locator
+    labels the minor ticks of a short range, and those overlapped)."""
+    import matplotlib.pyplot as plt
+
+    lo, hi = 10 ** lo_exp, 10 ** (lo_exp + decades)
+    ticks = log_ticks(lo, hi)
+    assert 1 <= len(ticks) <= 5 and (len(ticks) >= 2) == (hi > lo * 1.001)
+    assert ticks == sorted(set(ticks)) and all(lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9) for t in ticks)
+    assert len(set(tick_labels(ticks))) == len(ticks)
+    space = {"train.lr": ("loguniform", [lo, hi])}
+    trials = [Trial(f"a_{i:05d}", f"a_{i:05d}-s", f"r{i}", {"train.lr": lo * (hi / lo) ** (i / 3)}, 0.1 * i, 1,
+                    "FINISHED") for i in range(4)]
+    fig = metric_plot(trials, space, "val_acc")
+    boxes = _label_boxes(fig.axes[0])
+    assert len(boxes) == len(ticks)
+    shown = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    plt.close(fig)
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), shown
+
+
+def test_tick_labels_are_short_and_exact():
+    assert tick_labels([1e-4, 2.5e-4, 0.05, 1.0, 250.0, 1.5e4]) == ["1e-4", "2.5e-4", "0.05", "1", "250", "1.5e4"]
+    assert tick_labels([1.0, 1.0045]) == ["1", "1.004"]      # the fewest digits that tell them apart
+    assert log_ticks(1e-4, 1e-2) == [1e-4, 1e-3, 1e-2]
+    assert log_ticks(1.2e-3, 6e-2) == pytest.approx([2e-3, 5e-3, 1e-2, 2e-2, 5e-2])
+
+
+def test_trial_run_names_lead_with_the_trial_id():
+    """MLflow's runs table cuts long names at the end: the part that tells trials apart leads."""
+    names = [trial_run_name("supervised-lr-bs-wd-long-sweep-name", f"3f2a1_{i:05d}") for i in range(3)]
+    assert [n[:11] for n in names] == ["3f2a1_00000", "3f2a1_00001", "3f2a1_00002"]
+    assert all(n.endswith("-supervised-lr-bs-wd-long-sweep-name") for n in names)
+    # a name the run config accepts (it becomes the trial's storage directory)
+    assert load_config("supervised", None, [f"train.run_name={names[0]}"]).run_name == names[0]
+
+
+class _Links:
+    """Tracker's link methods over a fixed experiment (no store needed)."""
+    from methodlab.tracking import Tracker
+    experiment_id = "7"
+    run_url, model_version_url, ui_url = Tracker.run_url, Tracker.model_version_url, Tracker.ui_url
+
+    def __init__(self, uri):
+        self.uri = uri
+
+
+def test_parent_note_links_the_best_run_and_its_model_version():
+    best = Trial("a_00001", "a_00001-s", "run1", {"train.lr": 0.01}, 0.97, 3, "FINISHED")
+    s = SweepSummary("s", "supervised", "val_acc", "max", "p", [best], best, "methodlab-supervised", "3")
+    note = parent_note(s, _Links("http://user:secret@mlflow.example:5000/"))
+    assert "[a_00001-s](http://mlflow.example:5000/#/experiments/7/runs/run1)" in note
+    assert ("[methodlab-supervised version 3](http://mlflow.example:5000/#/models/methodlab-supervised/versions/3)"
+            in note) and "secret" not in note and "val_acc=0.9700 (train.lr=0.01)" in note
+    # a local store: links relative to the UI that shows the note
+    assert "(#/experiments/7/runs/run1)" in parent_note(s, _Links("sqlite:///x/mlflow.db"))
+    s.version = s.registered_model = None
+    assert "No model was registered" in parent_note(s, _Links("sqlite:///x/mlflow.db"))
+    s.best = None
+    assert parent_note(s, _Links("sqlite:///x/mlflow.db")).endswith("No trial reported val_acc.")
+
+
 def test_spec_defaults():
     s = SweepSpec()
     assert (s.search.algorithm, s.search.scheduler.type, s.search.num_samples) == ("random", "asha", 8)
@@ -240,6 +313,7 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and len(runs) == 5
     assert {r.info.run_name for r in children} == {t.run_name for t in summary.trials}
+    assert all(t.run_name == f"{t.trial_id}-asha4" for t in summary.trials)     # the trial id leads
 
     # Stopped trials: tagged, KILLED, fewer epochs; the others FINISHED with every epoch logged once.
     stopped = [r for r in children if r.data.tags.get("methodlab.stopped_early") == "true"]
@@ -267,6 +341,12 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
     assert summary.best.params["train.lr"] == 0.01 and summary.version is not None
     mv = client.get_model_version_by_alias("methodlab-supervised", "candidate")
     assert mv.run_id == summary.best.run_id == parent.data.tags["methodlab.best_run_id"]
+    # The parent links them: tags, and its description (the run page's note) with both links.
+    assert (parent.data.tags["methodlab.registered_model"], parent.data.tags["methodlab.registered_version"]) == \
+        ("methodlab-supervised", mv.version)
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"(#/experiments/{parent.info.experiment_id}/runs/{mv.run_id})" in note
+    assert f"[methodlab-supervised version {mv.version}](#/models/methodlab-supervised/versions/{mv.version})" in note
     from methodlab.models.hub import load_pretrained
     model, spec = load_pretrained("models:/methodlab-supervised@candidate", uri)
     assert spec["arch"] == "cnn"

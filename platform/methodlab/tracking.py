@@ -56,6 +56,8 @@ STOPPED_TAG = "methodlab.stopped_early"
 TRIAL_EPOCHS_TAG = "methodlab.trial_epochs"
 BEST_RUN_ID_TAG = "methodlab.best_run_id"
 BEST_CONFIG_TAG = "methodlab.best_config"
+REGISTERED_MODEL_TAG = "methodlab.registered_model"  # on a sweep's parent: the best trial's model name
+NOTE_TAG = "mlflow.note.content"                 # the markdown description the UI shows on a run's page
 BENCHMARK_TAG = "methodlab.benchmark"            # on the runs bench/ logs its results to
 IMPORTED_FROM_TAG = "methodlab.imported_from"  # `methodlab models import`: the --from source
 LICENSE_TAG = "methodlab.license"                # the license string the importer passed
@@ -403,6 +405,20 @@ class Tracker:
             self.client.log_figure(run_id, obj, artifact_file)
             import matplotlib.pyplot as plt
             plt.close(obj)
+
+    def ui_url(self, route: str) -> str:
+        """A link to `route` (e.g. "models/NAME/versions/3") in the MLflow UI: absolute for a tracking
+        server (without the userinfo of its URI), else relative ("#/..."), which opens in whatever UI
+        shows the page that holds it (`mlflow ui` on a local store)."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"{_split_credentials(self.uri)[0].rstrip('/')}/#/{route}"
+        return f"#/{route}"
+
+    def run_url(self, run_id: str) -> str:
+        return self.ui_url(f"experiments/{self.experiment_id}/runs/{run_id}")
+
+    def model_version_url(self, name: str, version: str) -> str:
+        return self.ui_url(f"models/{urllib.parse.quote(name)}/versions/{version}")
 
     def log_params_once(self, run_id: str, params: dict[str, Any]) -> None:
         """Params are immutable in MLflow: log those the run does not have yet (resume-safe)."""
