@@ -79,7 +79,12 @@ def test_two_worker_run_trains_registers_and_reloads(ray_cluster, home, name):
     def files(path=None):
         for a in client.list_artifacts(summary.run_id, path):
             yield from files(a.path) if a.is_dir else [a.path]
-    assert any(p.endswith(".png") for p in files()), f"{name} logged no chart"
+    charts = [p for p in files() if p.endswith(".png")]
+    assert charts, f"{name} logged no chart"
+    from matplotlib.image import imread
+    for chart in charts:                    # a real picture, not an empty canvas
+        image = imread(client.download_artifacts(summary.run_id, chart, str(home)))
+        assert image.ndim == 3 and min(image.shape[:2]) >= 100 and image[..., :3].std() > 0, chart
 
     model, spec = load_pretrained(f"models:/{cfg.tracking.registered_model}@candidate", cfg.tracking.uri)
     from methodlab.data import resolve_dataset, read_split

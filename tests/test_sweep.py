@@ -343,7 +343,7 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
     assert mv.run_id == summary.best.run_id == parent.data.tags["methodlab.best_run_id"]
     # The parent links them: tags, and its description (the run page's note) with both links.
     assert (parent.data.tags["methodlab.registered_model"], parent.data.tags["methodlab.registered_version"]) == \
-        ("methodlab-supervised", mv.version)
+        ("methodlab-supervised", str(mv.version))
     note = parent.data.tags["mlflow.note.content"]
     assert f"(#/experiments/{parent.info.experiment_id}/runs/{mv.run_id})" in note
     assert f"[methodlab-supervised version {mv.version}](#/models/methodlab-supervised/versions/{mv.version})" in note

@@ -569,7 +569,8 @@ class Loop:
             self.last_checkpoint = self.clock()
         report = {**state.metrics, "stage": stage, "epoch": state.history_step}
         self.hooks.on_epoch_end(state, report, checkpoint, timer)
-        self.hooks.on_epoch_artifacts(stage, epoch, method.epoch_artifacts(stage, epoch))
+        if self.rank == 0:       # charts are built where they are logged (no collective in them)
+            self.hooks.on_epoch_artifacts(stage, epoch, method.epoch_artifacts(stage, epoch))
 
     # -- evaluation and the best epoch -----------------------------------------------------------
 
