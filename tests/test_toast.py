@@ -402,9 +402,9 @@ def test_the_run_charts_its_confusion_and_in_toast_modes_the_top_down_mask(mode)
     axes = charts["top_down_mask_val.png"].axes
     assert len(axes) == 2 * MASK_IMAGES + 1                                  # and the colour scale
     for j in range(MASK_IMAGES):
-        image = x[j, 0]                                   # stretched to its own min..max
-        np.testing.assert_allclose(axes[j].images[0].get_array(), ((image - image.min()) / (image.max() - image.min())).numpy(),
-                                   atol=1e-6)
+        image = x[j, 0]
+        stretched = (image - image.min()) / (image.max() - image.min())       # to its own min..max
+        np.testing.assert_allclose(axes[j].images[0].get_array(), stretched.numpy(), atol=1e-6)
         np.testing.assert_allclose(axes[MASK_IMAGES + j].images[0].get_array(), want[j].numpy(), atol=1e-6)
     classes = method.data.info.meta.get("classes", range(method.data.info.num_classes))
     assert axes[0].get_title() == f"label {classes[int(method.data.splits['val'].head(1)['label'][0])]}"
