@@ -146,8 +146,20 @@ def _finished_runs(tracker) -> list:
                                                   max_results=5000) if r.info.status == "FINISHED"]
 
 
+# MLflow 3.17's UI decides between its GenAI pages (Overview, traces) and the training runs by the
+# `workflowType` URL parameter, else the browser's stored choice (default genai), not by the
+# experiment's mlflow.experimentKind tag: a link without it opens a fresh browser on the GenAI
+# Overview, seen in headless chromium (tests/test_ui.py opens the report's link).
+UI_QUERY = "?workflowType=machine_learning"
+
+
 def _run_link(base: str | None, experiment_id: str, run_id: str) -> str | None:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if base else None
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{UI_QUERY}" if base else None
+
+
+def experiment_link(base: str | None, experiment_id: str | None) -> str | None:
+    """The experiment's runs table in the MLflow UI at `base`."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs{UI_QUERY}" if base and experiment_id else None
 
 
 def ui_base(tracking_uri: str, ui_url: str | None, store: str) -> str | None:
@@ -255,7 +267,8 @@ def collect(tracking_uri: str, ui_url: str | None = None, record: bool = True,
     bench_uri = bench_tracking_uri()
     recorded = record_committed(results_dir, bench_uri) if record else []
     tracker = Tracker(tracking_uri, "methodlab")
-    rows = demo_rows(_finished_runs(tracker), ui_base(tracking_uri, ui_url, tracking_uri), tracker.experiment_id)
+    runs_link = ui_base(tracking_uri, ui_url, tracking_uri)
+    rows = demo_rows(_finished_runs(tracker), runs_link, tracker.experiment_id)
 
     bench_tracker = Tracker(bench_uri, BENCH_EXPERIMENT)
     bench_link = ui_base(tracking_uri, ui_url, bench_uri)
@@ -283,7 +296,8 @@ def collect(tracking_uri: str, ui_url: str | None = None, record: bool = True,
     return {"claims": claims, "counts": quality["payload"].get("counts") if quality else None,
             "quality": quality, "confidence": quality["payload"].get("confidence") if quality else None,
             "sections": sections, "infra": infra, "tracking_uri": tracking_uri, "bench_uri": bench_uri,
-            "recorded": recorded, "ui_url": ui_url, "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "recorded": recorded, "ui_url": ui_url, "runs_link": experiment_link(runs_link, tracker.experiment_id),
+            "bench_link": experiment_link(bench_link, bench_tracker.experiment_id), "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _scratch() -> str:
