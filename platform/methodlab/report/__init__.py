@@ -118,8 +118,9 @@ def _family_chart(family: dict, title: str) -> str | None:
     if len(rows) < 2:
         return None          # one number reads better in the table than as one bar
     xlabel = family["baseline"] if family["score"] else f"measured / {family['baseline']}"
-    return _barh([f["label"] for f in rows], [f["ratio"] for f in rows], xlabel[:110], title,
-                 reference=None if family["score"] else 1.0)
+    values = [f["ratio"] for f in rows]
+    return _barh([f["label"] for f in rows], values, xlabel[:110], title, reference=None if family["score"] else 1.0,
+                 unit_interval=family["score"] and all(0 <= v <= 1 for v in values))     # (accuracies: one axis)
 
 
 def _quality_charts(rows: list[dict], better: set[str], title: str) -> list[dict]:
