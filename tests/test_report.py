@@ -128,6 +128,43 @@ def test_every_demo_run_has_a_role_and_every_method_one_own_run():
             assert uri.startswith(f"models:/{made}@"), (use, uri, made)
 
 
+def test_the_demo_tags_each_run_so_the_report_shows_the_supervised_baseline_not_the_vit_source(
+        stores, home, monkeypatch):
+    """`make demo` end to end with `train` recording each run into MLflow instead of training it:
+    the demo's tags reach the runs, and each method's row is its own run (the issue: the
+    supervised row showed the ViT TOAST starts from, trained later, 0.8778 for 0.9694)."""
+    import methodlab.report as report
+    import methodlab.train.launch as launch
+    from methodlab.demo import baseline_plan, run_demo
+    from methodlab.train.launch import RunSummary
+
+    def record(cfg):
+        metric = get_method(cfg.method_name).test_metric
+        value = 0.8778 if cfg.tracking.registered_model == "methodlab-vit-source" else 0.9694
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        run_id = _run(tracker, cfg.run_name, cfg.method_name, {metric: value}, (), {
+            "tracking.registered_model": cfg.tracking.registered_model,
+            "tracking.register_model": str(cfg.tracking.register_model)})
+        return RunSummary(cfg.run_name, run_id, "FINISHED", {metric: value}, cfg.tracking.registered_model, None)
+
+    monkeypatch.setattr(launch, "train", record)
+    monkeypatch.setattr(report, "RESULTS", stores[1])       # the demo's report records these
+    assert run_demo() == 0
+    sections = {s["name"]: s["runs"] for s in collect(load_config("supervised", None, []).tracking.uri,
+                                                      record=False)["sections"]}
+    for name in method_names():
+        method = get_method(name)
+        first = sections[name][0]
+        assert not first["inferred"] and first["role"] == "method"
+        assert first["run_name"] == load_config(name, None, list(method.demo_overrides)).run_name
+        if (plan := baseline_plan(name)) is not None:
+            base = sections[name][1]
+            assert (base["role"], base["run_name"]) == ("baseline", load_config(name, None, plan[1]).run_name)
+    assert (sections["supervised"][0]["label"], sections["supervised"][0]["value"]) == ("supervised baseline", 0.9694)
+    vit = [r for r in sections["toast"] if r["role"] == "prerequisite"]
+    assert [(r["label"], r["value"]) for r in vit] == [("backbone for toast (methodlab-vit-source)", 0.8778)]
+
+
 def test_committed_results_are_recorded_once_with_their_file_and_commit(stores):
     uri, results = stores
     created = record_committed(results, uri)

@@ -259,14 +259,16 @@ def _bench_section(name: str, b: dict) -> dict:
 
 
 def collect(tracking_uri: str, ui_url: str | None = None, record: bool = True,
-            results_dir: Path = RESULTS) -> dict[str, Any]:
+            results_dir: Path | None = None) -> dict[str, Any]:
+    """What the template renders; `record` first records the committed results in `results_dir`
+    (default bench/results)."""
     import methodlab.methods  # noqa: F401  (fills the method registry)
     from methodlab.registry import get_method, method_names
     from methodlab.report.record import BENCH_EXPERIMENT, record_committed
     from methodlab.tracking import BENCHMARK_TAG, Tracker
 
     bench_uri = bench_tracking_uri()
-    recorded = record_committed(results_dir, bench_uri) if record else []
+    recorded = record_committed(results_dir or RESULTS, bench_uri) if record else []
     tracker = Tracker(tracking_uri, "methodlab")
     runs_link = ui_base(tracking_uri, ui_url, tracking_uri)
     rows = demo_rows(_finished_runs(tracker), runs_link, tracker.experiment_id)
@@ -321,7 +323,7 @@ def _num(v, spec: str = ".4g"):
 
 
 def write_report(tracking_uri: str, out: str | None = None, ui_url: str | None = None, record: bool = True,
-                 results_dir: Path = RESULTS) -> Path:
+                 results_dir: Path | None = None) -> Path:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     env = Environment(loader=PackageLoader("methodlab", "report"), autoescape=select_autoescape())
