@@ -107,11 +107,22 @@ def test_mlflow_ui_opens_a_finished_run_on_the_runs_table_with_its_dataset(ray_c
     link = htmllib.unescape(re.search(r'<a id="mlflow-experiment" href="([^"]+)"', report).group(1))
     assert link.startswith(f"{mlflow_server.uri}/#/experiments/{tracker.experiment_id}/")
 
-    dom = chromium(tmp_path, link, "--dump-dom", "--window-size=1400,900")
-    title = re.search(r"<title>(.*?)</title>", dom).group(1)
-    text = text_of(dom)
-    assert title.startswith("Runs - "), title                       # not "Overview - Experiment ..."
+    def page(url: str) -> tuple[str, str, str]:
+        """(title, the experiment's side navigation, all text) of the page a fresh browser opens."""
+        dom = chromium(tmp_path, url, "--dump-dom", "--window-size=1400,900")
+        nav = " ".join(text_of(n) for n in re.findall(r"<nav\b.*?</nav>", dom, flags=re.S))
+        return re.search(r"<title>(.*?)</title>", dom).group(1), nav, text_of(dom)
+
+    title, nav, text = page(link)
+    # the runs table of the "Model training" workflow: its navigation is Runs / Models / Traces,
+    # not the GenAI one (Overview, Judges, Evaluation runs, ...), and nothing of token usage
+    assert title.startswith("Runs - "), title
+    assert "Runs" in nav and "Models" in nav and "Overview" not in nav and "Judges" not in nav, nav
     assert "Token Usage" not in text and "Run Name" in text and summary.run_name in text
     # the Dataset column: MLflow renders an input as "name (digest)" in the run's row
     assert "Dataset" in text and f"{dataset.name} ({dataset.digest})" in text, text[:2000]
     screenshot(tmp_path, link, "mlflow-runs", "1400,900")
+    # Why the link carries report.UI_QUERY: without it MLflow 3.17 opens the same experiment,
+    # experimentKind tag and all, on the GenAI overview.
+    bare, nav, _ = page(f"{mlflow_server.uri}/#/experiments/{tracker.experiment_id}")
+    assert bare.startswith("Overview - ") and "Judges" in nav, (bare, nav)
