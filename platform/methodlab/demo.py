@@ -38,7 +38,7 @@ def demo_roles() -> dict[tuple[str, tuple[str, ...]], dict[str, str]]:
     (method, overrides), so the report labels a run by what the demo ran it as (e.g. a
     backbone another method loads) rather than by its method alone. A run that is both a
     method's own and another's prerequisite keeps the role `method` and lists its users."""
-    from methodlab.report import PREREQUISITE_FOR_TAG, ROLE_LABEL_TAG, ROLE_TAG
+    from methodlab.report import PREREQUISITE_FOR_TAG, ROLE_LABEL_TAG, ROLE_TAG, method_label
 
     roles: dict[tuple[str, tuple[str, ...]], dict[str, str]] = {}
     users: dict[tuple[str, tuple[str, ...]], list[str]] = {}
@@ -53,8 +53,7 @@ def demo_roles() -> dict[tuple[str, tuple[str, ...]], dict[str, str]]:
             users.setdefault(step, []).extend(f"{name}:{f}" for f in fields or ["model"])
             roles.setdefault(step, {ROLE_TAG: "prerequisite", ROLE_LABEL_TAG: f"{(fields or ['model'])[0]} for "
                                     f"{name} ({made})"})
-        label = name if method.demo_baseline else f"{name} baseline"
-        roles[(name, tuple(method.demo_overrides))] = {ROLE_TAG: "method", ROLE_LABEL_TAG: label}
+        roles[(name, tuple(method.demo_overrides))] = {ROLE_TAG: "method", ROLE_LABEL_TAG: method_label(method)}
         if (plan := baseline_plan(name)) is not None:
             roles[(name, tuple(plan[1]))] = {ROLE_TAG: "baseline", ROLE_LABEL_TAG: f"baseline of {name}: {plan[0]}"}
     for step, used_by in users.items():

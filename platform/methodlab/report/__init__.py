@@ -171,6 +171,11 @@ def ui_base(tracking_uri: str, ui_url: str | None, store: str) -> str | None:
     return ui_url if ui_url and store == tracking_uri else None
 
 
+def method_label(method) -> str:
+    """The role label of a method's own run; a method with no baseline of its own is one."""
+    return f"{method.name} (the method)" if method.demo_baseline else f"{method.name} baseline"
+
+
 def run_role(run, method) -> tuple[str, str, bool]:
     """(role, label, inferred) of one run of `method`: the demo's role tags, or for a run without
     them (an older store, a hand-started run) what its params say: not registered -> a baseline,
@@ -184,7 +189,7 @@ def run_role(run, method) -> tuple[str, str, bool]:
         return "baseline", label, True
     if model != f"methodlab-{method.name}":
         return "prerequisite", f"{method.name} run registering {model}", True
-    return "method", method.name if method.demo_baseline else f"{method.name} baseline", True
+    return "method", method_label(method), True
 
 
 def _run_row(run, method, role: str, label: str, inferred: bool, link_base: str | None, experiment_id: str) -> dict:
