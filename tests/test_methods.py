@@ -71,7 +71,8 @@ def test_two_worker_run_trains_registers_and_reloads(ray_cluster, home, name):
     run = Tracker(cfg.tracking.uri, cfg.tracking.experiment).client.get_run(summary.run_id)
     # The registered model is the best evaluated epoch of the final stage (tracking.register=best).
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-    epochs = sum(method.stage_epochs(s) for s in method.stages)
+    by_stage = method.epochs_by_stage(cfg)
+    epochs = sum(by_stage.values())
     assert 1 <= int(run.data.tags["methodlab.registered_epoch"]) <= epochs
     # One step axis: every epoch once, at the global optimizer step at its end; the stages but the
     # last under their names (their charts grouped by them); the method's metric the last stage's.
@@ -79,7 +80,7 @@ def test_two_worker_run_trains_registers_and_reloads(ray_cluster, home, name):
     last = method.stages[-1]
     for stage in method.stages:
         key = "epoch_seconds" if stage == last else f"{stage}/epoch_seconds"
-        assert len(epochs_logged(tracker.client, summary.run_id, key)) == method.stage_epochs(stage), key
+        assert len(epochs_logged(tracker.client, summary.run_id, key)) == by_stage[stage], key
     assert not {"epoch", "step"} & set(summary.metrics)
     assert epochs_logged(tracker.client, summary.run_id, method.metric)[-1] == epochs
     assert run.data.params["data.dataset"] == run.data.tags["methodlab.dataset"] == (

@@ -197,7 +197,7 @@ class RayHooks(Hooks):
         if state.history_step or state.step:
             if state.metrics:
                 # The checkpoint's last epoch, again: a crash between its report and its spool
-                # line would lose it otherwise (a step MLflow already has is not written twice).
+                # line would lose it otherwise (an epoch MLflow already has is not written twice).
                 self.spool_file.append(*self._epoch_record(state, {}, method.stages))
             self._mlflow(lambda: self.spool.flush())
             resumed_at = state.history_step     # (the value now, not when written)
