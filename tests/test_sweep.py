@@ -221,6 +221,8 @@ def _runs(tracking_uri: str):
 
 @pytest.mark.slow
 def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
+    from methodlab.tracking import source_tags
+
     # One clearly good lr and three hopeless ones: ASHA (keeps the top 1/4 at epoch 1) must stop
     # the hopeless trials that reach the rung after the good one.
     overrides = tiny("supervised", "train.epochs=3", "train.batch_size=32", "data.limit_rows=600",
@@ -248,6 +250,9 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
         epochs = epochs_logged(client, r.info.run_id, "epoch_seconds")
         assert epochs == list(range(1, len(epochs) + 1)), "an epoch was logged twice, or not at all"
         assert r.data.params["train.lr"] in ("0.01", "1e-07")
+        # a trial runs in a Tune actor: its Source and User are its sweep's, the driver's
+        assert {k: r.data.tags[k] for k in source_tags()} == {k: parent.data.tags[k] for k in source_tags()}
+        assert r.data.params["data.dataset"] == parent.data.params["base.data.dataset"] == "digits"
         if r in stopped:
             assert r.info.status == "KILLED" and len(epochs) < 3
         else:

@@ -91,6 +91,31 @@ def test_a_run_resumes_on_another_worker_count_and_records_each_attempts(ray_clu
     assert epochs_logged(tracker.client, resumed.run_id) == [1, 2, 3]     # once each, steps never going back
 
 
+@pytest.mark.slow
+def test_a_resume_from_an_older_checkpoint_on_more_workers_logs_each_epoch_once_never_going_back(
+        ray_cluster, home, monkeypatch):
+    """Checkpoints every 2 epochs: the run dies in epoch 4 on 1 worker (1024 rows: 16 steps an
+    epoch), epoch 3 spooled but not checkpointed, and resumes on 2 workers (8 steps an epoch) from
+    epoch 2's checkpoint. Epoch 3 runs again and is not logged again: it stays at step 48, as the
+    first attempt logged it; epoch 4 ends at global step 32 + 2 x 8 = 48, not past epoch 3's, so
+    it is logged one step past it."""
+    from methodlab.train.launch import train
+
+    overrides = ["train.epochs=4", "train.batch_size=64", "train.checkpoint_every=2", "data.limit_rows=1024"]
+    one = load_config("supervised", None, [*overrides, "scaling.num_workers=1"])
+    monkeypatch.setenv("METHODLAB_FAULTS", "crash_after_epoch=3")
+    with pytest.raises(TrainingError, match=f"run {one.run_name} failed"):
+        train(one)
+    monkeypatch.delenv("METHODLAB_FAULTS")
+    resumed = train(load_config("supervised", None, [*overrides, "scaling.num_workers=2"]))
+    assert resumed.status == "FINISHED"
+    tracker = Tracker(one.tracking.uri, one.tracking.experiment)
+    assert tracker.client.get_run(resumed.run_id).data.tags["methodlab.resumed_at_epoch"] == "2"
+    assert tracker.logged_epochs(resumed.run_id) == {1: 16, 2: 32, 3: 48, 4: 49}
+    for key in ("val_acc", "train_loss", "epoch_seconds"):
+        assert epochs_logged(tracker.client, resumed.run_id, key) == [1, 2, 3, 4], key
+
+
 def test_bad_config_is_one_line_non_zero_and_leaves_no_run(home):
     for args, fragment in [(["train.lr=-1"], "train.lr: Input should be greater than 0"),
                            (["data.dataset=/no/such/dataset"], "dataset /no/such/dataset does not exist")]:
