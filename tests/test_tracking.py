@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -366,3 +367,43 @@ def test_a_run_logged_before_the_step_axis_resumes_without_duplicates(tmp_path):
     path.write_text(json.dumps(old) + "\n" + json.dumps({**old, "metrics": {"loss": 0.25}, "step": 30, "epoch": 3}) + "\n")
     assert flush_spool_file(tracker, path)
     assert sorted(m.step for m in tracker.client.get_metric_history(run_id, "loss")) == [0, 1, 30]
+
+
+ATTEMPTS = st.lists(st.tuples(st.integers(0, 4), st.integers(1, 4), st.integers(1, 30)), min_size=1, max_size=4)
+
+
+@functools.cache
+def _one_store(root: str) -> Tracker:
+    return Tracker(f"sqlite:///{root}/axis.db", "axis")        # (a fresh store per example is slow)
+
+
+@settings(max_examples=25, deadline=None)
+@given(attempts=ATTEMPTS)
+def test_any_sequence_of_resumes_logs_each_epoch_once_on_an_axis_that_never_goes_back(attempts, tmp_path_factory):
+    """Attempts that each resume `back` epochs before the last one spooled (a checkpoint that old)
+    and run `n` epochs of `per_epoch` steps: in MLflow every epoch once, in order, each at
+    its global step or (only where that is not past the step before it) one past that."""
+    from methodlab.tracking import EPOCH_STEPS_TAG, parse_epoch_steps
+
+    tmp = tmp_path_factory.mktemp("axis")
+    tracker = _one_store(str(tmp_path_factory.getbasetemp()))
+    run_id = tracker.start_run("r", {}, {}, "")
+    lines, epoch, step = [], 0, 0
+    for back, n, per_epoch in attempts:
+        epoch, step = max(0, epoch - back), max(0, step - back * per_epoch)   # the checkpoint resumed from
+        for _ in range(n):
+            epoch, step = epoch + 1, step + per_epoch
+            lines.append(({"loss": float(epoch)}, step, epoch))
+        _spooled(tracker, run_id, tmp, lines[-n:])
+    logged = tracker.logged_epochs(run_id)
+    assert list(logged) == list(range(1, max(e for *_, e in lines) + 1))
+    assert all(a < b for a, b in zip(list(logged.values()), list(logged.values())[1:]))
+    first = {}
+    for _, s, e in lines:
+        if e > max(first, default=0):
+            first[e] = s          # the line each epoch is logged from: the first past the last
+    for e, s in logged.items():
+        assert s == first[e] or (s > first[e] and s == logged.get(e - 1, -1) + 1)
+    history = tracker.client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(e)) for e, s in logged.items()]
+    assert parse_epoch_steps(tracker.client.get_run(run_id).data.tags[EPOCH_STEPS_TAG]) == logged
