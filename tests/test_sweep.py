@@ -25,7 +25,7 @@ from methodlab.registry import get_method, method_names
 from methodlab.sweep import (SweepSpec, SweepSummary, Trial, epoch_bound, load_spec, log_ticks, merged_space,
                              metric_plot, parent_note, run_sweep, tick_labels, trial_config, trial_run_name,
                              trials_csv, tune_space, validate_space)
-from tests.conftest import ROOT, tiny
+from tests.conftest import ROOT, epochs_logged, tiny
 
 SWEEPS = sorted((Path(ROOT) / "jobs" / "sweeps").glob("*.yaml"))
 
@@ -294,6 +294,8 @@ def _runs(tracking_uri: str):
 
 @pytest.mark.slow
 def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
+    from methodlab.tracking import source_tags
+
     # One clearly good lr and three hopeless ones: ASHA (keeps the top 1/4 at epoch 1) must stop
     # the hopeless trials that reach the rung after the good one.
     overrides = tiny("supervised", "train.epochs=3", "train.batch_size=32", "data.limit_rows=600",
@@ -319,9 +321,12 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
     stopped = [r for r in children if r.data.tags.get("methodlab.stopped_early") == "true"]
     assert stopped, "ASHA stopped no trial"
     for r in children:
-        epochs = [m.step for m in client.get_metric_history(r.info.run_id, "epoch")]
-        assert epochs == sorted(set(epochs)), "an epoch was logged twice"
+        epochs = epochs_logged(client, r.info.run_id, "epoch_seconds")
+        assert epochs == list(range(1, len(epochs) + 1)), "an epoch was logged twice, or not at all"
         assert r.data.params["train.lr"] in ("0.01", "1e-07")
+        # a trial runs in a Tune actor: its Source and User are its sweep's, the driver's
+        assert {k: r.data.tags[k] for k in source_tags()} == {k: parent.data.tags[k] for k in source_tags()}
+        assert r.data.params["data.dataset"] == parent.data.params["base.data.dataset"] == "digits"
         if r in stopped:
             assert r.info.status == "KILLED" and len(epochs) < 3
         else:
@@ -405,7 +410,7 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
             second = next((r for r in children if r.info.status == "RUNNING"), None)
             if finished and finished_seen_at is None:
                 finished_seen_at = time.time()
-            if finished and second and len(client.get_metric_history(second.info.run_id, "epoch")) >= 2:
+            if finished and second and len(client.get_metric_history(second.info.run_id, "epoch_seconds")) >= 2:
                 # Tune saves its experiment state every second (TUNE_GLOBAL_CHECKPOINT_S): the state
                 # must have recorded the first trial as done. A trial's start takes far longer than
                 # this, so the wait is usually already over.
@@ -437,12 +442,12 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     # (Its end time may move: if it is the best trial, registering its model re-opens the run.)
     assert sorted(Path(done_after.data.tags["methodlab.checkpoint_root"]).glob("checkpoint_*")) == ckpts_before
     assert "methodlab.resumed_at_epoch" not in done_after.data.tags
-    assert [m.step for m in client.get_metric_history(done_after.info.run_id, "epoch")] == list(range(epochs))
+    assert epochs_logged(client, done_after.info.run_id, "epoch_seconds") == list(range(1, epochs + 1))
     # The interrupted one continued from its checkpoint, in the same child run, no epoch twice.
     cont = next(r for r in children if r.info.run_id == second.info.run_id)
     assert "methodlab.resumed_at_epoch" in cont.data.tags, out.stdout[-3000:] + out.stderr[-5000:]
     assert int(cont.data.tags["methodlab.resumed_at_epoch"]) >= 1
-    assert [m.step for m in client.get_metric_history(cont.info.run_id, "epoch")] == list(range(epochs))
+    assert epochs_logged(client, cont.info.run_id, "epoch_seconds") == list(range(1, epochs + 1))
 
 
 @pytest.mark.slow
@@ -523,7 +528,7 @@ def test_signal_to_the_sweep_driver_kills_every_trial_keeping_checkpoints_and_it
     for r in again:
         assert r.info.status == "FINISHED"
         assert int(r.data.tags["methodlab.resumed_at_epoch"]) >= 1
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "epoch")] == list(range(epochs))
+        assert epochs_logged(client, r.info.run_id, "epoch_seconds") == list(range(1, epochs + 1))
 
 
 @settings(max_examples=200, deadline=None)

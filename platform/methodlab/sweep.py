@@ -484,7 +484,7 @@ def _sweep_leased(method_name: str, method, spec: SweepSpec, base: RunConfig, ba
         params = {**_space_params(space),
                   **flatten_params(spec.search.model_dump(mode="json"), "search."),
                   "search.max_concurrent_trials": str(concurrent),
-                  **{f"base.{k}": v for k, v in flatten_params(base.model_dump(mode="json")).items()
+                  **{f"base.{k}": v for k, v in flatten_params(base.recorded()).items()
                      if k.split(".")[0] in BASE_PARAM_SECTIONS}}
         parent = tracker.start_run(name, params, {SWEEP_TAG: "true", METHOD_TAG: method_name,
                                                   METRIC_TAG: method.metric, MODE_TAG: method.mode,
@@ -619,6 +619,8 @@ def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, co
 
 
 def _collect(results, tracker, name: str, space: dict, metric: str) -> list[Trial]:
+    from methodlab.tracking import EPOCH_STEPS_TAG, parse_epoch_steps
+
     out = []
     for r in results:
         trial_id = os.path.basename(r.path.rstrip("/"))
@@ -628,7 +630,8 @@ def _collect(results, tracker, name: str, space: dict, metric: str) -> list[Tria
         value = last.get(metric)
         if value is None and rec is not None:
             value = rec.metrics.get(metric)
-        epochs = int(last.get("epoch") or (rec.metrics.get("epoch", 0) if rec else 0))
+        epochs = int(last.get("epoch") or (max(parse_epoch_steps(rec.tags.get(EPOCH_STEPS_TAG, "")), default=0)
+                                           if rec else 0))
         if r.error is not None:
             status = "FAILED"
         elif rec is not None and rec.status == "FINISHED":
