@@ -264,11 +264,11 @@ def test_parent_note_links_the_best_run_and_its_model_version():
     best = Trial("a_00001", "a_00001-s", "run1", {"train.lr": 0.01}, 0.97, 3, "FINISHED")
     s = SweepSummary("s", "supervised", "val_acc", "max", "p", [best], best, "methodlab-supervised", "3")
     note = parent_note(s, _Links("http://user:secret@mlflow.example:5000/"))
-    assert "[a_00001-s](http://mlflow.example:5000/#/experiments/7/runs/run1)" in note
+    assert "[a_00001-s](http://mlflow.example:5000/#/experiments/7/runs/run1?workflowType=machine_learning)" in note
     assert ("[methodlab-supervised version 3](http://mlflow.example:5000/#/models/methodlab-supervised/versions/3)"
             in note) and "secret" not in note and "val_acc=0.9700 (train.lr=0.01)" in note
     # a local store: links relative to the UI that shows the note
-    assert "(#/experiments/7/runs/run1)" in parent_note(s, _Links("sqlite:///x/mlflow.db"))
+    assert "(#/experiments/7/runs/run1?workflowType=machine_learning)" in parent_note(s, _Links("sqlite:///x/mlflow.db"))
     s.version = s.registered_model = None
     assert "No model was registered" in parent_note(s, _Links("sqlite:///x/mlflow.db"))
     s.best = None
@@ -350,7 +350,7 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
     assert (parent.data.tags["methodlab.registered_model"], parent.data.tags["methodlab.registered_version"]) == \
         ("methodlab-supervised", str(mv.version))
     note = parent.data.tags["mlflow.note.content"]
-    assert f"(#/experiments/{parent.info.experiment_id}/runs/{mv.run_id})" in note
+    assert f"(#/experiments/{parent.info.experiment_id}/runs/{mv.run_id}?workflowType=machine_learning)" in note
     assert f"[methodlab-supervised version {mv.version}](#/models/methodlab-supervised/versions/{mv.version})" in note
     from methodlab.models.hub import load_pretrained
     model, spec = load_pretrained("models:/methodlab-supervised@candidate", uri)

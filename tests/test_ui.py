@@ -122,7 +122,7 @@ def test_mlflow_ui_opens_a_finished_run_on_the_runs_table_with_its_dataset(ray_c
     # the Dataset column: MLflow renders an input as "name (digest)" in the run's row
     assert "Dataset" in text and f"{dataset.name} ({dataset.digest})" in text, text[:2000]
     screenshot(tmp_path, link, "mlflow-runs", "1400,900")
-    # Why the link carries report.UI_QUERY: without it MLflow 3.17 opens the same experiment,
+    # Why the link carries tracking.UI_QUERY: without it MLflow 3.17 opens the same experiment,
     # experimentKind tag and all, on the GenAI overview.
     bare, nav, _ = page(f"{mlflow_server.uri}/#/experiments/{tracker.experiment_id}")
     assert bare.startswith("Overview - ") and "Judges" in nav, (bare, nav)

@@ -62,7 +62,7 @@ def demo_roles() -> dict[tuple[str, tuple[str, ...]], dict[str, str]]:
 
 
 def run_demo(extra_overrides: list[str] = ()) -> int:
-    from methodlab.tracking import Tracker
+    from methodlab.tracking import Tracker, ui_link
     from methodlab.train.launch import train
 
     roles = demo_roles()
@@ -104,6 +104,7 @@ def run_demo(extra_overrides: list[str] = ()) -> int:
 
     print(f"\nreport: {write_report(cfg.tracking.uri)}")
     db = methodlab_home() / "mlflow.db"
+    runs = ui_link("http://127.0.0.1:5000", f"experiments/{Tracker(cfg.tracking.uri, cfg.tracking.experiment).experiment_id}/runs")
     print(f"\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000"
-          "\n           then open http://127.0.0.1:5000 (experiment 'methodlab', models under 'Models')")
+          f"\n           then open {runs} (models under 'Models')")
     return 0

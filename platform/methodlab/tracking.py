@@ -193,6 +193,20 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
                           "sqlite:/// or file://")
 
 
+# MLflow 3.17's UI decides between its GenAI pages (Overview, traces) and the training runs by the
+# `workflowType` URL parameter, else the browser's stored choice (default genai), not by the
+# experiment's mlflow.experimentKind tag: a link without it opens a fresh browser on the GenAI
+# Overview, seen in headless chromium (tests/test_ui.py opens the report's link).
+UI_QUERY = "?workflowType=machine_learning"
+
+
+def ui_link(base: str, route: str) -> str:
+    """`route` ("experiments/1/runs", "models/NAME/versions/3") in the MLflow UI at `base` (empty: a
+    link relative to the page that holds it); experiment pages open on the training runs."""
+    query = UI_QUERY if route.startswith("experiments/") else ""
+    return f"{base.rstrip('/')}/#/{route}{query}" if base else f"#/{route}{query}"
+
+
 def _split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     """A server URI without its userinfo, and the Basic-auth header it (or the environment) carries."""
     parsed = urllib.parse.urlsplit(uri)
@@ -462,9 +476,8 @@ class Tracker:
         """A link to `route` (e.g. "models/NAME/versions/3") in the MLflow UI: absolute for a tracking
         server (without the userinfo of its URI), else relative ("#/..."), which opens in whatever UI
         shows the page that holds it (`mlflow ui` on a local store)."""
-        if self.uri.startswith(("http://", "https://")):
-            return f"{_split_credentials(self.uri)[0].rstrip('/')}/#/{route}"
-        return f"#/{route}"
+        server = self.uri.startswith(("http://", "https://"))
+        return ui_link(_split_credentials(self.uri)[0] if server else "", route)
 
     def run_url(self, run_id: str) -> str:
         return self.ui_url(f"experiments/{self.experiment_id}/runs/{run_id}")

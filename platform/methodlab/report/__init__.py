@@ -147,20 +147,17 @@ def _finished_runs(tracker) -> list:
                                                   max_results=5000) if r.info.status == "FINISHED"]
 
 
-# MLflow 3.17's UI decides between its GenAI pages (Overview, traces) and the training runs by the
-# `workflowType` URL parameter, else the browser's stored choice (default genai), not by the
-# experiment's mlflow.experimentKind tag: a link without it opens a fresh browser on the GenAI
-# Overview, seen in headless chromium (tests/test_ui.py opens the report's link).
-UI_QUERY = "?workflowType=machine_learning"
-
-
 def _run_link(base: str | None, experiment_id: str, run_id: str) -> str | None:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{UI_QUERY}" if base else None
+    from methodlab.tracking import ui_link
+
+    return ui_link(base, f"experiments/{experiment_id}/runs/{run_id}") if base else None
 
 
 def experiment_link(base: str | None, experiment_id: str | None) -> str | None:
     """The experiment's runs table in the MLflow UI at `base`."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs{UI_QUERY}" if base and experiment_id else None
+    from methodlab.tracking import ui_link
+
+    return ui_link(base, f"experiments/{experiment_id}/runs") if base and experiment_id else None
 
 
 def ui_base(tracking_uri: str, ui_url: str | None, store: str) -> str | None:
