@@ -576,6 +576,7 @@ def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, co
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from methodlab.sweep_console import StatusLine, TrialEvents, asha_rungs
     from methodlab.train.launch import _storage_kwargs
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_CPU})
@@ -596,20 +597,21 @@ def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, co
         # A generator ignores TuneConfig's max_concurrent_trials; it takes the limit itself.
         search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent)
     sched = s.scheduler
+    # ASHA stops a trial *at* max_t, before its run could finish.
+    max_t = max(sched.max_t or epoch_bound(base) + 1, sched.grace_period)
     scheduler = (ASHAScheduler(time_attr="epoch", grace_period=sched.grace_period,
-                               reduction_factor=sched.reduction_factor,
-                               # ASHA stops a trial *at* max_t, before its run could finish.
-                               max_t=max(sched.max_t or epoch_bound(base) + 1, sched.grace_period))
+                               reduction_factor=sched.reduction_factor, max_t=max_t)
                  if sched.type == "asha" else FIFOScheduler())
-    reporter = tune.CLIReporter(metric_columns=[method.metric, "epoch"], parameter_columns=list(space),
-                                max_report_frequency=10, sort_by_metric=True)
+    # A line per trial event and a status line at most every 30 s, not Tune's tables.
+    events = TrialEvents(name, method.metric, method.mode,
+                         asha_rungs(sched.grace_period, sched.reduction_factor, max_t) if sched.type == "asha" else [])
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=method.metric, mode=method.mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=s.num_samples,
                                     max_concurrent_trials=concurrent if s.algorithm == "optuna" else None,
                                     trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=name, progress_reporter=reporter, verbose=1,
+        run_config=tune.RunConfig(name=name, progress_reporter=StatusLine(events), callbacks=[events], verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0), **root))
     return tuner.fit(), False
 
