@@ -19,6 +19,11 @@ PREEMPTION = ("[2026-12-01 20:21:00,621 E 23837 23872] core_worker.cc:2465: Acto
               "'PreemptionWatcher' and ID: '172c995fdeea40c35ebda85401000000' has constructor arguments in the "
               "object store and max_restarts > 0. If the arguments in the object store go out of scope or are "
               "lost, the actor restart will fail.")
+CLEANER = ("Detected that the Ray Train controller actor (e4c7ef7852602815270e16ce01000000) is dead. Cleaning up "
+           "placement group = [PlacementGroupID(82812b15a91ef85f520da45cfa6601000000)] created by this run.")
+STARTUP = ("WARNING: 8 PYTHON worker processes have been started on node: 87e37d579a26ceb45c50ca412084772152593f39028c3"
+           "0834a662e64 with address: 127.0.0.1, which is 4x the maximum expected startup concurrency (2). This could "
+           "be a result of using a large number of actors, or due to tasks blocked in ray.get() calls")
 OTHER_ERROR = "[2026-12-01 20:21:00,621 E 23837 23872] core_worker.cc:1234: Failed to connect to the raylet"
 
 
@@ -69,7 +74,7 @@ def test_epoch_lines_of_every_trial_are_never_folded_and_the_known_harmless_line
     dedup = _dedup(monkeypatch, verbose=False)
     epochs = [EPOCH.format(i=i, e=e) for e in (1, 2) for i in range(4)]
     printed = _printed(dedup, [(1000 + i, [line]) for i, line in enumerate(epochs)]
-                       + [(2000, [PREEMPTION]), (2001, [OTHER_ERROR])])
+                       + [(2000, [PREEMPTION]), (2001, [OTHER_ERROR]), (2002, [CLEANER]), ("raylet", [STARTUP])])
     assert printed == [*epochs, OTHER_ERROR]
     # Without methodlab's pattern Ray folds them: what the allow pattern is there for.
     folded = _printed(type(dedup)(5, None, None, _timesource=lambda: 0.0), [(1000 + i, [ln]) for i, ln in enumerate(epochs)])
@@ -91,7 +96,8 @@ def test_verbose_keeps_the_known_harmless_line_and_a_users_skip_pattern_stays(mo
 def test_own_lines_are_told_apart_from_the_libraries(line, own):
     assert bool(re.search(OWN_LINE, line)) is own
     assert not any(re.search(p, line) for p in KNOWN_HARMLESS)
-    assert any(re.search(p, PREEMPTION) for p in KNOWN_HARMLESS)
+    for harmless in (PREEMPTION, CLEANER, STARTUP):
+        assert any(re.search(p, harmless) for p in KNOWN_HARMLESS)
 
 
 def test_mlflow_registration_lines_are_held_back_and_anything_else_passes(monkeypatch):

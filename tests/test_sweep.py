@@ -220,7 +220,7 @@ def _runs(tracking_uri: str):
 
 
 @pytest.mark.slow
-def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
+def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home, capfd):
     # One clearly good lr and three hopeless ones: ASHA (keeps the top 1/4 at epoch 1) must stop
     # the hopeless trials that reach the rung after the good one.
     overrides = tiny("supervised", "train.epochs=3", "train.batch_size=32", "data.limit_rows=600",
@@ -279,6 +279,20 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
     # Stopped trials' placement groups are removed by Ray Train's cleaner, through the state API of
     # this cluster (`ensure_ray`), also with other Ray instances on the machine (other sessions).
     assert _cpus_freed(ray_cluster) == pytest.approx(2.0, abs=0.01)
+
+    # The console: a line per trial event and no Tune status tables; every epoch line of every
+    # trial is there, none folded by Ray's dedup into "[repeated Nx across cluster]".
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert not any(table in text for table in ("== Status ==", "Trial status", "Number of trials", "+----"))
+    for t in summary.trials:
+        assert f"[asha4] trial {t.trial_id} started: train.lr=" in text
+        ended = "stopped early at epoch" if t.stopped_early else "finished after 3 epochs"
+        assert f"[asha4] trial {t.trial_id} {ended}" in text, (t, text[-3000:])
+        for epoch in range(1, t.epochs + 1):
+            assert f"[{t.run_name}] train epoch {epoch} " in text, (t.run_name, epoch)
+    assert " reached rung epoch 1: val_acc=" in text
+    assert not any("repeated" in ln and "epoch" in ln for ln in text.splitlines())
 
 
 def _cpus_freed(ray_cluster, timeout: float = 60) -> float:

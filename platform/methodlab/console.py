@@ -5,8 +5,9 @@ Off by default, each where it is made:
 - Ray's and MLflow's INFO/WARNING logger lines (`library_log_level`: Ray's driver, Ray Train,
   Ray Tune and MLflow loggers), matplotlib's ("generated new fontManager", `quiet_worker_logs`);
 - MLflow's registration lines, printed with `print` rather than logged (`tracking`'s capture);
-- `KNOWN_HARMLESS`: lines a library writes at error level on every run that say nothing about
-  this run (Ray's PreemptionWatcher line), dropped by the driver's Ray log forwarding
+- `KNOWN_HARMLESS`: lines Ray writes (at error or warning level, or from actors outside the
+  run's logging config) on every run or sweep that ask nothing of the user (Ray's
+  PreemptionWatcher line, its placement-group cleaner's), dropped by the driver's Ray log forwarding
   (`configure_ray_logs`), never at their source: every other line of those processes still shows.
 
 Ray folds a line that several workers print within 5 s into "[repeated Nx across cluster]",
@@ -25,10 +26,19 @@ LOG_LEVEL_ENV = "METHODLAB_LOG_LEVEL"
 
 # "[<run or sweep name>] ..." (names are check_name-safe: letters, digits, . _ -)
 OWN_LINE = r"^\[[A-Za-z0-9][\w.-]*\] "
-# [ray] TrainController, every run (Ray 2.60 core_worker.cc): Ray Train's own actor, restartable,
-# created with arguments in the object store; nothing a user can or needs to act on.
-KNOWN_HARMLESS = [r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor "
-                  r"arguments in the object store and max_restarts > 0"]
+KNOWN_HARMLESS = [
+    # [ray] TrainController, every run (Ray 2.60 core_worker.cc, at error level): Ray Train's own
+    # actor, restartable, created with arguments in the object store; nothing a user can act on.
+    r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor "
+    r"arguments in the object store and max_restarts > 0",
+    # [ray] Ray Train's PlacementGroupCleaner (a detached actor, outside the run's logging config)
+    # after every trial a scheduler stopped: the cleanup that the sweep relies on, done.
+    r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group",
+    # [ray] raylet, in sweeps: a Tune trial, its Train controller and its workers are processes
+    # each, so a few concurrent trials start more than twice the CPU count on a small node.
+    r"WARNING: \d+ PYTHON worker processes have been started on node: .* which is \d+x the maximum "
+    r"expected startup concurrency",
+]
 # [ray] the dedup token Ray's own tests rely on (ray_constants.TESTING_NEVER_DEDUP_TOKEN).
 _RAY_NEVER_DEDUP = "__ray_testing_never_deduplicate__"
 
