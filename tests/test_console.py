@@ -178,3 +178,39 @@ def test_the_status_line_counts_trials_by_how_they_end():
                        ["t0", "t1", "t2", "t3", "t4"], 95)
     assert line == ("[asha4] 1 running, 1 pending, 1 finished, 1 stopped early, 1 failed; "
                     "best val_acc=0.9500 (t1); 1m35s")
+
+
+class FakeTrial:
+    def __init__(self, trial_id, config, error=None):
+        self.trial_id, self.config, self.last_result, self.error = trial_id, config, {}, error
+
+    def get_pickled_error(self):
+        return self.error
+
+
+def test_trial_events_say_started_rung_stopped_finished_and_failed(capsys):
+    """What Tune calls (Ray 2.60's TuneController): a result the scheduler stops the trial on
+    comes marked `done`; a trial that returns sends no such result before it completes."""
+    from methodlab.sweep_console import TrialEvents
+
+    events = TrialEvents("sw", "val_acc", "max", rungs=[1, 4])
+    good, bad, broken = FakeTrial("t_00000", {"train.lr": 0.01}), FakeTrial("t_00001", {"train.lr": 1e-7}), \
+        FakeTrial("t_00002", {}, RuntimeError("Training failed due to worker errors:\n  FloatingPointError: "
+                                              "non-finite loss loss=nan in steps 3-4"))
+    for t in (good, bad, broken):
+        events.on_trial_start(0, [], t)
+    for t, result in ((good, {"epoch": 1, "val_acc": 0.9}), (bad, {"epoch": 1, "val_acc": 0.1, "done": True}),
+                      (good, {"epoch": 2, "val_acc": 0.95})):
+        t.last_result = result
+        events.on_trial_result(0, [], t, result)
+    events.on_trial_complete(0, [], bad)
+    events.on_trial_complete(0, [], good)
+    events.on_trial_error(0, [], broken)
+    assert capsys.readouterr().out.splitlines() == [
+        "[sw] trial t_00000 started: train.lr=0.01", "[sw] trial t_00001 started: train.lr=1e-07",
+        "[sw] trial t_00002 started",
+        "[sw] trial t_00000 reached rung epoch 1: val_acc=0.9000",
+        "[sw] trial t_00001 stopped early at epoch 1: val_acc=0.1000",
+        "[sw] trial t_00000 finished after 2 epochs: val_acc=0.9500",
+        "[sw] trial t_00002 failed: FloatingPointError: non-finite loss loss=nan in steps 3-4"]
+    assert events.best == (0.95, "t_00000") and events.stopped == {"t_00001"}
