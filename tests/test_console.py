@@ -214,3 +214,23 @@ def test_trial_events_say_started_rung_stopped_finished_and_failed(capsys):
         "[sw] trial t_00000 finished after 2 epochs: val_acc=0.9500",
         "[sw] trial t_00002 failed: FloatingPointError: non-finite loss loss=nan in steps 3-4"]
     assert events.best == (0.95, "t_00000") and events.stopped == {"t_00001"}
+
+
+@pytest.mark.parametrize("argv", [["train", "supervised", "--verbose", "train.epochs=2"], ["sweep", "supervised", "--verbose"],
+                                  ["demo", "--verbose"], ["submit", "--verbose", "train", "supervised"]])
+def test_verbose_is_an_option_of_every_command_that_runs_ray(argv):
+    from methodlab.cli import build_parser
+
+    assert build_parser().parse_known_args(argv)[0].verbose
+
+
+def test_submit_verbose_sends_the_setting_with_the_job():
+    import json
+
+    from methodlab.cli import _verbose_job_env
+
+    assert json.loads(_verbose_job_env(None)) == {"env_vars": {console.VERBOSE_ENV: "1"}}
+    assert json.loads(_verbose_job_env('{"env_vars": {"A": "1"}, "pip": ["x"]}')) == \
+        {"env_vars": {"A": "1", console.VERBOSE_ENV: "1"}, "pip": ["x"]}
+    for refused_by_submit in ("not json", "[1, 2]"):
+        assert _verbose_job_env(refused_by_submit) == refused_by_submit

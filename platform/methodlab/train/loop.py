@@ -281,8 +281,9 @@ class RayHooks(Hooks):
             self._report({**state.evaluated, **metrics} if self.rank == 0 else {}, directory, state)
         if self.rank != 0 or (checkpoint is not None and checkpoint.mid_epoch):
             return
-        if self.bar is not None:
-            self.bar.close()                    # the epoch line takes its place
+        if self.bar is not None:                # the epoch is done: its bar at 100%, then its line
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
             self.bar = None
         t0 = time.perf_counter()
         self.spool_file.append(*self._epoch_record(state, {**timer.metrics(), "time_mlflow_s": self.mlflow_wait}))
