@@ -329,9 +329,9 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     try:
         while time.time() < deadline and first.poll() is None:
             time.sleep(0.3)
-            # Only once Tune reports (the driver made the MLflow store and the parent run before):
+            # Only once a trial has started (the driver made the MLflow store and the parent run before):
             # two processes creating one SQLite store at once race on its schema migration.
-            if "Number of trials" not in Path(home.parent / "driver1.log").read_text():
+            if "[resume2] trial " not in Path(home.parent / "driver1.log").read_text():
                 continue
             client, runs = _runs(uri)
             children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -413,7 +413,7 @@ def test_signal_to_the_sweep_driver_kills_every_trial_keeping_checkpoints_and_it
         while True:
             assert driver.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.3)
-            if "Number of trials" not in log_path.read_text():   # (the store and parent exist by then)
+            if f"[{name}] trial " not in log_path.read_text():   # (the store and parent exist by then)
                 continue
             _, runs = _runs(uri)
             children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
