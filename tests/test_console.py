@@ -44,11 +44,7 @@ def _dedup(monkeypatch, verbose: bool, theirs: str | None = None):
     from ray._private import ray_logging
 
     monkeypatch.setenv(console.VERBOSE_ENV, "1" if verbose else "0")
-    if theirs:
-        monkeypatch.setenv("RAY_DEDUP_LOGS_SKIP_REGEX", theirs)
-    else:
-        monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
-    monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX", raising=False)
+    monkeypatch.setattr(console, "_THEIRS", {"RAY_DEDUP_LOGS_SKIP_REGEX": theirs})
     for d in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
         monkeypatch.setattr(d, "allow_re", d.allow_re)
         monkeypatch.setattr(d, "skip_re", d.skip_re)
@@ -79,6 +75,15 @@ def test_epoch_lines_of_every_trial_are_never_folded_and_the_known_harmless_line
     # Without methodlab's pattern Ray folds them: what the allow pattern is there for.
     folded = _printed(type(dedup)(5, None, None, _timesource=lambda: 0.0), [(1000 + i, [ln]) for i, ln in enumerate(epochs)])
     assert len(folded) < len(epochs) and any("repeated" in ln for ln in folded)
+
+
+def test_configuring_again_gives_the_same_patterns(monkeypatch):
+    from ray._private import ray_logging
+
+    first = _dedup(monkeypatch, verbose=False, theirs=r"^noise")
+    console.configure_ray_logs()
+    assert ray_logging.stdout_deduplicator.allow_re.pattern == first.allow_re.pattern
+    assert ray_logging.stdout_deduplicator.skip_re.pattern == first.skip_re.pattern
 
 
 def test_verbose_keeps_the_known_harmless_line_and_a_users_skip_pattern_stays(monkeypatch):

@@ -65,9 +65,13 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in (VERBOSE_ENV, LOG_LEVEL_ENV) if os.environ.get(k)}
 
 
+# The user's own patterns, as the process started (later calls must not take ours for theirs).
+_THEIRS = {k: os.environ.get(k) for k in ("RAY_DEDUP_LOGS_ALLOW_REGEX", "RAY_DEDUP_LOGS_SKIP_REGEX")}
+
+
 def _regex(env: str, own: list[str]) -> str:
     """`own` patterns, or'ed with whatever the user set in `env` (theirs kept)."""
-    theirs = os.environ.get(env)
+    theirs = _THEIRS.get(env)
     return "|".join(f"(?:{p})" for p in ([theirs] if theirs else []) + own)
 
 
