@@ -105,6 +105,11 @@ def quiet_worker_logs() -> None:
     logging.getLogger("matplotlib").setLevel(library_log_level())
 
 
+def short(v) -> str:
+    """A parameter's value in a line: floats to 4 significant digits."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 # ----------------------------------------------------------------------------------------------
 # Progress within an epoch (rank 0)
 

@@ -56,6 +56,7 @@ import methodlab.methods  # noqa: F401  (fills the registries in each Tune trial
 from methodlab import storage
 from methodlab.config import (RunConfig, Section, check_name, deep_merge, nest, parse_override, read_yaml,
                               resolve, run_config_class, set_path, yaml_number)
+from methodlab.console import short as _short
 from methodlab.errors import ConfigError, TrainingError
 from methodlab.registry import get_method
 from methodlab.train.lease import Lease, drop as drop_lease
@@ -358,10 +359,6 @@ class SweepSummary:
                  if self.version else "")
         return (f"{head} · best {self.metric}={self.best.metric:.4f} ({self.best.run_name}: {best})"
                 f"{model} · MLflow run {self.parent_run_id}")
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def default_sweep_name(method_name: str, spec: SweepSpec, base: RunConfig) -> str:

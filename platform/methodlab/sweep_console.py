@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 from ray import tune  # [ray]
 from ray.tune.experiment import Trial  # [ray]
+
+from methodlab.console import short
 
 STATUS_EVERY_S = 30.0
 
@@ -29,10 +30,6 @@ def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[i
     AsyncHyperBandScheduler computes them: grace_period * reduction_factor**k below max_t)."""
     count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
     return [round(grace_period * reduction_factor ** k) for k in range(count)]
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 class TrialEvents(tune.Callback):
@@ -54,7 +51,7 @@ class TrialEvents(tune.Callback):
         return f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else f"{self.metric}=n/a"
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in (trial.config or {}).items())
+        shown = ", ".join(f"{k}={short(v)}" for k, v in (trial.config or {}).items())
         self._say(trial, f"started: {shown}" if shown else "started")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
