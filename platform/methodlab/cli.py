@@ -17,6 +17,8 @@
 
 Every user error prints one line, `error: ...`, and exits non-zero before cluster resources are
 spent; tracebacks are for bugs, and are printed with credentials in URIs masked (`redact`).
+`train`, `sweep`, `submit` and `demo` take `--verbose`: Ray's, Ray Tune's and MLflow's own lines
+too (`methodlab.console`).
 """
 
 from __future__ import annotations
