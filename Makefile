@@ -23,10 +23,10 @@ REF_STAMP := $(REF_VENV)/.installed-$(shell echo "$(REF_PACKAGES)" | cksum | cut
 # Ray: no usage stats. Tests and the demo train epochs of a fraction of a second, so their
 # reports must not wait for Ray's health-check poll (methodlab's default is 1 s: launch.py).
 export RAY_USAGE_STATS_ENABLED ?= 0
-demo test test-fast test-load test-faults test-parity: export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
+demo test test-fast test-load test-faults test-parity test-ui: export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup reference-venv demo test test-fast test-load test-faults test-parity bench report clean stack-up stack-down
+.PHONY: setup reference-venv demo test test-fast test-load test-faults test-parity test-ui bench report clean stack-up stack-down
 
 setup: $(STAMP)
 
@@ -49,13 +49,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/methodlab demo
 
-# The fault matrix and the weights-import parity have targets of their own, so `make test`
-# stays well under 20 minutes on 2 CPUs; .ci/run runs all three.
+# The fault matrix, the weights-import parity and the browser tests have targets of their own,
+# so `make test` stays well under 20 minutes on 2 CPUs; .ci/run runs all four.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not load and not faults and not parity" --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider -m "not load and not faults and not parity and not ui" --durations=25
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not load and not faults and not parity"
+	$(PY) -m pytest -q -m "not slow and not load and not faults and not parity and not ui"
 
 # Each external fault against a real run (tests/test_faults.py and the tests marked faults elsewhere: a killed or signalled sweep driver, a crashed worker, an S3 outage; ~8 min on 2 CPUs).
 test-faults: setup
@@ -65,12 +65,23 @@ test-faults: setup
 test-parity: setup reference-venv
 	$(PY) -m pytest -q -p no:cacheprovider -m parity --durations=10
 
+# The HTML report and the MLflow UI of a finished run, rendered in headless chromium (Debian's,
+# installed here if missing; tests/test_ui.py, about 2 minutes on 2 CPUs).
+test-ui: setup
+	@which chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(PY) -m pytest -q -p no:cacheprovider -m ui --durations=10
+
 # Three concurrent `ray job submit` runs and a 16-trial sweep on a private 2-CPU stack (~10 min).
 test-load: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m load tests/test_stack.py
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# The HTML report from MLflow; the committed bench/results/*.json are first recorded as runs of
+# experiment methodlab-bench (once per file content), so every figure comes from a run.
+report: setup
+	$(VENV)/bin/methodlab report
 
 clean: stack-down
 	rm -rf .methodlab .pytest_cache .hypothesis $(REF_VENV)

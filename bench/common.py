@@ -84,24 +84,22 @@ def write_results(name: str, figures: list[Figure], extra: dict[str, Any] | None
     out = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "device": device_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "figures": [asdict(f) for f in figures], **(extra or {})}
-    out.write_text(json.dumps(payload, indent=1))
+    text = json.dumps(payload, indent=1)
+    out.write_text(text)
     for f in figures:
         print(f.line(), flush=True)
     print(f"wrote {out}")
-    _log_to_mlflow(name, payload)
+    _log_to_mlflow(name, payload, text)
     return out
 
 
-def _log_to_mlflow(name: str, payload: dict) -> None:
+def _log_to_mlflow(name: str, payload: dict, text: str) -> None:
+    """The run `methodlab report` draws this benchmark's figures from (the same bytes as the file,
+    by sha256, so `methodlab report` does not record the file again)."""
     from methodlab.report import bench_tracking_uri
-    from methodlab.tracking import BENCHMARK_TAG, Tracker
+    from methodlab.report.record import BENCH_EXPERIMENT, log_benchmark
+    from methodlab.tracking import Tracker
 
-    tracker = Tracker(bench_tracking_uri(), "methodlab-bench")
-    run_id = tracker.start_run(f"bench-{name}", {"benchmark": name, "device": payload["device"]},
-                               {BENCHMARK_TAG: name}, json.dumps(payload, indent=1))
-    metrics = {f["name"]: f["ratio"] for f in payload["figures"] if f["ratio"] is not None}
-    if metrics:
-        tracker.log_metrics(run_id, metrics, 0)
-    tracker.log_object(run_id, payload, "results.json")
-    tracker.end_run(run_id, "FINISHED")
-    print(f"logged to MLflow {tracker.uri} (experiment methodlab-bench, run {run_id})")
+    tracker = Tracker(bench_tracking_uri(), BENCH_EXPERIMENT)
+    run_id = log_benchmark(tracker, name, payload, text)
+    print(f"logged to MLflow {tracker.uri} (experiment {BENCH_EXPERIMENT}, run {run_id})")

@@ -266,7 +266,7 @@ def through_methodlab(workers: int, tag: str, extra: tuple[str, ...] | list[str]
 
     # Epoch period = time between consecutive epochs' MLflow records: training, evaluation,
     # the checkpoint, report() and the MLflow write, i.e. everything the platform adds.
-    stamps = [m.timestamp / 1000 for m in history("epoch")]
+    stamps = [m.timestamp / 1000 for m in history("epoch_seconds")]
     periods = [history("epoch_seconds")[0].value] + [b - a for a, b in zip(stamps, stamps[1:])]
     phases = {}
     for key in sorted(k for k in summary.metrics if k.startswith("time_")):

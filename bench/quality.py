@@ -76,12 +76,18 @@ def verdict(interval: tuple[float, float] | None, precondition: Precondition) ->
     return "held" if lo > 0 else "not held" if hi < 0 else "inconclusive"
 
 
+def _summary(r: dict) -> dict:
+    """A row's variant, mean, std and n: the two sides of a claim, as the report tabulates them."""
+    return {k: r[k] for k in ("variant", "mean", "std", "n")}
+
+
 def claim(text: str, better: dict, worse: dict, precondition: Precondition,
           higher_is_better: bool = True) -> dict:
     sign = 1 if higher_is_better else -1
     a, b = ([sign * v for v in r["values"]] for r in (better, worse))
     interval = welch_interval(a, b)
-    return {"claim": text, "verdict": verdict(interval, precondition),
+    return {"claim": text, "method": better["method"], "task": better["task"], "metric": better["metric"],
+            "better": _summary(better), "worse": _summary(worse), "verdict": verdict(interval, precondition),
             "held": {"held": True, "not held": False}.get(verdict(interval, precondition)),
             "precondition": asdict(precondition),
             "improvement_ci": None if interval is None else list(interval),   # in the claim's direction

@@ -17,8 +17,8 @@ from methodlab.losses.canonicalization import artifact_consistency_loss, group_c
 from methodlab.metrics.group import group_accuracy_from_counts, group_counts
 from methodlab.models import build_model
 from methodlab.models.canonicalizer import (
-    GroupConvScoreNet, group_copies, group_elements, inverse_indices, rotate, rotate_interpolated,
-    steerable_basis, straight_through_onehot)
+    GroupConvScoreNet, act, element_names, group_copies, group_elements, inverse_indices, rotate,
+    rotate_interpolated, steerable_basis, straight_through_onehot)
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -459,3 +459,34 @@ def test_frozen_plain_baseline_trains_nothing_and_is_not_invariant(tmp_path):
     assert metrics["val_invariance_error"] > 0.0
     model, spec = method.export(models)
     assert spec["arch"] == "cnn"
+
+
+@pytest.mark.parametrize("mode, rotations", [("canonicalize", 4), ("equivariant", 4), ("canonicalize", 16),
+                                             ("plain", 4)])
+def test_the_run_charts_group_accuracy_and_the_canonical_poses(tmp_path, mode, rotations):
+    """After the last epoch: test accuracy per group element, and with a canonicalizer the first
+    val images under (at most 8 evenly spaced) group elements next to their canonical poses. At C4
+    (exact rotations) every copy of an image gets one pose, and it is one of the image's copies."""
+    from methodlab.methods.canonicalization import POSE_ELEMENTS, POSE_IMAGES
+
+    method = _method(tmp_path, f"method.mode={mode}", f"method.num_rotations={rotations}", "train.epochs=1")
+    models = method.build_models("train", {})
+    method.evaluate("train", models, "test", torch.device("cpu"))
+    charts = method.epoch_artifacts("train", 0)
+    if mode == "plain":                 # nothing canonicalizes: no poses to show
+        assert set(charts) == {"group_accuracy_test.png"}
+        return
+    assert set(charts) == {"group_accuracy_test.png", "canonical_poses_val.png"}
+    copies, canonical, names = method.poses
+    step = math.ceil(rotations / POSE_ELEMENTS)
+    assert names == element_names(rotations, False)[::step] and len(names) == min(rotations, POSE_ELEMENTS)
+    x = method.data.splits["val"].head(POSE_IMAGES)["image"]
+    for j, (angle, flip) in enumerate(group_elements(rotations, False)[::step]):
+        torch.testing.assert_close(copies[:, j], act(x, angle, flip, method.mcfg.pad_ratio), rtol=0, atol=0)
+    if rotations == 4:
+        for i in range(POSE_IMAGES):
+            assert all(torch.equal(canonical[i, j], canonical[i, 0]) for j in range(4))
+            assert any(torch.equal(canonical[i, 0], copies[i, j]) for j in range(4))
+    axes = [ax for ax in charts["canonical_poses_val.png"].axes if ax.images]
+    assert len(axes) == 2 * POSE_IMAGES * len(names)
+    assert [ax.get_title() for ax in axes[:len(names)]] == names

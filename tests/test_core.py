@@ -339,3 +339,34 @@ def test_the_core_trains_data_parallel_without_ray(home):
              for r in ranks[0]["reports"]]
     assert strip == [{k: v for k, v in r.items() if not k.startswith("time_") and k != "epoch_seconds"}
                      for r in ranks[1]["reports"]]
+
+
+@pytest.mark.parametrize("name", [n for n in method_names() if len(get_method(n).stages) > 1])
+def test_mlflow_records_each_epoch_at_its_global_step_with_its_stage_named(home, name):
+    """What rank 0 spools per epoch (`RayHooks._epoch_record`) for a multi-stage method: the
+    global optimizer step at the epoch's end (also from a mid-epoch checkpoint's state, whose
+    counter has moved on), the epoch over all stages, and every stage but the last under
+    `<stage>/`, so the method's metric is the final stage's; no `epoch` or `step` metric."""
+    from methodlab.train.loop import ATTEMPT_METRICS, RayHooks
+
+    method = _method(name, "train.checkpoint_every_steps=2")
+    _fit(method, hooks=(capture := Capture()))
+    stages = method.stages
+    records = {}
+    for state in (s for s in capture.states if s.metrics):      # (before the first epoch ends: none)
+        metrics, step, epoch = RayHooks._epoch_record(state, {}, stages)
+        assert records.setdefault(epoch, (metrics, step)) == (metrics, step), "a mid-epoch state differs"
+        if state.batch == 0:
+            assert step == state.step
+    assert list(records) == list(range(1, len(records) + 1)) and len(records) == capture.reports[-1]["epoch"]
+    steps = [step for _, step in records.values()]
+    assert steps == sorted(set(steps))
+    by_stage = [r["stage"] for r in capture.reports if "epoch_seconds" in r]
+    for (metrics, _), stage in zip(records.values(), by_stage):
+        assert not {"epoch", "step"} & set(metrics)
+        named = {k for k in metrics if k not in ATTEMPT_METRICS}
+        if stage == stages[-1]:
+            assert not any("/" in k for k in named)
+        else:
+            assert named and all(k.startswith(f"{stage}/") for k in named)
+    assert method.metric in records[len(records)][0]

@@ -37,7 +37,10 @@ def test_every_method_has_a_baseline_on_the_same_task_that_differs_only_where_it
 
 def test_the_demo_prints_its_summary_table_once_after_every_run(monkeypatch, capsys):
     """Each run's summary line as it ends, then the table once, then where the report and the UI are."""
+    import types
+
     import methodlab.report
+    import methodlab.tracking
     import methodlab.train.launch
     from methodlab.demo import run_demo
     from methodlab.train.launch import RunSummary
@@ -45,6 +48,7 @@ def test_the_demo_prints_its_summary_table_once_after_every_run(monkeypatch, cap
     monkeypatch.setattr(methodlab.train.launch, "train", lambda cfg: RunSummary(
         cfg.run_name, "r1", "FINISHED", {get_method(cfg.method_name).test_metric: 0.5}, "m", "1"))
     monkeypatch.setattr(methodlab.report, "write_report", lambda uri: "report.html")
+    monkeypatch.setattr(methodlab.tracking, "Tracker", lambda *a: types.SimpleNamespace(set_tags=lambda *a: None))
     assert run_demo() == 0
     lines = capsys.readouterr().out.splitlines()
     headers = [i for i, ln in enumerate(lines) if ln.startswith("method ") and "registered model" in ln]

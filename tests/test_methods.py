@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from methodlab.config import load_config
 from methodlab.registry import get_method, method_names
 from methodlab.tracking import Tracker
-from tests.conftest import tiny
+from tests.conftest import epochs_logged, tiny
 
 METHODS = method_names()
 
@@ -70,7 +70,22 @@ def test_two_worker_run_trains_registers_and_reloads(ray_cluster, home, name):
     assert all(math.isfinite(v) for v in summary.metrics.values())
     run = Tracker(cfg.tracking.uri, cfg.tracking.experiment).client.get_run(summary.run_id)
     # The registered model is the best evaluated epoch of the final stage (tracking.register=best).
-    assert 1 <= int(run.data.tags["methodlab.registered_epoch"]) <= int(summary.metrics["epoch"])
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    by_stage = method.epochs_by_stage(cfg)
+    epochs = sum(by_stage.values())
+    assert 1 <= int(run.data.tags["methodlab.registered_epoch"]) <= epochs
+    # One step axis: every epoch once, at the global optimizer step at its end; the stages but the
+    # last under their names (their charts grouped by them); the method's metric the last stage's.
+    assert list(tracker.logged_epochs(summary.run_id)) == list(range(1, epochs + 1))
+    last = method.stages[-1]
+    for stage in method.stages:
+        key = "epoch_seconds" if stage == last else f"{stage}/epoch_seconds"
+        assert len(epochs_logged(tracker.client, summary.run_id, key)) == by_stage[stage], key
+    assert not {"epoch", "step"} & set(summary.metrics)
+    assert epochs_logged(tracker.client, summary.run_id, method.metric)[-1] == epochs
+    assert run.data.params["data.dataset"] == run.data.tags["methodlab.dataset"] == (
+        cfg.data.dataset or method.default_dataset)
+    assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.user"]
     assert run.data.params["train.global_batch_size"] == str(2 * cfg.train.batch_size)
     assert summary.metrics["time_step_s"] > 0 and "startup_s" in summary.metrics
     # every method logs a diagnostic chart per run
@@ -79,7 +94,12 @@ def test_two_worker_run_trains_registers_and_reloads(ray_cluster, home, name):
     def files(path=None):
         for a in client.list_artifacts(summary.run_id, path):
             yield from files(a.path) if a.is_dir else [a.path]
-    assert any(p.endswith(".png") for p in files()), f"{name} logged no chart"
+    charts = [p for p in files() if p.endswith(".png")]
+    assert charts, f"{name} logged no chart"
+    from matplotlib.image import imread
+    for chart in charts:                    # a real picture, not an empty canvas
+        image = imread(client.download_artifacts(summary.run_id, chart, str(home)))
+        assert image.ndim == 3 and min(image.shape[:2]) >= 100 and image[..., :3].std() > 0, chart
 
     model, spec = load_pretrained(f"models:/{cfg.tracking.registered_model}@candidate", cfg.tracking.uri)
     from methodlab.data import resolve_dataset, read_split

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from methodlab.cli import main
-from methodlab.provenance import COMMIT_ENV, DIRTY_ENV, provenance
+from methodlab.provenance import COMMIT_ENV, DIRTY_ENV, USER_ENV, provenance
 from methodlab.submit import submit_argv
 
 from .conftest import ROOT
@@ -22,15 +22,27 @@ def test_provenance_is_the_checkouts_commit_unless_the_job_carries_one(monkeypat
     assert found[COMMIT_ENV] == head and found[DIRTY_ENV] in ("true", "false")
     monkeypatch.setenv(COMMIT_ENV, "abc123")
     monkeypatch.setenv(DIRTY_ENV, "true")
-    assert provenance() == {COMMIT_ENV: "abc123", DIRTY_ENV: "true"}
+    monkeypatch.setenv(USER_ENV, "alice")
+    assert provenance() == {COMMIT_ENV: "abc123", DIRTY_ENV: "true", USER_ENV: "alice"}
+
+
+def test_the_user_is_the_login_name_unless_the_job_carries_the_submitters(monkeypatch):
+    import getpass
+
+    monkeypatch.delenv(USER_ENV, raising=False)
+    monkeypatch.setenv("LOGNAME", "bob")      # getpass.getuser() reads $LOGNAME first
+    assert provenance()[USER_ENV] == getpass.getuser() == "bob"
+    monkeypatch.setenv(USER_ENV, "alice")     # what `methodlab submit` sent from the submitting side
+    assert provenance()[USER_ENV] == "alice"
 
 
 def test_the_job_gets_the_checkout_and_provenance_merged_into_its_runtime_env(monkeypatch):
     monkeypatch.setenv(COMMIT_ENV, "abc123")
+    monkeypatch.setenv(USER_ENV, "alice")
     argv = submit_argv("http://127.0.0.1:8265", "sweep", "supervised", "jobs/sweeps/supervised.yaml", ["name=x"],
                        wait=False, runtime_env={"env_vars": {"A": "1"}, "pip": ["x"]}, submission_id="s1")
     env = json.loads(argv[argv.index("--runtime-env-json") + 1])
-    assert env == {"env_vars": {"A": "1", COMMIT_ENV: "abc123", DIRTY_ENV: "unknown"}, "pip": ["x"]}
+    assert env == {"env_vars": {"A": "1", COMMIT_ENV: "abc123", DIRTY_ENV: "unknown", USER_ENV: "alice"}, "pip": ["x"]}
     assert argv[argv.index("--working-dir") + 1] == str(ROOT)
     assert "--no-wait" in argv and argv[argv.index("--submission-id") + 1] == "s1"
     assert argv[argv.index("--") + 1:] == ["python", "jobs/sweep.py", "supervised", "-c",

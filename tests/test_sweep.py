@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from methodlab.config import load_config
 from methodlab.errors import ConfigError
 from methodlab.registry import get_method, method_names
-from methodlab.sweep import (SweepSpec, Trial, epoch_bound, load_spec, merged_space, metric_plot, run_sweep,
-                             trial_config, trials_csv, tune_space, validate_space)
-from tests.conftest import ROOT, tiny
+from methodlab.sweep import (SweepSpec, SweepSummary, Trial, epoch_bound, load_spec, log_ticks, merged_space,
+                             metric_plot, parent_note, run_sweep, tick_labels, trial_config, trial_run_name,
+                             trials_csv, tune_space, validate_space)
+from tests.conftest import ROOT, epochs_logged, tiny
 
 SWEEPS = sorted((Path(ROOT) / "jobs" / "sweeps").glob("*.yaml"))
 
@@ -202,6 +203,78 @@ def test_summary_table_and_plot():
     assert fig.axes[0].get_xscale() == "log"
 
 
+def _label_boxes(ax) -> list:
+    """The window extents of the axis' drawn x tick labels, major and minor, left to right."""
+    ax.figure.canvas.draw()
+    labels = [t for t in [*ax.get_xticklabels(), *ax.get_xticklabels(minor=True)] if t.get_visible() and t.get_text()]
+    return sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lo_exp=st.floats(-8, 3), decades=st.floats(0, 8))
+def test_log_axis_tick_labels_never_overlap(lo_exp, decades):
+    """A loguniform key's panel: 2-5 labelled ticks (one for a range within 0.1%), inside the range, in
+    order, with distinct labels that do not run into each other (matplotlib's own log locator
+    labels the minor ticks of a short range, and those overlapped)."""
+    import matplotlib.pyplot as plt
+
+    lo, hi = 10 ** lo_exp, 10 ** (lo_exp + decades)
+    ticks = log_ticks(lo, hi)
+    assert 1 <= len(ticks) <= 5 and (len(ticks) >= 2) == (hi > lo * 1.001)
+    assert ticks == sorted(set(ticks)) and all(lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9) for t in ticks)
+    assert len(set(tick_labels(ticks))) == len(ticks)
+    space = {"train.lr": ("loguniform", [lo, hi])}
+    trials = [Trial(f"a_{i:05d}", f"a_{i:05d}-s", f"r{i}", {"train.lr": lo * (hi / lo) ** (i / 3)}, 0.1 * i, 1,
+                    "FINISHED") for i in range(4)]
+    fig = metric_plot(trials, space, "val_acc")
+    boxes = _label_boxes(fig.axes[0])
+    assert len(boxes) == len(ticks)
+    shown = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    plt.close(fig)
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), shown
+
+
+def test_tick_labels_are_short_and_exact():
+    assert tick_labels([1e-4, 2.5e-4, 0.05, 1.0, 250.0, 1.5e4]) == ["1e-4", "2.5e-4", "0.05", "1", "250", "1.5e4"]
+    assert tick_labels([1.0, 1.0045]) == ["1", "1.004"]      # the fewest digits that tell them apart
+    assert log_ticks(1e-4, 1e-2) == [1e-4, 1e-3, 1e-2]
+    assert log_ticks(1.2e-3, 6e-2) == pytest.approx([2e-3, 5e-3, 1e-2, 2e-2, 5e-2])
+
+
+def test_trial_run_names_lead_with_the_trial_id():
+    """MLflow's runs table cuts long names at the end: the part that tells trials apart leads."""
+    names = [trial_run_name("supervised-lr-bs-wd-long-sweep-name", f"3f2a1_{i:05d}") for i in range(3)]
+    assert [n[:11] for n in names] == ["3f2a1_00000", "3f2a1_00001", "3f2a1_00002"]
+    assert all(n.endswith("-supervised-lr-bs-wd-long-sweep-name") for n in names)
+    # a name the run config accepts (it becomes the trial's storage directory)
+    assert load_config("supervised", None, [f"train.run_name={names[0]}"]).run_name == names[0]
+
+
+class _Links:
+    """Tracker's link methods over a fixed experiment (no store needed)."""
+    from methodlab.tracking import Tracker
+    experiment_id = "7"
+    run_url, model_version_url, ui_url = Tracker.run_url, Tracker.model_version_url, Tracker.ui_url
+
+    def __init__(self, uri):
+        self.uri = uri
+
+
+def test_parent_note_links_the_best_run_and_its_model_version():
+    best = Trial("a_00001", "a_00001-s", "run1", {"train.lr": 0.01}, 0.97, 3, "FINISHED")
+    s = SweepSummary("s", "supervised", "val_acc", "max", "p", [best], best, "methodlab-supervised", "3")
+    note = parent_note(s, _Links("http://user:secret@mlflow.example:5000/"))
+    assert "[a_00001-s](http://mlflow.example:5000/#/experiments/7/runs/run1)" in note
+    assert ("[methodlab-supervised version 3](http://mlflow.example:5000/#/models/methodlab-supervised/versions/3)"
+            in note) and "secret" not in note and "val_acc=0.9700 (train.lr=0.01)" in note
+    # a local store: links relative to the UI that shows the note
+    assert "(#/experiments/7/runs/run1)" in parent_note(s, _Links("sqlite:///x/mlflow.db"))
+    s.version = s.registered_model = None
+    assert "No model was registered" in parent_note(s, _Links("sqlite:///x/mlflow.db"))
+    s.best = None
+    assert parent_note(s, _Links("sqlite:///x/mlflow.db")).endswith("No trial reported val_acc.")
+
+
 def test_spec_defaults():
     s = SweepSpec()
     assert (s.search.algorithm, s.search.scheduler.type, s.search.num_samples) == ("random", "asha", 8)
@@ -221,6 +294,8 @@ def _runs(tracking_uri: str):
 
 @pytest.mark.slow
 def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home, capfd):
+    from methodlab.tracking import source_tags
+
     # One clearly good lr and three hopeless ones: ASHA (keeps the top 1/4 at epoch 1) must stop
     # the hopeless trials that reach the rung after the good one.
     overrides = tiny("supervised", "train.epochs=3", "train.batch_size=32", "data.limit_rows=600",
@@ -240,14 +315,18 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home, 
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and len(runs) == 5
     assert {r.info.run_name for r in children} == {t.run_name for t in summary.trials}
+    assert all(t.run_name == f"{t.trial_id}-asha4" for t in summary.trials)     # the trial id leads
 
     # Stopped trials: tagged, KILLED, fewer epochs; the others FINISHED with every epoch logged once.
     stopped = [r for r in children if r.data.tags.get("methodlab.stopped_early") == "true"]
     assert stopped, "ASHA stopped no trial"
     for r in children:
-        epochs = [m.step for m in client.get_metric_history(r.info.run_id, "epoch")]
-        assert epochs == sorted(set(epochs)), "an epoch was logged twice"
+        epochs = epochs_logged(client, r.info.run_id, "epoch_seconds")
+        assert epochs == list(range(1, len(epochs) + 1)), "an epoch was logged twice, or not at all"
         assert r.data.params["train.lr"] in ("0.01", "1e-07")
+        # a trial runs in a Tune actor: its Source and User are its sweep's, the driver's
+        assert {k: r.data.tags[k] for k in source_tags()} == {k: parent.data.tags[k] for k in source_tags()}
+        assert r.data.params["data.dataset"] == parent.data.params["base.data.dataset"] == "digits"
         if r in stopped:
             assert r.info.status == "KILLED" and len(epochs) < 3
         else:
@@ -267,6 +346,12 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home, 
     assert summary.best.params["train.lr"] == 0.01 and summary.version is not None
     mv = client.get_model_version_by_alias("methodlab-supervised", "candidate")
     assert mv.run_id == summary.best.run_id == parent.data.tags["methodlab.best_run_id"]
+    # The parent links them: tags, and its description (the run page's note) with both links.
+    assert (parent.data.tags["methodlab.registered_model"], parent.data.tags["methodlab.registered_version"]) == \
+        ("methodlab-supervised", str(mv.version))
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"(#/experiments/{parent.info.experiment_id}/runs/{mv.run_id})" in note
+    assert f"[methodlab-supervised version {mv.version}](#/models/methodlab-supervised/versions/{mv.version})" in note
     from methodlab.models.hub import load_pretrained
     model, spec = load_pretrained("models:/methodlab-supervised@candidate", uri)
     assert spec["arch"] == "cnn"
@@ -339,7 +424,7 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
             second = next((r for r in children if r.info.status == "RUNNING"), None)
             if finished and finished_seen_at is None:
                 finished_seen_at = time.time()
-            if finished and second and len(client.get_metric_history(second.info.run_id, "epoch")) >= 2:
+            if finished and second and len(client.get_metric_history(second.info.run_id, "epoch_seconds")) >= 2:
                 # Tune saves its experiment state every second (TUNE_GLOBAL_CHECKPOINT_S): the state
                 # must have recorded the first trial as done. A trial's start takes far longer than
                 # this, so the wait is usually already over.
@@ -371,12 +456,12 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     # (Its end time may move: if it is the best trial, registering its model re-opens the run.)
     assert sorted(Path(done_after.data.tags["methodlab.checkpoint_root"]).glob("checkpoint_*")) == ckpts_before
     assert "methodlab.resumed_at_epoch" not in done_after.data.tags
-    assert [m.step for m in client.get_metric_history(done_after.info.run_id, "epoch")] == list(range(epochs))
+    assert epochs_logged(client, done_after.info.run_id, "epoch_seconds") == list(range(1, epochs + 1))
     # The interrupted one continued from its checkpoint, in the same child run, no epoch twice.
     cont = next(r for r in children if r.info.run_id == second.info.run_id)
     assert "methodlab.resumed_at_epoch" in cont.data.tags, out.stdout[-3000:] + out.stderr[-5000:]
     assert int(cont.data.tags["methodlab.resumed_at_epoch"]) >= 1
-    assert [m.step for m in client.get_metric_history(cont.info.run_id, "epoch")] == list(range(epochs))
+    assert epochs_logged(client, cont.info.run_id, "epoch_seconds") == list(range(1, epochs + 1))
 
 
 @pytest.mark.slow
@@ -457,7 +542,7 @@ def test_signal_to_the_sweep_driver_kills_every_trial_keeping_checkpoints_and_it
     for r in again:
         assert r.info.status == "FINISHED"
         assert int(r.data.tags["methodlab.resumed_at_epoch"]) >= 1
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "epoch")] == list(range(epochs))
+        assert epochs_logged(client, r.info.run_id, "epoch_seconds") == list(range(1, epochs + 1))
 
 
 @settings(max_examples=200, deadline=None)

@@ -375,3 +375,36 @@ def test_a_pretuned_backbone_refuses_another_value_bias_and_a_normalizing_one_re
         method = Toast(cfg, DataBundle(shared.info, dict(shared.splits), shared.tables))
         with pytest.raises(ConfigError, match=words):
             method.build_models("pretune", {})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_run_charts_its_confusion_and_in_toast_modes_the_top_down_mask(mode):
+    """After the last epoch: the test confusion matrix, and for a top-down model the token mask
+    of the first val images on the patch grid, the clamped cosine of each pass-1 token to the
+    prompt (computed here with torch's own cosine)."""
+    from methodlab.methods.toast import MASK_IMAGES
+
+    method = _method(f"method.mode={mode}", "method.pretune_epochs=1", "train.epochs=1")
+    pretuned = _stage(method, "pretune", {})[0] if mode in ("toast", "toast-lite") else \
+        {"model": method.build_models("pretune", {})["model"]}
+    model = method.build_models("transfer", pretuned)["model"]
+    method.evaluate("transfer", {"model": model}, "test", torch.device("cpu"))
+    charts = method.epoch_artifacts("transfer", 0)
+    if mode not in ("toast", "toast-lite"):
+        assert set(charts) == {"confusion_test.png"}
+        return
+    assert set(charts) == {"confusion_test.png", "top_down_mask_val.png"}
+    x = method.data.splits["val"].head(MASK_IMAGES)["image"]
+    with torch.no_grad():
+        tokens = model.backbone.run_blocks(model.backbone.tokens_in(x))
+    want = torch.nn.functional.cosine_similarity(tokens[:, 1:], model.prompt.expand_as(tokens[:, 1:]), dim=-1)
+    want = want.clamp(0, 1).reshape(MASK_IMAGES, 4, 4).detach()            # 8x8 digits, 2x2 patches
+    axes = charts["top_down_mask_val.png"].axes
+    assert len(axes) == 2 * MASK_IMAGES + 1                                  # and the colour scale
+    for j in range(MASK_IMAGES):
+        image = x[j, 0]
+        stretched = (image - image.min()) / (image.max() - image.min())       # to its own min..max
+        np.testing.assert_allclose(axes[j].images[0].get_array(), stretched.numpy(), atol=1e-6)
+        np.testing.assert_allclose(axes[MASK_IMAGES + j].images[0].get_array(), want[j].numpy(), atol=1e-6)
+    classes = method.data.info.meta.get("classes", range(method.data.info.num_classes))
+    assert axes[0].get_title() == f"label {classes[int(method.data.splits['val'].head(1)['label'][0])]}"

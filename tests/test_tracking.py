@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,199 @@ def test_a_run_opens_as_a_training_run_with_its_dataset_as_input(home):
     # the same manifest gives the same digest: a second run of the dataset is comparable
     again = start_or_resume(tracker, load_config("supervised", None, ["train.lr=1e-2"]), info, None)
     assert tracker.client.get_run(again).inputs.dataset_inputs[0].dataset.digest == logged.dataset.digest
+
+
+def test_a_run_records_the_dataset_it_uses_and_the_values_it_is_compared_by(home):
+    """data.dataset is logged as the dataset used (the method's default when it is empty, as the
+    tag says), the derived name is unchanged, and a finished run compares equal to its config:
+    also one logged before the resolved name was, with data.dataset=''."""
+    from methodlab.config import load_config
+    from methodlab.data import resolve_dataset
+    from methodlab.tracking import DATASET_TAG, differing_params
+    from methodlab.train.launch import changed_values, start_or_resume
+
+    cfg = load_config("supervised")
+    assert cfg.data.dataset == cfg.identity()["data"]["dataset"] == ""    # what the derived name hashes (test_config)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    run = tracker.client.get_run(start_or_resume(tracker, cfg, resolve_dataset("digits", cfg.data.root), None))
+    assert run.data.params["data.dataset"] == run.data.tags[DATASET_TAG] == "digits"
+    assert changed_values(cfg, tracker.find_run(cfg.run_name)) == {}
+    explicit = load_config("supervised", None, ["data.dataset=digits", f"train.run_name={cfg.run_name}"])
+    assert changed_values(explicit, tracker.find_run(cfg.run_name)) == {}
+    other = load_config("supervised", None, ["data.dataset=shapes_source", f"train.run_name={cfg.run_name}"])
+    assert changed_values(other, tracker.find_run(cfg.run_name)) == {"data.dataset": "shapes_source"}
+    # a run (or sweep parent) of before: '' was the default, and matches the name recorded now
+    assert differing_params({"data.dataset": "digits", "base.data.dataset": "digits"},
+                            {"data.dataset": "", "base.data.dataset": ""}) == {}
+    assert differing_params({"train.lr": "0.1"}, {"train.lr": ""}) == {"train.lr": "0.1"}
+
+
+def test_no_test_only_key_reaches_params(home, monkeypatch):
+    """Every param of a run is a key of the config models (plus the two the driver derives), and
+    no config model has a fault-injection key (`train/faults.py`): with faults set, a real run's
+    params hold none of them, for every method's config."""
+    import dataclasses
+
+    from methodlab.config import load_config
+    from methodlab.data import resolve_dataset
+    from methodlab.registry import get_method, method_names
+    from methodlab.train.faults import ENV, Faults
+    from methodlab.train.launch import start_or_resume
+
+    faults = {f.name for f in dataclasses.fields(Faults)}
+    monkeypatch.setenv(ENV, ",".join(f"{name}=1" for name in faults))
+    for name in method_names():
+        cfg = load_config(name)
+        keys = set(flatten_params(cfg.recorded()))
+        assert not {k for k in keys if k.rsplit(".", 1)[-1] in faults}, name
+        if name == "supervised":      # one real run: what reaches MLflow is exactly those keys
+            tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+            info = resolve_dataset(get_method(name).default_dataset, cfg.data.root)
+            params = tracker.client.get_run(start_or_resume(tracker, cfg, info, None)).data.params
+            assert set(params) == keys | {"train.global_batch_size", "data.uri"}
+
+
+def test_every_run_has_mlflows_source_and_user_never_a_credential(home, monkeypatch):
+    """The runs table's Source and User: the command up to its first key=value (a value may be a
+    secret), LOCAL or the Ray job; the login name or the submitter's; a trial takes its sweep's."""
+    import json
+
+    from methodlab.provenance import USER_ENV
+    from methodlab.tracking import RAY_JOB_ENV, source_tags
+
+    monkeypatch.delenv(USER_ENV, raising=False)
+    monkeypatch.delenv(RAY_JOB_ENV, raising=False)
+    monkeypatch.setenv("LOGNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "svc-token-user")
+    monkeypatch.setattr("sys.argv", ["/venv/bin/methodlab", "train", "supervised", "tracking.uri=http://u:pw@h",
+                                     "-c", "x.yaml"])
+    tracker = Tracker(f"sqlite:///{home}/m.db", "e")
+    parent = tracker.start_run("p", {}, {}, "")
+    tags = tracker.client.get_run(parent).data.tags
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"], tags["mlflow.user"]) == \
+        ("methodlab train supervised", "LOCAL", "bob")
+    assert source_tags(["/repo/platform/methodlab/cli.py", "sweep", "toast", "name=s"])["mlflow.source.name"] == \
+        "methodlab sweep toast"
+
+    # A Ray job: its id and the submitter `methodlab submit` sent; a trial (another process,
+    # whose command line is Ray's worker) has its parent's source and user.
+    monkeypatch.setenv(RAY_JOB_ENV, json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))
+    monkeypatch.setenv(USER_ENV, "alice")
+    monkeypatch.setattr("sys.argv", ["jobs/train.py", "supervised"])
+    job = tracker.client.get_run(tracker.start_run("j", {}, {}, "")).data.tags
+    assert (job["mlflow.source.name"], job["mlflow.source.type"], job["mlflow.user"]) == \
+        ("ray job raysubmit_1: train.py supervised", "JOB", "alice")
+    monkeypatch.setattr("sys.argv", ["/ray/default_worker.py", "--node-ip-address=1"])
+    monkeypatch.setenv(USER_ENV, "ray")
+    child = tracker.client.get_run(tracker.start_run("c", {}, {}, "", parent_run_id=parent)).data.tags
+    assert {k: child[k] for k in source_tags()} == {k: tags[k] for k in source_tags()}
+
+
+EPOCH_STEPS = st.lists(st.integers(1, 500), min_size=0, max_size=40).map(
+    lambda gaps: dict(zip(range(1, len(gaps) + 1), itertools.accumulate(gaps))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=EPOCH_STEPS, dropped=st.sets(st.integers(1, 40)))
+def test_the_epoch_steps_tag_reads_back_every_epoch_and_stays_short(steps, dropped):
+    from methodlab.tracking import epoch_steps_text, parse_epoch_steps
+
+    steps = {e: s for e, s in steps.items() if e not in dropped}      # gaps: an epoch never logged
+    text = epoch_steps_text(steps)
+    assert parse_epoch_steps(text) == steps
+    # a new "a-b:s+d" (or "a:s") only where an epoch is missing or the spacing changes
+    e, s = list(steps), list(steps.values())
+    breaks = sum(1 for i in range(1, len(e)) if e[i] != e[i - 1] + 1 or (
+        i >= 2 and e[i - 1] == e[i - 2] + 1 and s[i] - s[i - 1] != s[i - 1] - s[i - 2]))
+    assert len(text.split()) <= 1 + breaks if steps else text == ""
+    assert epoch_steps_text({e: 47 * e for e in range(1, 1001)}) == "1-1000:47+47"
+
+
+def _spooled(tracker, run_id, spool_dir, lines):
+    from methodlab.tracking import MetricSpool
+
+    spool = MetricSpool(tracker, run_id, spool_dir)
+    for metrics, step, epoch in lines:
+        spool.append(metrics, step, epoch)
+    assert spool.flush()
+
+
+def test_each_epoch_is_logged_once_at_its_global_step_and_the_axis_never_goes_back(tmp_path):
+    """The rule of `flush_spool_file`, on a real store: epochs at the global step at their end;
+    a resume from an older checkpoint re-runs epochs MLflow has (not logged again); a resume on
+    more workers re-runs them in fewer steps, and the next epochs go one step past the last."""
+    from methodlab.tracking import EPOCH_STEPS_TAG
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "axis")
+    run_id = tracker.start_run("r", {}, {}, "")
+    # 2 workers, 20 steps an epoch: epochs 1-4 (a stage of 2, then another stage)
+    _spooled(tracker, run_id, tmp_path, [({"pretune/loss": 1.0}, 20, 1), ({"pretune/loss": 0.9}, 40, 2),
+                                         ({"loss": 0.8}, 60, 3), ({"loss": 0.7}, 80, 4)])
+    # resumed from epoch 2's checkpoint on 4 workers (10 steps an epoch): 3 and 4 again, then 5, 6, 7
+    _spooled(tracker, run_id, tmp_path, [({"pretune/loss": 0.9}, 40, 2), ({"loss": 0.5}, 50, 3), ({"loss": 0.5}, 60, 4),
+                                         ({"loss": 0.6}, 70, 5), ({"loss": 0.5}, 80, 6), ({"loss": 0.4}, 90, 7)])
+    history = sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, "loss"))
+    assert history == [(60, 0.8), (80, 0.7), (81, 0.6), (82, 0.5), (90, 0.4)]
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "pretune/loss")] == [20, 40]
+    assert tracker.logged_epochs(run_id) == {1: 20, 2: 40, 3: 60, 4: 80, 5: 81, 6: 82, 7: 90}
+    assert tracker.client.get_run(run_id).data.tags[EPOCH_STEPS_TAG] == "1-4:20+20 5-6:81+1 7:90"
+    assert not {"epoch", "step"} & set(tracker.run_metrics(run_id))
+
+
+def test_a_run_logged_before_the_step_axis_resumes_without_duplicates(tmp_path):
+    """A run whose epochs were logged at step = epoch index with an `epoch` metric, and a spool
+    line of that time (no epoch of its own): each epoch still once."""
+    import json
+
+    from methodlab.tracking import flush_spool_file
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "legacy")
+    run_id = tracker.start_run("r", {}, {}, "")
+    for epoch in (1, 2):
+        tracker.log_metrics(run_id, {"epoch": float(epoch), "loss": 1.0 / epoch}, epoch - 1)
+    assert tracker.logged_epochs(run_id) == {1: 0, 2: 1}
+    path = tmp_path / f"{run_id}.jsonl"
+    old = {"uri": tracker.uri, "run_id": run_id, "metrics": {"epoch": 2.0, "loss": 0.5}, "step": 1}
+    path.write_text(json.dumps(old) + "\n" + json.dumps({**old, "metrics": {"loss": 0.25}, "step": 30, "epoch": 3}) + "\n")
+    assert flush_spool_file(tracker, path)
+    assert sorted(m.step for m in tracker.client.get_metric_history(run_id, "loss")) == [0, 1, 30]
+
+
+ATTEMPTS = st.lists(st.tuples(st.integers(0, 4), st.integers(1, 4), st.integers(1, 30)), min_size=1, max_size=4)
+
+
+@functools.cache
+def _one_store(root: str) -> Tracker:
+    return Tracker(f"sqlite:///{root}/axis.db", "axis")        # (a fresh store per example is slow)
+
+
+@settings(max_examples=25, deadline=None)
+@given(attempts=ATTEMPTS)
+def test_any_sequence_of_resumes_logs_each_epoch_once_on_an_axis_that_never_goes_back(attempts, tmp_path_factory):
+    """Attempts that each resume `back` epochs before the last one spooled (a checkpoint that old)
+    and run `n` epochs of `per_epoch` steps: in MLflow every epoch once, in order, each at
+    its global step or (only where that is not past the step before it) one past that."""
+    from methodlab.tracking import EPOCH_STEPS_TAG, parse_epoch_steps
+
+    tmp = tmp_path_factory.mktemp("axis")
+    tracker = _one_store(str(tmp_path_factory.getbasetemp()))
+    run_id = tracker.start_run("r", {}, {}, "")
+    lines, epoch, step = [], 0, 0
+    for back, n, per_epoch in attempts:
+        epoch, step = max(0, epoch - back), max(0, step - back * per_epoch)   # the checkpoint resumed from
+        for _ in range(n):
+            epoch, step = epoch + 1, step + per_epoch
+            lines.append(({"loss": float(epoch)}, step, epoch))
+        _spooled(tracker, run_id, tmp, lines[-n:])
+    logged = tracker.logged_epochs(run_id)
+    assert list(logged) == list(range(1, max(e for *_, e in lines) + 1))
+    assert all(a < b for a, b in zip(list(logged.values()), list(logged.values())[1:]))
+    first = {}
+    for _, s, e in lines:
+        if e > max(first, default=0):
+            first[e] = s          # the line each epoch is logged from: the first past the last
+    for e, s in logged.items():
+        assert s == first[e] or (s > first[e] and s == logged.get(e - 1, -1) + 1)
+    history = tracker.client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(e)) for e, s in logged.items()]
+    assert parse_epoch_steps(tracker.client.get_run(run_id).data.tags[EPOCH_STEPS_TAG]) == logged

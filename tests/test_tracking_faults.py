@@ -17,12 +17,12 @@ def test_metrics_survive_a_server_outage_and_sync_replays_them(mlflow_server, tm
     tracker = Tracker(mlflow_server.uri, "outage")
     run_id = tracker.start_run("outage-run", {"a": "1"}, {}, "a: 1\n")
     spool = MetricSpool(tracker, run_id, tmp_path / "spool")
-    assert spool.log({"epoch": 1.0, "loss": 0.5}, 0)
+    assert spool.log({"loss": 0.5}, 10, 1)
 
     mlflow_server.stop()
     t0 = time.time()
-    assert not spool.log({"epoch": 2.0, "loss": 0.4}, 1)       # training goes on
-    assert not spool.log({"epoch": 3.0, "loss": 0.3}, 2)
+    assert not spool.log({"loss": 0.4}, 20, 2)       # training goes on
+    assert not spool.log({"loss": 0.3}, 30, 3)
     assert time.time() - t0 < 30, "a dead tracking server must not stall training"
     assert spool.path.exists() and len(spool.path.read_text().splitlines()) == 2   # the unsent epochs
 
@@ -30,7 +30,7 @@ def test_metrics_survive_a_server_outage_and_sync_replays_them(mlflow_server, tm
     assert main(["sync", "--spool", str(tmp_path / "spool")]) == 0
     assert "synced to" in capsys.readouterr().out
     history = Tracker(mlflow_server.uri, None).client.get_metric_history(run_id, "loss")
-    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.4), (2, 0.3)]
+    assert sorted((m.step, m.value) for m in history) == [(10, 0.5), (20, 0.4), (30, 0.3)]
     assert not spool.path.exists()
     assert main(["sync", "--spool", str(tmp_path / "spool")]) == 0     # nothing left: a no-op
 
@@ -41,12 +41,12 @@ def test_spool_flush_when_server_returns_writes_each_step_once(mlflow_server, tm
     run_id = tracker.start_run("r", {}, {}, "x: 1\n")
     spool = MetricSpool(tracker, run_id, tmp_path)
     mlflow_server.stop()
-    for step in range(3):
-        spool.log({"epoch": float(step + 1), "acc": step / 10}, step)
+    for epoch in range(1, 4):
+        spool.log({"acc": epoch / 10}, 10 * epoch, epoch)
     mlflow_server.start()
-    assert spool.log({"epoch": 4.0, "acc": 0.3}, 3)     # the next epoch's write flushes the backlog
+    assert spool.log({"acc": 0.4}, 40, 4)     # the next epoch's write flushes the backlog
     steps = [m.step for m in Tracker(mlflow_server.uri, None).client.get_metric_history(run_id, "acc")]
-    assert sorted(steps) == [0, 1, 2, 3]
+    assert sorted(steps) == [10, 20, 30, 40]
 
 
 def test_lines_appended_while_a_flush_is_sending_are_kept(tmp_path):
@@ -61,8 +61,8 @@ def test_lines_appended_while_a_flush_is_sending_are_kept(tmp_path):
     appended = threading.Event()
 
     def train():
-        for step in range(epochs):
-            spool.append({"epoch": float(step + 1), "loss": 1.0 / (step + 1)}, step)
+        for epoch in range(1, epochs + 1):
+            spool.append({"loss": 1.0 / epoch}, 7 * epoch, epoch)
             time.sleep(0.002)
         appended.set()
 
@@ -72,5 +72,6 @@ def test_lines_appended_while_a_flush_is_sending_are_kept(tmp_path):
         spool.flush()
     trainer.join()
     assert spool.flush() and not spool.path.exists()
-    steps = [m.step for m in tracker.client.get_metric_history(run_id, "epoch")]
-    assert sorted(steps) == list(range(epochs))
+    steps = [m.step for m in tracker.client.get_metric_history(run_id, "loss")]
+    assert sorted(steps) == [7 * e for e in range(1, epochs + 1)]
+    assert tracker.logged_epochs(run_id) == {e: 7 * e for e in range(1, epochs + 1)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -12,7 +13,9 @@ from hypothesis import given, settings, strategies as st
 
 from methodlab.config import load_config
 from methodlab.errors import ConfigError, TrainingError
+from methodlab.train.faults import Faults
 from methodlab.tracking import Tracker
+from tests.conftest import epochs_logged
 
 BASE = ["train.epochs=3", "train.batch_size=64", "scaling.num_workers=2"]
 
@@ -44,9 +47,11 @@ def test_interrupted_run_resumes_in_the_same_mlflow_run_with_identical_weights(r
     assert resumed.run_id == failed.run_id and resumed.resumed and resumed.status == "FINISHED"
     run = tracker.client.get_run(resumed.run_id)
     assert run.data.tags["methodlab.resumed_at_epoch"] == "1"
-    for key in ("epoch", "val_acc", "train_loss"):
-        steps = [m.step for m in tracker.client.get_metric_history(resumed.run_id, key)]
-        assert sorted(steps) == [0, 1, 2], f"{key} logged at steps {steps}"
+    for key in ("val_acc", "train_loss"):
+        assert epochs_logged(tracker.client, resumed.run_id, key) == [1, 2, 3], key
+    # each at the global step at its end, as in the run that never stopped; no epoch/step metrics
+    assert tracker.logged_epochs(resumed.run_id) == tracker.logged_epochs(straight.run_id)
+    assert not {"epoch", "step"} & set(run.data.metrics)
     a, b = _weights(straight_cfg, straight.run_id), _weights(crash_cfg, resumed.run_id)
     assert a.keys() == b.keys()
     for k in a:
@@ -84,7 +89,32 @@ def test_a_run_resumes_on_another_worker_count_and_records_each_attempts(ray_clu
     tracker = Tracker(one.tracking.uri, one.tracking.experiment)
     run = tracker.client.get_run(resumed.run_id)
     assert run.data.tags["methodlab.workers_per_attempt"] == "2 1"
-    assert sorted(m.step for m in tracker.client.get_metric_history(resumed.run_id, "val_acc")) == [0, 1, 2]
+    assert epochs_logged(tracker.client, resumed.run_id) == [1, 2, 3]     # once each, steps never going back
+
+
+@pytest.mark.slow
+def test_a_resume_from_an_older_checkpoint_on_more_workers_logs_each_epoch_once_never_going_back(
+        ray_cluster, home, monkeypatch):
+    """Checkpoints every 2 epochs: the run dies in epoch 4 on 1 worker (1024 rows: 16 steps an
+    epoch), epoch 3 spooled but not checkpointed, and resumes on 2 workers (8 steps an epoch) from
+    epoch 2's checkpoint. Epoch 3 runs again and is not logged again: it stays at step 48, as the
+    first attempt logged it; epoch 4 ends at global step 32 + 2 x 8 = 48, not past epoch 3's, so
+    it is logged one step past it."""
+    from methodlab.train.launch import train
+
+    overrides = ["train.epochs=4", "train.batch_size=64", "train.checkpoint_every=2", "data.limit_rows=1024"]
+    one = load_config("supervised", None, [*overrides, "scaling.num_workers=1"])
+    monkeypatch.setenv("METHODLAB_FAULTS", "crash_after_epoch=3")
+    with pytest.raises(TrainingError, match=f"run {one.run_name} failed"):
+        train(one)
+    monkeypatch.delenv("METHODLAB_FAULTS")
+    resumed = train(load_config("supervised", None, [*overrides, "scaling.num_workers=2"]))
+    assert resumed.status == "FINISHED"
+    tracker = Tracker(one.tracking.uri, one.tracking.experiment)
+    assert tracker.client.get_run(resumed.run_id).data.tags["methodlab.resumed_at_epoch"] == "2"
+    assert tracker.logged_epochs(resumed.run_id) == {1: 16, 2: 32, 3: 48, 4: 49}
+    for key in ("val_acc", "train_loss", "epoch_seconds"):
+        assert epochs_logged(tracker.client, resumed.run_id, key) == [1, 2, 3, 4], key
 
 
 def test_bad_config_is_one_line_non_zero_and_leaves_no_run(home):
@@ -120,9 +150,9 @@ def test_worker_crash_is_survived_with_max_failures(ray_cluster, home, monkeypat
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     run = tracker.client.get_run(survived.run_id)
     assert run.data.tags["methodlab.resumed_at_epoch"] == "2"
-    assert not any("fault" in k or "crash" in k for k in run.data.params)
-    steps = [m.step for m in tracker.client.get_metric_history(survived.run_id, "epoch")]
-    assert sorted(steps) == [0, 1, 2]
+    faults = {f.name for f in dataclasses.fields(Faults)}
+    assert not any(k.rsplit(".", 1)[-1] in faults or "fault" in k for k in run.data.params)
+    assert epochs_logged(tracker.client, survived.run_id) == [1, 2, 3]
     a, b = _weights(cfg, straight.run_id), _weights(cfg, survived.run_id)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

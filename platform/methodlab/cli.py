@@ -193,7 +193,7 @@ def _report(args) -> int:
     from methodlab.report import write_report
 
     uri = args.tracking_uri or default_tracking_uri()
-    print(f"report: {write_report(uri, args.out)}")
+    print(f"report: {write_report(uri, args.out, ui_url=args.ui_url, record=not args.no_record)}")
     return 0
 
 
@@ -346,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="HTML report of every method against its baselines, from MLflow")
     rp.add_argument("--tracking-uri", help="default: the local SQLite store")
     rp.add_argument("--out", help="default: $METHODLAB_HOME/report/report.html")
+    rp.add_argument("--ui-url", help="an MLflow UI serving the tracking store (e.g. http://127.0.0.1:5000 from "
+                    "`mlflow ui`): runs are linked to it (a server tracking URI is linked without it)")
+    rp.add_argument("--no-record", action="store_true", help="do not first record the committed "
+                    "bench/results/*.json as runs of experiment methodlab-bench (once per file content)")
     rp.set_defaults(func=_report)
 
     sub.add_parser("methods", help="list registered methods").set_defaults(func=_methods)

@@ -251,10 +251,25 @@ class RunConfig(Section):
             d["data"]["loader"] = "memory"
         return d
 
+    def dataset_used(self) -> str:
+        """The dataset a run trains on: data.dataset, or the method's default when it is empty."""
+        from methodlab.registry import get_method
+
+        return self.data.dataset or get_method(self.method_name).default_dataset
+
+    def recorded(self) -> dict:
+        """The resolved config as MLflow records it (params): data.dataset is the dataset used.
+        The derived name still hashes data.dataset as set (an empty one as ''), see identity()."""
+        d = self.model_dump(mode="json")
+        d["data"]["dataset"] = self.dataset_used()
+        return d
+
     def compared_identity(self) -> dict:
         """`identity()` to compare with the params a run or sweep logged: `auto` matches whichever
-        loader that run was shipped with (logged resolved) or the sweep recorded (logged `auto`)."""
+        loader that run was shipped with (logged resolved) or the sweep recorded (logged `auto`);
+        data.dataset is the dataset used, as `recorded()` logs it."""
         d = self.identity()
+        d["data"]["dataset"] = self.dataset_used()
         d.pop("scaling")           # (its stand-in defaults, not the values a run logged)
         if self.data.loader == "auto":
             d["data"].pop("loader")

@@ -33,8 +33,39 @@ def baseline_plan(name: str) -> tuple[str, list[str]] | None:
     return label, [*method.demo_overrides, *extra, "tracking.register_model=false"]
 
 
+def demo_roles() -> dict[tuple[str, tuple[str, ...]], dict[str, str]]:
+    """The role tags (`methodlab.report.ROLE_TAG` ...) of each run of `demo_plan`, keyed by
+    (method, overrides), so the report labels a run by what the demo ran it as (e.g. a
+    backbone another method loads) rather than by its method alone. A run that is both a
+    method's own and another's prerequisite keeps the role `method` and lists its users."""
+    from methodlab.report import PREREQUISITE_FOR_TAG, ROLE_LABEL_TAG, ROLE_TAG, method_label
+
+    roles: dict[tuple[str, tuple[str, ...]], dict[str, str]] = {}
+    users: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for name in method_names():
+        method = get_method(name)
+        own = load_config(name, None, list(method.demo_overrides)).method
+        for prerequisite, overrides in method.demo_prerequisites:
+            made = load_config(prerequisite, None, overrides).tracking.registered_model
+            fields = [f for f in method.pretrained_fields
+                      if str(getattr(own, f)).startswith((f"models:/{made}@", f"models:/{made}/"))]
+            step = (prerequisite, tuple(overrides))
+            users.setdefault(step, []).extend(f"{name}:{f}" for f in fields or ["model"])
+            roles.setdefault(step, {ROLE_TAG: "prerequisite", ROLE_LABEL_TAG: f"{(fields or ['model'])[0]} for "
+                                    f"{name} ({made})"})
+        roles[(name, tuple(method.demo_overrides))] = {ROLE_TAG: "method", ROLE_LABEL_TAG: method_label(method)}
+        if (plan := baseline_plan(name)) is not None:
+            roles[(name, tuple(plan[1]))] = {ROLE_TAG: "baseline", ROLE_LABEL_TAG: f"baseline of {name}: {plan[0]}"}
+    for step, used_by in users.items():
+        roles[step][PREREQUISITE_FOR_TAG] = ",".join(used_by)
+    return roles
+
+
 def run_demo(extra_overrides: list[str] = ()) -> int:
+    from methodlab.tracking import Tracker
     from methodlab.train.launch import train
+
+    roles = demo_roles()
 
     def run(name: str, overrides: list[str], what: str):
         cfg = load_config(name, None, [*overrides, *extra_overrides])
@@ -42,6 +73,8 @@ def run_demo(extra_overrides: list[str] = ()) -> int:
         t0 = time.time()
         summary = train(cfg)
         print(summary.line(get_method(name).test_metric), flush=True)
+        if (name, tuple(overrides)) in roles:      # (also on a run a second demo finds finished)
+            Tracker(cfg.tracking.uri, cfg.tracking.experiment).set_tags(summary.run_id, roles[(name, tuple(overrides))])
         return cfg, summary, time.time() - t0
 
     rows = []

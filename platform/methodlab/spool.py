@@ -19,7 +19,7 @@ from pathlib import Path
 
 from methodlab.errors import DataError
 
-SPOOL_KEYS = {"uri", "run_id", "step", "metrics"}     # what SpoolFile.append writes on every line
+SPOOL_KEYS = {"uri", "run_id", "step", "metrics"}     # what every line has (SpoolFile.append adds "epoch")
 _FILE_LOCK = threading.Lock()    # one per process: the appender and the sender are threads of one
 
 
@@ -28,8 +28,11 @@ class SpoolFile:
         self.uri, self.run_id = uri, run_id
         self.path = Path(spool_dir) / f"{run_id}.jsonl"
 
-    def append(self, metrics: dict[str, float], step: int) -> None:
-        line = json.dumps({"uri": self.uri, "run_id": self.run_id, "step": step, "metrics": metrics}) + "\n"
+    def append(self, metrics: dict[str, float], step: int, epoch: int) -> None:
+        """One epoch's metrics: `epoch` counts the run's epochs over all stages (1 = the first),
+        `step` is the global optimizer step at its end, its MLflow step (`tracking.flush_spool_file`)."""
+        line = json.dumps({"uri": self.uri, "run_id": self.run_id, "step": step, "epoch": epoch,
+                           "metrics": metrics}) + "\n"
         with _FILE_LOCK:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:

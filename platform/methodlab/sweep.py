@@ -269,7 +269,11 @@ def trial_config(ctx: dict, params: dict[str, Any], run_name: str) -> RunConfig:
 
 
 def trial_run_name(sweep_name: str, trial_id: str) -> str:
-    return f"{sweep_name}-{trial_id}"
+    """The trial's run name: its Tune trial id first, so the part that tells the children apart
+    survives where MLflow's runs table cuts long names short (the sweep's name is the parent's,
+    which the table shows above them). A resumed sweep's trials keep their ids, so each finds its
+    child run again (`Tracker.find_run`)."""
+    return f"{trial_id}-{sweep_name}"
 
 
 def run_trial(params: dict, ctx: dict) -> None:
@@ -477,7 +481,7 @@ def _sweep_leased(method_name: str, method, spec: SweepSpec, base: RunConfig, ba
         params = {**_space_params(space),
                   **flatten_params(spec.search.model_dump(mode="json"), "search."),
                   "search.max_concurrent_trials": str(concurrent),
-                  **{f"base.{k}": v for k, v in flatten_params(base.model_dump(mode="json")).items()
+                  **{f"base.{k}": v for k, v in flatten_params(base.recorded()).items()
                      if k.split(".")[0] in BASE_PARAM_SECTIONS}}
         parent = tracker.start_run(name, params, {SWEEP_TAG: "true", METHOD_TAG: method_name,
                                                   METRIC_TAG: method.metric, MODE_TAG: method.mode,
@@ -614,6 +618,8 @@ def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, co
 
 
 def _collect(results, tracker, name: str, space: dict, metric: str) -> list[Trial]:
+    from methodlab.tracking import EPOCH_STEPS_TAG, parse_epoch_steps
+
     out = []
     for r in results:
         trial_id = os.path.basename(r.path.rstrip("/"))
@@ -623,7 +629,8 @@ def _collect(results, tracker, name: str, space: dict, metric: str) -> list[Tria
         value = last.get(metric)
         if value is None and rec is not None:
             value = rec.metrics.get(metric)
-        epochs = int(last.get("epoch") or (rec.metrics.get("epoch", 0) if rec else 0))
+        epochs = int(last.get("epoch") or (max(parse_epoch_steps(rec.tags.get(EPOCH_STEPS_TAG, "")), default=0)
+                                           if rec else 0))
         if r.error is not None:
             status = "FAILED"
         elif rec is not None and rec.status == "FINISHED":
@@ -686,11 +693,40 @@ def trials_csv(trials: list[Trial], space: dict, metric: str) -> str:
     return buf.getvalue()
 
 
+def log_ticks(lo: float, hi: float, most: int = 5) -> list[float]:
+    """Tick values for a log axis over a loguniform range [lo, hi] (0 < lo <= hi): the decades in it,
+    or else the 1-2-5 (then 1..9) multiples of them, thinned to at most `most`; the bounds where
+    even those give fewer than two; `lo` alone for a range within 0.1% (labels would need more
+    digits than the panel has room for). Matplotlib's own locator labels the minor ticks of a range
+    shorter than a few decades, and their labels ("2x10^-3 3x10^-3 ...") run into each other."""
+    if hi <= lo * 1.001:
+        return [lo]
+    for mantissas in ((1,), (1, 2, 5), tuple(range(1, 10))):
+        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                 for m in mantissas if lo * (1 - 1e-9) <= m * 10.0 ** e <= hi * (1 + 1e-9)]
+        if len(ticks) >= 2:
+            return ticks[::math.ceil(len(ticks) / most)]
+    return [lo, hi]
+
+
+def tick_labels(ticks: list[float]) -> list[str]:
+    """Short labels, with as many significant digits (3 or more) as keep them apart: 0.05, 1, 250
+    as they are; 2e-4 and 1.5e4 in the short exponent form."""
+    def label(v: float, digits: int) -> str:
+        if 0.01 <= abs(v) < 1000:
+            return f"{v:.{digits}g}"
+        mantissa, exponent = f"{v:.{digits - 1}e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    digits = next((d for d in range(3, 17) if len({label(v, d) for v in ticks}) == len(set(ticks))), 17)
+    return [label(v, digits) for v in ticks]
+
+
 def metric_plot(trials: list[Trial], space: dict, metric: str):
     """One panel per hyperparameter: the metric of every trial against its value."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
     keys = list(space)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
@@ -708,6 +744,14 @@ def metric_plot(trials: list[Trial], space: dict, metric: str):
             ax.scatter(xs, ys, marker=marker, label=label)
         if kind == "loguniform":
             ax.set_xscale("log")
+            lo, hi = args
+            ticks = log_ticks(lo, hi)
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.set_xticklabels(tick_labels(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            pad = (hi / lo) ** 0.05 if hi > lo else 1.5       # the whole range, 5% margins
+            ax.set_xlim(lo / pad, hi * pad)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
     axes[0][0].legend(fontsize=7)
@@ -715,8 +759,30 @@ def metric_plot(trials: list[Trial], space: dict, metric: str):
     return fig
 
 
+def parent_note(s: SweepSummary, tracker) -> str:
+    """The parent run's description (markdown, MLflow's run note): the trials, and links to the best
+    trial's run and to the model version registered from it."""
+    failed = sum(t.status == "FAILED" for t in s.trials)
+    lines = [f"Sweep `{s.name}` of {s.method}: {len(s.trials)} trials ({sum(t.stopped_early for t in s.trials)} "
+             f"stopped early, {failed} failed), ranked by {s.metric} ({s.mode}).", ""]
+    if s.best is None:
+        return "\n".join([*lines, f"No trial reported {s.metric}."])
+    params = ", ".join(f"{k}={_short(v)}" for k, v in s.best.params.items())
+    lines.append(f"Best trial: [{s.best.run_name}]({tracker.run_url(s.best.run_id)}), "
+                 f"{s.metric}={s.best.metric:.4f} ({params}).")
+    lines.append("")
+    if s.version:
+        lines.append(f"Registered model: [{s.registered_model} version {s.version}]"
+                     f"({tracker.model_version_url(s.registered_model, s.version)}) (alias `candidate`), "
+                     "from the best trial's last checkpoint.")
+    else:
+        lines.append("No model was registered: no ranked trial's checkpoint holds the exported model.")
+    return "\n".join(lines)
+
+
 def _log_summary(s: SweepSummary, space: dict, tracker) -> None:
-    from methodlab.tracking import BEST_CONFIG_TAG, BEST_RUN_ID_TAG, REGISTERED_VERSION_TAG
+    from methodlab.tracking import (BEST_CONFIG_TAG, BEST_RUN_ID_TAG, NOTE_TAG, REGISTERED_MODEL_TAG,
+                                    REGISTERED_VERSION_TAG)
 
     tracker.log_text(s.parent_run_id, trials_csv(s.trials, space, s.metric), "trials.csv")
     if any(t.metric is not None for t in s.trials):
@@ -733,6 +799,10 @@ def _log_summary(s: SweepSummary, space: dict, tracker) -> None:
     if s.best is not None:
         metrics[f"best_{s.metric}"] = s.best.metric
     tracker.log_metrics(s.parent_run_id, metrics, step=0)
+    tags = {NOTE_TAG: parent_note(s, tracker)}
     if s.best is not None:
-        tracker.set_tags(s.parent_run_id, {BEST_RUN_ID_TAG: s.best.run_id, BEST_CONFIG_TAG: json.dumps(s.best.params),
-                                           REGISTERED_VERSION_TAG: s.version or "none"})
+        tags.update({BEST_RUN_ID_TAG: s.best.run_id, BEST_CONFIG_TAG: json.dumps(s.best.params),
+                     REGISTERED_VERSION_TAG: s.version or "none"})
+    if s.version:
+        tags[REGISTERED_MODEL_TAG] = s.registered_model
+    tracker.set_tags(s.parent_run_id, tags)

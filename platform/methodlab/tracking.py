@@ -60,10 +60,13 @@ STOPPED_TAG = "methodlab.stopped_early"
 TRIAL_EPOCHS_TAG = "methodlab.trial_epochs"
 BEST_RUN_ID_TAG = "methodlab.best_run_id"
 BEST_CONFIG_TAG = "methodlab.best_config"
+REGISTERED_MODEL_TAG = "methodlab.registered_model"  # on a sweep's parent: the best trial's model name
+NOTE_TAG = "mlflow.note.content"                 # the markdown description the UI shows on a run's page
 BENCHMARK_TAG = "methodlab.benchmark"            # on the runs bench/ logs its results to
 IMPORTED_FROM_TAG = "methodlab.imported_from"  # `methodlab models import`: the --from source
 LICENSE_TAG = "methodlab.license"                # the license string the importer passed
 PARENT_TAG = "mlflow.parentRunId"
+EPOCH_STEPS_TAG = "methodlab.epoch_steps"        # the MLflow step of each logged epoch (epoch_steps_text)
 # MLflow 3's UI opens an experiment on its GenAI overview unless its kind says otherwise.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
                    "mlflow.note.content": "methodlab training runs: one run per config (params = the resolved "
@@ -103,10 +106,16 @@ def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# Params that runs logged empty before they recorded the value used (RunConfig.recorded: an
+# empty data.dataset, the method's default); such a run's '' matches the value recorded now.
+RECORDED_RESOLVED = ("data.dataset", "base.data.dataset")
+
+
 def differing_params(new: dict[str, str], logged: dict[str, str]) -> dict[str, str]:
     """The params in `new` that a run logged with another value (keys it never logged are skipped:
-    runs from before a key existed)."""
-    return {k: v for k, v in new.items() if k in logged and logged[k] != v}
+    runs from before a key existed; so are the `RECORDED_RESOLVED` ones it logged empty)."""
+    return {k: v for k, v in new.items()
+            if k in logged and logged[k] != v and not (k in RECORDED_RESOLVED and logged[k] == "")}
 
 
 def provenance_tags() -> dict[str, str]:
@@ -116,6 +125,38 @@ def provenance_tags() -> dict[str, str]:
 
     found = provenance()
     return {"git_commit": found[COMMIT_ENV], "git_dirty": found[DIRTY_ENV]}
+
+
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"      # set by Ray's job supervisor for a job's entrypoint
+
+
+def source_tags(argv: list[str] | None = None) -> dict[str, str]:
+    """MLflow's Source and User of a run, set on the driver: the command that started it, up to
+    its first option or key=value (values may hold secrets, and the params have them), e.g.
+    `methodlab train supervised`, prefixed by the Ray job's id inside a job (source type JOB, else
+    LOCAL); the user is the submitting one (`provenance`: a job carries it), never a credential."""
+    import sys
+
+    from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    from methodlab.provenance import USER_ENV, provenance
+
+    argv = sys.argv if argv is None else argv
+    program = os.path.basename(argv[0]) if argv else "python"
+    words = ["methodlab" if program in ("cli.py", "methodlab") else program]
+    for arg in argv[1:]:
+        if arg.startswith("-") or "=" in arg:
+            break
+        words.append(arg)
+    name, kind = " ".join(words), "LOCAL"
+    if os.environ.get(RAY_JOB_ENV):
+        try:
+            job = json.loads(os.environ[RAY_JOB_ENV]).get("metadata", {}).get("job_submission_id")
+        except (json.JSONDecodeError, AttributeError):
+            job = None
+        name, kind = f"ray job {job or '(unknown id)'}: {name}", "JOB"
+    return {MLFLOW_SOURCE_NAME: redact_value(name)[:MAX_PARAM_VALUE], MLFLOW_SOURCE_TYPE: kind,
+            MLFLOW_USER: provenance()[USER_ENV]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +401,13 @@ class Tracker:
 
     def start_run(self, run_name: str, params: dict[str, str], tags: dict[str, str],
                   config_yaml: str, parent_run_id: str | None = None) -> str:
-        all_tags = {RUN_NAME_TAG: run_name, **provenance_tags(), **tags}
+        source = source_tags()
+        if parent_run_id:
+            # A sweep's trial starts in a Tune actor, whose command line is Ray's worker: it has
+            # the source and user of its parent, the sweep's driver.
+            parent = self.client.get_run(parent_run_id).data.tags
+            source = {k: parent.get(k, v) for k, v in source.items()}
+        all_tags = {RUN_NAME_TAG: run_name, **provenance_tags(), **source, **tags}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name,
@@ -402,12 +449,19 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int,
+                    tags: dict[str, str] | None = None) -> None:
         ts = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()],
+                              tags=[RunTag(k, v) for k, v in (tags or {}).items()])
 
-    def logged_steps(self, run_id: str, key: str) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(run_id, key)}
+    def logged_epochs(self, run_id: str) -> dict[int, int]:
+        """{epoch: MLflow step} of the epochs the run has logged (`EPOCH_STEPS_TAG`)."""
+        tags = self.client.get_run(run_id).data.tags
+        if EPOCH_STEPS_TAG not in tags:
+            # A run logged before the tag: its epochs are the points of its `epoch` metric.
+            return {int(m.value): m.step for m in self.client.get_metric_history(run_id, "epoch")}
+        return parse_epoch_steps(tags[EPOCH_STEPS_TAG])
 
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, path, artifact_path)
@@ -425,6 +479,20 @@ class Tracker:
             self.client.log_figure(run_id, obj, artifact_file)
             import matplotlib.pyplot as plt
             plt.close(obj)
+
+    def ui_url(self, route: str) -> str:
+        """A link to `route` (e.g. "models/NAME/versions/3") in the MLflow UI: absolute for a tracking
+        server (without the userinfo of its URI), else relative ("#/..."), which opens in whatever UI
+        shows the page that holds it (`mlflow ui` on a local store)."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"{_split_credentials(self.uri)[0].rstrip('/')}/#/{route}"
+        return f"#/{route}"
+
+    def run_url(self, run_id: str) -> str:
+        return self.ui_url(f"experiments/{self.experiment_id}/runs/{run_id}")
+
+    def model_version_url(self, name: str, version: str) -> str:
+        return self.ui_url(f"models/{urllib.parse.quote(name)}/versions/{version}")
 
     def log_params_once(self, run_id: str, params: dict[str, Any]) -> None:
         """Params are immutable in MLflow: log those the run does not have yet (resume-safe)."""
@@ -598,17 +666,45 @@ def fail_fast():
                 os.environ[k] = v
 
 
+def epoch_steps_text(steps: dict[int, int]) -> str:
+    """{epoch: MLflow step} as runs of evenly spaced steps, short enough for a tag however long
+    the run (a run per stage and per change of steps per epoch): "1-3:47+47 4:161" is epochs 1,
+    2, 3 at steps 47, 94, 141 and epoch 4 at step 161."""
+    runs: list[list[int]] = []          # [first epoch, last epoch, first step, spacing]
+    for epoch, step in sorted(steps.items()):
+        last = runs[-1] if runs else None
+        if last and epoch == last[1] + 1 and (last[0] == last[1] or step - last[2] == (epoch - last[0]) * last[3]):
+            last[3] = last[3] if last[0] != last[1] else step - last[2]
+            last[1] = epoch
+        else:
+            runs.append([epoch, epoch, step, 0])
+    return " ".join(f"{a}:{s}" if a == b else f"{a}-{b}:{s}+{d}" for a, b, s, d in runs)
+
+
+def parse_epoch_steps(text: str) -> dict[int, int]:
+    """The inverse of `epoch_steps_text`."""
+    out: dict[int, int] = {}
+    for run in text.split():
+        epochs, _, steps = run.partition(":")
+        first, _, last = epochs.partition("-")
+        start, _, spacing = steps.partition("+")
+        for i, epoch in enumerate(range(int(first), int(last or first) + 1)):
+            out[epoch] = int(start) + i * int(spacing or 0)
+    return out
+
+
 class MetricSpool(SpoolFile):
     """Every epoch's metrics are appended to a local JSONL file first (`SpoolFile`), then written
     to MLflow. Lines MLflow could not take stay in the file and are retried at the next epoch, at
-    the end of the run, or by `methodlab sync`; a step already in MLflow is never written twice."""
+    the end of the run, or by `methodlab sync`; an epoch already in MLflow is never written twice
+    (`flush_spool_file`)."""
 
     def __init__(self, tracker: Tracker, run_id: str, spool_dir: str | os.PathLike):
         super().__init__(tracker.uri, run_id, spool_dir)
         self.tracker = tracker
 
-    def log(self, metrics: dict[str, float], step: int) -> bool:
-        self.append(metrics, step)
+    def log(self, metrics: dict[str, float], step: int, epoch: int) -> bool:
+        self.append(metrics, step, epoch)
         return self.flush()
 
     def flush(self) -> bool:
@@ -617,17 +713,31 @@ class MetricSpool(SpoolFile):
 
 
 def flush_spool_file(tracker: Tracker, path: Path) -> bool:
+    """Send a spool file's epochs to MLflow, each once, on one step axis:
+
+    - an epoch's metrics are logged at MLflow step = the global optimizer step at its end (all
+      stages, all attempts), and the run's tag `methodlab.epoch_steps` gains that epoch -> step;
+    - an epoch is logged only when it is newer than the run's last logged epoch: a resume from a
+      checkpoint older than that re-runs epochs MLflow has, and their first values stay;
+    - the step never goes back: a resume on more workers re-runs epochs in fewer steps, and its
+      first new epochs are logged one step past the last logged one until the global step
+      passes it again."""
     lines = pending(path)
     if not lines:
         path.unlink(missing_ok=True)
         return True
     try:
         with fail_fast():
-            done = tracker.logged_steps(lines[0]["run_id"], "epoch")
+            run_id = lines[0]["run_id"]
+            logged = tracker.logged_epochs(run_id)
             for line in lines:
-                if line["step"] not in done:
-                    tracker.log_metrics(line["run_id"], line["metrics"], line["step"])
-                    done.add(line["step"])
+                # (Lines spooled before the epoch was recorded had the epoch index as their step.)
+                epoch = line.get("epoch", line["step"] + 1)
+                if epoch <= max(logged, default=0):
+                    continue
+                logged[epoch] = max(line["step"], max(logged.values(), default=-1) + 1)
+                tracker.log_metrics(run_id, line["metrics"], logged[epoch],
+                                    {EPOCH_STEPS_TAG: epoch_steps_text(logged)})
     except (MlflowException, OSError) as e:
         print(f"[methodlab] MLflow at {redact_value(tracker.uri)} unreachable ({type(e).__name__}); "
               f"{len(lines)} epoch(s) of metrics kept in {path} and retried later", flush=True)

@@ -282,7 +282,9 @@ class Method(ABC):
         return {}
 
     def epoch_artifacts(self, stage: str, epoch: int) -> dict[str, Any]:
-        """Rank 0, after each epoch: {"file.png": matplotlib Figure, "file.csv": str} to log."""
+        """Rank 0 only (so nothing collective in it), after each epoch: {"file.png": matplotlib
+        Figure, "file.csv": str} to log. A chart of the model keeps its few CPU rows at the test
+        evaluation, which every rank runs (e.g. `Toast.token_masks`)."""
         return {}
 
     confusion: torch.Tensor | None = None      # a classifier's last test confusion counts (K, K)

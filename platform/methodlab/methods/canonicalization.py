@@ -47,6 +47,7 @@ Evaluation rotates every test image by every group element: per-element accuracy
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -60,9 +61,13 @@ from methodlab.errors import ConfigError
 from methodlab.losses.canonicalization import artifact_consistency_loss, group_contrast_loss, prior_loss
 from methodlab.methods.base import Method, StepContext, forward_problem, make_optimizer
 from methodlab.metrics.group import group_accuracy_from_counts, group_chart, group_counts
+from methodlab.metrics.images import ImageRow, image_grid_chart
 from methodlab.models import build_model
 from methodlab.models.canonicalizer import act, element_names, group_copies, group_elements
 from methodlab.registry import register_method
+
+POSE_IMAGES = 4           # val images whose canonical poses a canonicalizing run charts
+POSE_ELEMENTS = 8         # group elements shown per image at most (evenly spaced over the group)
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -171,6 +176,7 @@ class Canonicalization(Method):
     Config = CanonicalizationConfig
     pretrained_fields = ("predictor",)
     test_counts: torch.Tensor | None = None      # group_counts of the last test evaluation, summed
+    poses: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None    # canonical_poses at the test eval
     defaults = {"train": {"epochs": 10, "batch_size": 64, "lr": 1e-3}}
     metric = "val_group_acc"
     test_metric = "test_group_acc"
@@ -285,17 +291,40 @@ class Canonicalization(Method):
         totals = distributed.all_sum(torch.cat([counts, upright[None]]))
         if split == "test":
             self.test_counts = totals[:-1].cpu()           # charted after the last epoch
+            if canonicalizes:
+                self.poses = self.canonical_poses(model, device)
         metrics = group_accuracy_from_counts(totals[:-1], element_names(m.num_rotations, m.reflections), split)
         if canonicalizes:    # how often upright images are left upright (the prior's target)
             metrics[f"{split}_identity_rate"] = float(totals[-1] / totals[-2].clamp_min(1))
         return metrics
 
+    @torch.no_grad()
+    def canonical_poses(self, model: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The first POSE_IMAGES val images under at most POSE_ELEMENTS group elements g (evenly
+        spaced), copies g·x (B, S, C, H, W), the canonical pose the model gives each copy (B, S, C,
+        H, W) and the elements' names (S), on the CPU. An invariant canonicalizer gives every copy
+        of an image one pose (exactly at C4, whose rotations are exact)."""
+        m = self.mcfg
+        elements, names = group_elements(m.num_rotations, m.reflections), element_names(m.num_rotations, m.reflections)
+        shown = list(range(0, len(elements), math.ceil(len(elements) / POSE_ELEMENTS)))
+        x = self.data.splits["val"].head(POSE_IMAGES)["image"].to(device)
+        copies = torch.stack([act(x, *elements[i], m.pad_ratio) for i in shown], dim=1)
+        canonical = model.canonicalize(copies.flatten(0, 1))["image"].reshape(copies.shape)
+        return copies.float().cpu(), canonical.float().cpu(), [names[i] for i in shown]
+
     def epoch_artifacts(self, stage, epoch):
         if epoch != self.stage_epochs(stage) - 1 or self.test_counts is None:
             return {}
         m = self.mcfg
-        return {"group_accuracy_test.png": group_chart(self.test_counts, element_names(m.num_rotations, m.reflections),
-                                                       f"canonicalization ({m.mode}), {self.data.info.name}")}
+        title = f"canonicalization ({m.mode}), {self.data.info.name}"
+        out = {"group_accuracy_test.png": group_chart(self.test_counts, element_names(m.num_rotations, m.reflections),
+                                                      title)}
+        if self.poses is not None:
+            copies, canonical, names = self.poses
+            rows = [row for i in range(len(copies))
+                    for row in (ImageRow(f"val image {i + 1}\ng·x", copies[i]), ImageRow("canonical", canonical[i]))]
+            out["canonical_poses_val.png"] = image_grid_chart(rows, f"{title}: copies and their canonical poses", names)
+        return out
 
     def export(self, models):
         return models["model"].model, self._spec

@@ -56,6 +56,7 @@ from methodlab import distributed
 from methodlab.config import Section
 from methodlab.errors import ConfigError
 from methodlab.losses.toast import variational_loss
+from methodlab.metrics.images import ImageRow, image_grid_chart
 from methodlab.methods.base import (Method, StepContext, accuracy_of, classify_accuracy, classify_confusion,
                                     make_optimizer)
 from methodlab.models.vit import TopDownViT, ViT, make_head
@@ -68,6 +69,7 @@ DEFAULT_BACKBONE = "models:/methodlab-vit-source@candidate"
 # backbones take the same sizes and the dataset's image size.
 SCRATCH_VIT = {"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4}
 SOURCE_VIT = {"img_size": 8, **SCRATCH_VIT}
+MASK_IMAGES = 8          # val images whose top-down token mask a TOAST run charts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +177,7 @@ class Toast(Method):
         super().__init__(cfg, data)
         self.vit_kwargs: dict = {}
         self.n_trainable = 0
+        self.masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # token_masks at the test eval
         if self.stage_epochs("pretune") and "source_train" not in data.tables:
             raise ConfigError(f"dataset {data.info.name} has no source_train table for the pretune stage; "
                               "use data.dataset=digits_transfer or set method.pretune_epochs=0")
@@ -345,11 +348,32 @@ class Toast(Method):
         if split == "test":       # the target task's confusion matrix, charted after the last epoch
             self.confusion = classify_confusion(models["model"], self.data.splits[split], self.data.info.num_classes,
                                                 device)
+            if isinstance(models["model"], TopDownViT):     # charted with the confusion matrix
+                self.masks = self.token_masks(models["model"], device)
             return {"test_acc": accuracy_of(self.confusion)}
         return {f"{split}_acc": classify_accuracy(models["model"], self.data.splits[split], device)}
 
+    @torch.no_grad()
+    def token_masks(self, model: TopDownViT, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first MASK_IMAGES val images (B, C, H, W), their top-down token mask on the patch grid
+        (B, 1, H/p, W/p; CLS dropped) and their labels (B,), on the CPU: which patches the prompt
+        selects for the feedback path (`vit.token_mask`), the signal TOAST steers attention with."""
+        batch = self.data.splits["val"].head(MASK_IMAGES)
+        x = batch["image"].to(device)
+        mask = model.top_down(model.bottom_up(model.backbone.tokens_in(x)))[1]          # (B, N, 1)
+        side = math.isqrt(mask.shape[1] - 1)                                           # square images
+        return x.cpu(), mask[:, 1:, 0].reshape(-1, 1, side, side).float().cpu(), batch["label"].cpu()
+
     def epoch_artifacts(self, stage, epoch):
-        return self.confusion_artifact(stage, epoch)
+        out = self.confusion_artifact(stage, epoch)
+        if out and self.masks is not None:         # the run's end, in a TOAST mode
+            images, masks, labels = self.masks
+            classes = self.data.info.meta.get("classes", range(self.data.info.num_classes))
+            out["top_down_mask_val.png"] = image_grid_chart(
+                [ImageRow("val image", images), ImageRow("top-down\nmask", masks, (0.0, 1.0))],
+                f"TOAST ({self.mcfg.mode}), {self.data.info.name}: token mask clamp(cos(x, prompt), 0, 1)",
+                [f"label {classes[int(y)]}" for y in labels])
+        return out
 
     def export(self, models):
         model, k = models["model"], self.data.info.num_classes

@@ -59,7 +59,7 @@ class LoopState:
     epoch: int = 0                # the epoch being (or next to be) run within the stage
     batch: int = 0                # batches of that epoch already trained (a mid-epoch checkpoint)
     step: int = 0                 # optimizer steps so far (all stages)
-    history_step: int = 0         # epochs finished (all stages): the MLflow step of the next epoch
+    history_step: int = 0         # epochs finished (all stages)
     complete: bool = False
     models_stage: int = 0         # the stage whose models `models` holds
     models: dict = field(default_factory=dict)
@@ -69,6 +69,7 @@ class LoopState:
     rng: list = field(default_factory=list)       # one entry per rank
     epoch_losses: dict = field(default_factory=dict)  # the running epoch's global loss sums so far
     metrics: dict = field(default_factory=dict)   # the last finished epoch's metrics
+    metrics_stage: str = ""       # the stage that epoch belongs to (MLflow names its metrics by it)
     evaluated: dict = field(default_factory=dict)  # the last evaluation's val metrics
     # The best evaluated epoch of the final stage by the method's metric:
     # {"value", "history_step", "metrics", "models"}; "models" is empty when it is this state's.
@@ -575,6 +576,7 @@ class Loop:
             metrics["startup_s"] = self.first_step_at - self.started_at     # once: the attempt's first epoch
             self.started_at = None
         state.metrics = {k: float(v) for k, v in metrics.items()}
+        state.metrics_stage = stage
         every = cfg.train.checkpoint_every
         due = stage_end or (every > 0 and state.history_step % every == 0) or time_due > 0
         checkpoint = None
@@ -586,7 +588,8 @@ class Loop:
             self.last_checkpoint = self.clock()
         report = {**state.metrics, "stage": stage, "epoch": state.history_step}
         self.hooks.on_epoch_end(state, report, checkpoint, timer)
-        self.hooks.on_epoch_artifacts(stage, epoch, method.epoch_artifacts(stage, epoch))
+        if self.rank == 0:       # charts are built where they are logged (no collective in them)
+            self.hooks.on_epoch_artifacts(stage, epoch, method.epoch_artifacts(stage, epoch))
 
     # -- evaluation and the best epoch -----------------------------------------------------------
 

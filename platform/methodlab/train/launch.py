@@ -633,7 +633,7 @@ def start_or_resume(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, existin
             print(f"[{cfg.run_name}] resuming with other values than it started with: {resumed_with}", flush=True)
         return existing.run_id
     method = get_method(cfg.method_name)
-    run_id = tracker.start_run(cfg.run_name, {**flatten_params(cfg.model_dump(mode="json")),
+    run_id = tracker.start_run(cfg.run_name, {**flatten_params(cfg.recorded()),
                                               "train.global_batch_size": str(global_batch(cfg)),
                                               "data.uri": redact_value(info.uri)},
                                {METHOD_TAG: cfg.method_name, METRIC_TAG: method.metric, DATASET_TAG: info.name,

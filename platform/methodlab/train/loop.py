@@ -207,8 +207,8 @@ class RayHooks(Hooks):
         if state.history_step or state.step:
             if state.metrics:
                 # The checkpoint's last epoch, again: a crash between its report and its spool
-                # line would lose it otherwise (a step MLflow already has is not written twice).
-                self.spool_file.append(*self._epoch_record(state, {}))
+                # line would lose it otherwise (an epoch MLflow already has is not written twice).
+                self.spool_file.append(*self._epoch_record(state, {}, method.stages))
             self._mlflow(lambda: self.spool.flush())
             resumed_at = state.history_step     # (the value now, not when written)
             self._mlflow(lambda: self._tag_resumed(resumed_at))
@@ -286,7 +286,8 @@ class RayHooks(Hooks):
             self.bar.close()
             self.bar = None
         t0 = time.perf_counter()
-        self.spool_file.append(*self._epoch_record(state, {**timer.metrics(), "time_mlflow_s": self.mlflow_wait}))
+        self.spool_file.append(*self._epoch_record(state, {**timer.metrics(), "time_mlflow_s": self.mlflow_wait},
+                                                   self.method.stages))
         self.mlflow_wait = time.perf_counter() - t0
         self._mlflow(lambda: self.spool.flush())
         shown = " ".join(f"{k}={v:.4g}" for k, v in state.metrics.items()
@@ -298,11 +299,13 @@ class RayHooks(Hooks):
               f"({state.metrics['epoch_seconds']:.1f}s{started})", flush=True)
 
     @staticmethod
-    def _epoch_record(state: LoopState, extra: dict) -> tuple[dict, int]:
-        """(metrics, MLflow step) of the last finished epoch; "step" only where the state is at
-        that epoch's end (a mid-epoch checkpoint's step counter has moved on)."""
-        at_end = {"step": float(state.step)} if state.batch == 0 else {}
-        return {**state.metrics, **extra, "epoch": float(state.history_step), **at_end}, state.history_step - 1
+    def _epoch_record(state: LoopState, extra: dict, stages: list[str]) -> tuple[dict, int, int]:
+        """(metrics as MLflow names them, global optimizer step at its end, epoch) of the last
+        finished epoch (a mid-epoch checkpoint's state is `state.batch` steps past that end).
+        The step is the epoch's MLflow step (`tracking.flush_spool_file`), so `epoch` and `step`
+        are not metrics of their own."""
+        return (stage_metric_names({**state.metrics, **extra}, state.metrics_stage, stages),
+                state.step - state.batch, state.history_step)
 
     def on_epoch_artifacts(self, stage: str, epoch: int, artifacts: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -380,6 +383,20 @@ class RayHooks(Hooks):
         if (fallback := local_fallback_dir(self.cfg)) is not None:
             shutil.rmtree(fallback, ignore_errors=True)    # the run is done: its S3 copy is final
             shutil.rmtree(fallback.parent / f".{fallback.name}.uploads", ignore_errors=True)
+
+
+ATTEMPT_METRICS = {"startup_s"}     # an attempt's, not a stage's (core: its first epoch logs it)
+
+
+def stage_metric_names(metrics: dict[str, float], stage: str, stages: list[str]) -> dict[str, float]:
+    """The metrics of an epoch of `stage` as MLflow records them: a multi-stage method's stages
+    but the last under `<stage>/` (MLflow's UI groups charts by the prefix before '/'), so TOAST's
+    pretune reads as `pretune/val_acc`; the last stage keeps plain names, so the method's metric
+    (what sweeps, registration and the report rank by) is the final stage's. (A state saved
+    before it recorded its stage, `stage` empty, keeps plain names.)"""
+    if not stage or stage == stages[-1]:
+        return metrics
+    return {k if k in ATTEMPT_METRICS else f"{stage}/{k}": v for k, v in metrics.items()}
 
 
 def _best_effort(fn, *args) -> None:
