@@ -290,6 +290,36 @@ def test_wall_clock_checkpoints_come_mid_epoch_when_due(home):
     assert mid == [6] and capture.states[-1].complete
 
 
+class Progress(Hooks):
+    """Progress on this rank every 3 s of the loop's clock."""
+
+    progress_every_s = 3.0
+
+    def __init__(self):
+        self.calls = []
+
+    def on_progress(self, state, stage, done, total, rate, losses):
+        self.calls.append((stage, done, total, dict(losses)))
+
+
+def test_progress_comes_by_the_wall_clock_with_the_last_losses_read_and_no_read_of_its_own(home, monkeypatch):
+    """A progress call every train.log_every_s of rank 0's clock (here: one second per reading,
+    one reading per step), carrying the losses of the loop's last read; the reads (host syncs)
+    stay one per log interval and one per epoch end."""
+    reads = []
+    original = LossMeter.read
+    monkeypatch.setattr(LossMeter, "read", lambda self, *a, **k: reads.append(original(self, *a, **k)) or reads[-1])
+    method = _method("supervised", "train.epochs=1", "train.log_every_steps=4", "data.limit_rows=320",
+                     "train.batch_size=32")
+    hooks = Progress()
+    seed_everything(0)
+    Loop(method.cfg, method, CPU, hooks=hooks, clock=Clock()).fit(LoopState())
+    # 10 steps; the clock's readings: 1 (the loop), 2 (the epoch's progress clock), then one per step.
+    assert [(s, d, t) for s, d, t, _ in hooks.calls] == [("train", 3, 10), ("train", 6, 10), ("train", 9, 10)]
+    assert len(reads) == 10 // 4 + 1
+    assert [c[3] for c in hooks.calls] == [{}, reads[0][0], reads[1][0]] and reads[0][0]["loss"] > 0
+
+
 def _fit_supervised_two_epochs():
     method = _method("supervised", "train.epochs=2", "data.limit_rows=256", "train.batch_size=32")
     capture = Capture()

@@ -33,3 +33,26 @@ def test_every_method_has_a_baseline_on_the_same_task_that_differs_only_where_it
     said = {o.split("=", 1)[0] for o in method.demo_baseline[1]}
     assert changed and changed <= said, (label, changed, said)
     assert theirs.tracking.register_model is False     # the method's candidate alias stays the method's
+
+
+def test_the_demo_prints_its_summary_table_once_after_every_run(monkeypatch, capsys):
+    """Each run's summary line as it ends, then the table once, then where the report and the UI are."""
+    import types
+
+    import methodlab.report
+    import methodlab.tracking
+    import methodlab.train.launch
+    from methodlab.demo import run_demo
+    from methodlab.train.launch import RunSummary
+
+    monkeypatch.setattr(methodlab.train.launch, "train", lambda cfg: RunSummary(
+        cfg.run_name, "r1", "FINISHED", {get_method(cfg.method_name).test_metric: 0.5}, "m", "1"))
+    monkeypatch.setattr(methodlab.report, "write_report", lambda uri: "report.html")
+    monkeypatch.setattr(methodlab.tracking, "Tracker", lambda *a: types.SimpleNamespace(set_tags=lambda *a: None))
+    assert run_demo() == 0
+    lines = capsys.readouterr().out.splitlines()
+    headers = [i for i, ln in enumerate(lines) if ln.startswith("method ") and "registered model" in ln]
+    summaries = [i for i, ln in enumerate(lines) if ": test_" in ln and "· MLflow run r1" in ln]
+    assert len(headers) == 1 and len(summaries) == len(demo_plan()) + sum(
+        baseline_plan(n) is not None for n in method_names())
+    assert max(summaries) < headers[0] and lines[headers[0] + 1:][-1].startswith("           then open")

@@ -293,7 +293,7 @@ def _runs(tracking_uri: str):
 
 
 @pytest.mark.slow
-def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
+def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home, capfd):
     from methodlab.tracking import source_tags
 
     # One clearly good lr and three hopeless ones: ASHA (keeps the top 1/4 at epoch 1) must stop
@@ -365,6 +365,20 @@ def test_asha_sweep_one_parent_four_children_best_registered(ray_cluster, home):
     # this cluster (`ensure_ray`), also with other Ray instances on the machine (other sessions).
     assert _cpus_freed(ray_cluster) == pytest.approx(2.0, abs=0.01)
 
+    # The console: a line per trial event and no Tune status tables; every epoch line of every
+    # trial is there, none folded by Ray's dedup into "[repeated Nx across cluster]".
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert not any(table in text for table in ("== Status ==", "Trial status", "Number of trials", "+----"))
+    for t in summary.trials:
+        assert f"[asha4] trial {t.trial_id} started: train.lr=" in text
+        ended = "stopped early at epoch" if t.stopped_early else "finished after 3 epochs"
+        assert f"[asha4] trial {t.trial_id} {ended}" in text, (t, text[-3000:])
+        for epoch in range(1, t.epochs + 1):
+            assert f"[{t.run_name}] train epoch {epoch} " in text, (t.run_name, epoch)
+    assert " reached rung epoch 1: val_acc=" in text
+    assert not any("repeated" in ln and "epoch" in ln for ln in text.splitlines())
+
 
 def _cpus_freed(ray_cluster, timeout: float = 60) -> float:
     """The cluster's free CPUs once the placement groups of stopped trials are removed (Ray
@@ -400,9 +414,9 @@ def test_killed_sweep_driver_resumes(ray_cluster, home):
     try:
         while time.time() < deadline and first.poll() is None:
             time.sleep(0.3)
-            # Only once Tune reports (the driver made the MLflow store and the parent run before):
+            # Only once a trial has started (the driver made the MLflow store and the parent run before):
             # two processes creating one SQLite store at once race on its schema migration.
-            if "Number of trials" not in Path(home.parent / "driver1.log").read_text():
+            if "[resume2] trial " not in Path(home.parent / "driver1.log").read_text():
                 continue
             client, runs = _runs(uri)
             children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -484,7 +498,7 @@ def test_signal_to_the_sweep_driver_kills_every_trial_keeping_checkpoints_and_it
         while True:
             assert driver.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.3)
-            if "Number of trials" not in log_path.read_text():   # (the store and parent exist by then)
+            if f"[{name}] trial " not in log_path.read_text():   # (the store and parent exist by then)
                 continue
             _, runs = _runs(uri)
             children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

@@ -17,6 +17,8 @@
 
 Every user error prints one line, `error: ...`, and exits non-zero before cluster resources are
 spent; tracebacks are for bugs, and are printed with credentials in URIs masked (`redact`).
+`train`, `sweep`, `submit` and `demo` take `--verbose`: Ray's, Ray Tune's and MLflow's own lines
+too (`methodlab.console`).
 """
 
 from __future__ import annotations
@@ -55,8 +57,25 @@ def _train(args) -> int:
 def _submit(args) -> int:
     from methodlab.submit import submit
 
+    env_json = _verbose_job_env(args.runtime_env_json) if args.verbose else args.runtime_env_json
     return submit(args.address, args.job, args.method, args.config, args.overrides, wait=not args.no_wait,
-                  runtime_env_json=args.runtime_env_json, submission_id=args.submission_id)
+                  runtime_env_json=env_json, submission_id=args.submission_id)
+
+
+def _verbose_job_env(runtime_env_json: str | None) -> str | None:
+    """`submit --verbose`: the job's runtime env with METHODLAB_VERBOSE=1 among its env_vars (JSON
+    that is not an object is passed on as it is, for `submit` to refuse in its one line)."""
+    import json
+
+    from methodlab.console import VERBOSE_ENV
+
+    try:
+        env = json.loads(runtime_env_json) if runtime_env_json else {}
+    except ValueError:
+        return runtime_env_json
+    if not isinstance(env, dict) or not isinstance(env.get("env_vars", {}), dict):
+        return runtime_env_json
+    return json.dumps({**env, "env_vars": {**env.get("env_vars", {}), VERBOSE_ENV: "1"}})
 
 
 def _sweep(args) -> int:
@@ -242,6 +261,10 @@ def _demo(args) -> int:
     return run_demo(args.overrides)
 
 
+VERBOSE_HELP = ("also show Ray's, Ray Tune's and MLflow's own INFO and WARNING lines and the ones methodlab "
+                "drops as noise (same as METHODLAB_VERBOSE=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="methodlab", description="Train, sweep and ship vision methods on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved config (defaults, then the YAML, then the overrides) and its "
                    "run name, and exit without training")
+    t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     t.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=3e-4 scaling.num_workers=2; a bare "
                    "`resume` also picks up the checkpoint kept locally during an S3 outage")
     t.set_defaults(func=_train)
@@ -259,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="Ray Tune sweep of a method's hyperparameters")
     s.add_argument("method")
     s.add_argument("-c", "--config", help="sweep YAML (e.g. jobs/sweeps/<name>.yaml)")
+    s.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     s.add_argument("overrides", nargs="*")
     s.set_defaults(func=_sweep)
 
@@ -268,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     su.add_argument("--runtime-env-json", help="more of the job's runtime env (env_vars are merged)")
     su.add_argument("--submission-id", help="the job's id (default: Ray's)")
+    su.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     su.add_argument("job", choices=["train", "sweep"])
     su.add_argument("method")
     su.add_argument("-c", "--config")
@@ -344,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--tracking-uri", help="default: the local SQLite store")
     mo.set_defaults(func=_models)
     dm = sub.add_parser("demo", help="train every method on built-in data and print the results")
+    dm.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     dm.add_argument("overrides", nargs="*")
     dm.set_defaults(func=_demo)
     p.subcommands = sub.choices           # name -> parser, for `train <method> --help`
@@ -383,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(a.startswith("-") for a in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
+    if getattr(args, "verbose", False):
+        from methodlab.console import set_verbose
+
+        set_verbose()
     try:
         import methodlab.methods  # noqa: F401  (fills the registries every command looks names up in)
 

@@ -136,6 +136,9 @@ class TrainConfig(Section):
                             "epoch are always evaluated)")
     log_every_steps: int = Field(50, gt=0, description="steps between reads of the losses (one host sync "
                                  "each: the NaN check and the wall-clock checkpoint decision happen there)")
+    log_every_s: float = Field(30.0, gt=0, description="seconds between progress lines within an epoch "
+                               "(rank 0; in job logs and other non-terminal output: a terminal gets a progress "
+                               "bar); reads the wall clock only, the losses shown are those of the last read")
     lease_timeout_s: float = Field(120.0, gt=0, description="a run's lease (one submission per run name) "
                                    "whose heartbeat is older than this is taken over; renewed every third of it")
 
@@ -219,7 +222,7 @@ class RunConfig(Section):
     _SCALING_HASHED_AS_DEFAULT = {"num_workers", "use_gpu", "cpus_per_worker", "sync_batchnorm", "gpus_per_worker"}
     _NOT_HASHED_KEYS = {"train": {"run_name", "max_failures", "num_to_keep", "checkpoint_every",
                                   "checkpoint_every_s", "checkpoint_every_steps", "checkpoint_upload",
-                                  "log_every_steps", "lease_timeout_s"},
+                                  "log_every_steps", "log_every_s", "lease_timeout_s"},
                         # where the loader may hold data, not what is trained (see identity())
                         "data": {"memory_budget_mb", "allow_tiny"},
                         # a name for values that the resolved config holds anyway

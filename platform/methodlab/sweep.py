@@ -56,6 +56,7 @@ import methodlab.methods  # noqa: F401  (fills the registries in each Tune trial
 from methodlab import storage
 from methodlab.config import (RunConfig, Section, check_name, deep_merge, nest, parse_override, read_yaml,
                               resolve, run_config_class, set_path, yaml_number)
+from methodlab.console import short as _short
 from methodlab.errors import ConfigError, TrainingError
 from methodlab.registry import get_method
 from methodlab.train.lease import Lease, drop as drop_lease
@@ -364,10 +365,6 @@ class SweepSummary:
                 f"{model} · MLflow run {self.parent_run_id}")
 
 
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def default_sweep_name(method_name: str, spec: SweepSpec, base: RunConfig) -> str:
     d = spec.model_dump(mode="json", exclude={"name", "base"})
     d["base"] = base.fingerprint()
@@ -580,6 +577,7 @@ def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, co
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from methodlab.sweep_console import StatusLine, TrialEvents, asha_rungs
     from methodlab.train.launch import _storage_kwargs
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_CPU})
@@ -600,20 +598,21 @@ def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, co
         # A generator ignores TuneConfig's max_concurrent_trials; it takes the limit itself.
         search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent)
     sched = s.scheduler
+    # ASHA stops a trial *at* max_t, before its run could finish.
+    max_t = max(sched.max_t or epoch_bound(base) + 1, sched.grace_period)
     scheduler = (ASHAScheduler(time_attr="epoch", grace_period=sched.grace_period,
-                               reduction_factor=sched.reduction_factor,
-                               # ASHA stops a trial *at* max_t, before its run could finish.
-                               max_t=max(sched.max_t or epoch_bound(base) + 1, sched.grace_period))
+                               reduction_factor=sched.reduction_factor, max_t=max_t)
                  if sched.type == "asha" else FIFOScheduler())
-    reporter = tune.CLIReporter(metric_columns=[method.metric, "epoch"], parameter_columns=list(space),
-                                max_report_frequency=10, sort_by_metric=True)
+    # A line per trial event and a status line at most every 30 s, not Tune's tables.
+    events = TrialEvents(name, method.metric, method.mode,
+                         asha_rungs(sched.grace_period, sched.reduction_factor, max_t) if sched.type == "asha" else [])
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=method.metric, mode=method.mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=s.num_samples,
                                     max_concurrent_trials=concurrent if s.algorithm == "optuna" else None,
                                     trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=name, progress_reporter=reporter, verbose=1,
+        run_config=tune.RunConfig(name=name, progress_reporter=StatusLine(events), callbacks=[events], verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0), **root))
     return tuner.fit(), False
 

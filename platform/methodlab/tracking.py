@@ -11,10 +11,13 @@ import base64
 import contextlib
 import fcntl
 import functools
+import io
 import json
 import logging
 import os
 import random
+import re
+import sys
 import tempfile
 import time
 import urllib.error
@@ -30,6 +33,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from methodlab.console import library_log_level, verbose
 from methodlab.errors import ConfigError, ServiceError
 from methodlab.redact import REDACTED, SECRET_KEY, redact_value
 from methodlab.spool import SpoolFile, drop, pending
@@ -342,12 +346,30 @@ class RunRecord:
     tags: dict[str, str]
 
 
-LOG_LEVEL_ENV = "METHODLAB_LOG_LEVEL"
+# What MLflow prints (its `eprint`, to stderr, not a logger) when it registers a version: the
+# run's summary line says the same. Anything else printed then is passed on.
+MLFLOW_REGISTRY_LINES = re.compile(r"^(Successfully registered model '.*'\.|Created version '.*' of model '.*'\.|"
+                                   r"Registered model '.*' already exists\. Creating a new version of this model\.\.\.)$")
 
 
-def library_log_level() -> str:
-    """The level of Ray's and MLflow's own log lines: WARNING unless METHODLAB_LOG_LEVEL says."""
-    return os.environ.get(LOG_LEVEL_ENV, "WARNING").upper()
+@contextlib.contextmanager
+def registry_lines_quieted():
+    """MLflow's registration lines (`MLFLOW_REGISTRY_LINES`) kept off the console for the calls
+    inside; every other line written to stderr meanwhile (a warning, an error) is written after
+    them, and all of them with --verbose. (sys.stderr is the process's: the calls are on the
+    thread that registers, once per run, with training over.)"""
+    if verbose():
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        kept = [ln for ln in held.getvalue().splitlines(keepends=True) if not MLFLOW_REGISTRY_LINES.match(ln.strip())]
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 def quiet_mlflow() -> None:
@@ -535,7 +557,8 @@ class Tracker:
             self.client.update_run(run_id, status=status)
         if registered_name is None:
             return None
-        version = retry_locked(mlflow.register_model, info.model_uri, registered_name).version
+        with registry_lines_quieted():
+            version = retry_locked(mlflow.register_model, info.model_uri, registered_name).version
         for k, v in tags.items():
             self.client.set_model_version_tag(registered_name, version, k, str(v))
         self.client.set_registered_model_alias(registered_name, "candidate", version)

@@ -16,6 +16,8 @@ What it guarantees, at any world size:
 - At most one host sync per log interval (`train.log_every_steps`): losses are summed on the
   device and read, all-reduced, once per interval and at the end of each epoch. The NaN check,
   the wall-clock checkpoint decision and the global train metrics all come from that one read.
+  Progress within an epoch (`Hooks.on_progress`, rank 0, every `train.log_every_s`) reads the
+  wall clock only and shows the losses of the last such read.
 - Sharded evaluation: every rank evaluates its shard (`methodlab.distributed.shard`) and the
   method reduces sums and counts, so every reported metric is the global one.
 - The state of a checkpoint is built only when a checkpoint is taken.
@@ -38,6 +40,7 @@ import torch
 
 from methodlab import distributed
 from methodlab.config import RunConfig
+from methodlab.console import ProgressClock
 from methodlab.data.dataset import DatasetInfo, read_split, read_table
 from methodlab.data.decode import column_decoders, decode_batch
 from methodlab.data.shared import SharedSplits, limit_rows, memory_splits
@@ -357,7 +360,15 @@ class Checkpoint:
 
 
 class Hooks:
-    """Events of the loop (Composer-style); the defaults do nothing. Every rank gets every call."""
+    """Events of the loop (Composer-style); the defaults do nothing. Every rank gets every call,
+    but `on_progress`: only a rank whose hooks set `progress_every_s` gets it."""
+
+    progress_every_s: float | None = None     # wall-clock seconds between on_progress calls (None: never)
+
+    def on_progress(self, state: LoopState, stage: str, done: int, total: int, rate: float,
+                    losses: dict[str, float]) -> None:
+        """Within an epoch, every `progress_every_s`: `done` of its `total` batches, at `rate`
+        batches/s this attempt, `losses` as of the loop's last read (no read of its own)."""
 
     def on_epoch_params(self, stage: str, params: dict[str, Any]) -> None: ...
 
@@ -460,7 +471,7 @@ class Loop:
         if epochs == 0 and stage_index < len(method.stages) - 1:
             state.stage_index, state.epoch, state.batch = stage_index + 1, 0, 0   # skipped: done
         for epoch in range(state.epoch if stage_index == state.stage_index else 0, epochs):
-            self.run_epoch(state, stage_index, epoch, models, optimizers, schedulers, batches)
+            self.run_epoch(state, stage_index, epoch, models, optimizers, schedulers, batches, per_epoch)
         return {k: distributed.unwrap(m) for k, m in models.items()}
 
     def epoch_batches(self, stage: str) -> tuple[Callable[[int, int], Iterator[Batch]], int]:
@@ -479,7 +490,7 @@ class Loop:
         return (lambda seed, skip: (decode_batch(b, decoders) for b in stored(seed, skip))), per_epoch
 
     def run_epoch(self, state: LoopState, stage_index: int, epoch: int, models: dict, optimizers: dict,
-                  schedulers: dict, epoch_batches: Callable[[int, int], Iterator[Batch]]) -> None:
+                  schedulers: dict, epoch_batches: Callable[[int, int], Iterator[Batch]], per_epoch: int = 0) -> None:
         cfg, method, timer = self.cfg, self.method, PhaseTimer()
         stage = method.stages[stage_index]
         epochs = method.stage_epochs(stage)
@@ -504,6 +515,9 @@ class Loop:
         if self.resume_rng is not None:
             set_rng_state(self.resume_rng)           # resumed mid-epoch: after on_epoch_start, as it ran
             self.resume_rng = None
+        every_s = self.hooks.progress_every_s
+        progress = ProgressClock(every_s, self.clock) if every_s else None
+        first_batch, losses_read = state.batch, {}
         while True:
             with timer("data"):
                 batch = next(batches, None)
@@ -520,10 +534,13 @@ class Loop:
             state.batch += 1
             by_steps = bool(every_steps) and state.step % every_steps == 0
             if by_steps or state.step % cfg.train.log_every_steps == 0:
-                _, (due,) = meter.read(state.step - 1, where, [self.time_due()])
+                losses_read, (due,) = meter.read(state.step - 1, where, [self.time_due()])
                 if by_steps or due:
                     self.checkpoint_mid_epoch(state, stage_index, epoch, models, optimizers, schedulers,
                                               meter, timer)
+            if progress is not None and progress.due():
+                self.hooks.on_progress(state, stage, state.batch, per_epoch,
+                                       (state.batch - first_batch) / max(time.perf_counter() - t0, 1e-9), losses_read)
 
         # -- end of the epoch ---------------------------------------------------------------
         _, (time_due,) = meter.read(state.step - 1, where, [self.time_due()])

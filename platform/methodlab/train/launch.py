@@ -23,6 +23,7 @@ import numpy as np
 import methodlab.methods  # noqa: F401  (fills the registries for library callers of train())
 from methodlab import storage
 from methodlab.config import RunConfig
+from methodlab.console import configure_ray_logs, forwarded_env, library_log_level
 from methodlab.data import DatasetInfo, resolve_dataset, split_nbytes
 from methodlab.data.dataset import column_ranges, split_rows
 from methodlab.data.shared import fmt_bytes, held_nbytes, memory_budget, memory_splits, put_splits
@@ -248,15 +249,24 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     loopback = local and "ray" not in sys.modules
     if loopback:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # [ray] A new local Ray turns token authentication on when RAY_AUTH_MODE is unset, and
+        # says so in a WARNING on every run; set to the mode it would choose (read when ray is
+        # imported), it says nothing. The mode is Ray's default either way; a user's setting stands.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    configure_ray_logs()
     import ray
 
     if ray.is_initialized():
         return
     # Ray's INFO lines ("Started a local Ray instance", ...) drown the run's own, as Ray Train's
-    # do (build_trainer); METHODLAB_LOG_LEVEL=INFO brings them back.
+    # do (build_trainer); --verbose (or METHODLAB_LOG_LEVEL=INFO) brings them back.
     quiet = {"logging_level": log_level()}
     if not local:
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=code_runtime_env(), **quiet)
+        # A cluster's workers do not inherit this environment: the console settings go with the job.
+        env = code_runtime_env()
+        if forwarded_env():
+            env["env_vars"] = forwarded_env()
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=env, **quiet)
     else:
         # The dashboard process also hosts the state API that Ray Train's placement-group cleaner
         # needs; without it a stopped trial leaks its CPUs. address="local": a new instance, never
@@ -285,9 +295,7 @@ STATE_API_ENV = "RAY_API_SERVER_ADDRESS"    # [ray] where Ray's state API client
 
 
 def log_level() -> str:
-    """The level of Ray's and MLflow's own log lines (METHODLAB_LOG_LEVEL, default WARNING)."""
-    from methodlab.tracking import library_log_level
-
+    """The level of Ray's and MLflow's own log lines (`console.library_log_level`)."""
     return library_log_level()
 
 
@@ -487,7 +495,8 @@ def build_trainer(cfg: RunConfig, info: DatasetInfo, run_id: str, callbacks=None
         train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
                            "dataset_uri": info.uri, "splits": SPLITS, "shared": shared, "stream_rows": stream_rows,
                            "recovered_checkpoint": recovered,
-                           "faults": os.environ.get(FAULTS_ENV), "launched_at": started_at or time.time()},
+                           "faults": os.environ.get(FAULTS_ENV), "launched_at": started_at or time.time(),
+                           "progress": "bar" if sys.stdout.isatty() else "lines"},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.scaling.placement_strategy),

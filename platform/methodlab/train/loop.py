@@ -33,6 +33,7 @@ import ray.train.torch  # [ray]
 
 from methodlab import storage
 from methodlab.config import RunConfig, from_dict, methodlab_home
+from methodlab.console import progress_line, quiet_worker_logs
 from methodlab.data.dataset import open_dataset
 import methodlab.methods  # noqa: F401  (fills the registries in the Ray worker)
 from methodlab.methods.base import Batch, Method
@@ -114,6 +115,7 @@ def _quiet_ray_report_log() -> None:
 def train_worker(loop_config: dict) -> None:
     """Entry point of every Ray Train worker."""
     _quiet_ray_report_log()
+    quiet_worker_logs()
     cfg = from_dict(loop_config["config"])
     run_id = loop_config["mlflow_run_id"]
     storage.configure(cfg.storage)
@@ -132,7 +134,8 @@ def train_worker(loop_config: dict) -> None:
                             cfg, ray.train.get_dataset_shard(source), seed, device, skip))  # [ray]
     method: Method = get_method(cfg.method_name)(cfg, data)
     state = _restore(loop_config.get("recovered_checkpoint")) or LoopState(mlflow_run_id=run_id)
-    hooks = RayHooks(cfg, method, run_id, rank, state, Faults.parse(loop_config.get("faults")))
+    hooks = RayHooks(cfg, method, run_id, rank, state, Faults.parse(loop_config.get("faults")),
+                     loop_config.get("progress", "lines"))
     batches = lambda split, seed, skip: memory_batches(  # noqa: E731
         cfg, split, seed, rank, context.get_world_size(), device, skip)  # [ray]
     wrap = lambda m: ray.train.torch.prepare_model(  # noqa: E731  # [ray] DDP wrap
@@ -174,8 +177,15 @@ def _restore(recovered_uri: str | None) -> LoopState | None:
 class RayHooks(Hooks):
     """Report and checkpoint through Ray Train, metrics and artifacts to MLflow (rank 0)."""
 
-    def __init__(self, cfg: RunConfig, method: Method, run_id: str, rank: int, state: LoopState, faults: Faults):
+    def __init__(self, cfg: RunConfig, method: Method, run_id: str, rank: int, state: LoopState, faults: Faults,
+                 progress: str = "lines"):
         self.cfg, self.method, self.run_id, self.rank, self.faults = cfg, method, run_id, rank, faults
+        # Progress within an epoch, on rank 0: a bar the driver draws (`launch.build_trainer` says
+        # "bar" when its console is a terminal; tqdm_ray sends an update at most once a second),
+        # else a line every train.log_every_s.
+        self.progress, self.bar = progress, None
+        if rank == 0:
+            self.progress_every_s = 1.0 if progress == "bar" else cfg.train.log_every_s
         self.last_rank = rank == ray.train.get_context().get_world_size() - 1  # [ray]: where faults strike
         self.started_at = (state.history_step, state.step)
         self.saved: LoopState | None = state if state.complete else None   # the latest state rank 0 saved
@@ -231,6 +241,18 @@ class RayHooks(Hooks):
             named = {f"{stage}.{k}": v for k, v in params.items()}
             self._mlflow(lambda: _best_effort(self.tracker.log_params_once, self.run_id, named))
 
+    def on_progress(self, state: LoopState, stage: str, done: int, total: int, rate: float,
+                    losses: dict[str, float]) -> None:
+        epoch = state.history_step + 1            # (the epoch line's number, once it ends)
+        if self.progress != "bar":
+            print(progress_line(self.cfg.run_name, stage, epoch, done, total, rate, losses), flush=True)
+            return
+        if self.bar is None:
+            from ray.experimental.tqdm_ray import tqdm  # [ray] drawn on the driver's terminal
+
+            self.bar = tqdm(desc=f"[{self.cfg.run_name}] {stage} epoch {epoch}", total=total, unit="step")
+        self.bar.update(done - self.bar.n)
+
     def on_step(self, state: LoopState) -> None:
         if self.rank == 0 and not self.stepped.is_set():
             self.stepped.set()
@@ -259,6 +281,10 @@ class RayHooks(Hooks):
             self._report({**state.evaluated, **metrics} if self.rank == 0 else {}, directory, state)
         if self.rank != 0 or (checkpoint is not None and checkpoint.mid_epoch):
             return
+        if self.bar is not None:                # the epoch is done: its bar at 100%, then its line
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
+            self.bar = None
         t0 = time.perf_counter()
         self.spool_file.append(*self._epoch_record(state, {**timer.metrics(), "time_mlflow_s": self.mlflow_wait},
                                                    self.method.stages))
@@ -266,8 +292,11 @@ class RayHooks(Hooks):
         self._mlflow(lambda: self.spool.flush())
         shown = " ".join(f"{k}={v:.4g}" for k, v in state.metrics.items()
                          if not k.startswith("time_") and k not in ("epoch_seconds", "startup_s"))
+        # The attempt's first epoch also says how long the start took (Ray, the workers, the data):
+        # on 2 CPUs most of the wait before it, and no line of its own.
+        started = f"; first step {state.metrics['startup_s']:.0f}s after the start" if "startup_s" in state.metrics else ""
         print(f"[{self.cfg.run_name}] {report['stage']} epoch {state.history_step} {shown} "
-              f"({state.metrics['epoch_seconds']:.1f}s)", flush=True)
+              f"({state.metrics['epoch_seconds']:.1f}s{started})", flush=True)
 
     @staticmethod
     def _epoch_record(state: LoopState, extra: dict, stages: list[str]) -> tuple[dict, int, int]:
