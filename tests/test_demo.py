@@ -48,7 +48,8 @@ def test_the_demo_prints_its_summary_table_once_after_every_run(monkeypatch, cap
     monkeypatch.setattr(methodlab.train.launch, "train", lambda cfg: RunSummary(
         cfg.run_name, "r1", "FINISHED", {get_method(cfg.method_name).test_metric: 0.5}, "m", "1"))
     monkeypatch.setattr(methodlab.report, "write_report", lambda uri: "report.html")
-    monkeypatch.setattr(methodlab.tracking, "Tracker", lambda *a: types.SimpleNamespace(set_tags=lambda *a: None))
+    monkeypatch.setattr(methodlab.tracking, "Tracker", lambda *a: types.SimpleNamespace(set_tags=lambda *a: None,
+                                                                                  experiment_id="7"))
     assert run_demo() == 0
     lines = capsys.readouterr().out.splitlines()
     headers = [i for i, ln in enumerate(lines) if ln.startswith("method ") and "registered model" in ln]
@@ -56,3 +57,8 @@ def test_the_demo_prints_its_summary_table_once_after_every_run(monkeypatch, cap
     assert len(headers) == 1 and len(summaries) == len(demo_plan()) + sum(
         baseline_plan(n) is not None for n in method_names())
     assert max(summaries) < headers[0] and lines[headers[0] + 1:][-1].startswith("           then open")
+    # the second `supervised` run is TOAST's backbone and reads so, in its header and its row
+    table = [ln.split("  ")[0] for ln in lines[headers[0] + 1:] if ln.strip()]
+    assert "supervised (for toast)" in table and table.count("supervised") == 1
+    assert any(ln.startswith("=== supervised: backbone for toast (methodlab-vit-source)") for ln in lines)
+    assert "experiments/7/runs?workflowType=machine_learning" in lines[-1]

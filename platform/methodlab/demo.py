@@ -77,17 +77,29 @@ def run_demo(extra_overrides: list[str] = ()) -> int:
             Tracker(cfg.tracking.uri, cfg.tracking.experiment).set_tags(summary.run_id, roles[(name, tuple(overrides))])
         return cfg, summary, time.time() - t0
 
+    from methodlab.report import PREREQUISITE_FOR_TAG, ROLE_LABEL_TAG, ROLE_TAG
+
+    def shown_as(name: str, overrides: list[str]) -> str:
+        """A run another method needs reads as such (the demo trains `supervised` twice)."""
+        role = roles.get((name, tuple(overrides)), {})
+        if role.get(ROLE_TAG) != "prerequisite":
+            return name
+        users = sorted({user.split(":")[0] for user in role[PREREQUISITE_FOR_TAG].split(",")})
+        return f"{name} (for {', '.join(users)})"
+
     rows = []
     t_start = time.time()
     for name, overrides in demo_plan():
-        cfg, summary, seconds = run(name, overrides, name)
+        label = shown_as(name, overrides)
+        role_label = roles.get((name, tuple(overrides)), {}).get(ROLE_LABEL_TAG)
+        cfg, summary, seconds = run(name, overrides, f"{name}: {role_label}" if label != name else name)
         method = get_method(name)
         baseline = None
         if (plan := baseline_plan(name)) is not None and list(overrides) == list(method.demo_overrides):
             label, base_overrides = plan
             _, base_summary, _ = run(name, base_overrides, f"{name}: baseline {label}")
             baseline = (label, base_summary.metrics.get(method.test_metric))
-        rows.append((name, cfg.tracking.registered_model, method.test_metric,
+        rows.append((label, cfg.tracking.registered_model, method.test_metric,
                      summary.metrics.get(method.test_metric), summary.version, baseline, seconds))
 
     def shown(value) -> str:
@@ -96,10 +108,11 @@ def run_demo(extra_overrides: list[str] = ()) -> int:
     baselines = sum(1 for row in rows if row[5])
     print(f"\nmethodlab demo: {len(rows) + baselines} runs ({baselines} of them baselines) in "
           f"{time.time() - t_start:.0f}s")
-    print(f"{'method':18s} {'metric':16s} {'value':>8s}  {'baseline on the same task':36s} registered model")
-    for name, model, metric, value, version, baseline, _ in rows:
+    width = max([18, *(len(row[0]) + 1 for row in rows)])
+    print(f"{'method':{width}s} {'metric':16s} {'value':>8s}  {'baseline on the same task':36s} registered model")
+    for label, model, metric, value, version, baseline, _ in rows:
         base = f"{shown(baseline[1]):>8s}  {baseline[0]}" if baseline else ""
-        print(f"{name:18s} {metric:16s} {shown(value):>8s}  {base:36s} {model} v{version}")
+        print(f"{label:{width}s} {metric:16s} {shown(value):>8s}  {base:36s} {model} v{version}")
     from methodlab.report import write_report
 
     print(f"\nreport: {write_report(cfg.tracking.uri)}")
