@@ -58,7 +58,9 @@ def test_the_demo_prints_its_summary_table_once_after_every_run(monkeypatch, cap
         baseline_plan(n) is not None for n in method_names())
     assert max(summaries) < headers[0] and lines[headers[0] + 1:][-1].startswith("           then open")
     # the second `supervised` run is TOAST's backbone and reads so, in its header and its row
-    table = [ln.split("  ")[0] for ln in lines[headers[0] + 1:] if ln.strip()]
+    after = lines[headers[0] + 1:]
+    table = [ln.split("  ")[0].strip() for ln in after[:after.index("")]]
     assert "supervised (for toast)" in table and table.count("supervised") == 1
+    assert set(table) == {*(n for n in method_names()), "supervised (for toast)"}
     assert any(ln.startswith("=== supervised: backbone for toast (methodlab-vit-source)") for ln in lines)
     assert "experiments/7/runs?workflowType=machine_learning" in lines[-1]

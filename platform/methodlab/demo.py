@@ -90,16 +90,16 @@ def run_demo(extra_overrides: list[str] = ()) -> int:
     rows = []
     t_start = time.time()
     for name, overrides in demo_plan():
-        label = shown_as(name, overrides)
+        row_name = shown_as(name, overrides)
         role_label = roles.get((name, tuple(overrides)), {}).get(ROLE_LABEL_TAG)
-        cfg, summary, seconds = run(name, overrides, f"{name}: {role_label}" if label != name else name)
+        cfg, summary, seconds = run(name, overrides, f"{name}: {role_label}" if row_name != name else name)
         method = get_method(name)
         baseline = None
         if (plan := baseline_plan(name)) is not None and list(overrides) == list(method.demo_overrides):
             label, base_overrides = plan
             _, base_summary, _ = run(name, base_overrides, f"{name}: baseline {label}")
             baseline = (label, base_summary.metrics.get(method.test_metric))
-        rows.append((label, cfg.tracking.registered_model, method.test_metric,
+        rows.append((row_name, cfg.tracking.registered_model, method.test_metric,
                      summary.metrics.get(method.test_metric), summary.version, baseline, seconds))
 
     def shown(value) -> str:
@@ -110,9 +110,9 @@ def run_demo(extra_overrides: list[str] = ()) -> int:
           f"{time.time() - t_start:.0f}s")
     width = max([18, *(len(row[0]) + 1 for row in rows)])
     print(f"{'method':{width}s} {'metric':16s} {'value':>8s}  {'baseline on the same task':36s} registered model")
-    for label, model, metric, value, version, baseline, _ in rows:
+    for row_name, model, metric, value, version, baseline, _ in rows:
         base = f"{shown(baseline[1]):>8s}  {baseline[0]}" if baseline else ""
-        print(f"{label:{width}s} {metric:16s} {shown(value):>8s}  {base:36s} {model} v{version}")
+        print(f"{row_name:{width}s} {metric:16s} {shown(value):>8s}  {base:36s} {model} v{version}")
     from methodlab.report import write_report
 
     print(f"\nreport: {write_report(cfg.tracking.uri)}")
