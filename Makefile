@@ -23,10 +23,10 @@ REF_STAMP := $(REF_VENV)/.installed-$(shell echo "$(REF_PACKAGES)" | cksum | cut
 # Ray: no usage stats. Tests and the demo train epochs of a fraction of a second, so their
 # reports must not wait for Ray's health-check poll (methodlab's default is 1 s: launch.py).
 export RAY_USAGE_STATS_ENABLED ?= 0
-demo test test-fast test-load test-faults test-parity test-ui: export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
+demo test test-fast test-load test-faults test-parity test-ui test-e2e: export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup reference-venv demo test test-fast test-load test-faults test-parity test-ui bench report clean stack-up stack-down
+.PHONY: setup reference-venv demo test test-fast test-load test-faults test-parity test-ui test-e2e bench report clean stack-up stack-down
 
 setup: $(STAMP)
 
@@ -49,17 +49,22 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/methodlab demo
 
-# The fault matrix, the weights-import parity and the browser tests have targets of their own,
-# so `make test` stays well under 20 minutes on 2 CPUs; .ci/run runs all four.
+# The fault matrix, the end-to-end suites, the weights-import parity and the browser tests have
+# targets of their own, so `make test` stays under 20 minutes on 2 CPUs; .ci/run runs all five.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not load and not faults and not parity and not ui" --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider -m "not load and not faults and not parity and not ui and not e2e" --durations=25
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not load and not faults and not parity and not ui"
+	$(PY) -m pytest -q -m "not slow and not load and not faults and not parity and not ui and not e2e"
 
 # Each external fault against a real run (tests/test_faults.py and the tests marked faults elsewhere: a killed or signalled sweep driver, a crashed worker, an S3 outage; ~8 min on 2 CPUs).
 test-faults: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m faults --durations=10
+
+# The end-to-end suites (marker e2e): a two-node cluster with a node lost, `ray job submit` against
+# the local stack (MLflow server, S3 on moto), every streaming method through Ray Data, the console of a CLI run, quiet and --verbose (~12 min).
+test-e2e: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m e2e --durations=10
 
 # Imported timm / torchvision weights against the libraries' own logits (installs .venv-ref).
 test-parity: setup reference-venv

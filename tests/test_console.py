@@ -87,6 +87,7 @@ def test_configuring_again_gives_the_same_patterns(monkeypatch):
 
 
 def test_verbose_keeps_the_known_harmless_line_and_a_users_skip_pattern_stays(monkeypatch):
+    _dedup(monkeypatch, verbose=False)       # a quiet run earlier in this process (CI saw its pattern stay)
     assert _printed(_dedup(monkeypatch, verbose=True), [(2000, [PREEMPTION])]) == [PREEMPTION]
     dedup = _dedup(monkeypatch, verbose=False, theirs=r"^noise")
     assert _printed(dedup, [(1, ["noise here"]), (2, [PREEMPTION]), (3, ["signal"])]) == ["signal"]

@@ -63,6 +63,7 @@ def _weights(s: Stack, model: str, monkeypatch) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(1500)
 def test_two_nodes_uninstalled_workers_refusals_placement_and_node_loss(stack, monkeypatch):
     s = stack

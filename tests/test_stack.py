@@ -670,6 +670,7 @@ def stack():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(1500)
 def test_ray_job_submit_against_the_local_stack(stack, monkeypatch):
     s, up_out = stack

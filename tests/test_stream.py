@@ -153,6 +153,7 @@ def _weights(cfg, run_id):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_streamed_run_resumes_mid_epoch_at_the_exact_batch(ray_cluster, home, monkeypatch):
     """A worker killed mid-epoch of a 2-worker streamed run: it restarts from the mid-epoch
     checkpoint, streams the same epoch order again (a function of the seed), skips the batches
@@ -181,6 +182,7 @@ def test_a_method_that_cannot_stream_refuses_it_in_one_line(method):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", STREAMING)
 def test_methods_train_end_to_end_streamed(ray_cluster, home, method):
     """Every method that streams, on 2 workers: e.g. TOAST pretunes on the streamed source_train

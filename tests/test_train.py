@@ -214,6 +214,7 @@ def _console(env: dict, *args: str) -> tuple[str, list[str], list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_the_console_of_a_run_is_the_runs_own_and_verbose_brings_the_rest_back(tmp_path):
     """`methodlab train supervised train.epochs=2` as a new user runs it (a fresh home, no
     RAY_AUTH_MODE): its header, two epoch lines and its summary, last, and nothing else: Ray's,

@@ -83,7 +83,8 @@ def configure_ray_logs() -> None:
     deduplicators of its driver; so both are set in the environment before that (a CLI process)
     and, for a process that imported Ray already (a notebook, the tests), on the deduplicators."""
     allow = _regex("RAY_DEDUP_LOGS_ALLOW_REGEX", [_RAY_NEVER_DEDUP, OWN_LINE])
-    skip = None if verbose() else _regex("RAY_DEDUP_LOGS_SKIP_REGEX", KNOWN_HARMLESS)
+    # --verbose: only the user's own skip pattern, if any (an earlier quiet call's must not stay)
+    skip = _regex("RAY_DEDUP_LOGS_SKIP_REGEX", [] if verbose() else KNOWN_HARMLESS) or None
     if "ray" not in sys.modules:
         os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"] = allow
         if skip:
@@ -93,8 +94,7 @@ def configure_ray_logs() -> None:
 
     for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
         dedup.allow_re = re.compile(allow)
-        if skip:
-            dedup.skip_re = re.compile(skip)
+        dedup.skip_re = re.compile(skip) if skip else None
 
 
 def quiet_worker_logs() -> None:
