@@ -82,13 +82,12 @@ def one_torch_thread():
 
 def epochs_logged(client, run_id: str, key: str = "val_acc") -> list[int]:
     """The epochs (1 = a run's first, over all stages) at which run `run_id` logged `key`, in step
-    order: each MLflow step read back through the run's `methodlab.epoch_steps` tag (absent while
+    order: each MLflow step read back through the run's `methodlab.epoch_steps` tags (absent while
     no epoch is logged; a step the tag does not list raises KeyError). `client`: an MlflowClient
     (or a Tracker's)."""
-    from methodlab.tracking import EPOCH_STEPS_TAG, parse_epoch_steps
+    from methodlab.tracking import epoch_steps_from_tags
 
-    tags = client.get_run(run_id).data.tags
-    epoch_at = {s: e for e, s in parse_epoch_steps(tags.get(EPOCH_STEPS_TAG, "")).items()}
+    epoch_at = {s: e for e, s in epoch_steps_from_tags(client.get_run(run_id).data.tags).items()}
     return [epoch_at[m.step] for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from methodlab.tracking import MAX_PARAM_KEY, MAX_PARAM_VALUE, REDACTED, Tracker, flatten_params
+from tests.conftest import epochs_logged
 
 KEYS = st.text("abcdefgh_", min_size=1, max_size=6)
 LEAVES = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.text(max_size=50))
@@ -319,6 +320,44 @@ def test_the_epoch_steps_tag_reads_back_every_epoch_and_stays_short(steps, dropp
     assert epoch_steps_text({e: 47 * e for e in range(1, 1001)}) == "1-1000:47+47"
 
 
+@settings(max_examples=100, deadline=None)
+@given(gaps=st.lists(st.integers(1, 10**6), min_size=0, max_size=3000), chunk=st.sampled_from([40, 4000]))
+def test_the_epoch_steps_tags_hold_any_run_within_mlflows_tag_limit(gaps, chunk):
+    """Steps per epoch that vary every epoch (Bad Batches drops batches) make one entry per
+    epoch: the tags continue in `.2`, `.3`, ..., each within its chunk (so within MLflow's
+    8000), and read back every epoch."""
+    from methodlab import tracking
+
+    steps = dict(zip(range(1, len(gaps) + 1), itertools.accumulate(gaps)))
+    tags = tracking.epoch_steps_tags(steps, chunk)
+    assert tracking.epoch_steps_from_tags({**tags, "other": "x"}) == steps
+    assert all(len(v) <= chunk for v in tags.values()) and max(map(len, tags.values())) <= 8000
+    assert list(tags)[0] == tracking.EPOCH_STEPS_TAG and all(
+        k == f"{tracking.EPOCH_STEPS_TAG}.{i}" for i, k in enumerate(list(tags)[1:], start=2))
+    # a new epoch rewrites at most the last two tags
+    if steps:
+        more = tracking.epoch_steps_tags({**steps, len(steps) + 1: max(steps.values()) + 7}, chunk)
+        assert sum(tags.get(k) != v for k, v in more.items()) <= 2
+
+
+def test_a_long_run_with_varying_steps_per_epoch_keeps_flushing(tmp_path, monkeypatch):
+    """Epochs of varying length on a real store, flushed by three attempts: the map passes one
+    tag (a 300-character chunk here, 4000 in use: 120 epochs stand for ~800), and every epoch is
+    still logged once at its step and read back."""
+    from methodlab import tracking
+
+    monkeypatch.setattr(tracking, "EPOCH_STEPS_CHUNK", 300)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "long")
+    run_id = tracker.start_run("r", {}, {}, "")
+    steps = dict(zip(range(1, 121), itertools.accumulate(100 + (e * 7919) % 13 for e in range(120))))
+    for first in range(1, 121, 40):         # three attempts' flushes
+        _spooled(tracker, run_id, tmp_path, [({"loss": 1.0 / e}, steps[e], e) for e in range(first, first + 40)])
+    tags = tracker.client.get_run(run_id).data.tags
+    assert len([k for k in tags if k.startswith(tracking.EPOCH_STEPS_TAG)]) >= 4
+    assert tracker.logged_epochs(run_id) == steps
+    assert epochs_logged(tracker.client, run_id, "loss") == list(range(1, 121))
+
+
 def _spooled(tracker, run_id, spool_dir, lines):
     from methodlab.tracking import MetricSpool
 
@@ -407,3 +446,23 @@ def test_any_sequence_of_resumes_logs_each_epoch_once_on_an_axis_that_never_goes
     history = tracker.client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(e)) for e, s in logged.items()]
     assert parse_epoch_steps(tracker.client.get_run(run_id).data.tags[EPOCH_STEPS_TAG]) == logged
+
+
+def test_a_stopped_sweep_finds_the_trials_its_stop_interrupted_and_no_other(tmp_path):
+    """`stopped_children` after a stop at t: RUNNING, KILLED (by its own trial), FAILED after t
+    (its Ray Train controller torn down under it as Tune stopped its actor: CI saw one) are
+    the stop's; FAILED before t (a real failure) and FINISHED are not."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "stop")
+    parent = tracker.start_run("sweep", {}, {}, "")
+    t = 1_800_000_000_000
+    ended = {"running": None, "killed": ("KILLED", t + 5), "failed-by-stop": ("FAILED", t + 10),
+             "failed-before": ("FAILED", t - 10), "finished": ("FINISHED", t + 10)}
+    ids = {}
+    for name, end in ended.items():
+        ids[name] = tracker.start_run(name, {}, {}, "", parent_run_id=parent)
+        if end:
+            tracker.client.set_terminated(ids[name], status=end[0], end_time=end[1])
+    tracker.start_run("another sweep's", {}, {}, "")
+    found = sorted(tracker.stopped_children(parent, t))
+    assert found == sorted([(ids["running"], "running", "RUNNING"), (ids["killed"], "killed", "KILLED"),
+                            (ids["failed-by-stop"], "failed-by-stop", "FAILED")])

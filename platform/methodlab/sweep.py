@@ -47,6 +47,7 @@ import json
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -489,17 +490,24 @@ def _sweep_leased(method_name: str, method, spec: SweepSpec, base: RunConfig, ba
                                    _spec_yaml(spec, space, base, concurrent))
     ctx = {"method_name": method_name, "base_layers": base_layers, "sweep_name": name, "parent_run_id": parent}
     fired: list[int] = []
+    signalled_ms: list[int] = []
+
+    def stop(signum: int) -> bool:
+        signalled_ms.append(int(time.time() * 1000))
+        return _stop_tune(signum)
+
     try:
-        with stop_on_signals(_stop_tune) as fired:
+        with stop_on_signals(stop) as fired:
             results, restored = _fit(name, base, spec, space, ctx, concurrent, method)
     except KeyboardInterrupt:      # a signal before Tune's loop began: no trial trains yet
-        raise _interrupted(tracker, base, name, parent, fired[0] if fired else signal.SIGINT) from None
+        raise _interrupted(tracker, base, name, parent, fired[0] if fired else signal.SIGINT,
+                           signalled_ms[0] if signalled_ms else int(time.time() * 1000)) from None
     except Exception as exc:   # noqa: BLE001 — Tune itself failed: the parent is FAILED, one line
         tracker.end_run(parent, "FAILED")
         raise TrainingError(f"sweep {name} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__} "
                             f"(MLflow run {parent})") from None
     if fired:                      # Tune saved its state and stopped every trial
-        raise _interrupted(tracker, base, name, parent, fired[0])
+        raise _interrupted(tracker, base, name, parent, fired[0], signalled_ms[0])
     if results.num_terminated + results.num_errors < len(results):
         raise TrainingError(f"sweep {name} was interrupted before all trials ended; submit it again "
                             f"with the same name to resume (MLflow run {parent})")
@@ -529,9 +537,9 @@ def _stop_tune(signum: int) -> bool:
     return True
 
 
-def _interrupted(tracker, base: RunConfig, name: str, parent: str, signum: int) -> Interrupted:
-    """After Tune stopped on a signal: each trial's child run that was still running (its actor
-    is gone, so nothing in it could) and the parent end KILLED, the trial's lease is dropped (the
+def _interrupted(tracker, base: RunConfig, name: str, parent: str, signum: int, since_ms: int) -> Interrupted:
+    """After Tune stopped on a signal at `since_ms`: each trial's child run that was still running
+    (its actor is gone, so nothing in it could) and the parent end KILLED, the trial's lease is dropped (the
     driver holds the sweep's, so no one else holds its trials'); the line to show names the sweep,
     where the trials' checkpoints stay, and the command that resumes it."""
     from methodlab.train.launch import _end_quietly, resume_command
@@ -539,12 +547,12 @@ def _interrupted(tracker, base: RunConfig, name: str, parent: str, signum: int) 
     killed = []
     try:
         # (a trial's own run may be KILLED already: its trial can end it as Tune stops the actor)
-        killed = tracker.stopped_children(parent)
+        killed = tracker.stopped_children(parent, since_ms)
     except Exception:  # noqa: BLE001 — tracking server away: the line below still comes
         print(f"[methodlab] could not list the running trials of MLflow run {parent}: tracking server "
               "unreachable", flush=True)
     for run_id, run_name, status in killed:
-        if status == "RUNNING":
+        if status != "KILLED":
             _end_quietly(tracker, run_id, "KILLED")
         drop_lease(f"{base.storage.path.rstrip('/')}/{run_name}")
     _end_quietly(tracker, parent, "KILLED")
@@ -618,7 +626,7 @@ def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, co
 
 
 def _collect(results, tracker, name: str, space: dict, metric: str) -> list[Trial]:
-    from methodlab.tracking import EPOCH_STEPS_TAG, parse_epoch_steps
+    from methodlab.tracking import epoch_steps_from_tags
 
     out = []
     for r in results:
@@ -629,7 +637,7 @@ def _collect(results, tracker, name: str, space: dict, metric: str) -> list[Tria
         value = last.get(metric)
         if value is None and rec is not None:
             value = rec.metrics.get(metric)
-        epochs = int(last.get("epoch") or (max(parse_epoch_steps(rec.tags.get(EPOCH_STEPS_TAG, "")), default=0)
+        epochs = int(last.get("epoch") or (max(epoch_steps_from_tags(rec.tags), default=0)
                                            if rec else 0))
         if r.error is not None:
             status = "FAILED"

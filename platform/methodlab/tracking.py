@@ -66,7 +66,8 @@ BENCHMARK_TAG = "methodlab.benchmark"            # on the runs bench/ logs its r
 IMPORTED_FROM_TAG = "methodlab.imported_from"  # `methodlab models import`: the --from source
 LICENSE_TAG = "methodlab.license"                # the license string the importer passed
 PARENT_TAG = "mlflow.parentRunId"
-EPOCH_STEPS_TAG = "methodlab.epoch_steps"        # the MLflow step of each logged epoch (epoch_steps_text)
+EPOCH_STEPS_TAG = "methodlab.epoch_steps"        # the MLflow step of each logged epoch (epoch_steps_tags)
+EPOCH_STEPS_CHUNK = 4000   # characters per epoch-steps tag: well under MLflow's 8000 per tag value
 # MLflow 3's UI opens an experiment on its GenAI overview unless its kind says otherwise.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
                    "mlflow.note.content": "methodlab training runs: one run per config (params = the resolved "
@@ -446,13 +447,16 @@ class Tracker:
         dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
-    def stopped_children(self, parent_run_id: str) -> list[tuple[str, str, str]]:
+    def stopped_children(self, parent_run_id: str, since_ms: int) -> list[tuple[str, str, str]]:
         """(run id, run name, status) of each child run of `parent_run_id` (a sweep's trials) that
-        did not finish: still RUNNING, or already KILLED by its own trial as Tune stopped it."""
+        a stop at `since_ms` (ms since the epoch) interrupted: still RUNNING, already KILLED by its
+        own trial as Tune stopped it, or ended FAILED after `since_ms` (its trial's Ray Train
+        controller torn down under it as Tune stopped the trial's actor)."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                                        max_results=10_000)
         return [(r.info.run_id, r.data.tags.get(RUN_NAME_TAG, r.info.run_name), r.info.status) for r in runs
-                if r.info.status in ("RUNNING", "KILLED")]
+                if r.info.status in ("RUNNING", "KILLED")
+                or (r.info.status == "FAILED" and (r.info.end_time or 0) >= since_ms)]
 
     def resume_run(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
@@ -475,7 +479,7 @@ class Tracker:
         if EPOCH_STEPS_TAG not in tags:
             # A run logged before the tag: its epochs are the points of its `epoch` metric.
             return {int(m.value): m.step for m in self.client.get_metric_history(run_id, "epoch")}
-        return parse_epoch_steps(tags[EPOCH_STEPS_TAG])
+        return epoch_steps_from_tags(tags)
 
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, path, artifact_path)
@@ -706,6 +710,31 @@ def parse_epoch_steps(text: str) -> dict[int, int]:
     return out
 
 
+def epoch_steps_tags(steps: dict[int, int], chunk: int | None = None) -> dict[str, str]:
+    """`epoch_steps_text(steps)` as run tags: `methodlab.epoch_steps`, continued in
+    `methodlab.epoch_steps.2`, `.3`, ... at most `EPOCH_STEPS_CHUNK` characters each. The text
+    stays a few entries long while steps per epoch are constant, but grows ~10 characters per
+    epoch where they vary (Bad Batches drops batches), and one MLflow tag holds 8000: a long
+    run's tag would be refused and every later flush fail. Entries fill the tags greedily, so a
+    new epoch changes only the last one or two. `chunk`: `EPOCH_STEPS_CHUNK` unless given."""
+    limit = chunk or EPOCH_STEPS_CHUNK
+    chunks: list[list[str]] = [[]]
+    for entry in epoch_steps_text(steps).split():
+        if chunks[-1] and len(" ".join([*chunks[-1], entry])) > limit:
+            chunks.append([])
+        chunks[-1].append(entry)
+    return {EPOCH_STEPS_TAG if i == 0 else f"{EPOCH_STEPS_TAG}.{i + 1}": " ".join(c) for i, c in enumerate(chunks)}
+
+
+def epoch_steps_from_tags(tags: dict[str, str]) -> dict[int, int]:
+    """The inverse of `epoch_steps_tags`, from a run's tags ({} when it has none)."""
+    texts, i = [tags.get(EPOCH_STEPS_TAG, "")], 2
+    while f"{EPOCH_STEPS_TAG}.{i}" in tags:
+        texts.append(tags[f"{EPOCH_STEPS_TAG}.{i}"])
+        i += 1
+    return parse_epoch_steps(" ".join(texts))
+
+
 class MetricSpool(SpoolFile):
     """Every epoch's metrics are appended to a local JSONL file first (`SpoolFile`), then written
     to MLflow. Lines MLflow could not take stay in the file and are retried at the next epoch, at
@@ -729,7 +758,8 @@ def flush_spool_file(tracker: Tracker, path: Path) -> bool:
     """Send a spool file's epochs to MLflow, each once, on one step axis:
 
     - an epoch's metrics are logged at MLflow step = the global optimizer step at its end (all
-      stages, all attempts), and the run's tag `methodlab.epoch_steps` gains that epoch -> step;
+      stages, all attempts), and the run's tag `methodlab.epoch_steps` (`epoch_steps_tags`) gains
+      that epoch -> step;
     - an epoch is logged only when it is newer than the run's last logged epoch: a resume from a
       checkpoint older than that re-runs epochs MLflow has, and their first values stay;
     - the step never goes back: a resume on more workers re-runs epochs in fewer steps, and its
@@ -743,14 +773,17 @@ def flush_spool_file(tracker: Tracker, path: Path) -> bool:
         with fail_fast():
             run_id = lines[0]["run_id"]
             logged = tracker.logged_epochs(run_id)
+            written = epoch_steps_tags(logged) if logged else {}
             for line in lines:
                 # (Lines spooled before the epoch was recorded had the epoch index as their step.)
                 epoch = line.get("epoch", line["step"] + 1)
                 if epoch <= max(logged, default=0):
                     continue
                 logged[epoch] = max(line["step"], max(logged.values(), default=-1) + 1)
+                tags = epoch_steps_tags(logged)
                 tracker.log_metrics(run_id, line["metrics"], logged[epoch],
-                                    {EPOCH_STEPS_TAG: epoch_steps_text(logged)})
+                                    {k: v for k, v in tags.items() if written.get(k) != v})
+                written = tags
     except (MlflowException, OSError) as e:
         print(f"[methodlab] MLflow at {redact_value(tracker.uri)} unreachable ({type(e).__name__}); "
               f"{len(lines)} epoch(s) of metrics kept in {path} and retried later", flush=True)
