@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Figure, mean_std, timeit, train_stage, write_results  # noqa: E402
+from common import Figure, mean_std, timeit, train_stage, tuned, tuned_by, tuned_overrides, write_results  # noqa: E402
 
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import prepare_builtin  # noqa: E402
@@ -111,6 +111,7 @@ def accuracy_study(data: DataBundle, tmp: str, args) -> tuple[dict, dict, dict]:
     if args.equivariant_channels and "equivariant" in modes:   # the C_n network is |G| times wider than φ per channel: budget
         modes["equivariant"] = [*modes["equivariant"], f"method.channels={args.equivariant_channels}"]
     common = [f"data.dataset={args.dataset}", *args.override]
+    chosen = {} if args.untuned else tuned("canonicalization")
     for seed in range(args.seeds):
         t0 = time.perf_counter()
         sup, sup_models = train_in_process("supervised", [f"train.seed={seed}", *common], data,
@@ -121,11 +122,13 @@ def accuracy_study(data: DataBundle, tmp: str, args) -> tuple[dict, dict, dict]:
         for n in args.groups:
             for mode, overrides in modes.items():
                 t0 = time.perf_counter()
+                key = f"{mode}_c{n}"
+                # the learning rate bench/tune.py's sweep chose for this variant (same budget for all)
+                overrides = [*overrides, *tuned_overrides(chosen.get(key))]
                 method, models = train_in_process(
                     "canonicalization", [f"train.seed={seed}", f"method.predictor={path}",
                                          f"method.num_rotations={n}", *common, *overrides], data, args.epochs)
                 metrics = test_metrics(method, models, n)
-                key = f"{mode}_c{n}"
                 row = results.setdefault(key, {"group_acc": [], "invariance_error": [], "upright_acc": []})
                 row["group_acc"].append(metrics["test_group_acc"])
                 row["invariance_error"].append(metrics["test_invariance_error"])
@@ -199,6 +202,8 @@ def parse_args(argv=None):
     p.add_argument("--equivariant-channels", type=int, default=None,
                    help="channels of the equivariant baseline (default: method.channels, as φ)")
     p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--untuned", action="store_true",
+                   help="ignore bench/results/tuned.json (bench/tune.py's sweeps): every variant at the defaults")
     p.add_argument("--out", default="canonicalization", help="bench/results/<out>.json")
     p.add_argument("override", nargs="*", help="key=value overrides for every run (e.g. data.limit_rows=1000)")
     return p.parse_args(argv)
@@ -239,6 +244,7 @@ def main() -> None:
                   "batch_size": BATCH, "predictor": f"supervised CNN trained on upright {args.dataset}",
                   "frozen_predictor": "all modes except augment", "command": " ".join(sys.argv)},
         "accuracy": {k: {m: v for m, v in row.items()} for k, row in results.items()},
+        "tuned": {k: tuned_by(None if args.untuned else tuned("canonicalization").get(k)) for k in results},
         "precondition": precondition,
         "timings_s": timings, "total_s": time.perf_counter() - t_start})
 

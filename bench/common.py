@@ -103,3 +103,26 @@ def _log_to_mlflow(name: str, payload: dict, text: str) -> None:
     tracker = Tracker(bench_tracking_uri(), BENCH_EXPERIMENT)
     run_id = log_benchmark(tracker, name, payload, text)
     print(f"logged to MLflow {tracker.uri} (experiment {BENCH_EXPERIMENT}, run {run_id})")
+
+
+TUNED = RESULTS / "tuned.json"
+
+
+def tuned(bench: str) -> dict[str, dict]:
+    """bench/tune.py's choices for `bench`: {variant key: {"sweep", "params", ...}} ({} if none)."""
+    return json.loads(TUNED.read_text()).get(bench, {}) if TUNED.exists() else {}
+
+
+def tuned_overrides(entry: dict | None) -> list[str]:
+    """The `key=value` overrides a tuned variant trains with (none for an untuned one)."""
+    return [f"{k}={v}" for k, v in (entry or {}).get("params", {}).items()]
+
+
+def tuned_by(entry: dict | None) -> str:
+    """How a variant's hyperparameters were chosen, as the quality table shows it."""
+    if entry is None:
+        return "not swept: the method's defaults"
+    if not entry.get("sweep"):
+        return entry.get("note", "nothing to tune")
+    chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry["params"].items())
+    return f"sweep {entry['sweep']} ({chosen})"

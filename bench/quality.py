@@ -35,10 +35,16 @@ CONFIDENCE = 0.95
 VERDICTS = ("held", "not held", "inconclusive", "not testable here")
 
 
-def row(method: str, variant: str, metric: str, values: list[float], task: str = "") -> dict:
+NOT_SWEPT = "not swept: the benchmark's settings"
+
+
+def row(method: str, variant: str, metric: str, values: list[float], task: str = "",
+        tuned_by: str = NOT_SWEPT) -> dict:
+    """`tuned_by`: how the variant's hyperparameters were chosen (`common.tuned_by`: the
+    bench/tune.py sweep that chose them, by name)."""
     return {"method": method, "variant": variant, "metric": metric, "task": task, "n": len(values),
             "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+            "values": values, "tuned_by": tuned_by}
 
 
 @dataclass
@@ -78,7 +84,7 @@ def verdict(interval: tuple[float, float] | None, precondition: Precondition) ->
 
 def _summary(r: dict) -> dict:
     """A row's variant, mean, std and n: the two sides of a claim, as the report tabulates them."""
-    return {k: r[k] for k in ("variant", "mean", "std", "n")}
+    return {k: r[k] for k in ("variant", "mean", "std", "n", "tuned_by")}
 
 
 def claim(text: str, better: dict, worse: dict, precondition: Precondition,
@@ -216,7 +222,8 @@ def _bayes_accuracy(task: str) -> dict | None:
 def canonicalization(d: dict):
     task = d.get("dataset", "digits")
     acc = d["accuracy"]
-    rows = [row("canonicalization", variant, "test group_acc", v["group_acc"], task) for variant, v in acc.items()]
+    rows = [row("canonicalization", variant, "test group_acc", v["group_acc"], task,
+                d.get("tuned", {}).get(variant, NOT_SWEPT)) for variant, v in acc.items()]
     by = {r["variant"]: r for r in rows}
     claims = []
     for g in ("c4", "c8"):

@@ -1,0 +1,137 @@
+"""The platform's own sweeps choose the benchmarks' hyperparameters (issue 19, item 4).
+
+For each variant a benchmark compares (the method and each of its baselines), one `methodlab
+sweep` (`methodlab.sweep.run_sweep`: Ray Tune, ASHA on the validation metric, every trial a
+Ray Train run recorded in MLflow as a child of the sweep's run) over that variant's own
+learning rate. Every variant of a benchmark gets the same budget: the same range of its
+learning rate (the one dimension swept), the same number of trials, epochs, sampler seed and
+ASHA rungs, so no method is tuned more than its baseline. A variant with nothing to train (a
+frozen predictor) is recorded as such. The choices go to bench/results/tuned.json
+({bench: {variant key: {sweep, parent_run_id, params, metric, value, trials, trial_epochs,
+stopped_early, budget}}}), which the benchmark reads (`common.tuned`) and the quality table
+names (`common.tuned_by`). The sweeps stay in the MLflow store under $METHODLAB_HOME (default
+.methodlab), experiment `methodlab`, named `tune-<bench>-<variant key>`; the best trial of each
+is registered as `methodlab-bench-tune`, not as the method's own model.
+
+    .venv/bin/python bench/tune.py                               # every benchmark it knows
+    .venv/bin/python bench/tune.py canonicalization              # C4 and C8, 6 trials each
+    .venv/bin/python bench/tune.py canonicalization --trials 8 --groups 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Ray's socket paths must stay under 107 bytes: a short temp dir of its own.
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="mltune-"))
+
+from common import TUNED  # noqa: E402
+from methodlab.config import load_config, methodlab_home  # noqa: E402
+
+LR_RANGE = [1e-4, 3e-2]      # every variant's learning rate is searched over this same range
+REGISTERED = "methodlab-bench-tune"
+
+
+def canonicalization_variants(args) -> dict[str, tuple[list[str], str | None]]:
+    """{variant key: (overrides, the key swept or None: nothing to train)} as
+    bench/canonicalization.py names them (`<mode>_c<n>`)."""
+    from canonicalization import MODES
+
+    swept = {"plain": None, "group_average": None,            # a frozen predictor: nothing trains
+             "augment": "train.lr",                           # the predictor, fine-tuned
+             "equivariant": "method.canonicalizer_lr", "canonicalize": "method.canonicalizer_lr"}
+    return {f"{mode}_c{n}": ([*overrides, f"method.num_rotations={n}"], swept[mode])
+            for n in args.groups for mode, overrides in MODES.items()}
+
+
+def canonicalization_base(args, workdir: str) -> list[str]:
+    """What every canonicalization sweep shares: the upright predictor bench/canonicalization.py
+    trains (seed 0, the same epochs), saved once where every trial reads it, and its budget."""
+    import torch
+    from canonicalization import BATCH, train_in_process
+
+    from methodlab.data import prepare_builtin
+    from methodlab.models.hub import save_pretrained
+    from methodlab.train.core import load_bundle
+
+    path = os.path.join(workdir, f"supervised-upright-{args.dataset}-{args.supervised_epochs}ep.pt")
+    if not os.path.exists(path):
+        torch.set_num_threads(1)
+        cfg = load_config("canonicalization", None, [f"data.dataset={args.dataset}"])
+        data = load_bundle(cfg, prepare_builtin(args.dataset, cfg.data.root), ["train", "val", "test"])
+        sup, models = train_in_process("supervised", ["train.seed=0", f"data.dataset={args.dataset}"], data,
+                                       args.supervised_epochs)
+        save_pretrained(*sup.export(models), path)
+    return [f"data.dataset={args.dataset}", f"method.predictor={path}", f"train.epochs={args.epochs}",
+            f"train.batch_size={BATCH}", "train.eval_every=1"]
+
+
+STUDIES = {"canonicalization": (canonicalization_variants, canonicalization_base)}
+DEFAULT_SPACE_OFF = {"canonicalization": ["method.prior_weight", "method.contrast_weight",
+                                          "method.canonicalizer_lr", "method.num_rotations"]}
+
+
+def sweep_overrides(bench: str, key: str, base: list[str], overrides: list[str], swept: str, args) -> list[str]:
+    """One variant's sweep: only `swept` is searched (the method's default space is switched
+    off), with the budget every variant of `bench` shares."""
+    off = [f"space.{k}=null" for k in DEFAULT_SPACE_OFF[bench] if k != swept]
+    return [*base, *overrides, *off, f"space.{swept}={{loguniform: [{LR_RANGE[0]:.1e}, {LR_RANGE[1]:.1e}]}}",
+            f"name=tune-{bench}-{key.replace('_', '-')}", f"search.num_samples={args.trials}", "search.seed=0",
+            "search.scheduler.type=asha", "search.scheduler.grace_period=1", "search.scheduler.reduction_factor=2",
+            "scaling.num_workers=1", f"scaling.cpus_per_worker={args.cpus_per_trial}",
+            f"tracking.registered_model={REGISTERED}"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bench", nargs="*", choices=sorted(STUDIES), help="default: every benchmark tune.py knows")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--trials", type=int, default=6, help="trials per variant (the same for every variant)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per trial (the benchmark's)")
+    p.add_argument("--supervised-epochs", type=int, default=10)
+    p.add_argument("--groups", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--cpus-per-trial", type=float, default=0.9)
+    args = p.parse_args(argv)
+
+    from methodlab.sweep import run_sweep
+
+    workdir = str(methodlab_home() / "bench-tune")
+    os.makedirs(workdir, exist_ok=True)
+    budget = {"trials": args.trials, "epochs": args.epochs, "space": f"loguniform {LR_RANGE}", "scheduler":
+              "asha (grace 1, reduction 2)", "sampler_seed": 0, "dataset": args.dataset}
+    chosen = json.loads(TUNED.read_text()) if TUNED.exists() else {}
+    for bench in args.bench or sorted(STUDIES):
+        tune_bench(bench, args, workdir, budget, chosen, run_sweep)
+    print(f"wrote {TUNED}")
+
+
+def tune_bench(bench: str, args, workdir: str, budget: dict, chosen: dict, run_sweep) -> None:
+    """Sweep every variant of `bench`; tuned.json is rewritten after each sweep (nothing lost)."""
+    variants_of, base_of = STUDIES[bench]
+    base = base_of(args, workdir)
+    out = chosen.setdefault(bench, {})
+    for key, (overrides, swept) in variants_of(args).items():
+        if swept is None:
+            out[key] = {"sweep": None, "params": {}, "note": "nothing to tune: a frozen predictor"}
+            continue
+        t0 = time.perf_counter()
+        s = run_sweep(bench, None, sweep_overrides(bench, key, base, overrides, swept, args))
+        print(s.line(), f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        if s.best is None:
+            raise SystemExit(f"error: sweep {s.name} had no trial that reported {s.metric}")
+        out[key] = {"sweep": s.name, "parent_run_id": s.parent_run_id, "params": s.best.params,
+                    "metric": s.metric, "value": s.best.metric, "trials": len(s.trials),
+                    "trial_epochs": s.trial_epochs, "stopped_early": sum(t.stopped_early for t in s.trials),
+                    "budget": budget, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        TUNED.write_text(json.dumps(chosen, indent=1, sort_keys=True))
+    TUNED.write_text(json.dumps(chosen, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
