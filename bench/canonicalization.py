@@ -101,7 +101,8 @@ def gradient_cosine(method, models, batch) -> float:
     return float(F.cosine_similarity(grads[0], grads[1], dim=0))
 
 
-def accuracy_study(data: DataBundle, tmp: str, args) -> tuple[dict, dict, dict]:
+def accuracy_study(data: DataBundle, tmp: str, args, chosen: dict) -> tuple[dict, dict, dict]:
+    """`chosen`: bench/tune.py's choices per variant key ({} with --untuned)."""
     results: dict[str, dict[str, list[float]]] = {}
     precondition: dict[str, dict[str, list[float]]] = {}
     timings: dict[str, float] = {}
@@ -111,7 +112,6 @@ def accuracy_study(data: DataBundle, tmp: str, args) -> tuple[dict, dict, dict]:
     if args.equivariant_channels and "equivariant" in modes:   # the C_n network is |G| times wider than φ per channel: budget
         modes["equivariant"] = [*modes["equivariant"], f"method.channels={args.equivariant_channels}"]
     common = [f"data.dataset={args.dataset}", *args.override]
-    chosen = {} if args.untuned else tuned("canonicalization")
     for seed in range(args.seeds):
         t0 = time.perf_counter()
         sup, sup_models = train_in_process("supervised", [f"train.seed={seed}", *common], data,
@@ -219,7 +219,8 @@ def main() -> None:
         data = load_bundle(cfg, prepare_builtin(args.dataset, cfg.data.root), ["train", "val", "test"])
         channels = data.info.columns["image"].shape[0]
         figures = [] if args.no_latency else latency_study(channels)
-        results, precondition, timings = accuracy_study(data, tmp, args)
+        chosen = {} if args.untuned else tuned("canonicalization")   # bench/tune.py's sweeps
+        results, precondition, timings = accuracy_study(data, tmp, args, chosen)
     for key, row in results.items():
         figures.append(Figure(
             f"group_acc_{key}", statistics.mean(row["group_acc"]), "score: mean test accuracy over group elements",
@@ -244,7 +245,7 @@ def main() -> None:
                   "batch_size": BATCH, "predictor": f"supervised CNN trained on upright {args.dataset}",
                   "frozen_predictor": "all modes except augment", "command": " ".join(sys.argv)},
         "accuracy": {k: {m: v for m, v in row.items()} for k, row in results.items()},
-        "tuned": {k: tuned_by(None if args.untuned else tuned("canonicalization").get(k)) for k in results},
+        "tuned": {k: tuned_by(chosen.get(k)) for k in results},
         "precondition": precondition,
         "timings_s": timings, "total_s": time.perf_counter() - t_start})
 

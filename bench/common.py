@@ -121,7 +121,7 @@ def tuned_overrides(entry: dict | None) -> list[str]:
 def tuned_by(entry: dict | None) -> str:
     """How a variant's hyperparameters were chosen, as the quality table shows it."""
     if entry is None:
-        return "not swept: the method's defaults"
+        return "not swept: the benchmark's settings"
     if not entry.get("sweep"):
         return entry.get("note", "nothing to tune")
     chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry["params"].items())

@@ -29,22 +29,22 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, Figure, write_results  # noqa: E402
+from common import RESULTS, Figure, tuned_by, write_results  # noqa: E402
 
 CONFIDENCE = 0.95
 VERDICTS = ("held", "not held", "inconclusive", "not testable here")
 
 
-NOT_SWEPT = "not swept: the benchmark's settings"
+NOT_SWEPT = tuned_by(None)
 
 
 def row(method: str, variant: str, metric: str, values: list[float], task: str = "",
-        tuned_by: str = NOT_SWEPT) -> dict:
-    """`tuned_by`: how the variant's hyperparameters were chosen (`common.tuned_by`: the
+        tuned: str = NOT_SWEPT) -> dict:
+    """`tuned`: how the variant's hyperparameters were chosen (`common.tuned_by`: the
     bench/tune.py sweep that chose them, by name)."""
     return {"method": method, "variant": variant, "metric": metric, "task": task, "n": len(values),
             "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values, "tuned_by": tuned_by}
+            "values": values, "tuned_by": tuned}
 
 
 @dataclass

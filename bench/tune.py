@@ -73,17 +73,19 @@ def canonicalization_base(args, workdir: str) -> list[str]:
 
 
 STUDIES = {"canonicalization": (canonicalization_variants, canonicalization_base)}
-DEFAULT_SPACE_OFF = {"canonicalization": ["method.prior_weight", "method.contrast_weight",
-                                          "method.canonicalizer_lr", "method.num_rotations"]}
+GRACE, REDUCTION, SAMPLER_SEED = 1, 2, 0     # ASHA's rungs and the sampler: the same for every variant
 
 
 def sweep_overrides(bench: str, key: str, base: list[str], overrides: list[str], swept: str, args) -> list[str]:
     """One variant's sweep: only `swept` is searched (the method's default space is switched
     off), with the budget every variant of `bench` shares."""
-    off = [f"space.{k}=null" for k in DEFAULT_SPACE_OFF[bench] if k != swept]
+    from methodlab.registry import get_method
+
+    off = [f"space.{k}=null" for k in get_method(bench).search_space if k != swept]
     return [*base, *overrides, *off, f"space.{swept}={{loguniform: [{LR_RANGE[0]:.1e}, {LR_RANGE[1]:.1e}]}}",
-            f"name=tune-{bench}-{key.replace('_', '-')}", f"search.num_samples={args.trials}", "search.seed=0",
-            "search.scheduler.type=asha", "search.scheduler.grace_period=1", "search.scheduler.reduction_factor=2",
+            f"name=tune-{bench}-{key.replace('_', '-')}", f"search.num_samples={args.trials}",
+            f"search.seed={SAMPLER_SEED}", "search.scheduler.type=asha", f"search.scheduler.grace_period={GRACE}",
+            f"search.scheduler.reduction_factor={REDUCTION}",
             "scaling.num_workers=1", f"scaling.cpus_per_worker={args.cpus_per_trial}",
             f"tracking.registered_model={REGISTERED}"]
 
@@ -104,7 +106,7 @@ def main(argv=None) -> None:
     workdir = str(methodlab_home() / "bench-tune")
     os.makedirs(workdir, exist_ok=True)
     budget = {"trials": args.trials, "epochs": args.epochs, "space": f"loguniform {LR_RANGE}", "scheduler":
-              "asha (grace 1, reduction 2)", "sampler_seed": 0, "dataset": args.dataset}
+              f"asha (grace {GRACE}, reduction {REDUCTION})", "sampler_seed": SAMPLER_SEED, "dataset": args.dataset}
     chosen = json.loads(TUNED.read_text()) if TUNED.exists() else {}
     for bench in args.bench or sorted(STUDIES):
         tune_bench(bench, args, workdir, budget, chosen, run_sweep)
