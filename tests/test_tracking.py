@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -408,7 +410,45 @@ def test_a_run_logged_before_the_step_axis_resumes_without_duplicates(tmp_path):
     assert sorted(m.step for m in tracker.client.get_metric_history(run_id, "loss")) == [0, 1, 30]
 
 
-ATTEMPTS = st.lists(st.tuples(st.integers(0, 4), st.integers(1, 4), st.integers(1, 30)), min_size=1, max_size=4)
+@contextlib.contextmanager
+def _cut_between_metrics_and_tags():
+    """MLflow's `log_batch` commits the metrics, then the tags, in two transactions: a writer
+    stopped between them (its worker killed, its server gone) leaves just the metrics. Here the
+    tags' transaction fails, as it would have never run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with mock.patch.object(SqlAlchemyStore, "_set_tags", side_effect=MlflowException("writer stopped")):
+        yield
+
+
+def test_an_epoch_whose_write_was_cut_after_its_metrics_is_not_logged_twice(tmp_path):
+    """CI saw an epoch twice on a resumed run's chart: the failed attempt's last flush had
+    committed the epoch's metrics, not its tag entry. Its retry in the same process, and a resume
+    that re-runs the epoch in fewer steps, both count it as logged, at the step it has."""
+    from methodlab.tracking import MetricSpool
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "cut")
+    run_id = tracker.start_run("r", {}, {}, "")
+    spool = MetricSpool(tracker, run_id, tmp_path)
+    assert spool.log({"loss": 1.0}, 20, 1)
+    with _cut_between_metrics_and_tags():
+        assert not spool.log({"loss": 0.5}, 40, 2)           # metrics in, tag entry not
+    assert tracker.logged_epochs(run_id) == {1: 20}
+    assert spool.flush()                                     # the same process retries
+    assert tracker.logged_epochs(run_id) == {1: 20, 2: 40}
+    with _cut_between_metrics_and_tags():
+        assert not spool.log({"loss": 0.25}, 60, 3)
+    # the worker dies; a resume from epoch 2's checkpoint on twice the workers re-runs epoch 3
+    _spooled(tracker, run_id, tmp_path, [({"loss": 0.2}, 50, 3), ({"loss": 0.1}, 60, 4)])
+    assert tracker.logged_epochs(run_id) == {1: 20, 2: 40, 3: 60, 4: 61}
+    assert epochs_logged(tracker.client, run_id, "loss") == [1, 2, 3, 4]
+    assert [m.value for m in sorted(tracker.client.get_metric_history(run_id, "loss"), key=lambda m: m.step)] \
+        == [1.0, 0.5, 0.25, 0.1]
+
+
+ATTEMPTS = st.lists(st.tuples(st.integers(0, 4), st.integers(1, 4), st.integers(1, 30), st.booleans()),
+                    min_size=1, max_size=4)
 
 
 @functools.cache
@@ -420,20 +460,28 @@ def _one_store(root: str) -> Tracker:
 @given(attempts=ATTEMPTS)
 def test_any_sequence_of_resumes_logs_each_epoch_once_on_an_axis_that_never_goes_back(attempts, tmp_path_factory):
     """Attempts that each resume `back` epochs before the last one spooled (a checkpoint that old)
-    and run `n` epochs of `per_epoch` steps: in MLflow every epoch once, in order, each at
-    its global step or (only where that is not past the step before it) one past that."""
-    from methodlab.tracking import EPOCH_STEPS_TAG, parse_epoch_steps
+    and run `n` epochs of `per_epoch` steps, some (`cut`) stopped while writing their last
+    epoch, between its metrics and its tags: in MLflow every epoch once, in order, each at its
+    global step or (only where that is not past the step before it) one past that."""
+    from methodlab.tracking import EPOCH_STEPS_TAG, MetricSpool, parse_epoch_steps
 
     tmp = tmp_path_factory.mktemp("axis")
     tracker = _one_store(str(tmp_path_factory.getbasetemp()))
     run_id = tracker.start_run("r", {}, {}, "")
     lines, epoch, step = [], 0, 0
-    for back, n, per_epoch in attempts:
+    for back, n, per_epoch, cut in attempts:
         epoch, step = max(0, epoch - back), max(0, step - back * per_epoch)   # the checkpoint resumed from
         for _ in range(n):
             epoch, step = epoch + 1, step + per_epoch
             lines.append(({"loss": float(epoch)}, step, epoch))
-        _spooled(tracker, run_id, tmp, lines[-n:])
+        spool = MetricSpool(tracker, run_id, tmp)         # a new process per attempt
+        for i, line in enumerate(lines[-n:]):
+            if cut and i == n - 1:
+                with _cut_between_metrics_and_tags():
+                    spool.log(*line)
+            else:
+                spool.log(*line)
+    assert MetricSpool(tracker, run_id, tmp).flush()      # (`methodlab sync`, after a last cut)
     logged = tracker.logged_epochs(run_id)
     assert list(logged) == list(range(1, max(e for *_, e in lines) + 1))
     assert all(a < b for a, b in zip(list(logged.values()), list(logged.values())[1:]))

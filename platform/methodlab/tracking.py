@@ -744,6 +744,9 @@ class MetricSpool(SpoolFile):
     def __init__(self, tracker: Tracker, run_id: str, spool_dir: str | os.PathLike):
         super().__init__(tracker.uri, run_id, spool_dir)
         self.tracker = tracker
+        # Until a flush sent everything, the run may hold a half-written epoch (of an earlier
+        # process, or of this one's failed flush): look for it (`flush_spool_file`).
+        self.settled = False
 
     def log(self, metrics: dict[str, float], step: int, epoch: int) -> bool:
         self.append(metrics, step, epoch)
@@ -751,10 +754,11 @@ class MetricSpool(SpoolFile):
 
     def flush(self) -> bool:
         """True when everything spooled is in MLflow (and the spool file is gone)."""
-        return flush_spool_file(self.tracker, self.path)
+        self.settled = flush_spool_file(self.tracker, self.path, find_half_written=not self.settled)
+        return self.settled
 
 
-def flush_spool_file(tracker: Tracker, path: Path) -> bool:
+def flush_spool_file(tracker: Tracker, path: Path, find_half_written: bool = True) -> bool:
     """Send a spool file's epochs to MLflow, each once, on one step axis:
 
     - an epoch's metrics are logged at MLflow step = the global optimizer step at its end (all
@@ -764,7 +768,10 @@ def flush_spool_file(tracker: Tracker, path: Path) -> bool:
       checkpoint older than that re-runs epochs MLflow has, and their first values stay;
     - the step never goes back: a resume on more workers re-runs epochs in fewer steps, and its
       first new epochs are logged one step past the last logged one until the global step
-      passes it again."""
+      passes it again;
+    - with `find_half_written`, a write cut between its two transactions counts as logged
+      (`_half_written_step`). Only the first flush of a process and the one after a failed
+      flush need the look (one metric history read): a flush that returned normally wrote both."""
     lines = pending(path)
     if not lines:
         path.unlink(missing_ok=True)
@@ -779,9 +786,12 @@ def flush_spool_file(tracker: Tracker, path: Path) -> bool:
                 epoch = line.get("epoch", line["step"] + 1)
                 if epoch <= max(logged, default=0):
                     continue
-                logged[epoch] = max(line["step"], max(logged.values(), default=-1) + 1)
+                half_written = _half_written_step(tracker, run_id, logged, line) if find_half_written else None
+                find_half_written = False       # (only the epoch after the last logged one can be)
+                logged[epoch] = half_written if half_written is not None else \
+                    max(line["step"], max(logged.values(), default=-1) + 1)
                 tags = epoch_steps_tags(logged)
-                tracker.log_metrics(run_id, line["metrics"], logged[epoch],
+                tracker.log_metrics(run_id, {} if half_written is not None else line["metrics"], logged[epoch],
                                     {k: v for k, v in tags.items() if written.get(k) != v})
                 written = tags
     except (MlflowException, OSError) as e:
@@ -790,6 +800,22 @@ def flush_spool_file(tracker: Tracker, path: Path) -> bool:
         return False
     drop(path, len(lines))       # only what was sent: the loop may have appended meanwhile
     return not path.exists()
+
+
+def _half_written_step(tracker: Tracker, run_id: str, logged: dict[int, int], line: dict) -> int | None:
+    """The step of an epoch whose metrics are in MLflow without its `methodlab.epoch_steps` entry,
+    or None. MLflow's `log_batch` commits a batch's metrics and its tags in two transactions
+    (SqlAlchemyStore._log_metrics, then _set_tags), so a worker stopped between them (Ray tearing
+    down a run whose async checkpoint upload failed while rank 0's writer is mid-flush) or a
+    server lost between them leaves the epoch after the last logged one with metrics and no tag
+    entry; logging it again would put it twice on the chart. One of the line's keys tells: it was
+    committed with the others, and nothing else logs it past the last logged step."""
+    key = next(iter(line["metrics"]), None)
+    if key is None:
+        return None
+    last = max(logged.values(), default=-1)
+    later = [m.step for m in tracker.client.get_metric_history(run_id, key) if m.step > last]
+    return min(later, default=None)
 
 
 def sync_spool(spool_dir: str | os.PathLike) -> list[str]:
