@@ -89,6 +89,25 @@ def precondition(info) -> dict:
     return attribute_precondition(method.attributes.numpy(), features, labels, method.seen.numpy())
 
 
+# f-CLSWGAN's GZSL classifier is its fresh softmax on the features. The official learning rate
+# (1e-3, its CUB script, on 2048-d features) underfits 38-d shapes_gzsl features: measured on
+# seed 0, test S 0.83 / H 0.68 at 1e-3 against 0.93 / 0.93 at 1e-2 (each with its val-chosen
+# gamma). So, for this baseline only (the D3GZSL variants' headline is their end-to-end student),
+# val H chooses it per seed from this grid; the test split is scored once, with the choice.
+FCLSWGAN_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def choose_fresh_lr(method: D3GZSL, models: dict) -> dict:
+    """Set method.fresh_lr to the FCLSWGAN_LRS value with the best val H (its own val-chosen
+    gamma); returns {"fresh_lr": chosen, "val_H_by_fresh_lr": [...]}."""
+    val_h = []
+    for lr in FCLSWGAN_LRS:
+        method.mcfg.fresh_lr = lr
+        val_h.append(method.evaluate("gan", models, "val", CPU)["val_H"])
+    method.mcfg.fresh_lr = FCLSWGAN_LRS[val_h.index(max(val_h))]
+    return {"fresh_lr": method.mcfg.fresh_lr, "val_H_by_fresh_lr": val_h}
+
+
 def accuracy(dataset: str, seeds: list[int], gen_iters: int) -> tuple[list[Figure], dict, dict]:
     info = resolve_dataset(dataset, load_config("d3gzsl").data.root)
     epochs = epochs_for(gen_iters, info)
@@ -100,11 +119,14 @@ def accuracy(dataset: str, seeds: list[int], gen_iters: int) -> tuple[list[Figur
             method = build([*PROTOCOL, f"train.epochs={epochs}", f"train.eval_every={epochs}", f"train.seed={seed}",
                             *overrides], info)
             models = train_stage(method, "gan", train_stage(method, "teacher", {}))
-            test = {**method.evaluate("gan", models, "test", CPU), "generator_iterations": method._generator_steps}
+            chosen = choose_fresh_lr(method, models) if name == "fclswgan" else {}
+            test = {**method.evaluate("gan", models, "test", CPU), "generator_iterations": method._generator_steps,
+                    **chosen}
             scores[name].append(test)
             print(f"seed {seed} {name:16s} S={test['test_S']:.3f} U={test['test_U']:.3f} H={test['test_H']:.3f} "
                   f"ZSL={test['test_ZSL']:.3f} fidelity={test['test_seen_fidelity']:.3f} "
                   f"gamma={test['test_gamma']:.3g} uncalibrated H={test['test_uncalibrated_H']:.3f} "
+                  f"{'fresh_lr=%g ' % test['fresh_lr'] if 'fresh_lr' in test else ''}"
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     figures, table = [], {}
     base_h = statistics.mean(s["test_H"] for s in scores["baseline"])
@@ -112,6 +134,8 @@ def accuracy(dataset: str, seeds: list[int], gen_iters: int) -> tuple[list[Figur
         detail = {k: mean_std([r[f"test_{k}"] for r in runs]) for k in KEYS}
         detail.update({f"fresh_{k}": mean_std([r[f"test_fresh_{k}"] for r in runs]) for k in ("S", "U", "H", "ZSL")
                        if f"test_fresh_{k}" in runs[0]})
+        if "fresh_lr" in runs[0]:
+            detail["fresh_lr_chosen_on_val"] = [r["fresh_lr"] for r in runs]
         table[name] = {k: [r[k] for r in runs] for k in runs[0]}
         h = statistics.mean(r["test_H"] for r in runs)
         figures.append(Figure(f"{dataset}_H_{name}", h / base_h if base_h > 0 else None,

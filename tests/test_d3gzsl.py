@@ -136,9 +136,13 @@ def test_calibrated_stacking_gamma_zero_is_plain_and_a_large_gamma_predicts_only
     assert torch.equal(gzsl_counts(calibrated(logits, seen, 0.0), labels, unseen), gzsl_counts(logits, labels, unseen))
     big = float(logits[:, seen].max() - logits[:, unseen].min()) + 1
     assert torch.isin(calibrated(logits, seen, big).argmax(1), unseen).all()
-    # more gamma never moves a row from an unseen prediction back to a seen one
-    n_unseen = [int(torch.isin(calibrated(logits, seen, float(g)).argmax(1), unseen).sum()) for g in GAMMA_GRID]
+    # more gamma never moves a row from an unseen prediction back to a seen one (the grid is
+    # ordered by |gamma|: sorted here); a gamma below minus every gap predicts only seen classes
+    n_unseen = [int(torch.isin(calibrated(logits, seen, float(g)).argmax(1), unseen).sum())
+                for g in GAMMA_GRID.sort().values]
     assert n_unseen == sorted(n_unseen)
+    below = -(float(logits[:, unseen].max() - logits[:, seen].min()) + 1)
+    assert not torch.isin(calibrated(logits, seen, below).argmax(1), unseen).any()
     # unseen columns and the ZSL counts (argmax over unseen classes only) do not move
     cal = calibrated(logits, seen, 3.0)
     assert torch.equal(cal[:, unseen], logits[:, unseen])
@@ -162,7 +166,8 @@ def test_best_gamma_maximises_h_over_the_grid_against_numpy(seed, n, seen_n, uns
 
     hs = np.array([h(float(g)) for g in grid])
     assert h(gamma) == pytest.approx(hs.max())
-    assert gamma == float(grid[np.flatnonzero(np.isclose(hs, hs.max()))[0]])     # the smallest on ties
+    assert gamma == float(grid[np.flatnonzero(np.isclose(hs, hs.max()))[0]])     # the smallest |gamma| on ties
+    assert (GAMMA_GRID < 0).any() and GAMMA_GRID[0] == 0 and bool((GAMMA_GRID.abs().diff() >= 0).all())
 
 
 @FAST
@@ -632,7 +637,7 @@ def test_calibration_gamma_val_is_chosen_on_val_and_logged(method_setup):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("val", "calibration_gamma='val' needs protocol=validation"), ("-1", "calibration_gamma must be >= 0")])
+    ("val", "calibration_gamma='val' needs protocol=validation"), ("inf", "calibration_gamma.float: Input should be a finite number")])
 def test_calibration_gamma_refuses_what_it_cannot_honour(value, message):
     overrides = [f"method.calibration_gamma={value}", *(["method.protocol=final"] if value == "val" else [])]
     with pytest.raises(ConfigError, match=message):

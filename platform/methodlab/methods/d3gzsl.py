@@ -43,7 +43,8 @@ the test split the other protocol is reported too, as test_{e2e,fresh}_{S,U,H}.
 
 Calibrated stacking (`calibration_gamma`; Chao et al., ECCV 2016, arXiv 1605.04253; not in the
 official code, so the default 0 is the code): gamma is subtracted from the seen classes' scores
-before the GZSL argmax. `val` chooses it from `metrics.gzsl.GAMMA_GRID` by val H, for exactly the
+before the GZSL argmax (the paper's gamma is any real number: negative favours the seen
+classes). `val` chooses it from `metrics.gzsl.GAMMA_GRID` by val H, for exactly the
 networks being scored (also at test time); the chosen value is logged as {split}_gamma and the
 uncalibrated scores as {split}_uncalibrated_{S,U,H}. Seen fidelity ({split}_seen_fidelity): the
 frozen teacher, a classifier trained on real seen features only, on G's samples of the seen
@@ -144,8 +145,9 @@ class D3GZSLConfig(Section):
     calibration_gamma: float | Literal["val"] = Field(
         0.0, description="calibrated stacking (Chao et al. 2016): subtracted from the seen classes' "
         "log-probabilities before the GZSL argmax. 0 (default) = the official code (no calibration); "
-        "a float >= 0 fixes it; 'val' picks it from metrics.gzsl.GAMMA_GRID by val H for the current "
-        "networks (needs protocol=validation: only there are val's unseen classes unseen)")
+        "a number fixes it (negative favours the seen classes); 'val' picks it from metrics.gzsl.GAMMA_GRID "
+        "(0, +-0.01 ... +-100) by val H for the current networks (needs protocol=validation: only there "
+        "are val's unseen classes unseen)")
     fidelity_per_class: int = Field(100, gt=0, description="G samples per seen class that the frozen "
                                     "teacher (trained on real seen features) classifies: seen_fidelity")
 
@@ -155,8 +157,6 @@ class D3GZSLConfig(Section):
             raise ValueError("calibration_gamma='val' needs protocol=validation (under protocol=final the "
                              "validation-unseen classes are trained on, so val H cannot choose gamma); "
                              "set method.protocol=validation or a number, e.g. method.calibration_gamma=0")
-        if not isinstance(self.calibration_gamma, str) and self.calibration_gamma < 0:
-            raise ValueError(f"calibration_gamma must be >= 0 or 'val', got {self.calibration_gamma}")
         return self
 
 
@@ -202,7 +202,7 @@ class D3GZSL(Method):
         "method.syn_per_class": {"choice": [5, 10, 20, 50]},
         # Calibrated stacking as a Tune parameter (val_H chooses it across trials); within one run
         # method.calibration_gamma=val chooses it from a grid instead.
-        "method.calibration_gamma": {"uniform": [0.0, 10.0]},
+        "method.calibration_gamma": {"uniform": [-10.0, 10.0]},
     }
     smoke_overrides = ["train.epochs=2", "train.batch_size=160", "method.teacher_epochs=1",
                        "method.gen_hidden=32", "method.critic_hidden=32", "method.embed_dim=32",
@@ -251,7 +251,7 @@ class D3GZSL(Method):
         for split in data.splits.values():
             split.tensors["features"] = (split.tensors["features"].float() - self.shift) * self.scale
         self._generator_steps = 0      # invalidates the cached fresh classifier
-        self._fresh_head: tuple[int, nn.Linear] | None = None
+        self._fresh_head: tuple[tuple[int, float], nn.Linear] | None = None
 
     # -- sizes --------------------------------------------------------------------------------
 
@@ -458,12 +458,13 @@ class D3GZSL(Method):
 
     def classifier(self, models: dict, kind: str, device) -> nn.Module:
         """The scaled-feature -> logits classifier of an evaluation protocol. The fresh head is
-        trained once per state of the networks (generator-step count) and reused by the val and
-        test evaluations and the export of the same epoch."""
+        trained once per state of the networks (generator-step count) and `fresh_lr`, and reused
+        by the val and test evaluations and the export of the same epoch."""
         if kind == "end_to_end":
             return models["student"].net
-        if self._fresh_head is None or self._fresh_head[0] != self._generator_steps:
-            self._fresh_head = (self._generator_steps, self.fresh_classifier(models, device, self.cfg.train.seed))
+        state = (self._generator_steps, self.mcfg.fresh_lr)       # (bench/d3gzsl.py varies fresh_lr)
+        if self._fresh_head is None or self._fresh_head[0] != state:
+            self._fresh_head = (state, self.fresh_classifier(models, device, self.cfg.train.seed))
         return nn.Sequential(self.embedding(models), self._fresh_head[1])
 
     def embedding(self, models: dict) -> nn.Module:
