@@ -171,9 +171,9 @@ def d3gzsl(d: dict):
         if base not in per_seed:
             continue
         zsl, u, s = (_mean(per_seed[base][k]) for k in ("test_ZSL", "test_U", "test_S"))
-        # S as well as U: a baseline that recognises no seen class (f-CLSWGAN's final classifier
-        # collapsed onto the unseen classes on shapes_gzsl at 2000 generator iterations, S ~ 0)
-        # has H ~ 0 for reasons that say nothing about distillation.
+        # S as well as U: a baseline that recognises no seen class (f-CLSWGAN's softmax on
+        # shapes_gzsl before calibrated stacking could favour the seen classes and its learning
+        # rate was chosen on val: S ~ 0) has H ~ 0 for reasons that say nothing about distillation.
         pre = Precondition(f"{what}'s ZSL accuracy above twice chance, its U > 0.1 and its S > 0.1",
                            (f"ZSL {zsl:.4f} (chance {chance:.4f})" if chance else f"ZSL {zsl:.4f}, chance unknown")
                            + f", U {u:.4f}, S {s:.4f}",

@@ -1,6 +1,6 @@
 """The synthetic shapes built-ins (`methodlab.data.shapes`): the renderer's invariants, every
 dataset's factors, labels, splits and bytes, and the preconditions the datasets were built for
-(raw pixels fail on `shapes`; every single modality of `shapes_multimodal` caps accuracy; the
+(raw pixels fail on `shapes`; no modality combination of `shapes_multimodal` beats its Bayes accuracy; the
 `shapes_gzsl` attributes describe the features)."""
 
 from __future__ import annotations
@@ -134,8 +134,7 @@ def test_labels_follow_the_factors(built):
     for cols in built["shapes_transfer"]["splits"].values():
         np.testing.assert_array_equal(np.asarray(S.TARGET_SHAPES)[cols["label"]], cols["factor_shape"])
     for cols in built["shapes_multimodal"]["splits"].values():
-        names = [f"{S.SHAPES[s]}/{S.COLOURS[c]}/{S.TEXTURES[t]}"
-                 for s, c, t in zip(cols["factor_shape"], cols["factor_colour"], cols["factor_texture"])]
+        names = [f"{S.SHAPES[s]}/{S.COLOURS[c]}" for s, c in zip(cols["factor_shape"], cols["factor_colour"])]
         assert [S.MM_CLASSES[y] for y in cols["label"]] == names
 
 
@@ -202,7 +201,44 @@ def test_raw_pixels_fail_on_shapes_where_pose_free_features_succeed(built):
     assert raw < 3 * chance and invariant > raw + 0.5, (raw, invariant)
 
 
-def test_every_single_modality_caps_accuracy_and_the_weakest_pair_is_the_documented_one(built):
+def test_multimodal_rows_show_each_factor_as_often_as_declared_and_the_ceilings_follow(built):
+    """Each (modality, factor) is shown at its MM_SHOWN rate, independently; a hidden factor is
+    drawn as the symbol no class has; the ideal reader of the rows' own flags (a factor known
+    where a present modality shows it, else a guess) scores each combination's declared Bayes
+    accuracy."""
+    d = built["shapes_multimodal"]
+    rows = {k: np.concatenate([s[k] for s in d["splits"].values()]) for k in d["splits"]["train"]}
+    shown = {key: rows[f"shown_{key[0]}_{key[1]}"].astype(bool) for key in S.MM_SHOWN}
+    n = len(rows["label"])
+    for key, rate in S.MM_SHOWN.items():
+        assert abs(shown[key].mean() - rate) < 3 * np.sqrt(rate * (1 - rate) / n), key
+    rgb_shape, rgb_colour = shown[("rgb", "shape")], shown[("rgb", "colour")]
+    assert abs(np.corrcoef(rgb_shape, rgb_colour)[0, 1]) < 3 / np.sqrt(n)           # independent
+    silhouette = rows["silhouette"].reshape(n, -1)
+    np.testing.assert_array_equal(silhouette.max(1) > 0, shown[("silhouette", "shape")])
+    # rgb: hidden colour is yellow, hidden shape a disc (the scene's pixels, re-rendered)
+    hidden = np.flatnonzero(~rgb_colour & ~rgb_shape)[:3]
+    f = {k: rows[f"factor_{k}"][hidden] for k in S.FACTORS}
+    disc, _ = S.render({**f, "shape": np.full(len(hidden), S.MM_HIDDEN_SHAPE), "colour": np.full(len(hidden), S.MM_HIDDEN_COLOUR)}, 0)
+    pooled = disc.reshape(len(hidden), 3, 8, 4, 8, 4).mean(axis=(3, 5)) / 255
+    np.testing.assert_allclose(rows["rgb"][hidden], pooled, atol=0.05)       # (background noise differs)
+    for combo, cap in d["meta"]["bayes_accuracy"].items():
+        present = combo.split("+")
+        acc = np.ones(n)
+        for factor, values in (("shape", len(S.MM_SHAPES)), ("colour", len(S.MM_COLOURS))):
+            known = np.zeros(n, bool)
+            for m in present:
+                known |= shown.get((m, factor), np.zeros(n, bool))
+            acc *= np.where(known, 1.0, 1 / values)
+        assert abs(acc.mean() - cap) < 0.03, (combo, acc.mean(), cap)
+
+
+def test_no_modality_combination_beats_its_ceiling_and_the_weakest_pair_is_the_documented_one(built):
+    """Linear probes per combination stay under the Bayes accuracy (plus the test split's sampling
+    error), all three modalities do better than any pair, and the weakest pair and modality are the
+    ones the meta declares (measured, test split: rgb 0.492 / ceiling 0.542, silhouette 0.322 /
+    0.308, texture 0.195 / 0.183; rgb+silhouette 0.812 / 0.834, rgb+texture 0.475 / 0.592,
+    silhouette+texture 0.687 / 0.678; all three 0.868 / 0.911)."""
     d = built["shapes_multimodal"]
     train, test = d["splits"]["train"], d["splits"]["test"]
     modalities = d["meta"]["modalities"]
@@ -212,10 +248,11 @@ def test_every_single_modality_caps_accuracy_and_the_weakest_pair_is_the_documen
             def joined(cols):
                 return np.concatenate([cols[m].reshape(len(cols[m]), -1) for m in combo], axis=1)
             accuracy["+".join(combo)] = probe_accuracy(joined(train), train["label"], joined(test), test["label"])
-    everything = accuracy.pop("+".join(modalities))
-    assert everything > 0.7, accuracy
+    slack = 2.5 * np.sqrt(0.25 / len(test["label"]))          # 2.5 binomial standard errors at p = 0.5
     for combo, acc in accuracy.items():
-        assert acc < d["meta"]["bayes_accuracy"][combo] + 0.1 < everything, (combo, acc)
+        assert acc < d["meta"]["bayes_accuracy"][combo] + slack, (combo, acc)
+    everything = accuracy.pop("+".join(modalities))
+    assert everything > 0.8 and everything > max(accuracy.values()), accuracy
     pairs = {c: a for c, a in accuracy.items() if c.count("+") == 1}
     assert min(pairs, key=pairs.get) == "+".join(d["meta"]["weakest_combination"]), pairs
     singles = {c: a for c, a in accuracy.items() if "+" not in c}

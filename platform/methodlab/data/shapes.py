@@ -48,8 +48,9 @@ Datasets (measured preconditions are in each builder's docstring):
                     never in the source), `shots` training images per class (default 10), plus
                     the source as side tables `source_train` / `source_val` (the layout of
                     `digits_transfer`).
-`shapes_multimodal` the MMANet layout (`multimodal.multimodal_splits`) with three modalities
-                    that each see one factor: see `shapes_multimodal`'s docstring.
+`shapes_multimodal` the MMANet layout (`multimodal.multimodal_splits`): label = shape x colour,
+                    three redundant modalities that each show a factor in a known share of
+                    rows, so every combination's Bayes accuracy is known: see its docstring.
 `shapes_gzsl`       the GZSL layout (`gzsl.gzsl_layout`): classes are shape x colour x texture
                     combinations, attributes their true one-hot factors, unseen classes novel
                     combinations; features from a fixed hand-made extractor (`gzsl_features`).
@@ -493,73 +494,109 @@ def shapes_transfer() -> dict:
 # ----------------------------------------------------------------------------------------------
 # shapes_multimodal (MMANet)
 
-MM_SHAPES = (0, 1, 4, 2)           # circle, square, triangle, plus
+MM_SHAPES = (1, 4, 2, 5)           # square, triangle, plus, l
 MM_COLOURS = (0, 3, 5)             # red, green, blue
-MM_TEXTURES = (1, 2)               # stripes, dots
 MM_MODALITIES = ("rgb", "silhouette", "texture")
-MM_PER_CLASS = 150
+MM_PER_CLASS = 250
 MM_TEXTURE_SIDE = 12
-MM_CLASSES = tuple(f"{SHAPES[s]}/{COLOURS[c]}/{TEXTURES[t]}"
-                   for s, c, t in itertools.product(MM_SHAPES, MM_COLOURS, MM_TEXTURES))
+MM_CLASSES = tuple(f"{SHAPES[s]}/{COLOURS[c]}" for s, c in itertools.product(MM_SHAPES, MM_COLOURS))
+# What a modality draws where it does not show a factor: a symbol no class has, so that a hidden
+# factor is recognisable as hidden and says nothing about the label.
+MM_HIDDEN_SHAPE = 0                # circle: rgb draws a disc
+MM_HIDDEN_COLOUR = 2               # yellow: rgb draws the object yellow
+MM_COLOUR_TEXTURES = (1, 2, 3)     # the texture modality's code for red, green, blue: stripes, dots, checker;
+                                   # solid (0) where it does not show the colour
+# (modality, factor) -> how often the modality shows the factor (independently per row)
+MM_SHOWN = {("rgb", "shape"): 0.5, ("rgb", "colour"): 0.8, ("silhouette", "shape"): 0.9, ("texture", "colour"): 0.6}
 
 
-def texture_view(f: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """(N, 1, 12, 12) float32: the texture pattern alone in a 12 px crop centred on the object,
-    in its pose (no outline, no colour), 0.35 / 1 brightness plus N(0, 0.1) noise."""
-    u, w = object_coords(f, side=MM_TEXTURE_SIDE, centre=True)
-    pattern = downsample(texture_pattern(f["texture"], u, w).astype(np.float32))
-    view = DIM + (1 - DIM) * pattern + 0.1 * rng.standard_normal(pattern.shape).astype(np.float32)
-    return view[:, None].astype(np.float32)
+def multimodal_bayes_accuracy(shown: dict[tuple[str, str], float] = MM_SHOWN) -> dict[str, float]:
+    """The Bayes accuracy of every modality combination ('rgb+texture', ...) of shapes_multimodal:
+    the label is uniform over shape x colour; a factor is known when some modality of the
+    combination shows it (else a guess among its values), and shape and colour are shown
+    independently, so accuracy = P(shape known or guessed) x P(colour known or guessed)."""
+    values = {"shape": len(MM_SHAPES), "colour": len(MM_COLOURS)}
+    out = {}
+    for k in range(1, len(MM_MODALITIES) + 1):
+        for combo in itertools.combinations(MM_MODALITIES, k):
+            acc = 1.0
+            for factor, n in values.items():
+                hidden = float(np.prod([1 - shown.get((m, factor), 0.0) for m in combo]))
+                acc *= (1 - hidden) + hidden / n
+            out["+".join(combo)] = acc
+    return out
 
 
-def multimodal_views(f: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    """rgb (3, 4, 4): a colour sensor, the scene with the object drawn as a solid disc of its
-    colour, size and position over its background, mean-pooled 8x8 (no outline, no texture:
-    pooling the real image let a probe read the shape from the 4x4 layout, 0.37 against the
-    1/8 of colour alone); silhouette (1, 32, 32): the coverage mask (outline only); texture
-    (1, 12, 12): `texture_view`."""
+def multimodal_views(f: dict[str, np.ndarray], shows: dict[tuple[str, str], np.ndarray],
+                     seed: int) -> dict[str, np.ndarray]:
+    """The three modalities of the scenes `f` where `shows[(modality, factor)]` (N,) bool says
+    whether the modality shows the factor:
+      rgb (3, 8, 8)          the scene, solid, mean-pooled 4x4: the shape where shown (else a
+                             disc), its colour where shown (else yellow);
+      silhouette (1, 32, 32) the coverage mask of the shape where shown, else blank;
+      texture (1, 12, 12)    a pattern coding the colour (stripes, dots, checker for red, green,
+                             blue) where shown, else solid, in a 12 px crop at the object centre
+                             in its pose, 0.35 / 1 brightness plus N(0, 0.1) noise."""
     n = len(f["shape"])
-    disc = {**f, "shape": np.zeros(n, np.int64), "texture": np.zeros(n, np.int64)}
-    images, _ = render(disc, seed)
+    scene = {**f, "texture": np.zeros(n, np.int64),
+             "shape": np.where(shows[("rgb", "shape")], f["shape"], MM_HIDDEN_SHAPE),
+             "colour": np.where(shows[("rgb", "colour")], f["colour"], MM_HIDDEN_COLOUR)}
+    images, _ = render(scene, seed)
     _, alpha = render(f, seed + 1)
-    rgb = images.reshape(n, 3, 4, 8, 4, 8).mean(axis=(3, 5), dtype=np.float32) * np.float32(IMAGE_SCALE)
-    return {"rgb": rgb, "silhouette": alpha[:, None], "texture": texture_view(f, np.random.default_rng(seed + 2))}
+    alpha = np.where(shows[("silhouette", "shape")][:, None, None], alpha, np.float32(0))
+    code = np.asarray(MM_COLOUR_TEXTURES)[np.searchsorted(MM_COLOURS, f["colour"])]
+    coded = {**f, "texture": np.where(shows[("texture", "colour")], code, 0)}
+    u, w = object_coords(coded, side=MM_TEXTURE_SIDE, centre=True)
+    pattern = downsample(texture_pattern(coded["texture"], u, w).astype(np.float32))
+    noise = np.random.default_rng(seed + 2).standard_normal(pattern.shape).astype(np.float32)
+    rgb = images.reshape(n, 3, 8, 4, 8, 4).mean(axis=(3, 5), dtype=np.float32) * np.float32(IMAGE_SCALE)
+    return {"rgb": rgb, "silhouette": alpha[:, None].astype(np.float32),
+            "texture": (DIM + (1 - DIM) * pattern + 0.1 * noise)[:, None].astype(np.float32)}
 
 
 @register_dataset("shapes_multimodal", aliases=("shapes-multimodal",))
 def shapes_multimodal() -> dict:
-    """The label is shape x colour x texture (4 x 3 x 2 = 24 classes, 150 images each); each
-    modality sees one factor only, so alone it caps accuracy at 1 / (the classes it cannot tell
-    apart): silhouette (shape) 1/6, rgb (colour) 1/8, texture 1/12; pairs 1/2 (rgb+silhouette),
-    1/3 (silhouette+texture), 1/4 (rgb+texture); all three 1. Upright (angle 0, offsets +-3 px)
-    so that a linear probe can read the silhouette. The weakest combination that misses exactly
-    one modality (MMANet's mining candidates) is rgb+texture: `meta.weakest_combination`.
+    """The label is shape x colour (4 x 3 = 12 classes, 250 images each). The modalities are
+    redundant and unevenly reliable, as sensors are: rgb shows the shape in 50% of rows and the
+    colour in 80%; the silhouette shows the shape in 90%; the texture codes the colour in 60%
+    (MM_SHOWN; otherwise each draws a symbol no class has: `multimodal_views`). So a missing
+    modality costs accuracy in a known amount, and a combination's ceiling is its exact Bayes
+    accuracy (`multimodal_bayes_accuracy`, in `meta.bayes_accuracy`): rgb 0.542, silhouette 0.308,
+    texture 0.183; rgb+silhouette 0.834, rgb+texture 0.592, silhouette+texture 0.678; all three
+    0.911. Upright (angle 0, offsets +-3 px), so that a linear probe can read the silhouette.
+    The weakest combination missing one modality (MMANet's mining candidates) is rgb+texture:
+    `meta.weakest_combination`. Each row's `shown_<modality>_<factor>` column says what it shows.
 
-    Measured (test split, the logistic regression of `shapes`): rgb 0.138,
-    silhouette 0.154, texture 0.093; rgb+silhouette 0.463, rgb+texture 0.268,
-    silhouette+texture 0.308; all three 0.903 (tests/test_shapes.py checks each combination
-    against its cap and the weakest pair and modality against the meta)."""
+    (Before, each modality saw one factor only, so every combination sat at its Bayes cap from
+    the first epochs and MAD and MAR had nothing to add: the dropout baseline was 0.0045 below
+    the caps on average.) tests/test_shapes.py checks the shown rates against MM_SHOWN and every
+    combination's linear probe against its ceiling."""
     from methodlab.data.multimodal import multimodal_meta, multimodal_splits
 
     rng = np.random.default_rng(40)
     labels = balanced(len(MM_CLASSES), MM_PER_CLASS)
-    s, rest = np.divmod(labels, len(MM_COLOURS) * len(MM_TEXTURES))
-    c, t = np.divmod(rest, len(MM_TEXTURES))
-    f = sample_factors(rng, np.asarray(MM_SHAPES)[s], max_angle=0, jitter=3,
-                       fixed={"colour": np.asarray(MM_COLOURS)[c], "texture": np.asarray(MM_TEXTURES)[t]})
-    splits = multimodal_splits(multimodal_views(f, 41), labels, stratified_split(labels))
+    s, c = np.divmod(labels, len(MM_COLOURS))
+    f = sample_factors(rng, np.asarray(MM_SHAPES)[s], max_angle=0, jitter=3, sizes=(1, 2),
+                       fixed={"colour": np.asarray(MM_COLOURS)[c], "texture": np.zeros(len(labels), np.int64)})
+    shows = {key: rng.random(len(labels)) < rate for key, rate in MM_SHOWN.items()}
+    splits = multimodal_splits(multimodal_views(f, shows, 41), labels, stratified_split(labels))
     for split, rows in stratified_split(labels).items():
         splits[split].update(factor_columns(f, rows))
-    caps = {"rgb": 1 / 8, "silhouette": 1 / 6, "texture": 1 / 12, "rgb+silhouette": 1 / 2,
-            "rgb+texture": 1 / 4, "silhouette+texture": 1 / 3, "rgb+silhouette+texture": 1.0}
+        splits[split].update({f"shown_{m}_{k}": v[rows].astype(np.int64) for (m, k), v in shows.items()})
+    caps = multimodal_bayes_accuracy()
+    pairs = {c: a for c, a in caps.items() if c.count("+") == 1}
+    singles = {c: a for c, a in caps.items() if "+" not in c}
     return {"splits": splits,
             "meta": multimodal_meta(MM_MODALITIES, len(MM_CLASSES), MM_CLASSES,
-                                    source="synthetic: methodlab.data.shapes, label = shape x colour x texture, "
-                                           "seed 40", split=f"stratified 60/20/20, seed {SPLIT_SEED}",
+                                    source="synthetic: methodlab.data.shapes, label = shape x colour, seed 40",
+                                    split=f"stratified 60/20/20, seed {SPLIT_SEED}",
                                     factors=FACTOR_NOTE, bayes_accuracy=caps,
-                                    weakest_modality="texture", weakest_combination=["rgb", "texture"],
-                                    construction="rgb: the object as a solid disc of its colour, mean-pooled to 4x4; silhouette: coverage mask; "
-                                                 "texture: the pattern alone in a 12 px crop at the object centre")}
+                                    shown={f"{m}/{k}": r for (m, k), r in MM_SHOWN.items()},
+                                    weakest_modality=min(singles, key=singles.get),
+                                    weakest_combination=min(pairs, key=pairs.get).split("+"),
+                                    construction="rgb: the scene mean-pooled to 8x8, shape or disc, colour or yellow; "
+                                                 "silhouette: coverage mask or blank; texture: a colour code "
+                                                 "(stripes/dots/checker) or solid in a 12 px crop at the object centre")}
 
 
 # ----------------------------------------------------------------------------------------------
