@@ -568,9 +568,10 @@ def test_default_mining_finds_the_known_weak_set_of_synthetic_multimodal(home):
 
 @pytest.mark.slow
 def test_default_mining_finds_the_known_weak_set_of_shapes_multimodal(home):
-    """shapes_multimodal (rgb = colour, silhouette = shape, texture; label = all three) declares
-    rgb+texture the weakest pair, W = {rgb, texture, rgb-texture}: >= 4 of 5 seeds (narrow stems,
-    about 2 minutes on 2 CPU cores)."""
+    """shapes_multimodal (label = shape x colour; rgb shows both, the silhouette the shape, the
+    texture the colour, each in a known share of rows) declares rgb+texture the weakest pair, the
+    one with the lowest Bayes accuracy: W = {rgb, texture, rgb-texture}, >= 4 of 5 seeds (narrow
+    stems, under a minute on 2 CPU cores)."""
     expected = expected_weak_set("shapes_multimodal")
     assert expected == "rgb,texture,rgb-texture"
     picks = mined_weak_sets("shapes_multimodal", range(5), ["method.width=8"])
