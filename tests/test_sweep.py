@@ -592,3 +592,39 @@ def test_sweep_concurrency_counts_fake_gpus_on_a_real_cluster(tmp_path):
     assert "fit 2" in lines
     refused = next(ln for ln in lines if ln.startswith("refused"))
     assert "3 GPUs (1 per trial) but the cluster has 2" in refused and "CPUs" not in refused
+
+
+def test_a_stopped_trial_that_fails_after_the_driver_marked_it_killed_stays_killed(tmp_path):
+    """CI saw a stopped trial's run end FAILED after the sweep driver had marked it KILLED: Tune's
+    fit returned while the trial's failure path still ran. A trial's failure leaves a run that is
+    no longer RUNNING alone (`Tracker.end_run_if_running`), and the driver, watching for
+    `SETTLE_S`, marks KILLED again the one that read RUNNING just before it was marked."""
+    import threading
+
+    from methodlab.sweep import _settle_stopped
+    from methodlab.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "settle")
+    parent = tracker.start_run("sweep", {}, {}, "")
+    early, late, failed_before = (tracker.start_run(n, {}, {}, "", parent_run_id=parent)
+                                  for n in ("early", "late", "failed-before"))
+    tracker.end_run(failed_before, "FAILED")                  # a real failure, before the stop
+    since_ms = int(time.time() * 1000) + 1
+    time.sleep(0.01)
+    for run_id in (early, late):
+        tracker.end_run(run_id, "KILLED")                     # the driver's marks
+    tracker.end_run_if_running(early, "FAILED")               # a trial's failure after them: no effect
+    assert tracker.client.get_run(early).info.status == "KILLED"
+
+    def trial_that_read_running_before_the_mark():
+        time.sleep(0.5)
+        tracker.end_run(late, "FAILED")
+    writer = threading.Thread(target=trial_that_read_running_before_the_mark)
+    writer.start()
+    _settle_stopped(tracker, parent, since_ms, settle_s=1.5)
+    writer.join()
+    status = {r: tracker.client.get_run(r).info.status for r in (early, late, failed_before)}
+    assert status == {early: "KILLED", late: "KILLED", failed_before: "FAILED"}
+    running = tracker.start_run("running", {}, {}, "", parent_run_id=parent)
+    tracker.end_run_if_running(running, "FAILED")             # a run nothing ended: FAILED
+    assert tracker.client.get_run(running).info.status == "FAILED"

@@ -555,12 +555,35 @@ def _interrupted(tracker, base: RunConfig, name: str, parent: str, signum: int, 
         if status != "KILLED":
             _end_quietly(tracker, run_id, "KILLED")
         drop_lease(f"{base.storage.path.rstrip('/')}/{run_name}")
+    _settle_stopped(tracker, parent, since_ms)
     _end_quietly(tracker, parent, "KILLED")
     names = ", ".join(sorted(n for _, n, _ in killed))
     trials = (f"{len(killed)} running trial(s) stopped and marked KILLED ({names}), each keeping its last "
               f"checkpoint under {base.storage.path.rstrip('/')}/<trial run name>" if killed else "no trial was running")
     return Interrupted(signum, f"sweep {name} interrupted by {Interrupted.name(signum)}: {trials}; MLflow run "
                        f"{parent} KILLED; resume with: {resume_command(f'name={name}')}")
+
+
+SETTLE_S = 3.0      # how long the driver watches its stopped trials' runs after marking them
+
+
+def _settle_stopped(tracker, parent: str, since_ms: int, settle_s: float = SETTLE_S) -> None:
+    """Tune's fit can return while a stopped trial's process still runs its failure path: it
+    ends its run only if it is still RUNNING (`Tracker.end_run_if_running`), but one that read
+    RUNNING just before the driver marked it KILLED writes FAILED just after (CI saw it). Such a
+    write comes within milliseconds of the read, so the driver watches for `settle_s` and marks
+    KILLED again each run of this stop that ended FAILED after the signal."""
+    from methodlab.train.launch import _end_quietly
+
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        try:
+            late = [run_id for run_id, _, status in tracker.stopped_children(parent, since_ms) if status == "FAILED"]
+        except Exception:  # noqa: BLE001 — tracking server away: what was marked stays marked
+            return
+        for run_id in late:
+            _end_quietly(tracker, run_id, "KILLED")
 
 
 def _spec_yaml(spec: SweepSpec, space: dict, base: RunConfig, concurrent: int) -> str:

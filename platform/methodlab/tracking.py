@@ -464,6 +464,13 @@ class Tracker:
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def end_run_if_running(self, run_id: str, status: str) -> None:
+        """End the run `status` unless something else ended it first: a trial whose fit fails
+        because Tune is stopping it (its Ray Train controller torn down) may get here after the
+        sweep driver marked its run KILLED, and that KILLED is the truth."""
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.end_run(run_id, status)
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

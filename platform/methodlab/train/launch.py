@@ -678,7 +678,7 @@ def fit(tracker: Tracker, cfg: RunConfig, info: DatasetInfo, run_id: str, what: 
                           f"{latest or 'none (it starts from the beginning)'}; resume with: "
                           f"{resume_command(f'train.run_name={cfg.run_name}')}") from None
     except Exception as exc:   # noqa: BLE001 — every failure marks the run FAILED, then one line
-        _end_quietly(tracker, run_id, "FAILED")
+        _end_quietly(tracker, run_id, "FAILED", if_running=True)
         raise TrainingError(f"{what} {cfg.run_name} failed: {worker_error_line(exc)} (MLflow run {run_id}; "
                             f"{_where_checkpoints_are(cfg)})") from None
 
@@ -730,13 +730,14 @@ def _where_checkpoints_are(cfg: RunConfig) -> str:
     return kept
 
 
-def _end_quietly(tracker, run_id: str, status: str) -> None:
-    """Mark the run; if the tracking server is down too, the error about the run still comes first."""
+def _end_quietly(tracker, run_id: str, status: str, if_running: bool = False) -> None:
+    """Mark the run (with `if_running`, only if nothing ended it yet: `Tracker.end_run_if_running`);
+    if the tracking server is down too, the error about the run still comes first."""
     from methodlab.tracking import fail_fast
 
     try:
         with fail_fast():
-            tracker.end_run(run_id, status)
+            (tracker.end_run_if_running if if_running else tracker.end_run)(run_id, status)
     except Exception:  # noqa: BLE001 — best effort: the run's own failure is what the user needs
         print(f"[methodlab] could not mark MLflow run {run_id} {status}: tracking server unreachable", flush=True)
 
