@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import ray.exceptions
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -238,3 +239,45 @@ def test_the_console_of_a_run_is_the_runs_own_and_verbose_brings_the_rest_back(t
     for shown in ("Started a local Ray instance", "PreemptionWatcher", "Setting up process group",
                   "Created version '2' of model 'methodlab-supervised'"):
         assert any(shown in ln for ln in others), (shown, others)
+
+
+class _Recorded:
+    """A Loop and its RayHooks as far as `fit_to_end` sees them: what it called, in order."""
+
+    def __init__(self, error: BaseException | None):
+        self.error, self.calls = error, []
+
+    def fit(self, state):
+        self.calls.append("fit")
+        if self.error is not None:
+            raise self.error
+
+    def close(self, check: bool = True):
+        self.calls.append(f"close(check={check})")
+
+    def finish(self, state):
+        self.calls.append("finish")
+
+
+@pytest.mark.parametrize("error, held", [
+    (None, False), (ValueError("a bug"), False), (KeyboardInterrupt(), False),
+    # Ray Train's SynchronizationActor, killed in a teardown just before this worker's own kill
+    (ray.exceptions.ActorDiedError(), True),
+])
+def test_a_worker_holds_back_only_a_dead_actors_error_for_its_own_kill(error, held, monkeypatch):
+    """An error from an actor the worker waited on is raised only after TEARDOWN_GRACE_S (by
+    then a teardown has killed the worker, and Ray Train logs no traceback for it); any other
+    error at once; the MLflow writes in flight are waited for first, without raising theirs."""
+    from methodlab.train import loop
+
+    slept = []
+    monkeypatch.setattr(loop.time, "sleep", slept.append)
+    recorded = _Recorded(error)
+    if error is None:
+        loop.fit_to_end(recorded, None, recorded)
+        assert recorded.calls == ["fit", "close(check=True)", "finish"] and not slept
+        return
+    with pytest.raises(type(error)):
+        loop.fit_to_end(recorded, None, recorded)
+    assert recorded.calls == ["fit", "close(check=False)"]
+    assert slept == ([loop.TEARDOWN_GRACE_S] if held else [])

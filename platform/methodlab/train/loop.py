@@ -142,10 +142,31 @@ def train_worker(loop_config: dict) -> None:
         m, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters})
     loop = Loop(cfg, method, device, hooks=hooks, batches=batches, wrap=wrap, started_at=loop_config.get("launched_at"),
                 stream=stream)
+    fit_to_end(loop, state, hooks)
+
+
+# [ray] Ray Train tears a worker group down (a signal to the driver, another worker's failure) by
+# ray.kill on its workers and then on their SynchronizationActor, without waiting in between;
+# the kills are messages, and the actor's death can reach a worker blocked in report() before
+# its own kill does. That worker then fails with ActorDiedError, and Ray Train logs its
+# traceback, which the driver's console shows after the one line the user was given (CI saw it
+# after a SIGTERM). The worker's own kill follows within milliseconds; an actor that died on its
+# own (its node lost) is still raised, this much later.
+TEARDOWN_GRACE_S = 10.0
+
+
+def fit_to_end(loop: Loop, state: LoopState, hooks: "RayHooks", grace_s: float | None = None) -> None:
+    """Train, then wait for the MLflow writes and finish the run (rank 0 registers the model).
+    On a failure the writes in flight are waited for without raising theirs: the training error
+    is the one to see; one from a Ray actor this worker waited on is raised `grace_s` later."""
     try:
         loop.fit(state)
+    except ray.exceptions.RayActorError:  # [ray]
+        hooks.close(check=False)
+        time.sleep(TEARDOWN_GRACE_S if grace_s is None else grace_s)
+        raise
     except BaseException:
-        hooks.close(check=False)      # the training error is the one to see
+        hooks.close(check=False)
         raise
     hooks.close()
     hooks.finish(state)
