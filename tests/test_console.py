@@ -205,8 +205,10 @@ def test_trial_events_say_started_rung_stopped_finished_and_failed(capsys):
                                               "non-finite loss loss=nan in steps 3-4"))
     for t in (good, bad, broken):
         events.on_trial_start(0, [], t)
-    for t, result in ((good, {"epoch": 1, "val_acc": 0.9}), (bad, {"epoch": 1, "val_acc": 0.1, "done": True}),
-                      (good, {"epoch": 2, "val_acc": 0.95})):
+    # (ASHA counts the final stage's epochs: `final_stage_epoch`; a one-stage run's are its epochs)
+    for t, result in ((good, {"epoch": 1, "final_stage_epoch": 1, "stage": "train", "val_acc": 0.9}),
+                      (bad, {"epoch": 1, "final_stage_epoch": 1, "stage": "train", "val_acc": 0.1, "done": True}),
+                      (good, {"epoch": 2, "final_stage_epoch": 2, "stage": "train", "val_acc": 0.95})):
         t.last_result = result
         events.on_trial_result(0, [], t, result)
     events.on_trial_complete(0, [], bad)
@@ -220,6 +222,20 @@ def test_trial_events_say_started_rung_stopped_finished_and_failed(capsys):
         "[sw] trial t_00000 finished after 2 epochs: val_acc=0.9500",
         "[sw] trial t_00002 failed: FloatingPointError: non-finite loss loss=nan in steps 3-4"]
     assert events.best == (0.95, "t_00000") and events.stopped == {"t_00001"}
+
+
+def test_a_rung_of_a_multi_stage_trial_is_said_in_final_stage_epochs(capsys):
+    """A teacher epoch whose number is a rung is not one (ASHA counts the student's epochs)."""
+    from methodlab.sweep_console import TrialEvents
+
+    events = TrialEvents("mm", "val_mean_acc", "max", rungs=[2])
+    t = FakeTrial("t_00000", {})
+    for result in ({"epoch": 1, "stage": "teacher"}, {"epoch": 2, "stage": "teacher"},
+                   {"epoch": 3, "final_stage_epoch": 1, "stage": "student", "val_mean_acc": 0.5},
+                   {"epoch": 4, "final_stage_epoch": 2, "stage": "student", "val_mean_acc": 0.6}):
+        events.on_trial_result(0, [], t, result)
+    assert capsys.readouterr().out.splitlines() == [
+        "[mm] trial t_00000 reached rung epoch 2 of student (epoch 4): val_mean_acc=0.6000"]
 
 
 @pytest.mark.parametrize("argv", [["train", "supervised", "--verbose", "train.epochs=2"], ["sweep", "supervised", "--verbose"],

@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 from methodlab import distributed
 from methodlab.config import load_config
 from methodlab.registry import get_method, method_names
-from methodlab.train.core import Hooks, Loop, LoopState, LossMeter, load_bundle, seed_everything, steps_per_epoch
+from methodlab.train.core import (FINAL_STAGE_EPOCH, Hooks, Loop, LoopState, LossMeter, load_bundle, seed_everything,
+                                  steps_per_epoch)
 from tests.conftest import spawn_world, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -215,6 +216,21 @@ def test_the_registered_model_is_the_best_epoch_by_default(home, register):
     # The final checkpoint keeps the last epoch's models (a longer resubmit continues from them).
     for k, v in final["net"].state_dict().items():
         assert torch.equal(last.models["net"][k], capture.states[-1].models["net"][k])
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_the_metric_is_measured_only_in_the_final_stage_whose_epochs_asha_counts(home, name):
+    """A sweep's ASHA counts FINAL_STAGE_EPOCH (`sweep._fit`) and ignores a report without it: it
+    is in the final stage's reports only, 1 to that stage's epochs, each with the method's metric.
+    So a teacher or pretune stage never counts towards a rung, and a metric an earlier stage
+    reports too (D3GZSL's teacher has a val_H) is never compared."""
+    method = _method(name, "train.epochs=2", "train.eval_every=1")
+    capture = Capture()
+    _fit(method, hooks=capture)
+    final = [r for r in capture.reports if r["stage"] == method.stages[-1]]
+    assert [r.get(FINAL_STAGE_EPOCH) for r in final] == [1, 2]
+    assert all(method.metric in r for r in final), final
+    assert all(FINAL_STAGE_EPOCH not in r for r in capture.reports if r["stage"] != method.stages[-1])
 
 
 def test_checkpoint_state_is_built_only_when_a_checkpoint_is_due(home, monkeypatch):

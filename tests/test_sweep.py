@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from methodlab.config import load_config
 from methodlab.errors import ConfigError
 from methodlab.registry import get_method, method_names
-from methodlab.sweep import (SweepSpec, SweepSummary, Trial, epoch_bound, load_spec, log_ticks, merged_space,
+from methodlab.sweep import (SweepSpec, SweepSummary, Trial, final_stage_epochs, load_spec, log_ticks, merged_space,
                              metric_plot, parent_note, run_sweep, tick_labels, trial_config, trial_run_name,
                              trials_csv, tune_space, validate_space)
 from tests.conftest import ROOT, epochs_logged, tiny
@@ -149,18 +149,15 @@ def test_tune_space_and_trial_config():
     assert cfg.tracking.register_model is False      # trials never register; the sweep does, once
 
 
-def test_epoch_bound_never_underestimates():
+def test_asha_counts_the_final_stages_epochs_which_train_epochs_sets():
+    """ASHA's default max_t is past `final_stage_epochs` (so trials run to their end); for every
+    method that is train.epochs, whatever its earlier stages (a teacher, a pretune stage) run."""
     from methodlab.config import load_config
 
     for name in method_names():
-        cfg = load_config(name)
-        stages = get_method(name).stages
-        # Each stage runs train.epochs or a `method.<stage>_epochs` field; the bound covers both.
-        assert epoch_bound(cfg) >= cfg.train.epochs
-        for stage in stages:
-            field = f"{stage}_epochs"
-            if hasattr(cfg.method, field):
-                assert epoch_bound(cfg) >= cfg.train.epochs + getattr(cfg.method, field)
+        for extra in ([], ["train.epochs=7"]):
+            cfg = load_config(name, None, extra)
+            assert final_stage_epochs(cfg) == cfg.train.epochs, name
 
 
 @pytest.mark.parametrize("method", method_names())

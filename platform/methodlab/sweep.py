@@ -44,6 +44,7 @@ import difflib
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -60,6 +61,7 @@ from methodlab.config import (RunConfig, Section, check_name, deep_merge, nest, 
 from methodlab.console import short as _short
 from methodlab.errors import ConfigError, TrainingError
 from methodlab.registry import get_method
+from methodlab.train.core import FINAL_STAGE_EPOCH
 from methodlab.train.lease import Lease, drop as drop_lease
 from methodlab.train.signals import Interrupted, stop_on_signals
 
@@ -74,10 +76,13 @@ SWEEP_KEYS = ("name", "space", "search", "method_name", "base")
 
 class SchedulerConfig(Section):
     type: Literal["asha", "fifo"] = Field("asha", description="asha: stop weak trials at rungs; fifo: run all")
-    grace_period: int = Field(1, gt=0, description="epochs every trial runs before ASHA may stop it")
+    # ASHA counts the epochs of a method's final stage, the one its metric is measured in (MMANet's
+    # student, TOAST's transfer, D3GZSL's GAN): a teacher or pretune stage before it is not counted.
+    grace_period: int = Field(1, gt=0, description="epochs of the final stage (where the metric is measured) "
+                              "every trial runs before ASHA may stop it")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps 1/reduction_factor at each rung")
-    max_t: int | None = Field(None, gt=0, description="epochs after which ASHA stops any trial; "
-                              "default: a bound on what a trial runs, so trials run to their end")
+    max_t: int | None = Field(None, gt=0, description="epochs of the final stage after which ASHA stops any "
+                              "trial; default: past the final stage's epochs, so trials run to their end")
 
 
 class SearchConfig(Section):
@@ -596,11 +601,15 @@ def _spec_yaml(spec: SweepSpec, space: dict, base: RunConfig, concurrent: int) -
     return yaml.safe_dump(d, sort_keys=False)
 
 
-def epoch_bound(cfg: RunConfig) -> int:
-    """The epochs (the `epoch` a trial reports counts all stages) a run of `cfg` takes, as its
-    method states them per stage (`Method.epochs_by_stage`). ASHA's max_t must not be below it,
-    or ASHA would cut every trial short of its last epoch."""
-    return sum(get_method(cfg.method_name).epochs_by_stage(cfg).values())
+def final_stage_epochs(cfg: RunConfig) -> int:
+    """The epochs of the final stage of a run of `cfg`, the one its method's metric is measured in
+    (`Method.epochs_by_stage`): what ASHA counts (`FINAL_STAGE_EPOCH`, reported in that stage
+    only). ASHA's max_t must be above it, or ASHA would cut every trial short of its last epoch.
+    Counting every stage instead (the run's `epoch`) would compare a method after its teacher or
+    pretune stage with a baseline that has none after more epochs of the metric, and would put
+    every rung that falls inside the earlier stages at the final stage's first epoch."""
+    method = get_method(cfg.method_name)
+    return method.epochs_by_stage(cfg)[method.stages[-1]]
 
 
 def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, concurrent: int, method):
@@ -610,6 +619,11 @@ def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, co
 
     from methodlab.sweep_console import StatusLine, TrialEvents, asha_rungs
     from methodlab.train.launch import _storage_kwargs
+
+    # [ray] Tune's TensorBoard logger (tensorboardX) warns "NaN or Inf found in input tensor." at
+    # each result of a teacher or pretune stage: its checkpoints rank last by a score of -inf
+    # (loop.SCORE_KEY), on purpose.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_CPU})
     param_space = tune_space(space, spec.search.algorithm)
@@ -630,8 +644,8 @@ def _fit(name: str, base: RunConfig, spec: SweepSpec, space: dict, ctx: dict, co
         search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent)
     sched = s.scheduler
     # ASHA stops a trial *at* max_t, before its run could finish.
-    max_t = max(sched.max_t or epoch_bound(base) + 1, sched.grace_period)
-    scheduler = (ASHAScheduler(time_attr="epoch", grace_period=sched.grace_period,
+    max_t = max(sched.max_t or final_stage_epochs(base) + 1, sched.grace_period)
+    scheduler = (ASHAScheduler(time_attr=FINAL_STAGE_EPOCH, grace_period=sched.grace_period,
                                reduction_factor=sched.reduction_factor, max_t=max_t)
                  if sched.type == "asha" else FIFOScheduler())
     # A line per trial event and a status line at most every 30 s, not Tune's tables.

@@ -3,6 +3,7 @@
 
     [asha4] trial 6e1f2_00000 started: train.lr=0.01
     [asha4] trial 6e1f2_00000 reached rung epoch 1: val_acc=0.9012
+    [mm] trial 3a1b2_00000 reached rung epoch 2 of student (epoch 17): val_mean_acc=0.6120
     [asha4] trial 6e1f2_00001 stopped early at epoch 1: val_acc=0.1003
     [asha4] trial 6e1f2_00000 finished after 3 epochs: val_acc=0.9500
     [asha4] trial 6e1f2_00002 failed: TrainingError: trial ... failed: FloatingPointError: ...
@@ -21,13 +22,14 @@ from ray import tune  # [ray]
 from ray.tune.experiment import Trial  # [ray]
 
 from methodlab.console import short
+from methodlab.train.core import FINAL_STAGE_EPOCH
 
 STATUS_EVERY_S = 30.0
 
 
 def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
-    """The epochs at which ASHA compares trials (its single bracket's milestones, as Ray's
-    AsyncHyperBandScheduler computes them: grace_period * reduction_factor**k below max_t)."""
+    """The final-stage epochs at which ASHA compares trials (its single bracket's milestones, as
+    Ray's AsyncHyperBandScheduler computes them: grace_period * reduction_factor**k below max_t)."""
     count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
     return [round(grace_period * reduction_factor ** k) for k in range(count)]
 
@@ -62,8 +64,11 @@ class TrialEvents(tune.Callback):
                 self.best = (value, trial.trial_id)
         if result.get("done"):
             self.stopped.add(trial.trial_id)
-        elif result.get("epoch") in self.rungs:
-            self._say(trial, f"reached rung epoch {result['epoch']}: {self._value(result)}")
+        elif result.get(FINAL_STAGE_EPOCH) in self.rungs:
+            # (ASHA counts the final stage's epochs; the workers' lines number the epochs of all stages)
+            at = result[FINAL_STAGE_EPOCH]
+            where = "" if at == result.get("epoch") else f" of {result.get('stage')} (epoch {result.get('epoch')})"
+            self._say(trial, f"reached rung epoch {at}{where}: {self._value(result)}")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         last = trial.last_result or {}

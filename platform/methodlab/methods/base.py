@@ -238,7 +238,7 @@ class Method(ABC):
     @classmethod
     def epochs_by_stage(cls, cfg: RunConfig) -> dict[str, int]:
         """Epochs of each stage, in stage order, from the resolved config alone (no data), so the
-        driver knows a run's length before it starts (`sweep.epoch_bound`). train.epochs for every
+        driver knows a run's length before it starts (`sweep.final_stage_epochs`). train.epochs for every
         stage unless a method's stages have lengths of their own (a teacher, a pretune stage);
         0 skips a stage."""
         return {stage: cfg.train.epochs for stage in cls.stages}

@@ -47,6 +47,10 @@ from methodlab.data.shared import SharedSplits, limit_rows, memory_splits
 from methodlab.methods.base import Batch, DataBundle, Method, SplitData, StepContext, trainable
 
 STATE_FILE = "state.pt"
+# In every report of the final stage (the one a method's metric is measured in): its epochs done.
+# What ASHA counts (`sweep._fit`), so that trials of a method with a teacher or pretune stage and
+# of a baseline without one are compared after the same number of epochs of the metric.
+FINAL_STAGE_EPOCH = "final_stage_epoch"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,7 +590,8 @@ class Loop:
                                                final_models, mid_epoch=False),
                 mid_epoch=False, score=self.score(metrics) if last_stage and evaluate else None)
             self.last_checkpoint = self.clock()
-        report = {**state.metrics, "stage": stage, "epoch": state.history_step}
+        report = {**state.metrics, "stage": stage, "epoch": state.history_step,
+                  **({FINAL_STAGE_EPOCH: epoch + 1} if last_stage else {})}
         self.hooks.on_epoch_end(state, report, checkpoint, timer)
         if self.rank == 0:       # charts are built where they are logged (no collective in them)
             self.hooks.on_epoch_artifacts(stage, epoch, method.epoch_artifacts(stage, epoch))
@@ -633,7 +638,8 @@ class Loop:
                                 mid_epoch=True, score=None)
         self.last_checkpoint = self.clock()
         stage = self.method.stages[stage_index]
-        report = {"stage": stage, "epoch": state.history_step, "step": state.step, **state.evaluated}
+        report = {"stage": stage, "epoch": state.history_step, "step": state.step, **state.evaluated,
+                  **({FINAL_STAGE_EPOCH: epoch} if stage_index == len(self.method.stages) - 1 else {})}
         self.hooks.on_epoch_end(state, report, checkpoint, timer)
 
     def build_state(self, state: LoopState, stage_index: int, models: dict, optimizers: dict, schedulers: dict,
