@@ -113,6 +113,12 @@ def tuned(bench: str) -> dict[str, dict]:
     return json.loads(TUNED.read_text()).get(bench, {}) if TUNED.exists() else {}
 
 
+def variant_key(variant: str, dataset: str) -> str:
+    """A variant's key in tuned.json, with its task, so that a benchmark reads the choices made on
+    its own task ("dropout+MAD" on shapes_multimodal: "dropout-plus-MAD-shapes_multimodal")."""
+    return f"{variant.replace('+', '-plus-')}-{dataset}"
+
+
 def tuned_overrides(entry: dict | None) -> list[str]:
     """The `key=value` overrides a tuned variant trains with (none for an untuned one)."""
     return [f"{k}={v}" for k, v in (entry or {}).get("params", {}).items()]

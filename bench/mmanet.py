@@ -19,8 +19,15 @@ about the method, not the platform. The teacher of a seed is trained once and sh
 Ratios are mean test accuracy over all combinations against (b), measured in this same process.
 The final epoch is scored (no best-checkpoint selection).
 
+A variant that bench/tune.py swept on this task (a `methodlab sweep` of its train.lr on val,
+ASHA, in MLflow; bench/results/tuned.json) trains with what its sweep chose, its teacher too (a
+sweep's trial trains both stages at its lr): the teacher is then shared by the variants whose lr
+is the same. The teacher row is the one at the bench's own lr; `--untuned` ignores the sweeps.
+
     .venv/bin/python bench/mmanet.py [--dataset shapes_multimodal] [--seeds 5] [--name mmanet] \
         [--set method.width=8 ...]
+    .venv/bin/python bench/mmanet.py --dataset shapes_multimodal --name mmanet_shapes \
+        --set method.width=4 --set method.teacher_epochs=4 --set train.epochs=9   # as bench/tune.py sweeps it
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ os.environ.setdefault("METHODLAB_HOME", tempfile.mkdtemp(prefix="methodlab-bench
 
 import torch  # noqa: E402
 
-from common import Figure, mean_std, train_stage, write_results  # noqa: E402
+from common import Figure, mean_std, train_stage, tuned, tuned_by, tuned_overrides, variant_key, write_results  # noqa: E402
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import resolve_dataset  # noqa: E402
 from methodlab.methods.mmanet import MMANet, declared_weak_set, mine_weak_set  # noqa: E402
@@ -94,6 +101,8 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="mmanet", help="bench/results/<name>.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, after the bench's own (repeatable)")
+    parser.add_argument("--untuned", action="store_true",
+                        help="ignore bench/results/tuned.json (bench/tune.py's sweeps): every variant at the bench's lr")
     args = parser.parse_args(argv)
     seeds = list(range(args.seeds))
     torch.set_num_threads(1)   # tiny tensors: intra-op threads only add contention on a small CPU box
@@ -103,21 +112,31 @@ def main(argv=None) -> None:
     info = resolve_dataset(args.dataset, base.data.root)
     results: dict[str, list[list[float]]] = {"teacher": [], **{v: [] for v in VARIANTS}}
     mined: dict[str, list[str]] = {mode: [] for mode in MINING}
+    swept = {} if args.untuned else {v: tuned("mmanet").get(variant_key(v, args.dataset)) for v in VARIANTS}
     names: list[str] = []
     method = None
     for seed in seeds:
         cfg = load_config("mmanet", None, [*bench, f"train.seed={seed}"])
         data = load_bundle(cfg, info, ["train", "val", "test"])
-        seed_everything(seed)
-        method = MMANet(cfg, data)
+        teachers: dict[tuple, dict] = {}
+
+        def teacher_at(chosen: list[str]) -> tuple[MMANet, dict]:
+            """The seed's teacher trained with `chosen` (a variant's tuned lr), once per choice."""
+            if tuple(chosen) not in teachers:
+                seed_everything(seed)
+                m = MMANet(load_config("mmanet", None, [*bench, f"train.seed={seed}", *chosen]), data)
+                teachers[tuple(chosen)] = (m, train_stage(m, "teacher", {}))
+            return teachers[tuple(chosen)]
+
+        method, teacher = teacher_at([])
         names = method.names
-        teacher = train_stage(method, "teacher", {})
         results["teacher"].append(teacher_per_combination(method, teacher["teacher"]))
         for variant, overrides in VARIANTS.items():
-            vcfg = load_config("mmanet", None, [*bench, f"train.seed={seed}", *overrides])
+            chosen = tuned_overrides(swept.get(variant))
+            vcfg = load_config("mmanet", None, [*bench, f"train.seed={seed}", *overrides, *chosen])
             vmethod = MMANet(vcfg, data)
             seed_everything(seed)
-            models = train_stage(vmethod, "student", {"teacher": copy.deepcopy(teacher["teacher"])})
+            models = train_stage(vmethod, "student", {"teacher": copy.deepcopy(teacher_at(chosen)[1]["teacher"])})
             test = vmethod.evaluate("student", models, "test", torch.device("cpu"))
             results[variant].append([test[f"test_acc_{n}"] for n in names])
             if variant == "MMANet":   # the default mining distance: the full method's own pick
@@ -164,6 +183,8 @@ def main(argv=None) -> None:
         "overrides": bench, "config": base.method.model_dump(),
         "train": {"epochs": base.train.epochs, "lr": base.train.lr, "batch_size": base.train.batch_size},
         "per_seed_test_acc": results,
+        "tuned": {v: tuned_by(swept.get(v)) if swept.get(v) else f"not swept: the bench's train.lr={base.train.lr:g}"
+                  for v in VARIANTS},
         "preconditions": {"claim": "missing modalities hurt", "missing_modalities_hurt": hurt,
                           "definition": "dropout baseline: test acc with all modalities minus the worst "
                                         "single modality's, per seed"},

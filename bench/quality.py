@@ -149,7 +149,8 @@ def bad_batches(d: dict):
 
 def toast(d: dict):
     task = d.get("dataset", "digits_transfer")
-    rows = [row("toast", mode, "target test_acc", v["per_seed"], task) for mode, v in d["accuracy"].items()]
+    rows = [row("toast", mode, "target test_acc", v["per_seed"], task, d.get("tuned", {}).get(mode, NOT_SWEPT))
+            for mode, v in d["accuracy"].items()]
     by = {r["variant"]: r for r in rows}
     random_init = _measured(d, "random_init_linear")   # linear probe on a random-init backbone, per seed
     pre = Precondition("the pretrained backbone's linear probe beats a random-init backbone's",
@@ -187,8 +188,8 @@ def mmanet(d: dict):
     task = d.get("dataset", "digits_multimodal")
     combos = d["combinations"]                     # e.g. ["image", "edges", ..., "image-edges-profiles"]
     per_seed = d["per_seed_test_acc"]              # variant -> [per seed: [acc per combination]]
-    rows = [row("mmanet", variant, "test mean acc over combinations", [_mean(s) for s in seeds], task)
-            for variant, seeds in per_seed.items()]
+    rows = [row("mmanet", variant, "test mean acc over combinations", [_mean(s) for s in seeds], task,
+                d.get("tuned", {}).get(variant, NOT_SWEPT)) for variant, seeds in per_seed.items()]
     by = {r["variant"]: r for r in rows}
     full = max(range(len(combos)), key=lambda i: len(combos[i].split("-")))
     singles = [i for i, c in enumerate(combos) if "-" not in c]

@@ -3,9 +3,11 @@ and target test accuracy of linear / finetune / toast / toast-lite on a transfer
 
 The backbone is a small ViT pretrained here with the supervised method on `--source` (default
 digits_source, digits 0-4); the transfer runs on `--dataset` (default digits_transfer: digits 5-9,
-10 labelled images per class, whose `source_train` table is what TOAST pretunes on). Every mode
-gets its learning rate (and optimizer, with several `--optimizers`; `sgd` is the official
-SGD + momentum 0.9) chosen on the target val split per seed from `--lrs` (default 1e-3, 1e-2, 1e-1).
+10 labelled images per class, whose `source_train` table is what TOAST pretunes on). A mode that
+bench/tune.py swept on this task (a `methodlab sweep` of its lr on val, ASHA, in MLflow; see
+bench/results/tuned.json) trains every seed with what its sweep chose; any other mode gets its
+learning rate (and optimizer, with several `--optimizers`; `sgd` is the official SGD + momentum
+0.9) chosen on the target val split per seed from `--lrs` (default 1e-3, 1e-2, 1e-1).
 
 Precondition "the backbone transfers at all": the linear probe on the pretrained backbone against
 the same probe on a random-init backbone of the same architecture (method.backbone=scratch), each
@@ -17,8 +19,9 @@ method's own hooks (build_models, build_optimizers, build_schedulers, train_step
 driven by a minimal single-worker loop over the platform's seeded batches.
 
     .venv/bin/python bench/toast.py                                   # digits, 3 seeds
-    .venv/bin/python bench/toast.py --source shapes_source --dataset shapes_transfer --patch-size 4 \
-        --seeds 5 --optimizers adamw,sgd                              # the richer source task
+    .venv/bin/python bench/toast.py --source shapes_source --dataset shapes_transfer --patch-size 8 \
+        --seeds 5 --modes linear,finetune,toast --transfer-epochs 30 --pretune-epochs 3 \
+        --source-epochs 20 --name toast_shapes                       # the richer source task (tuned)
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Figure, mean_std, timeit, train_stage, write_results  # noqa: E402
+from common import (Figure, mean_std, timeit, train_stage, tuned, tuned_by, tuned_overrides, variant_key,  # noqa: E402
+                    write_results)
 
 from methodlab.config import load_config  # noqa: E402
 from methodlab.data import resolve_dataset  # noqa: E402
@@ -88,21 +92,41 @@ def flow(kwargs: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in kwargs.items()) + "}"
 
 
-def tuned(base: list[str], lrs, optimizers, log: str, t_start: float) -> tuple[float, dict, list]:
-    """The final-epoch target test accuracy of the (lr, optimizer) with the best target val
-    accuracy, that choice, and every run's (val, test)."""
+def chosen_on_val(base: list[str], choices: list[list[str]], log: str, t_start: float) -> tuple[float, dict, list]:
+    """The final-epoch target test accuracy of the choice (its overrides: lr, optimizer) with the
+    best target val accuracy, that choice, and every run's (val, test)."""
     runs = []
-    for optimizer in optimizers:
-        for lr in lrs:
-            cfg = load_config("toast", None, [*base, f"train.lr={lr}", f"train.optimizer={optimizer}"])
-            t0 = time.time()
-            _, _, metrics = run_inprocess(cfg)
-            runs.append({"val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"], "lr": lr,
-                         "optimizer": optimizer})
-            print(f"[{time.time() - t_start:.0f}s] {log} {optimizer} lr={lr:g} test_acc={metrics['test_acc']:.4f} "
-                  f"val_acc={metrics['val_acc']:.4f} ({time.time() - t0:.1f}s)", flush=True)
+    for choice in choices:
+        cfg = load_config("toast", None, [*base, *choice])
+        lr, optimizer = cfg.train.lr, cfg.train.optimizer
+        t0 = time.time()
+        _, _, metrics = run_inprocess(cfg)
+        runs.append({"val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"], "lr": lr, "optimizer": optimizer})
+        print(f"[{time.time() - t_start:.0f}s] {log} {optimizer} lr={lr:g} test_acc={metrics['test_acc']:.4f} "
+              f"val_acc={metrics['val_acc']:.4f} ({time.time() - t0:.1f}s)", flush=True)
     best = max(runs, key=lambda r: r["val_acc"])
     return best["test_acc"], {"lr": best["lr"], "optimizer": best["optimizer"]}, runs
+
+
+def vit_of(args) -> dict:
+    """The source ViT's size from the command line (`--patch-size`, `--embed-dim`, `--depth`)."""
+    return {"patch_size": args.patch_size, "embed_dim": args.embed_dim, "depth": args.depth,
+            "num_heads": SCRATCH_VIT["num_heads"]}
+
+
+def pretrain_source(source: str, vit: dict, epochs: int, path: str) -> dict:
+    """The backbone every transfer mode starts from: the ViT `vit` trained with the supervised
+    method on `source` (seed 0, lr 1e-3; deterministic on one CPU thread), saved to `path`.
+    Returns what it reached and how (bench/tune.py's TOAST sweeps start from the same one)."""
+    probe = load_config("supervised", None, [f"data.dataset={source}"])
+    image_shape = resolve_dataset(source, probe.data.root).columns["image"].shape
+    cfg = load_config("supervised", None, [f"data.dataset={source}", "method.arch=vit",
+                                           f"method.arch_kwargs={flow({'img_size': image_shape[-1], **vit})}",
+                                           f"train.epochs={epochs}", "train.lr=1e-3"])
+    t0 = time.time()
+    sup, models, metrics = run_inprocess(cfg)
+    save_pretrained(models["net"], sup.spec(), path)
+    return {"dataset": source, **metrics, "spec": sup.spec(), "epochs": epochs, "seconds": round(time.time() - t0, 1)}
 
 
 def floats(text: str) -> list[float]:
@@ -124,6 +148,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pretune-epochs", type=int, default=None, help="default: the method's")
     parser.add_argument("--transfer-epochs", type=int, default=None, help="default: the method's")
     parser.add_argument("--name", default="toast", help="bench/results/<name>.json")
+    parser.add_argument("--untuned", action="store_true",
+                        help="ignore bench/results/tuned.json (bench/tune.py's sweeps): every mode on the --lrs grid")
     args = parser.parse_args(argv)
     modes, optimizers, seeds = args.modes.split(","), args.optimizers.split(","), list(range(args.seeds))
     # One thread: the tiny models gain nothing from more, and a shared CPU punishes oversubscription.
@@ -154,19 +180,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("METHODLAB_HOME", os.path.join(tmp, "home"))
         backbone = os.path.join(tmp, "vit_source.pt")
-        vit = {"patch_size": args.patch_size, "embed_dim": args.embed_dim, "depth": args.depth,
-               "num_heads": SCRATCH_VIT["num_heads"]}
-        probe = load_config("supervised", None, [f"data.dataset={args.source}"])
-        image_shape = resolve_dataset(args.source, probe.data.root).columns["image"].shape
-        sup_cfg = load_config("supervised", None, [f"data.dataset={args.source}", "method.arch=vit",
-                                                   f"method.arch_kwargs={flow({'img_size': image_shape[-1], **vit})}",
-                                                   f"train.epochs={args.source_epochs}", "train.lr=1e-3"])
-        t0 = time.time()
-        sup, sup_models, source_metrics = run_inprocess(sup_cfg)
-        save_pretrained(sup_models["net"], sup.spec(), backbone)
-        extra["source_backbone"] = {"dataset": args.source, **source_metrics, "spec": sup.spec(),
-                                    "epochs": args.source_epochs, "seconds": round(time.time() - t0, 1)}
-        print(f"source backbone on {args.source}: {source_metrics}", flush=True)
+        vit = vit_of(args)
+        extra["source_backbone"] = pretrain_source(args.source, vit, args.source_epochs, backbone)
+        print(f"source backbone on {args.source}: {extra['source_backbone']}", flush=True)
 
         common = [f"data.dataset={args.dataset}"]
         if args.pretune_epochs is not None:
@@ -185,15 +201,22 @@ def main(argv=None) -> None:
         chosen: dict[str, list[dict]] = {m: [] for m in modes}
         runs: dict[str, list] = {m: [] for m in [*modes, "linear_random_init"]}
         random_probe: list[float] = []
+        grid = [[f"train.lr={lr}", f"train.optimizer={optimizer}"] for optimizer in optimizers for lr in args.lrs]
+        # bench/tune.py's sweep of a mode on this task, where there is one: its choice for every seed
+        swept = {} if args.untuned else {m: tuned("toast").get(variant_key(m, args.dataset)) for m in modes}
+        extra["tuned"] = {m: tuned_by(swept.get(m)) if swept.get(m) else f"chosen on val per seed from {grid}"
+                          for m in modes}
         for seed in seeds:
             for mode in modes:
-                acc, choice, all_runs = tuned([*pretrained, f"method.mode={mode}", f"train.seed={seed}"],
-                                              args.lrs, optimizers, f"seed {seed} {mode:10s}", t_start)
+                choices = [tuned_overrides(swept[mode])] if swept.get(mode) else grid
+                acc, choice, all_runs = chosen_on_val([*pretrained, f"method.mode={mode}", f"train.seed={seed}"],
+                                                      choices, f"seed {seed} {mode:10s}", t_start)
                 results[mode].append(acc)
                 chosen[mode].append(choice)
                 runs[mode].append(all_runs)
-            acc, _, all_runs = tuned([*random_init, "method.mode=linear", f"train.seed={seed}"], args.lrs,
-                                     optimizers, f"seed {seed} linear (random-init backbone)", t_start)
+            # (the precondition's reference: on the grid, whatever the modes were tuned by)
+            acc, _, all_runs = chosen_on_val([*random_init, "method.mode=linear", f"train.seed={seed}"], grid,
+                                             f"seed {seed} linear (random-init backbone)", t_start)
             random_probe.append(acc)
             runs["linear_random_init"].append(all_runs)
         base_mode = "finetune" if "finetune" in modes else modes[0]
@@ -219,8 +242,9 @@ def main(argv=None) -> None:
     extra["setup"] = (f"in-process single worker, no Ray; backbone pretrained on {args.source} "
                       f"({args.source_epochs} epochs, ViT {vit}); transfer on {args.dataset}; defaults of "
                       "`methodlab train toast` (wd 1e-4, batch 32) with overrides "
-                      f"{common}; lr in {args.lrs} x optimizer in {optimizers} chosen per mode and seed on "
-                      f"target val_acc of the final-epoch model; seeds {seeds}")
+                      f"{common}; each mode's lr from its bench/tune.py sweep where one exists (`tuned`), "
+                      f"else lr in {args.lrs} x optimizer in {optimizers} chosen per mode and seed on target "
+                      f"val_acc of the final-epoch model; seeds {seeds}")
     extra["seconds"] = round(time.time() - t_start, 1)
     write_results(args.name, figures, extra)
 

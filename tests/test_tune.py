@@ -16,18 +16,21 @@ import common  # noqa: E402
 import tune  # noqa: E402
 
 ARGS = SimpleNamespace(groups=[4, 8], trials=6, epochs=5, cpus_per_trial=0.9, dataset="digits")
-BASE = ["data.dataset=digits", "method.predictor=scratch", "train.epochs=5", "train.batch_size=128", "train.eval_every=1"]
+BASE = {"canonicalization": ["data.dataset=digits", "method.predictor=scratch", "train.epochs=5",
+                             "train.batch_size=128", "train.eval_every=1"],
+        "toast": ["data.dataset=digits_transfer", "method.backbone=scratch", "train.epochs=5",
+                  "method.pretune_epochs=1", "train.eval_every=1"],
+        "mmanet": ["data.dataset=digits_multimodal", "method.teacher_epochs=1", "train.epochs=2", "train.eval_every=1"]}
 
 
 def _sweeps(bench: str):
     """{variant key: (its spec, its space, its swept key)} for every variant with something to train."""
     from methodlab.sweep import load_spec, merged_space
 
-    variants, _ = tune.STUDIES[bench]
     out = {}
-    for key, (overrides, swept) in variants(ARGS).items():
+    for key, (overrides, swept) in tune.STUDIES[bench].variants(ARGS).items():
         if swept is not None:
-            spec, _ = load_spec(bench, None, tune.sweep_overrides(bench, key, BASE, overrides, swept, ARGS))
+            spec, _ = load_spec(bench, None, tune.sweep_overrides(bench, key, BASE[bench], overrides, swept, ARGS))
             out[key] = (spec, merged_space(bench, spec), swept)
     return out
 
@@ -39,7 +42,7 @@ def test_every_variant_of_a_benchmark_is_swept_with_the_same_budget(bench):
     budgets = set()
     for key, (spec, space, swept) in sweeps.items():
         assert list(space) == [swept], (key, space)          # one dimension: its own learning rate
-        assert space[swept] == {"loguniform": tune.LR_RANGE}, (key, space)
+        assert space[swept] == {"loguniform": list(tune.STUDIES[bench].lr_range)}, (key, space)
         s = spec.search
         budgets.add((s.num_samples, s.seed, s.algorithm, s.scheduler.type, s.scheduler.grace_period,
                      s.scheduler.reduction_factor, s.scheduler.max_t))
