@@ -94,8 +94,7 @@ def toast_base(args, workdir: str) -> list[str]:
     import torch
     from toast import SCRATCH_VIT, pretrain_source
 
-    vit = {"patch_size": TOAST_TASK["patch_size"], "embed_dim": SCRATCH_VIT["embed_dim"],
-           "depth": SCRATCH_VIT["depth"], "num_heads": SCRATCH_VIT["num_heads"]}
+    vit = {**SCRATCH_VIT, "patch_size": TOAST_TASK["patch_size"]}     # bench/toast.py's defaults, --patch-size 8
     path = os.path.join(workdir, f"vit-{TOAST_TASK['source']}-{TOAST_TASK['source_epochs']}ep-p{vit['patch_size']}.pt")
     if not os.path.exists(path):
         torch.set_num_threads(1)

@@ -155,15 +155,15 @@ def train_worker(loop_config: dict) -> None:
 TEARDOWN_GRACE_S = 10.0
 
 
-def fit_to_end(loop: Loop, state: LoopState, hooks: "RayHooks", grace_s: float | None = None) -> None:
+def fit_to_end(loop: Loop, state: LoopState, hooks: "RayHooks") -> None:
     """Train, then wait for the MLflow writes and finish the run (rank 0 registers the model).
     On a failure the writes in flight are waited for without raising theirs: the training error
-    is the one to see; one from a Ray actor this worker waited on is raised `grace_s` later."""
+    is the one to see; one from a Ray actor this worker waited on is raised TEARDOWN_GRACE_S later."""
     try:
         loop.fit(state)
     except ray.exceptions.RayActorError:  # [ray]
         hooks.close(check=False)
-        time.sleep(TEARDOWN_GRACE_S if grace_s is None else grace_s)
+        time.sleep(TEARDOWN_GRACE_S)
         raise
     except BaseException:
         hooks.close(check=False)
